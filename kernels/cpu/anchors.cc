@@ -1,0 +1,198 @@
+// Factorized anchor embeddings a(t) = P[t] Q (DESIGN.md section 2): lookup, their gradients, and
+// the AdamW step that learns them. The gradient and optimizer ops write learner state, so they
+// check everything (token ids, finiteness) before the first write.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/status_macros.h"
+
+namespace mapl {
+namespace {
+
+absl::Status CheckF32(const ConstTensor& t, const char* what) {
+  if (t.dtype != DType::kF32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": expected float32, got ", DTypeName(t.dtype)));
+  }
+  if (t.rows > INT_MAX || t.cols > INT_MAX) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": shape (", t.rows, ", ", t.cols, ") too large for BLAS"));
+  }
+  return absl::OkStatus();
+}
+
+// Token ids come from the wire or the client: each must index a row of P.
+absl::Status CheckTokens(const int32_t* tokens, int64_t n, int64_t vocab) {
+  if (n > 0 && tokens == nullptr) return absl::InvalidArgumentError("tokens: null pointer");
+  for (int64_t i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tokens[", i, "] = ", tokens[i], " out of range [0, ", vocab, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Shapes of p (V, r) and q (r, d), both f32.
+absl::Status CheckTables(const ConstTensor& p, const ConstTensor& q) {
+  MAPL_RETURN_IF_ERROR(CheckShape(p, "p", -1, -1));
+  MAPL_RETURN_IF_ERROR(CheckF32(p, "p"));
+  MAPL_RETURN_IF_ERROR(CheckShape(q, "q", p.cols, -1));
+  MAPL_RETURN_IF_ERROR(CheckF32(q, "q"));
+  return absl::OkStatus();
+}
+
+// pt = P[t] (n, r).
+std::vector<float> Gather(const float* p, int64_t r, const int32_t* tokens, int64_t n) {
+  std::vector<float> pt(static_cast<size_t>(n * r));
+  for (int64_t i = 0; i < n; ++i) {
+    const float* src = p + static_cast<int64_t>(tokens[i]) * r;
+    std::copy(src, src + r, pt.begin() + i * r);
+  }
+  return pt;
+}
+
+}  // namespace
+
+absl::Status CpuBackend::AnchorLookup(const ConstTensor& p, const ConstTensor& q,
+                                      const int32_t* tokens, const Tensor& a) {
+  MAPL_RETURN_IF_ERROR(CheckTables(p, q));
+  MAPL_RETURN_IF_ERROR(CheckShape(a, "a", -1, q.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32(a, "a"));
+  const int64_t n = a.rows;
+  const int64_t r = p.cols;
+  const int64_t d = q.cols;
+  MAPL_RETURN_IF_ERROR(CheckTokens(tokens, n, p.rows));
+  if (n == 0 || d == 0) return absl::OkStatus();
+  if (r == 0) {
+    std::fill(a.f32(), a.f32() + n * d, 0.f);
+    return absl::OkStatus();
+  }
+  // One gather and one GEMM beat n GEMVs: Q is read once, not once per token.
+  const std::vector<float> pt = Gather(p.f32(), r, tokens, n);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), static_cast<int>(d),
+              static_cast<int>(r), 1.f, pt.data(), static_cast<int>(r), q.f32(),
+              static_cast<int>(d), 0.f, a.f32(), static_cast<int>(d));
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
+                                    const int32_t* tokens, const ConstTensor& g_perp,
+                                    const Tensor& dp, const Tensor& dq) {
+  MAPL_RETURN_IF_ERROR(CheckTables(p, q));
+  MAPL_RETURN_IF_ERROR(CheckShape(g_perp, "g_perp", -1, q.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32(g_perp, "g_perp"));
+  MAPL_RETURN_IF_ERROR(CheckShape(dp, "dp", p.rows, p.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32(dp, "dp"));
+  MAPL_RETURN_IF_ERROR(CheckShape(dq, "dq", q.rows, q.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32(dq, "dq"));
+  const int64_t n = g_perp.rows;
+  const int r = static_cast<int>(p.cols);
+  const int d = static_cast<int>(q.cols);
+  MAPL_RETURN_IF_ERROR(CheckTokens(tokens, n, p.rows));
+  // dp and dq accumulate over microbatches: one bad microbatch must not spoil the others.
+  MAPL_RETURN_IF_ERROR(CheckFinite(g_perp, "g_perp"));
+  if (n == 0 || r == 0 || d == 0) return absl::OkStatus();
+  const int ni = static_cast<int>(n);
+
+  // dp[t_i] += g_perp_i Q^T: one GEMM, then a scatter-add (repeated tokens sum).
+  std::vector<float> gq(static_cast<size_t>(n) * r);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, r, d, 1.f, g_perp.f32(), d, q.f32(), d,
+              0.f, gq.data(), r);
+  float* dpf = dp.f32();
+  for (int64_t i = 0; i < n; ++i) {
+    float* dst = dpf + static_cast<int64_t>(tokens[i]) * r;
+    const float* src = gq.data() + i * r;
+    for (int j = 0; j < r; ++j) dst[j] += src[j];
+  }
+
+  // dq += P[t]^T g_perp.
+  const std::vector<float> pt = Gather(p.f32(), r, tokens, n);
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, d, ni, 1.f, pt.data(), r, g_perp.f32(), d,
+              1.f, dq.f32(), d);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::AdamStep(const Tensor& param, const ConstTensor& grad, const Tensor& m,
+                                  const Tensor& v, const AdamOptions& options) {
+  MAPL_RETURN_IF_ERROR(CheckShape(param, "param", -1, -1));
+  MAPL_RETURN_IF_ERROR(CheckF32(param, "param"));
+  MAPL_RETURN_IF_ERROR(CheckShape(grad, "grad", param.rows, param.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32(grad, "grad"));
+  MAPL_RETURN_IF_ERROR(CheckShape(m, "m", param.rows, param.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32(m, "m"));
+  MAPL_RETURN_IF_ERROR(CheckShape(v, "v", param.rows, param.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32(v, "v"));
+  if (!std::isfinite(options.lr) || options.lr < 0.f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("lr: must be finite and >= 0, got ", options.lr));
+  }
+  if (!(options.beta1 >= 0.f && options.beta1 < 1.f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("beta1: must be in [0, 1), got ", options.beta1));
+  }
+  if (!(options.beta2 >= 0.f && options.beta2 < 1.f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("beta2: must be in [0, 1), got ", options.beta2));
+  }
+  if (!std::isfinite(options.eps) || options.eps <= 0.f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("eps: must be finite and > 0, got ", options.eps));
+  }
+  if (!std::isfinite(options.weight_decay) || options.weight_decay < 0.f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weight_decay: must be finite and >= 0, got ", options.weight_decay));
+  }
+  if (options.step < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("step: must be >= 1, got ", options.step));
+  }
+
+  const int64_t count = param.size();
+  const float* g = grad.f32();
+  const float* vf = v.f32();
+  const float b2 = options.beta2;
+  // A finite but huge gradient would overflow v to Inf and freeze that parameter for good, so the
+  // new second moment is checked too, before anything is written.
+  for (int64_t i = 0; i < count; ++i) {
+    const double v_new = static_cast<double>(b2) * vf[i] +
+                         (1.0 - b2) * static_cast<double>(g[i]) * static_cast<double>(g[i]);
+    if (!std::isfinite(g[i]) || !(v_new <= static_cast<double>(FLT_MAX))) {
+      return absl::InvalidArgumentError(absl::StrCat("grad: value ", g[i], " at (", i / param.cols,
+                                                     ", ", i % param.cols,
+                                                     ") is non-finite or too large"));
+    }
+  }
+
+  // PyTorch's AdamW: decay first, then the bias-corrected Adam update.
+  const double bc1 = 1.0 - std::pow(static_cast<double>(options.beta1), options.step);
+  const double bc2 = 1.0 - std::pow(static_cast<double>(options.beta2), options.step);
+  const float step_size = static_cast<float>(options.lr / bc1);
+  const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
+  const float decay = 1.f - options.lr * options.weight_decay;
+  const float b1 = options.beta1;
+  float* pf = param.f32();
+  float* mf = m.f32();
+  float* vw = v.f32();
+  for (int64_t i = 0; i < count; ++i) {
+    const float gi = g[i];
+    const float mi = b1 * mf[i] + (1.f - b1) * gi;
+    // g^2 in double: it may exceed FLT_MAX where (1 - beta2) g^2 does not.
+    const float vi = static_cast<float>(static_cast<double>(b2) * vw[i] +
+                                        (1.0 - b2) * static_cast<double>(gi) * gi);
+    mf[i] = mi;
+    vw[i] = vi;
+    pf[i] = pf[i] * decay - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + options.eps);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace mapl

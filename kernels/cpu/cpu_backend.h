@@ -1,0 +1,53 @@
+// The CPU implementation of mapl::Backend: GEMMs through CBLAS (OpenBLAS), small dense
+// factorizations through LAPACK, and a hand-vectorised fused distance + argmin kernel for RVQ
+// encoding (kernels/cpu/rvq_distance.cc). One .cc file per group of ops.
+#ifndef MAPL_KERNELS_CPU_CPU_BACKEND_H_
+#define MAPL_KERNELS_CPU_CPU_BACKEND_H_
+
+#include "kernels/backend.h"
+
+namespace mapl {
+
+class CpuBackend final : public Backend {
+ public:
+  const char* name() const override { return "cpu"; }
+
+  absl::Status Project(const ConstTensor& h, const ConstTensor& u, const Tensor& z) override;
+  absl::Status Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) override;
+  absl::Status LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u, const ConstTensor& a,
+                              const Tensor& h) override;
+
+  absl::StatusOr<RvqCodebooks> RvqFit(const ConstTensor& x, const RvqFitOptions& options) override;
+  absl::Status RvqEncode(const RvqCodebooks& cb, const ConstTensor& x, int beam, uint8_t* codes,
+                         float* norms) override;
+  absl::Status RvqDecode(const RvqCodebooks& cb, const uint8_t* codes, const float* norms,
+                         const Tensor& out) override;
+  absl::StatusOr<RvqUpdateStats> RvqUpdate(RvqLearner* learner, const ConstTensor& x,
+                                           const RvqUpdateOptions& options) override;
+
+  absl::Status Int8Encode(const ConstTensor& x, int8_t* q, float* scales) override;
+  absl::Status Int8Decode(const int8_t* q, const float* scales, const Tensor& out) override;
+
+  absl::Status Msign(const ConstTensor& y, const Tensor& out, const MsignOptions& options) override;
+  absl::Status Retract(const Tensor& u) override;
+  absl::Status SpelStep(const Tensor& u, const ConstTensor& grad, const Tensor& momentum,
+                        const SpelOptions& options) override;
+
+  absl::Status AnchorLookup(const ConstTensor& p, const ConstTensor& q, const int32_t* tokens,
+                            const Tensor& a) override;
+  absl::Status AnchorGrad(const ConstTensor& p, const ConstTensor& q, const int32_t* tokens,
+                          const ConstTensor& g_perp, const Tensor& dp, const Tensor& dq) override;
+  absl::Status AdamStep(const Tensor& param, const ConstTensor& grad, const Tensor& m,
+                        const Tensor& v, const AdamOptions& options) override;
+
+  absl::Status GradUp(const ConstTensor& h, const ConstTensor& gzq, const Tensor& g_up,
+                      bool accumulate) override;
+  absl::Status GradDown(const ConstTensor& g, const ConstTensor& zq, const ConstTensor& a,
+                        const ConstTensor& u, const Tensor& g_down, bool accumulate) override;
+  absl::Status OrthogonalComplement(const ConstTensor& g, const ConstTensor& u,
+                                    const Tensor& g_perp) override;
+};
+
+}  // namespace mapl
+
+#endif  // MAPL_KERNELS_CPU_CPU_BACKEND_H_

@@ -1,0 +1,415 @@
+// RVQ on the CPU: k-means fitting, greedy and beam-search encoding, decoding, and the owner's
+// streaming update. The nearest-centroid search is in rvq_distance.cc.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/rvq_distance.h"
+#include "kernels/status_macros.h"
+
+namespace mapl {
+namespace {
+
+using cpu::PreparedLevel;
+
+// Rows encoded together: the residual block (rows x dim floats) stays in L2.
+constexpr int64_t kChunkRows = 240;
+
+std::vector<PreparedLevel> PrepareAll(const RvqCodebooks& cb) {
+  std::vector<PreparedLevel> levels;
+  levels.reserve(cb.levels);
+  for (int l = 0; l < cb.levels; ++l) {
+    levels.push_back(cpu::PrepareLevel(cb.level(l), cb.codebook_size, cb.dim));
+  }
+  return levels;
+}
+
+// Copies rows [r0, r0 + rows) of x into dst as fp32; in gain-shape mode normalises each row and
+// writes its norm (0 for a zero row, which then encodes as direction 0).
+void LoadRows(const ConstTensor& x, int64_t r0, int64_t rows, bool gain_shape, float* dst,
+              float* norms) {
+  const int64_t dim = x.cols;
+  if (x.dtype == DType::kF32) {
+    std::copy(x.f32() + r0 * dim, x.f32() + (r0 + rows) * dim, dst);
+  } else {
+    Bf16ToFloat(x.bf16() + r0 * dim, dst, rows * dim);
+  }
+  if (!gain_shape) return;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* v = dst + i * dim;
+    double s = 0;
+    for (int64_t j = 0; j < dim; ++j) s += double(v[j]) * v[j];
+    const float norm = static_cast<float>(std::sqrt(s));
+    norms[i] = norm;
+    const float inv = norm > 0 ? 1.f / norm : 0.f;
+    for (int64_t j = 0; j < dim; ++j) v[j] *= inv;
+  }
+}
+
+void SubtractCentroids(const PreparedLevel& lv, const int32_t* best, int64_t rows, float* r) {
+  const int dim = lv.dim;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* c = lv.centroids.data() + int64_t{best[i]} * dim;
+    float* v = r + i * dim;
+    for (int j = 0; j < dim; ++j) v[j] -= c[j];
+  }
+}
+
+double SquaredNorm(const float* v, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += double(v[i]) * v[i];
+  return s;
+}
+
+// Greedy encode of fp32 rows (already normalised in gain-shape mode). residual (rows, dim) is
+// consumed: it holds the final residual afterwards. codes: (rows, L).
+void GreedyRows(const std::vector<PreparedLevel>& levels, float* residual, int64_t rows,
+                uint8_t* codes, std::vector<int32_t>& best) {
+  const int nl = static_cast<int>(levels.size());
+  best.resize(rows);
+  for (int l = 0; l < nl; ++l) {
+    cpu::NearestCentroids(residual, rows, levels[l], best.data(), nullptr);
+    SubtractCentroids(levels[l], best.data(), rows, residual);
+    for (int64_t i = 0; i < rows; ++i) codes[i * nl + l] = static_cast<uint8_t>(best[i]);
+  }
+}
+
+// Beam search over one row block. residual holds the greedy input rows; on return codes hold,
+// per row, the better of the beam's best path and the greedy path (so beam is never worse).
+void BeamRows(const std::vector<PreparedLevel>& levels, const float* x, int64_t rows, int beam,
+              uint8_t* codes) {
+  const int nl = static_cast<int>(levels.size());
+  const int dim = levels[0].dim;
+  const int k = levels[0].k;
+  // Greedy first, as the guaranteed fallback.
+  std::vector<float> greedy_res(x, x + rows * dim);
+  std::vector<int32_t> best;
+  GreedyRows(levels, greedy_res.data(), rows, codes, best);
+
+  std::vector<float> res, next_res, scores;
+  std::vector<float> err, next_err;
+  std::vector<uint8_t> path, next_path;
+  std::vector<int32_t> order;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = x + i * dim;
+    int width = 1;
+    res.assign(xi, xi + dim);
+    err.assign(1, static_cast<float>(SquaredNorm(xi, dim)));
+    path.clear();
+    for (int l = 0; l < nl; ++l) {
+      const PreparedLevel& lv = levels[l];
+      scores.resize(size_t(width) * k);
+      cpu::AllScores(res.data(), width, lv, scores.data());
+      // ||r - c||^2 = ||r||^2 + 2 * (||c||^2/2 - r.c)
+      for (int b = 0; b < width; ++b) {
+        for (int c = 0; c < k; ++c) scores[b * k + c] = err[b] + 2.f * scores[b * k + c];
+      }
+      const int total = width * k;
+      const int keep = std::min(beam, total);
+      order.resize(total);
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](int a, int b) {
+        return scores[a] < scores[b] || (scores[a] == scores[b] && a < b);
+      });
+      next_res.resize(size_t(keep) * dim);
+      next_err.resize(keep);
+      next_path.resize(size_t(keep) * (l + 1));
+      for (int j = 0; j < keep; ++j) {
+        const int b = order[j] / k, c = order[j] % k;
+        const float* cen = lv.centroids.data() + int64_t{c} * dim;
+        for (int t = 0; t < dim; ++t) next_res[j * dim + t] = res[b * dim + t] - cen[t];
+        next_err[j] = scores[order[j]];
+        std::copy(path.begin() + size_t(b) * l, path.begin() + size_t(b) * l + l,
+                  next_path.begin() + size_t(j) * (l + 1));
+        next_path[size_t(j) * (l + 1) + l] = static_cast<uint8_t>(c);
+      }
+      // Recompute errors exactly from the residuals: the incremental form drifts in fp32.
+      for (int j = 0; j < keep; ++j) {
+        next_err[j] = static_cast<float>(SquaredNorm(next_res.data() + j * dim, dim));
+      }
+      res.swap(next_res);
+      err.swap(next_err);
+      path.swap(next_path);
+      width = keep;
+    }
+    const int winner = static_cast<int>(std::min_element(err.begin(), err.end()) - err.begin());
+    const double greedy_err = SquaredNorm(greedy_res.data() + i * dim, dim);
+    if (err[winner] < greedy_err) {
+      std::copy(path.begin() + size_t(winner) * nl, path.begin() + size_t(winner + 1) * nl,
+                codes + i * nl);
+    }
+  }
+}
+
+absl::Status CheckCodebooksAndInput(const RvqCodebooks& cb, const ConstTensor& x) {
+  MAPL_RETURN_IF_ERROR(cb.Validate());
+  MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, cb.dim));
+  return CheckFinite(x, "x");
+}
+
+// Plain k-means (Lloyd) of `n` rows of `data` into `k` centroids, initialised from a random
+// sample; an empty cluster is re-seeded by splitting the most populated one.
+void KMeans(const float* data, int64_t n, int dim, int k, int iterations, std::mt19937_64& rng,
+            float* centroids) {
+  std::vector<int64_t> perm(n);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  for (int c = 0; c < k; ++c) {
+    std::copy(data + perm[c % n] * dim, data + perm[c % n] * dim + dim, centroids + c * dim);
+  }
+  std::vector<int32_t> assign(n);
+  std::vector<double> sums(size_t(k) * dim);
+  std::vector<int64_t> counts(k);
+  for (int it = 0; it < iterations; ++it) {
+    PreparedLevel lv = cpu::PrepareLevel(centroids, k, dim);
+    cpu::NearestCentroids(data, n, lv, assign.data(), nullptr);
+    std::fill(sums.begin(), sums.end(), 0.0);
+    std::fill(counts.begin(), counts.end(), 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int c = assign[i];
+      ++counts[c];
+      for (int j = 0; j < dim; ++j) sums[size_t(c) * dim + j] += data[i * dim + j];
+    }
+    for (int c = 0; c < k; ++c) {
+      if (counts[c] == 0) continue;
+      for (int j = 0; j < dim; ++j)
+        centroids[c * dim + j] = float(sums[size_t(c) * dim + j] / counts[c]);
+    }
+    // Empty clusters: split the largest cluster with a small symmetric perturbation.
+    for (int c = 0; c < k; ++c) {
+      if (counts[c] != 0) continue;
+      const int big = int(std::max_element(counts.begin(), counts.end()) - counts.begin());
+      std::normal_distribution<float> noise(0.f, 1.f);
+      for (int j = 0; j < dim; ++j) {
+        const float base = centroids[big * dim + j];
+        const float eps = 1e-3f * (std::fabs(base) + 1e-6f) * noise(rng);
+        centroids[c * dim + j] = base + eps;
+        centroids[big * dim + j] = base - eps;
+      }
+      counts[c] = counts[big] / 2;
+      counts[big] -= counts[c];
+    }
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<RvqCodebooks> CpuBackend::RvqFit(const ConstTensor& x,
+                                                const RvqFitOptions& options) {
+  RvqCodebooks cb;
+  cb.levels = options.levels;
+  cb.codebook_size = options.codebook_size;
+  cb.dim = static_cast<int32_t>(x.cols);
+  cb.gain_shape = options.gain_shape;
+  cb.centroids.assign(
+      size_t(std::max(cb.levels, 0)) * std::max(cb.codebook_size, 0) * std::max<int64_t>(x.cols, 0),
+      0.f);
+  MAPL_RETURN_IF_ERROR(CheckCodebooksAndInput(cb, x));
+  if (x.rows < cb.codebook_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rvq fit: need at least codebook_size = ", cb.codebook_size, " rows, got ", x.rows));
+  }
+  if (options.kmeans_iterations < 1 || options.refine_passes < 0) {
+    return absl::InvalidArgumentError(
+        "rvq fit: kmeans_iterations must be >= 1, refine_passes >= 0");
+  }
+  const int64_t n = x.rows;
+  const int dim = cb.dim, k = cb.codebook_size, nl = cb.levels;
+  std::vector<float> norms(n);
+  std::vector<float> data(n * dim);
+  LoadRows(x, 0, n, cb.gain_shape, data.data(), norms.data());
+  std::mt19937_64 rng(options.seed);
+
+  // Level by level: k-means on the residual left by the levels before.
+  std::vector<float> residual = data;
+  std::vector<int32_t> best(n);
+  for (int l = 0; l < nl; ++l) {
+    KMeans(residual.data(), n, dim, k, options.kmeans_iterations, rng, cb.level(l));
+    PreparedLevel lv = cpu::PrepareLevel(cb.level(l), k, dim);
+    cpu::NearestCentroids(residual.data(), n, lv, best.data(), nullptr);
+    SubtractCentroids(lv, best.data(), n, residual.data());
+  }
+
+  // Refinement: with codes fixed, each level's centroids become the mean of what the other
+  // levels leave; then re-encode.
+  std::vector<uint8_t> codes(n * nl);
+  std::vector<double> sums(size_t(k) * dim);
+  std::vector<int64_t> counts(k);
+  for (int pass = 0; pass < options.refine_passes; ++pass) {
+    std::vector<PreparedLevel> levels = PrepareAll(cb);
+    residual = data;
+    GreedyRows(levels, residual.data(), n, codes.data(), best);
+    // residual = x - sum of all levels; target for level l = residual + c_l[code].
+    for (int l = 0; l < nl; ++l) {
+      float* cen = cb.level(l);
+      std::fill(sums.begin(), sums.end(), 0.0);
+      std::fill(counts.begin(), counts.end(), 0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int c = codes[i * nl + l];
+        ++counts[c];
+        for (int j = 0; j < dim; ++j) {
+          sums[size_t(c) * dim + j] += residual[i * dim + j] + cen[c * dim + j];
+        }
+      }
+      std::vector<float> old(cen, cen + size_t(k) * dim);
+      for (int c = 0; c < k; ++c) {
+        if (counts[c] == 0) continue;
+        for (int j = 0; j < dim; ++j)
+          cen[c * dim + j] = float(sums[size_t(c) * dim + j] / counts[c]);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int c = codes[i * nl + l];
+        for (int j = 0; j < dim; ++j) residual[i * dim + j] += old[c * dim + j] - cen[c * dim + j];
+      }
+    }
+  }
+  return cb;
+}
+
+absl::Status CpuBackend::RvqEncode(const RvqCodebooks& cb, const ConstTensor& x, int beam,
+                                   uint8_t* codes, float* norms) {
+  MAPL_RETURN_IF_ERROR(CheckCodebooksAndInput(cb, x));
+  if (beam < 1)
+    return absl::InvalidArgumentError(absl::StrCat("rvq encode: beam must be >= 1, got ", beam));
+  if (x.rows > 0 && codes == nullptr)
+    return absl::InvalidArgumentError("rvq encode: codes is null");
+  if (cb.gain_shape && x.rows > 0 && norms == nullptr) {
+    return absl::InvalidArgumentError("rvq encode: gain-shape codebooks need a norms output");
+  }
+  const std::vector<PreparedLevel> levels = PrepareAll(cb);
+  const int64_t dim = cb.dim;
+  std::vector<float> residual(kChunkRows * dim);
+  std::vector<float> chunk_norms(kChunkRows);
+  std::vector<int32_t> best;
+  for (int64_t r0 = 0; r0 < x.rows; r0 += kChunkRows) {
+    const int64_t rows = std::min(kChunkRows, x.rows - r0);
+    LoadRows(x, r0, rows, cb.gain_shape, residual.data(), chunk_norms.data());
+    if (cb.gain_shape) std::copy(chunk_norms.begin(), chunk_norms.begin() + rows, norms + r0);
+    uint8_t* out = codes + r0 * cb.levels;
+    if (beam == 1) {
+      GreedyRows(levels, residual.data(), rows, out, best);
+    } else {
+      BeamRows(levels, residual.data(), rows, beam, out);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::RvqDecode(const RvqCodebooks& cb, const uint8_t* codes, const float* norms,
+                                   const Tensor& out) {
+  MAPL_RETURN_IF_ERROR(cb.Validate());
+  MAPL_RETURN_IF_ERROR(CheckShape(out, "out", -1, cb.dim));
+  const int64_t n = out.rows, dim = cb.dim, nl = cb.levels;
+  if (n > 0 && codes == nullptr) return absl::InvalidArgumentError("rvq decode: codes is null");
+  if (cb.gain_shape && n > 0 && norms == nullptr) {
+    return absl::InvalidArgumentError("rvq decode: gain-shape codebooks need the norms");
+  }
+  for (int64_t i = 0; i < n * nl; ++i) {
+    if (codes[i] >= cb.codebook_size) {
+      return absl::InvalidArgumentError(absl::StrCat("rvq decode: code ", int(codes[i]), " at (",
+                                                     i / nl, ", ", i % nl, ") is out of range [0, ",
+                                                     cb.codebook_size, ")"));
+    }
+  }
+  if (cb.gain_shape) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!std::isfinite(norms[i]) || norms[i] < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("rvq decode: norm ", norms[i], " of row ", i, " is not a finite >= 0"));
+      }
+    }
+  }
+  F32Output dst(out);
+  float* h = dst.data();
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = h + i * dim;
+    std::fill(row, row + dim, 0.f);
+    for (int l = 0; l < nl; ++l) {
+      const float* c = cb.level(l) + int64_t{codes[i * nl + l]} * dim;
+      for (int64_t j = 0; j < dim; ++j) row[j] += c[j];
+    }
+    if (cb.gain_shape) {
+      for (int64_t j = 0; j < dim; ++j) row[j] *= norms[i];
+    }
+  }
+  dst.Commit();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const ConstTensor& x,
+                                                     const RvqUpdateOptions& options) {
+  if (learner == nullptr) return absl::InvalidArgumentError("rvq update: learner is null");
+  RvqCodebooks& cb = learner->codebooks;
+  MAPL_RETURN_IF_ERROR(CheckCodebooksAndInput(cb, x));
+  const int64_t n = x.rows, dim = cb.dim, k = cb.codebook_size, nl = cb.levels;
+  if (learner->counts.size() != size_t(nl * k) || learner->sums.size() != cb.centroids.size()) {
+    return absl::InvalidArgumentError("rvq update: learner counts/sums do not match its codebooks");
+  }
+  if (!(options.decay > 0.f && options.decay < 1.f) || !(options.dead_fraction >= 0.f)) {
+    return absl::InvalidArgumentError(absl::StrCat("rvq update: decay must be in (0, 1), got ",
+                                                   options.decay, "; dead_fraction >= 0, got ",
+                                                   options.dead_fraction));
+  }
+  RvqUpdateStats stats;
+  if (n == 0) return stats;
+  std::vector<float> norms(n);
+  std::vector<float> residual(n * dim);
+  LoadRows(x, 0, n, cb.gain_shape, residual.data(), norms.data());
+  const double total = SquaredNorm(residual.data(), n * dim);
+
+  const std::vector<PreparedLevel> levels = PrepareAll(cb);
+  std::vector<int32_t> best(n);
+  std::vector<double> batch_sums(size_t(k) * dim);
+  std::vector<int64_t> batch_counts(k);
+  std::mt19937_64 rng(learner->rng_state);
+  const float a = options.decay, b = 1.f - options.decay;
+  for (int l = 0; l < nl; ++l) {
+    // Assign with the level as it was, accumulate this level's residuals, then subtract.
+    cpu::NearestCentroids(residual.data(), n, levels[l], best.data(), nullptr);
+    std::fill(batch_sums.begin(), batch_sums.end(), 0.0);
+    std::fill(batch_counts.begin(), batch_counts.end(), 0);
+    for (int64_t i = 0; i < n; ++i) {
+      ++batch_counts[best[i]];
+      for (int64_t j = 0; j < dim; ++j) batch_sums[best[i] * dim + j] += residual[i * dim + j];
+    }
+    float* counts = learner->counts.data() + l * k;
+    float* sums = learner->sums.data() + l * k * dim;
+    float* cen = cb.level(l);
+    double mean_count = 0;
+    for (int64_t c = 0; c < k; ++c) {
+      counts[c] = a * counts[c] + b * float(batch_counts[c]);
+      for (int64_t j = 0; j < dim; ++j) {
+        sums[c * dim + j] = a * sums[c * dim + j] + b * float(batch_sums[c * dim + j]);
+      }
+      mean_count += counts[c];
+    }
+    mean_count /= k;
+    std::uniform_int_distribution<int64_t> pick(0, n - 1);
+    for (int64_t c = 0; c < k; ++c) {
+      if (counts[c] < options.dead_fraction * mean_count || counts[c] <= 0.f) {
+        // Dead: re-seed from a residual of this batch, weighted as an average centroid.
+        const int64_t i = pick(rng);
+        const float w = static_cast<float>(std::max(mean_count, 1e-6));
+        for (int64_t j = 0; j < dim; ++j) {
+          cen[c * dim + j] = residual[i * dim + j];
+          sums[c * dim + j] = residual[i * dim + j] * w;
+        }
+        counts[c] = w;
+        ++stats.reseeded;
+      } else {
+        for (int64_t j = 0; j < dim; ++j) cen[c * dim + j] = sums[c * dim + j] / counts[c];
+      }
+    }
+    SubtractCentroids(levels[l], best.data(), n, residual.data());
+  }
+  learner->rng_state = rng();
+  stats.relative_mse = total > 0 ? SquaredNorm(residual.data(), n * dim) / total : 0.0;
+  return stats;
+}
+
+}  // namespace mapl

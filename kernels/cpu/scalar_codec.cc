@@ -1,0 +1,79 @@
+// Per-token symmetric int8: the default codec of the backward wire (DESIGN.md section 2), k bytes
+// of codes plus one fp32 scale per token.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/status_macros.h"
+
+namespace mapl {
+
+absl::Status CpuBackend::Int8Encode(const ConstTensor& x, int8_t* q, float* scales) {
+  MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, -1));
+  const int64_t n = x.rows;
+  const int64_t k = x.cols;
+  if (n > 0 && scales == nullptr) return absl::InvalidArgumentError("scales: null pointer");
+  if (x.size() > 0 && q == nullptr) return absl::InvalidArgumentError("q: null pointer");
+  // A NaN would make the scale NaN and the codes meaningless, and Inf would divide to NaN: refuse
+  // both rather than send garbage the decoder cannot detect.
+  MAPL_RETURN_IF_ERROR(CheckFinite(x, "x"));
+
+  F32View xv(x);
+  const float* xf = xv.data();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = xf + i * k;
+    int8_t* qrow = q + i * k;
+    float max_abs = 0.f;
+    for (int64_t j = 0; j < k; ++j) max_abs = std::max(max_abs, std::fabs(row[j]));
+    const float scale = max_abs / 127.f;
+    scales[i] = scale;
+    // scale also underflows to 0 for rows of tiny subnormals; the codes must then be 0 too,
+    // since dividing by it would give Inf and an out-of-range cast.
+    if (scale == 0.f) {
+      std::fill(qrow, qrow + k, int8_t{0});
+      continue;
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      // Division (not multiplication by 127 / max) keeps the round-trip error within scale / 2
+      // up to one rounding; the clamp guards the last ulp at +-max.
+      const float r = std::nearbyint(row[j] / scale);
+      qrow[j] = static_cast<int8_t>(std::clamp(r, -127.f, 127.f));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Int8Decode(const int8_t* q, const float* scales, const Tensor& out) {
+  MAPL_RETURN_IF_ERROR(CheckShape(out, "out", -1, -1));
+  const int64_t n = out.rows;
+  const int64_t k = out.cols;
+  if (n > 0 && scales == nullptr) return absl::InvalidArgumentError("scales: null pointer");
+  if (out.size() > 0 && q == nullptr) return absl::InvalidArgumentError("q: null pointer");
+  // Scales arrive from the peer: a negative or non-finite one can only come from a corrupt or
+  // hostile frame, and would hand the trainer NaN gradients.
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(scales[i]) || scales[i] < 0.f) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("scales: invalid scale ", scales[i], " at row ", i));
+    }
+  }
+
+  F32Output o(out);
+  float* of = o.data();
+  for (int64_t i = 0; i < n; ++i) {
+    const float scale = scales[i];
+    const int8_t* qrow = q + i * k;
+    float* orow = of + i * k;
+    // The clamp matters only for rows near FLT_MAX, where 127 * scale can round past it.
+    for (int64_t j = 0; j < k; ++j) {
+      orow[j] = std::clamp(static_cast<float>(qrow[j]) * scale, -FLT_MAX, FLT_MAX);
+    }
+  }
+  o.Commit();
+  return absl::OkStatus();
+}
+
+}  // namespace mapl

@@ -1,0 +1,76 @@
+// State of a residual vector quantizer (RVQ): the codebooks a decoder needs, and the streaming
+// learner state (EMA counts and sums) its owner keeps. The math lives behind mapl::Backend.
+//
+//   mapl::RvqFitOptions opt;
+//   opt.levels = 4;
+//   MAPL_ASSIGN_OR_RETURN(mapl::RvqCodebooks cb, backend.RvqFit(x, opt));
+//   std::vector<uint8_t> codes(n * cb.levels);
+//   backend.RvqEncode(cb, x, /*beam=*/1, codes.data(), nullptr);
+#ifndef MAPL_KERNELS_RVQ_H_
+#define MAPL_KERNELS_RVQ_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace mapl {
+
+// One byte per level per token on the wire, so at most 256 centroids a level.
+inline constexpr int kMaxCodebookSize = 256;
+inline constexpr int kMaxRvqLevels = 16;
+
+struct RvqCodebooks {
+  int32_t levels = 0;
+  int32_t codebook_size = kMaxCodebookSize;  // K
+  int32_t dim = 0;
+  // Gain-shape mode: each vector's L2 norm travels separately (one float a token) and the
+  // codebooks quantize the unit-norm direction.
+  bool gain_shape = false;
+  // centroids: (levels * K, dim), row-major; level l's codebook is rows [l*K, (l+1)*K).
+  std::vector<float> centroids;
+
+  const float* level(int l) const { return centroids.data() + int64_t{l} * codebook_size * dim; }
+  float* level(int l) { return centroids.data() + int64_t{l} * codebook_size * dim; }
+  // INVALID_ARGUMENT unless sizes are consistent and all centroids are finite.
+  absl::Status Validate() const;
+};
+
+struct RvqFitOptions {
+  int32_t levels = 4;
+  int32_t codebook_size = kMaxCodebookSize;
+  bool gain_shape = false;
+  int32_t kmeans_iterations = 20;
+  // Alternating refinement passes after the level-by-level k-means: each level's centroids are
+  // re-estimated against the residual left by all other levels (lowers the total error).
+  int32_t refine_passes = 2;
+  uint64_t seed = 0;
+};
+
+// Owner-side learner: full-precision codebooks plus exponential moving averages of each
+// centroid's assignment count and assigned-residual sum (VQ-VAE style streaming k-means).
+struct RvqLearner {
+  RvqCodebooks codebooks;
+  std::vector<float> counts;  // (levels, K)
+  std::vector<float> sums;    // (levels * K, dim)
+  uint64_t rng_state = 0;
+
+  // A learner that starts from `cb` with each centroid weighted as `prior_count` points.
+  static RvqLearner FromCodebooks(const RvqCodebooks& cb, uint64_t seed, float prior_count = 1.f);
+};
+
+struct RvqUpdateOptions {
+  float decay = 0.99f;
+  // A centroid whose EMA count falls below dead_fraction * (mean count of its level) is dead
+  // and is re-seeded from a residual of the current batch.
+  float dead_fraction = 0.01f;
+};
+
+struct RvqUpdateStats {
+  int64_t reseeded = 0;       // dead centroids re-seeded in this step
+  double relative_mse = 0.0;  // |x - decode(encode(x))|^2 / |x|^2 before the update
+};
+
+}  // namespace mapl
+
+#endif  // MAPL_KERNELS_RVQ_H_

@@ -1,0 +1,89 @@
+// Tensor views: shape and finiteness checks, dtype conversion.
+#include "kernels/tensor.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace mapl {
+
+const char* DTypeName(DType t) { return t == DType::kF32 ? "float32" : "bfloat16"; }
+
+void FloatToBf16(const float* src, bf16_t* dst, size_t count) {
+  for (size_t i = 0; i < count; ++i) dst[i] = FloatToBf16(src[i]);
+}
+
+void Bf16ToFloat(const bf16_t* src, float* dst, size_t count) {
+  for (size_t i = 0; i < count; ++i) dst[i] = Bf16ToFloat(src[i]);
+}
+
+absl::Status CheckShape(const ConstTensor& t, const char* what, int64_t rows, int64_t cols) {
+  if (t.rows < 0 || t.cols < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": negative shape (", t.rows, ", ", t.cols, ")"));
+  }
+  if ((rows >= 0 && t.rows != rows) || (cols >= 0 && t.cols != cols)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": expected shape (", rows < 0 ? std::string("*") : absl::StrCat(rows), ", ",
+        cols < 0 ? std::string("*") : absl::StrCat(cols), "), got (", t.rows, ", ", t.cols, ")"));
+  }
+  if (t.size() > 0 && t.data == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": null data for a non-empty tensor"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckFinite(const ConstTensor& t, const char* what) {
+  const int64_t n = t.size();
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = t.dtype == DType::kF32 ? t.f32()[i] : Bf16ToFloat(t.bf16()[i]);
+    if (!std::isfinite(v)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": non-finite value ", v, " at (", i / t.cols, ", ", i % t.cols, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void ToF32(const ConstTensor& src, float* dst) {
+  const size_t n = static_cast<size_t>(src.size());
+  if (src.dtype == DType::kF32) {
+    if (n) std::memcpy(dst, src.data, n * sizeof(float));
+  } else {
+    Bf16ToFloat(src.bf16(), dst, n);
+  }
+}
+
+void FromF32(const float* src, const Tensor& dst) {
+  const size_t n = static_cast<size_t>(dst.size());
+  if (dst.dtype == DType::kF32) {
+    if (n && dst.data != src) std::memcpy(dst.data, src, n * sizeof(float));
+  } else {
+    FloatToBf16(src, dst.bf16(), n);
+  }
+}
+
+F32View::F32View(const ConstTensor& t) {
+  if (t.dtype == DType::kF32) {
+    ptr_ = t.f32();
+  } else {
+    copy_.resize(static_cast<size_t>(t.size()));
+    ToF32(t, copy_.data());
+    ptr_ = copy_.data();
+  }
+}
+
+F32Output::F32Output(const Tensor& t) : target_(t) {
+  if (t.dtype == DType::kF32) {
+    ptr_ = t.f32();
+  } else {
+    scratch_.resize(static_cast<size_t>(t.size()));
+    ptr_ = scratch_.data();
+  }
+}
+
+void F32Output::Commit() {
+  if (target_.dtype != DType::kF32) FromF32(ptr_, target_);
+}
+
+}  // namespace mapl

@@ -1,0 +1,292 @@
+// Tests of the CPU backend's anchor ops (kernels/cpu/anchors.cc) against naive double-precision
+// references: lookup, accumulating gradients with repeated tokens, and AdamW; and that bad token
+// ids or gradients are refused before any learner state is written.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/tensor.h"
+
+namespace mapl {
+namespace {
+
+std::vector<float> Gaussian(std::mt19937& rng, size_t count, float stddev = 1.f) {
+  std::normal_distribution<float> dist(0.f, stddev);
+  std::vector<float> v(count);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// max |a - b| / (1 + |b|): absolute near zero, relative for large values.
+template <typename A, typename B>
+double MaxRelDiff(const A& a, const B& b) {
+  double err = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double bi = static_cast<double>(b[i]);
+    err = std::max(err, std::fabs(static_cast<double>(a[i]) - bi) / (1.0 + std::fabs(bi)));
+  }
+  return err;
+}
+
+bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+class AnchorsTest : public ::testing::Test {
+ protected:
+  // Repeats token 3 several times, and leaves most of the vocabulary unused.
+  void SetUp() override {
+    std::mt19937 rng(1);
+    p_ = Gaussian(rng, static_cast<size_t>(kV) * kR);
+    q_ = Gaussian(rng, static_cast<size_t>(kR) * kD, 0.1f);
+    std::uniform_int_distribution<int32_t> tok(0, kV / 2);
+    tokens_.resize(kN);
+    for (int32_t& t : tokens_) t = tok(rng);
+    tokens_[0] = tokens_[7] = tokens_[8] = tokens_[kN - 1] = 3;
+    tokens_[1] = kV - 1;
+  }
+
+  static constexpr int kV = 50, kR = 8, kD = 32, kN = 40;
+  std::unique_ptr<Backend> be_ = MakeCpuBackend();
+  std::vector<float> p_, q_;
+  std::vector<int32_t> tokens_;
+};
+
+TEST_F(AnchorsTest, LookupMatchesReference) {
+  std::vector<float> a(static_cast<size_t>(kN) * kD, 123.f);
+  ASSERT_TRUE(be_->AnchorLookup(ConstTensor::F32(p_.data(), kV, kR),
+                                ConstTensor::F32(q_.data(), kR, kD), tokens_.data(),
+                                Tensor::F32(a.data(), kN, kD))
+                  .ok());
+  std::vector<double> ref(a.size(), 0.0);
+  for (int i = 0; i < kN; ++i) {
+    for (int j = 0; j < kD; ++j) {
+      for (int e = 0; e < kR; ++e) {
+        ref[i * kD + j] += double{p_[tokens_[i] * kR + e]} * q_[e * kD + j];
+      }
+    }
+  }
+  EXPECT_LE(MaxRelDiff(a, ref), 1e-6);
+}
+
+TEST_F(AnchorsTest, LookupOfZeroTableIsZero) {
+  // The initialization P = 0 makes every anchor start at zero.
+  std::vector<float> p(static_cast<size_t>(kV) * kR, 0.f), a(static_cast<size_t>(kN) * kD, 1.f);
+  ASSERT_TRUE(be_->AnchorLookup(ConstTensor::F32(p.data(), kV, kR),
+                                ConstTensor::F32(q_.data(), kR, kD), tokens_.data(),
+                                Tensor::F32(a.data(), kN, kD))
+                  .ok());
+  for (float v : a) EXPECT_EQ(v, 0.f);
+}
+
+TEST_F(AnchorsTest, LookupRejectsBadTokensAndShapes) {
+  std::vector<float> a(static_cast<size_t>(kN) * kD, 5.f);
+  const std::vector<float> a0 = a;
+  auto lookup = [&](const int32_t* t, int64_t q_rows, int64_t a_cols) {
+    return be_->AnchorLookup(ConstTensor::F32(p_.data(), kV, kR),
+                             ConstTensor::F32(q_.data(), q_rows, kD), t,
+                             Tensor::F32(a.data(), kN, a_cols));
+  };
+  for (int32_t bad : {kV, -1, 1 << 30}) {
+    std::vector<int32_t> t = tokens_;
+    t[5] = bad;
+    const absl::Status s = lookup(t.data(), kR, kD);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find("tokens[5] = " + std::to_string(bad)), std::string::npos) << s;
+    EXPECT_TRUE(SameBits(a, a0));
+  }
+  EXPECT_EQ(lookup(nullptr, kR, kD).code(), absl::StatusCode::kInvalidArgument);
+  absl::Status s = lookup(tokens_.data(), kR + 1, kD);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("q"), std::string::npos) << s;
+  EXPECT_EQ(
+      be_->AnchorLookup(ConstTensor::F32(p_.data(), kV, kR), ConstTensor::F32(q_.data(), kR, kD),
+                        tokens_.data(), Tensor::F32(a.data(), kN, kD - 1))
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+  std::vector<bf16_t> pb(p_.size());
+  EXPECT_EQ(
+      be_->AnchorLookup(ConstTensor::BF16(pb.data(), kV, kR), ConstTensor::F32(q_.data(), kR, kD),
+                        tokens_.data(), Tensor::F32(a.data(), kN, kD))
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(SameBits(a, a0));
+}
+
+TEST_F(AnchorsTest, GradAccumulatesWithScatterAdd) {
+  std::mt19937 rng(2);
+  const std::vector<float> g = Gaussian(rng, static_cast<size_t>(kN) * kD);
+  // Start from non-zero accumulators: the op adds, it does not overwrite.
+  std::vector<float> dp = Gaussian(rng, p_.size()), dq = Gaussian(rng, q_.size());
+  std::vector<double> dp_ref(dp.begin(), dp.end()), dq_ref(dq.begin(), dq.end());
+  const std::vector<float> dp0 = dp;
+  for (int rep = 0; rep < 2; ++rep) {  // two microbatches
+    ASSERT_TRUE(be_->AnchorGrad(ConstTensor::F32(p_.data(), kV, kR),
+                                ConstTensor::F32(q_.data(), kR, kD), tokens_.data(),
+                                ConstTensor::F32(g.data(), kN, kD), Tensor::F32(dp.data(), kV, kR),
+                                Tensor::F32(dq.data(), kR, kD))
+                    .ok());
+    for (int i = 0; i < kN; ++i) {
+      const int t = tokens_[i];
+      for (int e = 0; e < kR; ++e) {
+        for (int j = 0; j < kD; ++j) {
+          dp_ref[t * kR + e] += double{g[i * kD + j]} * q_[e * kD + j];
+          dq_ref[e * kD + j] += double{p_[t * kR + e]} * g[i * kD + j];
+        }
+      }
+    }
+  }
+  // fp32 sums of up to 2 x 40 products of O(1) terms: a few 1e-6 of the terms' magnitude.
+  EXPECT_LE(MaxRelDiff(dp, dp_ref), 1e-5);
+  EXPECT_LE(MaxRelDiff(dq, dq_ref), 1e-5);
+  // Rows of tokens that did not occur are left exactly as they were.
+  for (int t = kV / 2 + 1; t < kV - 1; ++t) {
+    for (int e = 0; e < kR; ++e) EXPECT_EQ(dp[t * kR + e], dp0[t * kR + e]);
+  }
+}
+
+TEST_F(AnchorsTest, GradRejectsBadInputAndLeavesAccumulators) {
+  std::mt19937 rng(3);
+  std::vector<float> g = Gaussian(rng, static_cast<size_t>(kN) * kD);
+  std::vector<float> dp = Gaussian(rng, p_.size()), dq = Gaussian(rng, q_.size());
+  const std::vector<float> dp0 = dp, dq0 = dq;
+  auto grad = [&](const int32_t* t, const std::vector<float>& gp, int64_t dq_rows) {
+    return be_->AnchorGrad(ConstTensor::F32(p_.data(), kV, kR), ConstTensor::F32(q_.data(), kR, kD),
+                           t, ConstTensor::F32(gp.data(), kN, kD), Tensor::F32(dp.data(), kV, kR),
+                           Tensor::F32(dq.data(), dq_rows, kD));
+  };
+  std::vector<int32_t> t = tokens_;
+  t[kN - 1] = kV;
+  absl::Status s = grad(t.data(), g, kR);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("tokens[39] = 50"), std::string::npos) << s;
+
+  g[4 * kD + 6] = std::nanf("");
+  s = grad(tokens_.data(), g, kR);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("g_perp"), std::string::npos) << s;
+  g[4 * kD + 6] = 0.f;
+
+  s = grad(tokens_.data(), g, kR - 1);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("dq"), std::string::npos) << s;
+  EXPECT_EQ(grad(nullptr, g, kR).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(SameBits(dp, dp0));
+  EXPECT_TRUE(SameBits(dq, dq0));
+}
+
+// AdamW as PyTorch defines it, in double.
+void AdamRef(std::vector<double>& p, const std::vector<float>& g, std::vector<double>& m,
+             std::vector<double>& v, const AdamOptions& o) {
+  const double bc1 = 1.0 - std::pow(double{o.beta1}, o.step);
+  const double bc2 = 1.0 - std::pow(double{o.beta2}, o.step);
+  for (size_t i = 0; i < p.size(); ++i) {
+    p[i] *= 1.0 - double{o.lr} * o.weight_decay;
+    m[i] = o.beta1 * m[i] + (1.0 - o.beta1) * g[i];
+    v[i] = o.beta2 * v[i] + (1.0 - o.beta2) * double{g[i]} * g[i];
+    p[i] -= o.lr / bc1 * m[i] / (std::sqrt(v[i] / bc2) + o.eps);
+  }
+}
+
+TEST_F(AnchorsTest, AdamStepMatchesReference) {
+  std::mt19937 rng(4);
+  const int rows = 17, cols = 9;
+  const size_t count = static_cast<size_t>(rows) * cols;
+  std::vector<float> p = Gaussian(rng, count), m(count, 0.f), v(count, 0.f);
+  std::vector<double> p_ref(p.begin(), p.end()), m_ref(count, 0.0), v_ref(count, 0.0);
+  AdamOptions opt;
+  opt.lr = 1e-2f;
+  opt.weight_decay = 0.1f;
+  for (int step = 1; step <= 30; ++step) {
+    opt.step = step;
+    const std::vector<float> g = Gaussian(rng, count, step % 3 == 0 ? 1e-3f : 1.f);
+    ASSERT_TRUE(
+        be_->AdamStep(Tensor::F32(p.data(), rows, cols), ConstTensor::F32(g.data(), rows, cols),
+                      Tensor::F32(m.data(), rows, cols), Tensor::F32(v.data(), rows, cols), opt)
+            .ok());
+    AdamRef(p_ref, g, m_ref, v_ref, opt);
+  }
+  EXPECT_LE(MaxRelDiff(p, p_ref), 1e-6);
+  EXPECT_LE(MaxRelDiff(m, m_ref), 1e-6);
+  EXPECT_LE(MaxRelDiff(v, v_ref), 1e-6);
+}
+
+TEST_F(AnchorsTest, AdamFirstStepMovesByLearningRate) {
+  // Bias correction makes the first update lr * g / (|g| + eps): about lr * sign(g), whatever the
+  // gradient's scale.
+  std::mt19937 rng(5);
+  const int count = 64;
+  std::vector<float> g = Gaussian(rng, count, 1e-3f);
+  std::vector<float> p(count, 1.f), m(count, 0.f), v(count, 0.f);
+  AdamOptions opt;
+  opt.lr = 0.01f;
+  ASSERT_TRUE(be_->AdamStep(Tensor::F32(p.data(), 1, count), ConstTensor::F32(g.data(), 1, count),
+                            Tensor::F32(m.data(), 1, count), Tensor::F32(v.data(), 1, count), opt)
+                  .ok());
+  for (int i = 0; i < count; ++i) {
+    EXPECT_NEAR(p[i], 1.0 - 0.01 * g[i] / (std::fabs(g[i]) + 1e-8), 2e-7) << i;
+  }
+}
+
+TEST_F(AnchorsTest, AdamRejectsBadInputAndLeavesState) {
+  std::mt19937 rng(6);
+  const int rows = 4, cols = 5;
+  const size_t count = static_cast<size_t>(rows) * cols;
+  std::vector<float> p = Gaussian(rng, count), g = Gaussian(rng, count);
+  std::vector<float> m = Gaussian(rng, count), v(count, 0.5f);
+  const std::vector<float> p0 = p, m0 = m, v0 = v;
+  auto step_cols = [&](const AdamOptions& o, int64_t g_cols) {
+    return be_->AdamStep(Tensor::F32(p.data(), rows, cols),
+                         ConstTensor::F32(g.data(), rows, g_cols),
+                         Tensor::F32(m.data(), rows, cols), Tensor::F32(v.data(), rows, cols), o);
+  };
+  auto step = [&](const AdamOptions& o) { return step_cols(o, cols); };
+  auto expect_untouched = [&] {
+    EXPECT_TRUE(SameBits(p, p0));
+    EXPECT_TRUE(SameBits(m, m0));
+    EXPECT_TRUE(SameBits(v, v0));
+  };
+  g[2 * cols + 3] = std::nanf("");
+  absl::Status s = step(AdamOptions{});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("(2, 3)"), std::string::npos) << s;
+  expect_untouched();
+  g[2 * cols + 3] = 1e30f;  // finite, but g^2 overflows the second moment
+  EXPECT_EQ(step(AdamOptions{}).code(), absl::StatusCode::kInvalidArgument);
+  expect_untouched();
+  g[2 * cols + 3] = 1.f;
+
+  s = step_cols(AdamOptions{}, cols - 1);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("grad"), std::string::npos) << s;
+  AdamOptions bad;
+  bad.step = 0;
+  EXPECT_EQ(step(bad).code(), absl::StatusCode::kInvalidArgument);
+  bad = AdamOptions{};
+  bad.beta1 = 1.f;
+  EXPECT_EQ(step(bad).code(), absl::StatusCode::kInvalidArgument);
+  bad = AdamOptions{};
+  bad.beta2 = std::nanf("");
+  EXPECT_EQ(step(bad).code(), absl::StatusCode::kInvalidArgument);
+  bad = AdamOptions{};
+  bad.eps = 0.f;
+  EXPECT_EQ(step(bad).code(), absl::StatusCode::kInvalidArgument);
+  bad = AdamOptions{};
+  bad.lr = INFINITY;
+  EXPECT_EQ(step(bad).code(), absl::StatusCode::kInvalidArgument);
+  bad = AdamOptions{};
+  bad.weight_decay = -1.f;
+  EXPECT_EQ(step(bad).code(), absl::StatusCode::kInvalidArgument);
+  expect_untouched();
+  EXPECT_TRUE(step(AdamOptions{}).ok());
+}
+
+}  // namespace
+}  // namespace mapl

@@ -1,0 +1,260 @@
+// RVQ against naive references: greedy encode equals brute force level by level (both distance
+// kernels), beam search is never worse than greedy, decode, fitting quality, streaming update.
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/rvq_distance.h"
+
+namespace mapl {
+namespace {
+
+std::vector<float> DecayingGaussian(int64_t n, int dim, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> g;
+  std::vector<float> x(n * dim);
+  for (int64_t i = 0; i < n; ++i)
+    for (int j = 0; j < dim; ++j) x[i * dim + j] = g(rng) * std::exp(-j / 16.f);
+  return x;
+}
+
+double Dist2(const float* a, const float* b, int dim) {
+  double s = 0;
+  for (int j = 0; j < dim; ++j) s += (double(a[j]) - b[j]) * (double(a[j]) - b[j]);
+  return s;
+}
+
+double Err(const std::vector<float>& x, const std::vector<float>& y) {
+  double e = 0, t = 0;
+  for (size_t i = 0; i < x.size(); ++i) e += (x[i] - y[i]) * (x[i] - y[i]), t += x[i] * x[i];
+  return e / t;
+}
+
+class RvqTest : public ::testing::TestWithParam<cpu::DistanceKernel> {
+ protected:
+  void SetUp() override { old_ = cpu::SetDistanceKernelForTesting(GetParam()); }
+  void TearDown() override { cpu::SetDistanceKernelForTesting(old_); }
+  std::unique_ptr<Backend> be_ = MakeCpuBackend();
+  cpu::DistanceKernel old_;
+};
+
+TEST_P(RvqTest, GreedyEncodeEqualsBruteForceLevelByLevel) {
+  const int dim = 24, n = 1000;  // dim not a multiple of 16; n not a multiple of the tile
+  std::vector<float> x = DecayingGaussian(n, dim, 1);
+  RvqFitOptions opt;
+  opt.levels = 3;
+  opt.codebook_size = 200;  // not a multiple of 64: exercises padding
+  opt.kmeans_iterations = 4;
+  auto cb = be_->RvqFit(ConstTensor::F32(x.data(), n, dim), opt);
+  ASSERT_TRUE(cb.ok()) << cb.status();
+  std::vector<uint8_t> codes(n * opt.levels);
+  ASSERT_TRUE(
+      be_->RvqEncode(*cb, ConstTensor::F32(x.data(), n, dim), 1, codes.data(), nullptr).ok());
+  int64_t exact = 0;
+  for (int i = 0; i < n; ++i) {
+    std::vector<double> r(x.begin() + i * dim, x.begin() + (i + 1) * dim);
+    for (int l = 0; l < opt.levels; ++l) {
+      std::vector<float> rf(r.begin(), r.end());
+      int arg = 0;
+      double bestd = 1e300;
+      for (int c = 0; c < opt.codebook_size; ++c) {
+        const double d = Dist2(rf.data(), cb->level(l) + c * dim, dim);
+        if (d < bestd) bestd = d, arg = c;
+      }
+      const int got = codes[i * opt.levels + l];
+      const double got_d = Dist2(rf.data(), cb->level(l) + got * dim, dim);
+      // The chosen centroid is the nearest one; an index may differ only on an exact tie up to
+      // fp32 rounding of the distance.
+      EXPECT_LE(got_d, bestd + 1e-5 * (1 + bestd)) << "row " << i << " level " << l;
+      exact += (got == arg);
+      for (int j = 0; j < dim; ++j) r[j] -= cb->level(l)[got * dim + j];
+    }
+  }
+  EXPECT_GE(exact, n * opt.levels - 2);
+}
+
+TEST_P(RvqTest, BeamNeverWorseThanGreedyAndDecodes) {
+  const int dim = 16, n = 600;
+  std::vector<float> x = DecayingGaussian(n, dim, 2);
+  RvqFitOptions opt;
+  opt.levels = 4;
+  opt.codebook_size = 64;
+  auto cb = be_->RvqFit(ConstTensor::F32(x.data(), n, dim), opt);
+  ASSERT_TRUE(cb.ok()) << cb.status();
+  std::vector<uint8_t> greedy(n * 4), beam(n * 4);
+  ASSERT_TRUE(
+      be_->RvqEncode(*cb, ConstTensor::F32(x.data(), n, dim), 1, greedy.data(), nullptr).ok());
+  ASSERT_TRUE(
+      be_->RvqEncode(*cb, ConstTensor::F32(x.data(), n, dim), 8, beam.data(), nullptr).ok());
+  std::vector<float> yg(n * dim), yb(n * dim);
+  ASSERT_TRUE(be_->RvqDecode(*cb, greedy.data(), nullptr, Tensor::F32(yg.data(), n, dim)).ok());
+  ASSERT_TRUE(be_->RvqDecode(*cb, beam.data(), nullptr, Tensor::F32(yb.data(), n, dim)).ok());
+  int better = 0;
+  for (int i = 0; i < n; ++i) {
+    const double eg = Dist2(x.data() + i * dim, yg.data() + i * dim, dim);
+    const double eb = Dist2(x.data() + i * dim, yb.data() + i * dim, dim);
+    EXPECT_LE(eb, eg + 1e-6) << "row " << i;
+    better += eb < eg - 1e-9;
+    // Decode is the sum of the chosen centroids.
+    for (int j = 0; j < dim; ++j) {
+      double s = 0;
+      for (int l = 0; l < 4; ++l) s += cb->level(l)[beam[i * 4 + l] * dim + j];
+      ASSERT_NEAR(yb[i * dim + j], s, 1e-5);
+    }
+  }
+  EXPECT_GT(better, 0);  // beam search does find better codes on some rows
+  EXPECT_LT(Err(x, yb), Err(x, yg));
+}
+
+TEST_P(RvqTest, FitReducesErrorWithEveryLevel) {
+  const int dim = 32, n = 4096;
+  std::vector<float> x = DecayingGaussian(n, dim, 3);
+  double prev = 1.0;
+  for (int levels = 1; levels <= 4; ++levels) {
+    RvqFitOptions opt;
+    opt.levels = levels;
+    auto cb = be_->RvqFit(ConstTensor::F32(x.data(), n, dim), opt);
+    ASSERT_TRUE(cb.ok()) << cb.status();
+    std::vector<uint8_t> codes(n * levels);
+    std::vector<float> y(n * dim);
+    ASSERT_TRUE(
+        be_->RvqEncode(*cb, ConstTensor::F32(x.data(), n, dim), 1, codes.data(), nullptr).ok());
+    ASSERT_TRUE(be_->RvqDecode(*cb, codes.data(), nullptr, Tensor::F32(y.data(), n, dim)).ok());
+    const double e = Err(x, y);
+    EXPECT_LT(e, prev * 0.9) << levels << " levels";
+    prev = e;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, RvqTest,
+                         ::testing::Values(cpu::DistanceKernel::kGeneric,
+                                           cpu::DistanceKernel::kAvx2,
+                                           cpu::DistanceKernel::kAvx512),
+                         [](const auto& info) { return cpu::DistanceKernelName(info.param); });
+
+TEST(RvqKernels, FusedAndGenericAgree) {
+  const int dim = 64, n = 997, k = 256;
+  std::vector<float> x = DecayingGaussian(n, dim, 4), c = DecayingGaussian(k, dim, 5);
+  cpu::PreparedLevel lv = cpu::PrepareLevel(c.data(), k, dim);
+  std::vector<int32_t> a(n), b(n);
+  std::vector<float> sa(n), sb(n);
+  auto old = cpu::SetDistanceKernelForTesting(cpu::DistanceKernel::kGeneric);
+  cpu::NearestCentroids(x.data(), n, lv, a.data(), sa.data());
+  for (auto kernel : {cpu::DistanceKernel::kAvx2, cpu::DistanceKernel::kAvx512}) {
+    if (kernel > cpu::BestDistanceKernel()) continue;  // not on this CPU
+    cpu::SetDistanceKernelForTesting(kernel);
+    cpu::NearestCentroids(x.data(), n, lv, b.data(), sb.data());
+    for (int i = 0; i < n; ++i) {
+      ASSERT_NEAR(sa[i], sb[i], 1e-4 * (1 + std::fabs(sa[i]))) << cpu::DistanceKernelName(kernel);
+    }
+  }
+  cpu::SetDistanceKernelForTesting(old);
+}
+
+TEST(Rvq, GainShapeRoundTripAndBf16) {
+  auto be = MakeCpuBackend();
+  const int dim = 16, n = 512;
+  std::vector<float> x = DecayingGaussian(n, dim, 6);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < dim; ++j) x[i * dim + j] *= 1.f + (i % 7);  // varied norms
+  RvqFitOptions opt;
+  opt.levels = 2;
+  opt.codebook_size = 64;
+  opt.gain_shape = true;
+  auto cb = be->RvqFit(ConstTensor::F32(x.data(), n, dim), opt);
+  ASSERT_TRUE(cb.ok()) << cb.status();
+  std::vector<uint8_t> codes(n * 2);
+  std::vector<float> norms(n), y(n * dim);
+  EXPECT_FALSE(
+      be->RvqEncode(*cb, ConstTensor::F32(x.data(), n, dim), 1, codes.data(), nullptr).ok());
+  ASSERT_TRUE(
+      be->RvqEncode(*cb, ConstTensor::F32(x.data(), n, dim), 1, codes.data(), norms.data()).ok());
+  for (int i = 0; i < n; ++i) {
+    EXPECT_NEAR(norms[i], std::sqrt(Dist2(x.data() + i * dim, std::vector<float>(dim).data(), dim)),
+                1e-3 * norms[i]);
+  }
+  ASSERT_TRUE(be->RvqDecode(*cb, codes.data(), norms.data(), Tensor::F32(y.data(), n, dim)).ok());
+  EXPECT_LT(Err(x, y), 0.5);
+  // bf16 input and output.
+  std::vector<bf16_t> xb(n * dim), yb(n * dim);
+  FloatToBf16(x.data(), xb.data(), xb.size());
+  ASSERT_TRUE(
+      be->RvqEncode(*cb, ConstTensor::BF16(xb.data(), n, dim), 1, codes.data(), norms.data()).ok());
+  ASSERT_TRUE(be->RvqDecode(*cb, codes.data(), norms.data(), Tensor::BF16(yb.data(), n, dim)).ok());
+  std::vector<float> y2(n * dim);
+  Bf16ToFloat(yb.data(), y2.data(), y2.size());
+  EXPECT_LT(Err(x, y2), 0.5);
+}
+
+TEST(Rvq, StreamingUpdateLearnsAndReseedsDeadCentroids) {
+  auto be = MakeCpuBackend();
+  const int dim = 16, n = 2048;
+  // Start from codebooks fitted on a different distribution (shifted far away): most centroids
+  // are dead on the new stream and must be re-seeded, and the error must fall.
+  std::vector<float> old = DecayingGaussian(n, dim, 7);
+  for (float& v : old) v += 5.f;
+  RvqFitOptions opt;
+  opt.levels = 2;
+  opt.codebook_size = 64;
+  auto cb = be->RvqFit(ConstTensor::F32(old.data(), n, dim), opt);
+  ASSERT_TRUE(cb.ok());
+  RvqLearner learner = RvqLearner::FromCodebooks(*cb, /*seed=*/1);
+  RvqUpdateOptions up;
+  up.decay = 0.9f;
+  double first = 0, last = 0;
+  int64_t reseeded = 0;
+  for (int step = 0; step < 60; ++step) {
+    std::vector<float> x = DecayingGaussian(n, dim, 100 + step);
+    auto st = be->RvqUpdate(&learner, ConstTensor::F32(x.data(), n, dim), up);
+    ASSERT_TRUE(st.ok()) << st.status();
+    if (step == 0) first = st->relative_mse;
+    last = st->relative_mse;
+    reseeded += st->reseeded;
+  }
+  EXPECT_GT(reseeded, 0);
+  EXPECT_LT(last, first * 0.5);
+  EXPECT_LT(last, 0.6);
+  ASSERT_TRUE(learner.codebooks.Validate().ok());
+}
+
+TEST(Rvq, RejectsBadInput) {
+  auto be = MakeCpuBackend();
+  const int dim = 8, n = 300;
+  std::vector<float> x = DecayingGaussian(n, dim, 8);
+  RvqFitOptions opt;
+  opt.levels = 2;
+  opt.codebook_size = 16;
+  auto cb = be->RvqFit(ConstTensor::F32(x.data(), n, dim), opt);
+  ASSERT_TRUE(cb.ok());
+  std::vector<uint8_t> codes(n * 2);
+  // Wrong dim.
+  auto s = be->RvqEncode(*cb, ConstTensor::F32(x.data(), n * 2, dim / 2), 1, codes.data(), nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message()).find("x"), std::string::npos);
+  // NaN.
+  x[17] = std::nanf("");
+  s = be->RvqEncode(*cb, ConstTensor::F32(x.data(), n, dim), 1, codes.data(), nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message()).find("non-finite"), std::string::npos);
+  // Code out of range.
+  codes.assign(n * 2, 0);
+  codes[5] = 16;
+  std::vector<float> y(n * dim);
+  s = be->RvqDecode(*cb, codes.data(), nullptr, Tensor::F32(y.data(), n, dim));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message()).find("out of range"), std::string::npos);
+  // Too few rows to fit, bad levels, bad beam.
+  opt.codebook_size = 256;
+  EXPECT_EQ(be->RvqFit(ConstTensor::F32(x.data(), 100, dim), opt).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  opt.levels = 0;
+  EXPECT_FALSE(be->RvqFit(ConstTensor::F32(x.data(), n, dim), opt).ok());
+  x[17] = 0;
+  EXPECT_FALSE(
+      be->RvqEncode(*cb, ConstTensor::F32(x.data(), n, dim), 0, codes.data(), nullptr).ok());
+}
+
+}  // namespace
+}  // namespace mapl

@@ -1,0 +1,323 @@
+// Tests of the CPU backend's learning signals (kernels/cpu/signals.cc) against naive
+// double-precision references, that G_down is the gradient of the decoder's reconstruction with
+// respect to U, and that bad input never reaches the accumulated signals.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/tensor.h"
+
+namespace mapl {
+namespace {
+
+constexpr int kN = 37, kD = 48, kK = 6;
+
+std::vector<float> Gaussian(std::mt19937& rng, size_t count, float stddev = 1.f) {
+  std::normal_distribution<float> dist(0.f, stddev);
+  std::vector<float> v(count);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// An orthonormal (d, k) matrix by modified Gram-Schmidt in double.
+std::vector<float> Orthonormal(std::mt19937& rng, int d, int k) {
+  const std::vector<float> g = Gaussian(rng, static_cast<size_t>(d) * k);
+  std::vector<double> u(g.begin(), g.end());
+  for (int j = 0; j < k; ++j) {
+    for (int p = 0; p < j; ++p) {
+      double dot = 0.0;
+      for (int i = 0; i < d; ++i) dot += u[i * k + j] * u[i * k + p];
+      for (int i = 0; i < d; ++i) u[i * k + j] -= dot * u[i * k + p];
+    }
+    double norm = 0.0;
+    for (int i = 0; i < d; ++i) norm += u[i * k + j] * u[i * k + j];
+    for (int i = 0; i < d; ++i) u[i * k + j] /= std::sqrt(norm);
+  }
+  return {u.begin(), u.end()};
+}
+
+// a^T b for a (rows, ka) and b (rows, kb).
+std::vector<double> AtB(const std::vector<double>& a, const std::vector<double>& b, int rows,
+                        int ka, int kb) {
+  std::vector<double> c(static_cast<size_t>(ka) * kb, 0.0);
+  for (int r = 0; r < rows; ++r) {
+    for (int i = 0; i < ka; ++i) {
+      for (int j = 0; j < kb; ++j) c[i * kb + j] += a[r * ka + i] * b[r * kb + j];
+    }
+  }
+  return c;
+}
+
+// a b for a (rows, inner) and b (inner, cols).
+std::vector<double> AB(const std::vector<double>& a, const std::vector<double>& b, int rows,
+                       int inner, int cols) {
+  std::vector<double> c(static_cast<size_t>(rows) * cols, 0.0);
+  for (int r = 0; r < rows; ++r) {
+    for (int i = 0; i < inner; ++i) {
+      for (int j = 0; j < cols; ++j) c[r * cols + j] += a[r * inner + i] * b[i * cols + j];
+    }
+  }
+  return c;
+}
+
+std::vector<double> D(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+std::vector<float> RoundTripBf16(const std::vector<float>& v, std::vector<bf16_t>* bits) {
+  bits->resize(v.size());
+  FloatToBf16(v.data(), bits->data(), v.size());
+  std::vector<float> r(v.size());
+  Bf16ToFloat(bits->data(), r.data(), v.size());
+  return r;
+}
+
+// max |a - b| / (1 + |b|).
+template <typename A, typename B>
+double MaxRelDiff(const A& a, const B& b) {
+  double err = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double bi = static_cast<double>(b[i]);
+    err = std::max(err, std::fabs(static_cast<double>(a[i]) - bi) / (1.0 + std::fabs(bi)));
+  }
+  return err;
+}
+
+// G_down = g^T zq - a^T (g U) - g^T (a U), exactly as DESIGN.md writes it.
+std::vector<double> GradDownRef(const std::vector<float>& g, const std::vector<float>& zq,
+                                const std::vector<float>* a, const std::vector<float>& u) {
+  std::vector<double> r = AtB(D(g), D(zq), kN, kD, kK);
+  if (a != nullptr) {
+    const std::vector<double> t1 = AtB(D(*a), AB(D(g), D(u), kN, kD, kK), kN, kD, kK);
+    const std::vector<double> t2 = AtB(D(g), AB(D(*a), D(u), kN, kD, kK), kN, kD, kK);
+    for (size_t i = 0; i < r.size(); ++i) r[i] -= t1[i] + t2[i];
+  }
+  return r;
+}
+
+class SignalsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::mt19937 rng(1);
+    h_ = Gaussian(rng, static_cast<size_t>(kN) * kD);
+    g_ = Gaussian(rng, static_cast<size_t>(kN) * kD);
+    a_ = Gaussian(rng, static_cast<size_t>(kN) * kD, 0.5f);
+    zq_ = Gaussian(rng, static_cast<size_t>(kN) * kK);
+    gzq_ = Gaussian(rng, static_cast<size_t>(kN) * kK);
+    u_ = Orthonormal(rng, kD, kK);
+  }
+
+  std::unique_ptr<Backend> be_ = MakeCpuBackend();
+  std::vector<float> h_, g_, a_, zq_, gzq_, u_;
+};
+
+TEST_F(SignalsTest, GradUpMatchesReferenceAndAccumulates) {
+  const std::vector<double> ref = AtB(D(h_), D(gzq_), kN, kD, kK);
+  // accumulate = false overwrites whatever was there, NaN included.
+  std::vector<float> out(static_cast<size_t>(kD) * kK, std::nanf(""));
+  ASSERT_TRUE(be_->GradUp(ConstTensor::F32(h_.data(), kN, kD),
+                          ConstTensor::F32(gzq_.data(), kN, kK), Tensor::F32(out.data(), kD, kK),
+                          false)
+                  .ok());
+  EXPECT_LE(MaxRelDiff(out, ref), 2e-6);
+  ASSERT_TRUE(be_->GradUp(ConstTensor::F32(h_.data(), kN, kD),
+                          ConstTensor::F32(gzq_.data(), kN, kK), Tensor::F32(out.data(), kD, kK),
+                          true)
+                  .ok());
+  std::vector<double> twice = ref;
+  for (double& v : twice) v *= 2;
+  EXPECT_LE(MaxRelDiff(out, twice), 4e-6);
+
+  // bf16 activations: the same as the f32 op on the bf16 values.
+  std::vector<bf16_t> hb;
+  const std::vector<float> hr = RoundTripBf16(h_, &hb);
+  ASSERT_TRUE(be_->GradUp(ConstTensor::BF16(hb.data(), kN, kD),
+                          ConstTensor::F32(gzq_.data(), kN, kK), Tensor::F32(out.data(), kD, kK),
+                          false)
+                  .ok());
+  EXPECT_LE(MaxRelDiff(out, AtB(D(hr), D(gzq_), kN, kD, kK)), 2e-6);
+
+  // No tokens: zero, or unchanged when accumulating.
+  ASSERT_TRUE(be_->GradUp(ConstTensor::F32(nullptr, 0, kD), ConstTensor::F32(nullptr, 0, kK),
+                          Tensor::F32(out.data(), kD, kK), false)
+                  .ok());
+  for (float v : out) EXPECT_EQ(v, 0.f);
+}
+
+TEST_F(SignalsTest, GradDownMatchesReference) {
+  std::vector<float> out(static_cast<size_t>(kD) * kK, std::nanf(""));
+  // With an anchor.
+  ASSERT_TRUE(
+      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
+                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::F32(u_.data(), kD, kK),
+                    Tensor::F32(out.data(), kD, kK), false)
+          .ok());
+  const std::vector<double> ref = GradDownRef(g_, zq_, &a_, u_);
+  EXPECT_LE(MaxRelDiff(out, ref), 4e-6);
+  // Accumulating the no-anchor signal on top of it.
+  ASSERT_TRUE(be_->GradDown(ConstTensor::F32(g_.data(), kN, kD),
+                            ConstTensor::F32(zq_.data(), kN, kK), ConstTensor::F32(nullptr, 0, kD),
+                            ConstTensor::F32(u_.data(), kD, kK), Tensor::F32(out.data(), kD, kK),
+                            true)
+                  .ok());
+  std::vector<double> sum = GradDownRef(g_, zq_, nullptr, u_);
+  for (size_t i = 0; i < sum.size(); ++i) sum[i] += ref[i];
+  EXPECT_LE(MaxRelDiff(out, sum), 4e-6);
+
+  // bf16 loss gradient.
+  std::vector<bf16_t> gb;
+  const std::vector<float> gr = RoundTripBf16(g_, &gb);
+  ASSERT_TRUE(
+      be_->GradDown(ConstTensor::BF16(gb.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
+                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::F32(u_.data(), kD, kK),
+                    Tensor::F32(out.data(), kD, kK), false)
+          .ok());
+  EXPECT_LE(MaxRelDiff(out, GradDownRef(gr, zq_, &a_, u_)), 4e-6);
+}
+
+// G_down is d/dU of <g, h_hat(U)> with h_hat = zq U^T + a - (a U) U^T (zq, a, g held fixed). That
+// function is quadratic in U, so a central difference gives the directional derivative exactly.
+TEST_F(SignalsTest, GradDownIsTheGradientOfTheReconstruction) {
+  std::vector<float> out(static_cast<size_t>(kD) * kK);
+  ASSERT_TRUE(
+      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
+                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::F32(u_.data(), kD, kK),
+                    Tensor::F32(out.data(), kD, kK), false)
+          .ok());
+  auto f = [&](const std::vector<double>& u) {
+    std::vector<double> ut(u.size());
+    for (int i = 0; i < kD; ++i) {
+      for (int j = 0; j < kK; ++j) ut[j * kD + i] = u[i * kK + j];
+    }
+    const std::vector<double> zu = AB(D(zq_), ut, kN, kK, kD);
+    const std::vector<double> auu = AB(AB(D(a_), u, kN, kD, kK), ut, kN, kK, kD);
+    double acc = 0.0;
+    for (size_t i = 0; i < zu.size(); ++i) acc += g_[i] * (zu[i] + a_[i] - auu[i]);
+    return acc;
+  };
+  std::mt19937 rng(2);
+  for (int trial = 0; trial < 3; ++trial) {
+    const std::vector<float> e = Gaussian(rng, out.size());
+    const double t = 1e-3;
+    std::vector<double> up = D(u_), um = D(u_);
+    for (size_t i = 0; i < up.size(); ++i) {
+      up[i] += t * e[i];
+      um[i] -= t * e[i];
+    }
+    const double fd = (f(up) - f(um)) / (2 * t);
+    double analytic = 0.0, scale = 0.0;
+    for (size_t i = 0; i < out.size(); ++i) {
+      analytic += double{out[i]} * e[i];
+      scale += std::fabs(double{out[i]} * e[i]);
+    }
+    EXPECT_NEAR(analytic, fd, 1e-5 * scale) << "trial " << trial;
+  }
+}
+
+TEST_F(SignalsTest, OrthogonalComplementMatchesReference) {
+  std::vector<float> out(g_.size(), std::nanf(""));
+  ASSERT_TRUE(be_->OrthogonalComplement(ConstTensor::F32(g_.data(), kN, kD),
+                                        ConstTensor::F32(u_.data(), kD, kK),
+                                        Tensor::F32(out.data(), kN, kD))
+                  .ok());
+  std::vector<double> ut(u_.size());
+  for (int i = 0; i < kD; ++i) {
+    for (int j = 0; j < kK; ++j) ut[j * kD + i] = u_[i * kK + j];
+  }
+  const std::vector<double> proj = AB(AB(D(g_), D(u_), kN, kD, kK), ut, kN, kK, kD);
+  std::vector<double> ref(g_.size());
+  for (size_t i = 0; i < ref.size(); ++i) ref[i] = g_[i] - proj[i];
+  EXPECT_LE(MaxRelDiff(out, ref), 2e-6);
+  // It has no component left in span(U).
+  const std::vector<double> left = AB(D(out), D(u_), kN, kD, kK);
+  for (double v : left) EXPECT_NEAR(v, 0.0, 2e-6);
+
+  // In place on an f32 gradient.
+  std::vector<float> inplace = g_;
+  ASSERT_TRUE(be_->OrthogonalComplement(ConstTensor::F32(inplace.data(), kN, kD),
+                                        ConstTensor::F32(u_.data(), kD, kK),
+                                        Tensor::F32(inplace.data(), kN, kD))
+                  .ok());
+  EXPECT_EQ(inplace, out);
+
+  // bf16 gradient.
+  std::vector<bf16_t> gb;
+  const std::vector<float> gr = RoundTripBf16(g_, &gb);
+  std::vector<float> out_f(g_.size());
+  ASSERT_TRUE(be_->OrthogonalComplement(ConstTensor::BF16(gb.data(), kN, kD),
+                                        ConstTensor::F32(u_.data(), kD, kK),
+                                        Tensor::F32(out.data(), kN, kD))
+                  .ok());
+  ASSERT_TRUE(be_->OrthogonalComplement(ConstTensor::F32(gr.data(), kN, kD),
+                                        ConstTensor::F32(u_.data(), kD, kK),
+                                        Tensor::F32(out_f.data(), kN, kD))
+                  .ok());
+  EXPECT_EQ(out, out_f);
+}
+
+TEST_F(SignalsTest, RejectBadShapesAndDtypes) {
+  std::vector<float> out(static_cast<size_t>(kD) * kK);
+  std::vector<bf16_t> ub(u_.size());
+  auto expect_invalid = [](const absl::Status& s, const char* name) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find(name), std::string::npos) << s;
+  };
+  expect_invalid(
+      be_->GradUp(ConstTensor::F32(h_.data(), kN, kD), ConstTensor::F32(gzq_.data(), kN - 1, kK),
+                  Tensor::F32(out.data(), kD, kK), false),
+      "gzq");
+  expect_invalid(
+      be_->GradUp(ConstTensor::F32(h_.data(), kN, kD), ConstTensor::F32(gzq_.data(), kN, kK),
+                  Tensor::F32(out.data(), kK, kD), false),
+      "g_up");
+  expect_invalid(
+      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
+                    ConstTensor::F32(a_.data(), kN - 1, kD), ConstTensor::F32(u_.data(), kD, kK),
+                    Tensor::F32(out.data(), kD, kK), false),
+      "a");
+  expect_invalid(
+      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
+                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::BF16(ub.data(), kD, kK),
+                    Tensor::F32(out.data(), kD, kK), false),
+      "u");
+  expect_invalid(
+      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK - 1),
+                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::F32(u_.data(), kD, kK),
+                    Tensor::F32(out.data(), kD, kK), false),
+      "zq");
+  std::vector<float> gp(g_.size());
+  expect_invalid(be_->OrthogonalComplement(ConstTensor::F32(g_.data(), kN, kD),
+                                           ConstTensor::F32(u_.data(), kD + 1, kK),
+                                           Tensor::F32(gp.data(), kN, kD)),
+                 "u");
+  expect_invalid(
+      be_->OrthogonalComplement(ConstTensor::F32(g_.data(), kN, kD),
+                                ConstTensor::F32(u_.data(), kD, kK), Tensor::F32(nullptr, kN, kD)),
+      "g_perp");
+}
+
+TEST_F(SignalsTest, NonFiniteInputLeavesAccumulatedSignalsUnchanged) {
+  std::vector<float> up(static_cast<size_t>(kD) * kK, 1.f), down(up.size(), 2.f);
+  std::vector<float> h = h_, g = g_;
+  h[5 * kD + 7] = std::nanf("");
+  g[9] = INFINITY;
+  absl::Status s =
+      be_->GradUp(ConstTensor::F32(h.data(), kN, kD), ConstTensor::F32(gzq_.data(), kN, kK),
+                  Tensor::F32(up.data(), kD, kK), true);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("g_up"), std::string::npos) << s;
+  for (float v : up) EXPECT_EQ(v, 1.f);
+  s = be_->GradDown(ConstTensor::F32(g.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
+                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::F32(u_.data(), kD, kK),
+                    Tensor::F32(down.data(), kD, kK), true);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  for (float v : down) EXPECT_EQ(v, 2.f);
+}
+
+}  // namespace
+}  // namespace mapl
