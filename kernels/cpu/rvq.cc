@@ -79,69 +79,79 @@ void GreedyRows(const std::vector<PreparedLevel>& levels, float* residual, int64
   }
 }
 
-// Beam search over one row block. residual holds the greedy input rows; on return codes hold,
-// per row, the better of the beam's best path and the greedy path (so beam is never worse).
+// Beam search over one row block x (rows, dim). All rows' candidates are scored with one GEMM
+// per level; each row then keeps its `beam` best extensions. On return codes hold, per row, the
+// better of the beam's best path and the greedy path, so beam search is never worse than greedy.
 void BeamRows(const std::vector<PreparedLevel>& levels, const float* x, int64_t rows, int beam,
               uint8_t* codes) {
   const int nl = static_cast<int>(levels.size());
   const int dim = levels[0].dim;
   const int k = levels[0].k;
-  // Greedy first, as the guaranteed fallback.
   std::vector<float> greedy_res(x, x + rows * dim);
   std::vector<int32_t> best;
   GreedyRows(levels, greedy_res.data(), rows, codes, best);
 
-  std::vector<float> res, next_res, scores;
-  std::vector<float> err, next_err;
-  std::vector<uint8_t> path, next_path;
+  // Candidate j of row i lives at slot i * beam + j; width is how many slots are live per row.
+  const int64_t slots = rows * beam;
+  std::vector<float> res(slots * dim), next_res(slots * dim), scores(slots * k);
+  std::vector<float> err(slots), next_err(slots);
+  std::vector<uint8_t> path(slots * nl), next_path(slots * nl);
   std::vector<int32_t> order;
+  std::vector<float> top_d;
   for (int64_t i = 0; i < rows; ++i) {
-    const float* xi = x + i * dim;
-    int width = 1;
-    res.assign(xi, xi + dim);
-    err.assign(1, static_cast<float>(SquaredNorm(xi, dim)));
-    path.clear();
-    for (int l = 0; l < nl; ++l) {
-      const PreparedLevel& lv = levels[l];
-      scores.resize(size_t(width) * k);
-      cpu::AllScores(res.data(), width, lv, scores.data());
-      // ||r - c||^2 = ||r||^2 + 2 * (||c||^2/2 - r.c)
+    std::copy(x + i * dim, x + (i + 1) * dim, res.begin() + i * beam * dim);
+    err[i * beam] = static_cast<float>(SquaredNorm(x + i * dim, dim));
+  }
+  int width = 1;
+  for (int l = 0; l < nl; ++l) {
+    const PreparedLevel& lv = levels[l];
+    // Score every live slot; dead slots (j >= width) are scored too but never read.
+    cpu::AllScores(res.data(), slots, lv, scores.data());
+    const int keep = std::min(beam, width * k);
+    for (int64_t i = 0; i < rows; ++i) {
+      // ||r - c||^2 = ||r||^2 + 2 (||c||^2 / 2 - r.c) for each (slot, centroid) of this row.
+      const float* sc = scores.data() + i * beam * k;
+      const float* e = err.data() + i * beam;
+      // Top-`keep` by insertion into a small sorted list: most candidates fail the first test.
+      top_d.assign(keep, std::numeric_limits<float>::infinity());
+      order.assign(keep, 0);
       for (int b = 0; b < width; ++b) {
-        for (int c = 0; c < k; ++c) scores[b * k + c] = err[b] + 2.f * scores[b * k + c];
+        for (int c = 0; c < k; ++c) {
+          const float dv = e[b] + 2.f * sc[b * k + c];
+          if (!(dv < top_d[keep - 1])) continue;
+          int pos = keep - 1;
+          while (pos > 0 && dv < top_d[pos - 1]) {
+            top_d[pos] = top_d[pos - 1];
+            order[pos] = order[pos - 1];
+            --pos;
+          }
+          top_d[pos] = dv;
+          order[pos] = b * k + c;
+        }
       }
-      const int total = width * k;
-      const int keep = std::min(beam, total);
-      order.resize(total);
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](int a, int b) {
-        return scores[a] < scores[b] || (scores[a] == scores[b] && a < b);
-      });
-      next_res.resize(size_t(keep) * dim);
-      next_err.resize(keep);
-      next_path.resize(size_t(keep) * (l + 1));
       for (int j = 0; j < keep; ++j) {
         const int b = order[j] / k, c = order[j] % k;
+        const int64_t src = i * beam + b, dst = i * beam + j;
         const float* cen = lv.centroids.data() + int64_t{c} * dim;
-        for (int t = 0; t < dim; ++t) next_res[j * dim + t] = res[b * dim + t] - cen[t];
-        next_err[j] = scores[order[j]];
-        std::copy(path.begin() + size_t(b) * l, path.begin() + size_t(b) * l + l,
-                  next_path.begin() + size_t(j) * (l + 1));
-        next_path[size_t(j) * (l + 1) + l] = static_cast<uint8_t>(c);
+        for (int t = 0; t < dim; ++t) next_res[dst * dim + t] = res[src * dim + t] - cen[t];
+        // Exact error from the residual: the incremental form drifts in fp32.
+        next_err[dst] = static_cast<float>(SquaredNorm(next_res.data() + dst * dim, dim));
+        std::copy(path.begin() + src * nl, path.begin() + src * nl + l,
+                  next_path.begin() + dst * nl);
+        next_path[dst * nl + l] = static_cast<uint8_t>(c);
       }
-      // Recompute errors exactly from the residuals: the incremental form drifts in fp32.
-      for (int j = 0; j < keep; ++j) {
-        next_err[j] = static_cast<float>(SquaredNorm(next_res.data() + j * dim, dim));
-      }
-      res.swap(next_res);
-      err.swap(next_err);
-      path.swap(next_path);
-      width = keep;
     }
-    const int winner = static_cast<int>(std::min_element(err.begin(), err.end()) - err.begin());
-    const double greedy_err = SquaredNorm(greedy_res.data() + i * dim, dim);
-    if (err[winner] < greedy_err) {
-      std::copy(path.begin() + size_t(winner) * nl, path.begin() + size_t(winner + 1) * nl,
-                codes + i * nl);
+    res.swap(next_res);
+    err.swap(next_err);
+    path.swap(next_path);
+    width = keep;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* e = err.data() + i * beam;
+    const int winner = static_cast<int>(std::min_element(e, e + width) - e);
+    if (e[winner] < SquaredNorm(greedy_res.data() + i * dim, dim)) {
+      std::copy(path.begin() + (i * beam + winner) * nl,
+                path.begin() + (i * beam + winner + 1) * nl, codes + i * nl);
     }
   }
 }
