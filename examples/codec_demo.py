@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--corpus", help="text file to train on (default: the KJV Bible)")
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16, help="k, the projection's rank")
-    ap.add_argument("--steps", type=int, default=120, help="language-model training steps")
+    ap.add_argument("--steps", type=int, default=300, help="language-model training steps")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 

@@ -225,6 +225,21 @@ F32Array Int8Decode(const py::handle& qo, const py::handle& so) {
   return out;
 }
 
+py::array Bf16Encode(const py::handle& xo) {
+  F32Array x = Typed<float>(xo, "x", 2);
+  ThrowIfError(CheckFinite(View(x), "x"));
+  py::array_t<uint16_t> out({x.shape(0), x.shape(1)});
+  FloatToBf16(x.data(), out.mutable_data(), static_cast<size_t>(x.size()));
+  return out;
+}
+
+F32Array Bf16Decode(const py::handle& bo) {
+  auto b = Typed<uint16_t>(bo, "b", 2);
+  F32Array out = NewMatrix(b.shape(0), b.shape(1));
+  Bf16ToFloat(b.data(), out.mutable_data(), static_cast<size_t>(b.size()));
+  return out;
+}
+
 F32Array Msign(const py::handle& yo, int max_iterations, float tolerance) {
   F32Array y = Typed<float>(yo, "y", 2);
   F32Array out = NewMatrix(y.shape(0), y.shape(1));
@@ -316,6 +331,8 @@ PYBIND11_MODULE(_mapl, m) {
       .def("set_codebooks", &PyRvq::SetCodebooks);
   m.def("int8_encode", &mapl::Int8Encode);
   m.def("int8_decode", &mapl::Int8Decode);
+  m.def("bf16_encode", &mapl::Bf16Encode);
+  m.def("bf16_decode", &mapl::Bf16Decode);
   m.def("msign", &mapl::Msign);
   m.def("retract", &mapl::Retract);
   m.def("spel_step", &mapl::SpelStep);

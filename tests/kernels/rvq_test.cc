@@ -32,6 +32,15 @@ double Err(const std::vector<float>& x, const std::vector<float>& y) {
   return e / t;
 }
 
+}  // namespace
+
+namespace cpu {
+// Test names and ctest output show the kernel's name instead of its bytes.
+void PrintTo(DistanceKernel k, std::ostream* os) { *os << DistanceKernelName(k); }
+}  // namespace cpu
+
+namespace {
+
 class RvqTest : public ::testing::TestWithParam<cpu::DistanceKernel> {
  protected:
   void SetUp() override { old_ = cpu::SetDistanceKernelForTesting(GetParam()); }

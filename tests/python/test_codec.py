@@ -70,6 +70,20 @@ def test_int8_codec():
     assert np.all(np.abs(x - y) <= s[:, None] / 2 + 1e-6)
 
 
+def test_bf16_codec():
+    x = np.random.default_rng(5).standard_normal((16, 8)).astype(np.float32)
+    b = codec.Bf16Codec().encode(x)
+    assert b.dtype == np.uint16 and b.shape == x.shape
+    y = codec.Bf16Codec().decode(b)
+    assert np.all(np.abs(x - y) <= np.abs(x) / 256)
+    # Bit-exact against torch's bfloat16 rounding.
+    torch = pytest.importorskip("torch")
+    want = torch.from_numpy(x).to(torch.bfloat16).to(torch.float32).numpy()
+    np.testing.assert_array_equal(y, want)
+    with pytest.raises(ValueError, match="non-finite"):
+        codec.Bf16Codec().encode(np.full((2, 2), np.nan, np.float32))
+
+
 def test_msign_and_spel_keep_orthonormal():
     rng = np.random.default_rng(3)
     y = rng.standard_normal((128, 8)).astype(np.float32)

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _mapl
 
-__all__ = ["RVQ", "Int8Codec", "msign", "retract", "spel_step", "project", "lift",
+__all__ = ["RVQ", "Int8Codec", "Bf16Codec", "msign", "retract", "spel_step", "project", "lift",
            "distance_kernel"]
 
 
@@ -85,6 +85,17 @@ class Int8Codec:
 
     def decode(self, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
         return _mapl.int8_decode(q, scales)
+
+
+class Bf16Codec:
+    """bfloat16 codes (round to nearest even), carried as their raw uint16 bits: 2 bytes a value."""
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """x: float32 (n, k) -> uint16 (n, k)."""
+        return _mapl.bf16_encode(x)
+
+    def decode(self, b: np.ndarray) -> np.ndarray:
+        return _mapl.bf16_decode(b)
 
 
 def msign(y: np.ndarray, max_iterations: int = 40, tolerance: float = 1e-4) -> np.ndarray:
