@@ -76,8 +76,9 @@ class Backend {
                                                    const RvqUpdateOptions& options) = 0;
 
   // ---- scalar codecs (kernels/cpu/scalar_codec.cc) ----
-  // Per-token symmetric int8: scale_i = max_j |x_ij| / 127, q = round(x / scale).
-  // x: (n, k) f32/bf16; q: n*k int8; scales: n floats.
+  // Per-token symmetric int8: scale_i = max_j |x_ij| / 127 rounded up to a bfloat16 value (so it
+  // travels losslessly in 2 bytes), q = round(x / scale). x: (n, k) f32/bf16; q: n*k int8;
+  // scales: n floats, each exactly representable in bf16.
   virtual absl::Status Int8Encode(const ConstTensor& x, int8_t* q, float* scales) = 0;
   // out: (n, k) f32/bf16.
   virtual absl::Status Int8Decode(const int8_t* q, const float* scales, const Tensor& out) = 0;

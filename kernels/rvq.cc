@@ -7,7 +7,7 @@
 
 namespace mapl {
 
-absl::Status RvqCodebooks::Validate() const {
+absl::Status RvqCodebooks::ValidateShape() const {
   if (levels < 1 || levels > kMaxRvqLevels) {
     return absl::InvalidArgumentError(
         absl::StrCat("rvq: levels must be in [1, ", kMaxRvqLevels, "], got ", levels));
@@ -16,7 +16,16 @@ absl::Status RvqCodebooks::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat("rvq: codebook_size must be in [1, ",
                                                    kMaxCodebookSize, "], got ", codebook_size));
   }
-  if (dim < 1) return absl::InvalidArgumentError(absl::StrCat("rvq: dim must be >= 1, got ", dim));
+  if (dim < 1 || dim > kMaxRvqDim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rvq: dim must be in [1, ", kMaxRvqDim, "], got ", dim));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RvqCodebooks::Validate() const {
+  absl::Status shape = ValidateShape();
+  if (!shape.ok()) return shape;
   const size_t want = size_t(levels) * codebook_size * dim;
   if (centroids.size() != want) {
     return absl::InvalidArgumentError(absl::StrCat("rvq: expected ", want, " centroid values (",

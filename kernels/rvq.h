@@ -19,6 +19,8 @@ namespace mapl {
 // One byte per level per token on the wire, so at most 256 centroids a level.
 inline constexpr int kMaxCodebookSize = 256;
 inline constexpr int kMaxRvqLevels = 16;
+inline constexpr int kMaxRvqDim = 65536;
+inline constexpr int kMaxRvqBeam = 256;
 
 struct RvqCodebooks {
   int32_t levels = 0;
@@ -32,7 +34,10 @@ struct RvqCodebooks {
 
   const float* level(int l) const { return centroids.data() + int64_t{l} * codebook_size * dim; }
   float* level(int l) { return centroids.data() + int64_t{l} * codebook_size * dim; }
-  // INVALID_ARGUMENT unless sizes are consistent and all centroids are finite.
+  // INVALID_ARGUMENT unless levels, codebook_size and dim are in range (check this before
+  // allocating centroids from untrusted sizes).
+  absl::Status ValidateShape() const;
+  // ValidateShape, and INVALID_ARGUMENT unless centroids has the right size and is finite.
   absl::Status Validate() const;
 };
 

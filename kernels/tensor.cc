@@ -1,6 +1,8 @@
 // Tensor views: shape and finiteness checks, dtype conversion.
 #include "kernels/tensor.h"
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -22,6 +24,10 @@ absl::Status CheckShape(const ConstTensor& t, const char* what, int64_t rows, in
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": negative shape (", t.rows, ", ", t.cols, ")"));
   }
+  if (t.rows > INT_MAX || t.cols > INT_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": shape (", t.rows, ", ", t.cols,
+                                                   ") too large: each dimension must be < 2^31"));
+  }
   if ((rows >= 0 && t.rows != rows) || (cols >= 0 && t.cols != cols)) {
     return absl::InvalidArgumentError(absl::StrCat(
         what, ": expected shape (", rows < 0 ? std::string("*") : absl::StrCat(rows), ", ",
@@ -30,6 +36,43 @@ absl::Status CheckShape(const ConstTensor& t, const char* what, int64_t rows, in
   if (t.size() > 0 && t.data == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": null data for a non-empty tensor"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status CheckF32Matrix(const ConstTensor& t, const char* what, int64_t rows, int64_t cols) {
+  absl::Status s = CheckShape(t, what, rows, cols);
+  if (!s.ok()) return s;
+  if (t.dtype != DType::kF32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": expected float32, got ", DTypeName(t.dtype)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckTallF32(const ConstTensor& t, const char* what) {
+  absl::Status s = CheckF32Matrix(t, what, -1, -1);
+  if (!s.ok()) return s;
+  if (t.cols < 1 || t.rows < t.cols) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": needs rows >= cols >= 1 (d >= k >= 1), got (", t.rows, ", ", t.cols, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CommitFinite(std::vector<float>& result, const Tensor& out, bool accumulate,
+                          const char* what) {
+  float* o = out.f32();
+  if (accumulate) {
+    for (size_t i = 0; i < result.size(); ++i) result[i] += o[i];
+  }
+  for (size_t i = 0; i < result.size(); ++i) {
+    if (!std::isfinite(result[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": non-finite result at (", i / out.cols, ", ", i % out.cols,
+                       "); the inputs hold NaN or Inf, or overflow; ", what, " left unchanged"));
+    }
+  }
+  std::copy(result.begin(), result.end(), o);
   return absl::OkStatus();
 }
 

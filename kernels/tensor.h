@@ -20,7 +20,6 @@ namespace mapl {
 
 enum class DType : uint8_t { kF32 = 0, kBF16 = 1 };
 
-inline size_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
 const char* DTypeName(DType t);
 
 // bfloat16 stored as its raw 16 bits.
@@ -76,7 +75,21 @@ struct Tensor {
 
 // INVALID_ARGUMENT unless `t` is non-null (when non-empty) and has exactly rows x cols;
 // `what` names the argument in the message ("h", "codes", ...). rows or cols < 0 means "any".
+// Each dimension must also fit a 32-bit int: BLAS and LAPACK index with int, and the product
+// rows * cols then cannot overflow.
 absl::Status CheckShape(const ConstTensor& t, const char* what, int64_t rows, int64_t cols);
+
+// CheckShape, and INVALID_ARGUMENT unless `t` is float32.
+absl::Status CheckF32Matrix(const ConstTensor& t, const char* what, int64_t rows, int64_t cols);
+
+// A float32 (d, k) matrix with d >= k >= 1: the shape of U and of everything on the manifold.
+absl::Status CheckTallF32(const ConstTensor& t, const char* what);
+
+// out = result (accumulate: out += result) unless a value would be NaN or Inf, in which case
+// INVALID_ARGUMENT and `out` is left unchanged: learner state is never poisoned (DESIGN.md 6).
+// result must hold out.size() values; it is modified.
+absl::Status CommitFinite(std::vector<float>& result, const Tensor& out, bool accumulate,
+                          const char* what);
 
 // INVALID_ARGUMENT naming the first non-finite element (row, col) of `t`, if any.
 absl::Status CheckFinite(const ConstTensor& t, const char* what);

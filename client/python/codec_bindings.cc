@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <utility>
 
@@ -49,7 +51,7 @@ void CheckNdim(const py::array& a, const char* what, int ndim) {
 template <typename T>
 py::array_t<T, py::array::c_style> Typed(const py::handle& obj, const char* what, int ndim) {
   py::array a = AsArray(obj, what);
-  if (!a.dtype().is(py::dtype::of<T>())) {
+  if (!a.dtype().equal(py::dtype::of<T>())) {
     throw py::value_error(std::string(what) + ": expected dtype " +
                           std::string(py::str(py::dtype::of<T>())) + ", got " +
                           std::string(py::str(a.dtype())));
@@ -104,8 +106,7 @@ class PyRvq {
       cb = Cpu().RvqFit(View(x), opt);
     }
     ThrowIfError(cb.status());
-    learner_ = RvqLearner::FromCodebooks(*cb, seed_);
-    fitted_ = true;
+    Replace(RvqLearner::FromCodebooks(*cb, seed_));
   }
 
   std::pair<py::array, py::object> Encode(const py::handle& xo, int beam) {
@@ -117,6 +118,7 @@ class PyRvq {
     absl::Status s;
     {
       py::gil_scoped_release release;
+      std::shared_lock lock(mu_);
       s = Cpu().RvqEncode(learner_.codebooks, View(x), beam, codes.mutable_data(),
                           gain_shape() ? norms.mutable_data() : nullptr);
     }
@@ -143,6 +145,7 @@ class PyRvq {
     absl::Status s;
     {
       py::gil_scoped_release release;
+      std::shared_lock lock(mu_);
       s = Cpu().RvqDecode(learner_.codebooks, codes.data(), gain_shape() ? norms.data() : nullptr,
                           MutView(out));
     }
@@ -161,6 +164,7 @@ class PyRvq {
     absl::StatusOr<RvqUpdateStats> st;
     {
       py::gil_scoped_release release;
+      std::unique_lock lock(mu_);
       st = Cpu().RvqUpdate(&learner_, View(x), opt);
     }
     ThrowIfError(st.status());
@@ -171,9 +175,13 @@ class PyRvq {
   }
 
   py::array GetCodebooks() const {
-    const RvqCodebooks& cb = learner_.codebooks;
-    py::array_t<float> out({int64_t{cb.levels}, int64_t{cb.codebook_size}, int64_t{cb.dim}});
-    std::copy(cb.centroids.begin(), cb.centroids.end(), out.mutable_data());
+    py::array_t<float> out({int64_t{levels()}, int64_t{codebook_size()}, int64_t{dim()}});
+    float* dst = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      std::shared_lock lock(mu_);
+      std::copy(learner_.codebooks.centroids.begin(), learner_.codebooks.centroids.end(), dst);
+    }
     return out;
   }
 
@@ -185,11 +193,14 @@ class PyRvq {
                             std::to_string(cur.codebook_size) + ", " + std::to_string(cur.dim) +
                             ")");
     }
-    RvqCodebooks cb = cur;
+    RvqCodebooks cb;
+    cb.levels = cur.levels;
+    cb.codebook_size = cur.codebook_size;
+    cb.dim = cur.dim;
+    cb.gain_shape = cur.gain_shape;
     cb.centroids.assign(a.data(), a.data() + a.size());
     ThrowIfError(cb.Validate());
-    learner_ = RvqLearner::FromCodebooks(cb, seed_);
-    fitted_ = true;
+    Replace(RvqLearner::FromCodebooks(cb, seed_));
   }
 
  private:
@@ -200,16 +211,35 @@ class PyRvq {
     }
   }
 
-  RvqLearner learner_;
-  uint64_t seed_;
-  bool fitted_ = false;
+  // Swaps in new learner state; waits (without the GIL) for encodes in flight on other threads.
+  void Replace(RvqLearner next) {
+    {
+      py::gil_scoped_release release;
+      std::unique_lock lock(mu_);
+      learner_ = std::move(next);
+    }
+    fitted_ = true;
+  }
+
+  // Python threads may share one RVQ: the GIL is released around the math, so learner_ has its
+  // own lock (shared: encode, decode, read; exclusive: fit, update, set). Taken after the GIL is
+  // released and dropped before it is re-acquired, so the two never deadlock.
+  mutable std::shared_mutex mu_;
+  RvqLearner learner_;  // guarded by mu_ (shape fields are immutable after construction)
+  const uint64_t seed_;
+  bool fitted_ = false;  // written with the GIL held
 };
 
 std::pair<py::array, F32Array> Int8Encode(const py::handle& xo) {
   F32Array x = Typed<float>(xo, "x", 2);
   py::array_t<int8_t> q({x.shape(0), x.shape(1)});
   F32Array scales({x.shape(0)});
-  ThrowIfError(Cpu().Int8Encode(View(x), q.mutable_data(), scales.mutable_data()));
+  absl::Status s;
+  {
+    py::gil_scoped_release release;
+    s = Cpu().Int8Encode(View(x), q.mutable_data(), scales.mutable_data());
+  }
+  ThrowIfError(s);
   return {q, scales};
 }
 
@@ -221,7 +251,12 @@ F32Array Int8Decode(const py::handle& qo, const py::handle& so) {
                           " scales (one per row of q), got " + std::to_string(scales.shape(0)));
   }
   F32Array out = NewMatrix(q.shape(0), q.shape(1));
-  ThrowIfError(Cpu().Int8Decode(q.data(), scales.data(), MutView(out)));
+  absl::Status s;
+  {
+    py::gil_scoped_release release;
+    s = Cpu().Int8Decode(q.data(), scales.data(), MutView(out));
+  }
+  ThrowIfError(s);
   return out;
 }
 
@@ -237,6 +272,8 @@ F32Array Bf16Decode(const py::handle& bo) {
   auto b = Typed<uint16_t>(bo, "b", 2);
   F32Array out = NewMatrix(b.shape(0), b.shape(1));
   Bf16ToFloat(b.data(), out.mutable_data(), static_cast<size_t>(b.size()));
+  // Codes come off the wire: NaN or Inf can only be corruption, never a valid activation.
+  ThrowIfError(CheckFinite(View(out), "b"));
   return out;
 }
 
@@ -259,7 +296,12 @@ F32Array Retract(const py::handle& uo) {
   F32Array u = Typed<float>(uo, "u", 2);
   F32Array out = NewMatrix(u.shape(0), u.shape(1));
   std::copy(u.data(), u.data() + u.size(), out.mutable_data());
-  ThrowIfError(Cpu().Retract(MutView(out)));
+  absl::Status s;
+  {
+    py::gil_scoped_release release;
+    s = Cpu().Retract(MutView(out));
+  }
+  ThrowIfError(s);
   return out;
 }
 

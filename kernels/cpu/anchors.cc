@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <numeric>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -17,18 +18,6 @@
 
 namespace mapl {
 namespace {
-
-absl::Status CheckF32(const ConstTensor& t, const char* what) {
-  if (t.dtype != DType::kF32) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": expected float32, got ", DTypeName(t.dtype)));
-  }
-  if (t.rows > INT_MAX || t.cols > INT_MAX) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": shape (", t.rows, ", ", t.cols, ") too large for BLAS"));
-  }
-  return absl::OkStatus();
-}
 
 // Token ids come from the wire or the client: each must index a row of P.
 absl::Status CheckTokens(const int32_t* tokens, int64_t n, int64_t vocab) {
@@ -44,10 +33,8 @@ absl::Status CheckTokens(const int32_t* tokens, int64_t n, int64_t vocab) {
 
 // Shapes of p (V, r) and q (r, d), both f32.
 absl::Status CheckTables(const ConstTensor& p, const ConstTensor& q) {
-  MAPL_RETURN_IF_ERROR(CheckShape(p, "p", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32(p, "p"));
-  MAPL_RETURN_IF_ERROR(CheckShape(q, "q", p.cols, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32(q, "q"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(p, "p", -1, -1));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(q, "q", p.cols, -1));
   return absl::OkStatus();
 }
 
@@ -66,8 +53,7 @@ std::vector<float> Gather(const float* p, int64_t r, const int32_t* tokens, int6
 absl::Status CpuBackend::AnchorLookup(const ConstTensor& p, const ConstTensor& q,
                                       const int32_t* tokens, const Tensor& a) {
   MAPL_RETURN_IF_ERROR(CheckTables(p, q));
-  MAPL_RETURN_IF_ERROR(CheckShape(a, "a", -1, q.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32(a, "a"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(a, "a", -1, q.cols));
   const int64_t n = a.rows;
   const int64_t r = p.cols;
   const int64_t d = q.cols;
@@ -89,12 +75,9 @@ absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
                                     const int32_t* tokens, const ConstTensor& g_perp,
                                     const Tensor& dp, const Tensor& dq) {
   MAPL_RETURN_IF_ERROR(CheckTables(p, q));
-  MAPL_RETURN_IF_ERROR(CheckShape(g_perp, "g_perp", -1, q.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32(g_perp, "g_perp"));
-  MAPL_RETURN_IF_ERROR(CheckShape(dp, "dp", p.rows, p.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32(dp, "dp"));
-  MAPL_RETURN_IF_ERROR(CheckShape(dq, "dq", q.rows, q.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32(dq, "dq"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_perp, "g_perp", -1, q.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(dp, "dp", p.rows, p.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(dq, "dq", q.rows, q.cols));
   const int64_t n = g_perp.rows;
   const int r = static_cast<int>(p.cols);
   const int d = static_cast<int>(q.cols);
@@ -104,34 +87,55 @@ absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
   if (n == 0 || r == 0 || d == 0) return absl::OkStatus();
   const int ni = static_cast<int>(n);
 
-  // dp[t_i] += g_perp_i Q^T: one GEMM, then a scatter-add (repeated tokens sum).
+  // dp[t_i] += g_perp_i Q^T: one GEMM, then a scatter-add (repeated tokens sum). New rows are
+  // built aside and checked before anything is written: an overflow must not reach dp or dq.
   std::vector<float> gq(static_cast<size_t>(n) * r);
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, r, d, 1.f, g_perp.f32(), d, q.f32(), d,
               0.f, gq.data(), r);
-  float* dpf = dp.f32();
-  for (int64_t i = 0; i < n; ++i) {
-    float* dst = dpf + static_cast<int64_t>(tokens[i]) * r;
-    const float* src = gq.data() + i * r;
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return tokens[a] < tokens[b]; });
+  std::vector<int32_t> rows;    // distinct tokens touched
+  std::vector<float> new_rows;  // their new dp rows, in the same order
+  const float* dpf = dp.f32();
+  for (size_t i = 0; i < order.size(); ++i) {
+    const int32_t t = tokens[order[i]];
+    if (rows.empty() || rows.back() != t) {
+      rows.push_back(t);
+      new_rows.insert(new_rows.end(), dpf + int64_t{t} * r, dpf + int64_t{t} * r + r);
+    }
+    float* dst = new_rows.data() + (rows.size() - 1) * r;
+    const float* src = gq.data() + order[i] * r;
     for (int j = 0; j < r; ++j) dst[j] += src[j];
   }
+  for (size_t i = 0; i < new_rows.size(); ++i) {
+    if (!std::isfinite(new_rows[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("dp: non-finite result for token ", rows[i / r],
+                       " (overflow; P, Q or g_perp too large); dp and dq left unchanged"));
+    }
+  }
 
-  // dq += P[t]^T g_perp.
+  // dq += P[t]^T g_perp, into scratch first for the same reason.
   const std::vector<float> pt = Gather(p.f32(), r, tokens, n);
+  std::vector<float> dq_new(static_cast<size_t>(r) * d);
   cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, d, ni, 1.f, pt.data(), r, g_perp.f32(), d,
-              1.f, dq.f32(), d);
+              0.f, dq_new.data(), d);
+  MAPL_RETURN_IF_ERROR(CommitFinite(dq_new, dq, /*accumulate=*/true, "dq"));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::copy(new_rows.begin() + i * r, new_rows.begin() + (i + 1) * r,
+              dp.f32() + int64_t{rows[i]} * r);
+  }
   return absl::OkStatus();
 }
 
 absl::Status CpuBackend::AdamStep(const Tensor& param, const ConstTensor& grad, const Tensor& m,
                                   const Tensor& v, const AdamOptions& options) {
-  MAPL_RETURN_IF_ERROR(CheckShape(param, "param", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32(param, "param"));
-  MAPL_RETURN_IF_ERROR(CheckShape(grad, "grad", param.rows, param.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32(grad, "grad"));
-  MAPL_RETURN_IF_ERROR(CheckShape(m, "m", param.rows, param.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32(m, "m"));
-  MAPL_RETURN_IF_ERROR(CheckShape(v, "v", param.rows, param.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32(v, "v"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(param, "param", -1, -1));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(grad, "grad", param.rows, param.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(m, "m", param.rows, param.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(v, "v", param.rows, param.cols));
   if (!std::isfinite(options.lr) || options.lr < 0.f) {
     return absl::InvalidArgumentError(
         absl::StrCat("lr: must be finite and >= 0, got ", options.lr));

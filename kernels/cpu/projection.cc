@@ -15,18 +15,6 @@ namespace {
 // Rows per staging block for bf16 operands: 256 rows of d = 2048 floats is 2 MiB.
 constexpr int64_t kBlockRows = 256;
 
-absl::Status CheckU(const ConstTensor& u, const char* what) {
-  MAPL_RETURN_IF_ERROR(CheckShape(u, what, -1, -1));
-  if (u.dtype != DType::kF32) {
-    return absl::InvalidArgumentError(std::string(what) + ": must be float32");
-  }
-  if (u.rows < u.cols) {
-    return absl::InvalidArgumentError(std::string(what) + ": U must be tall (d >= k), got (" +
-                                      std::to_string(u.rows) + ", " + std::to_string(u.cols) + ")");
-  }
-  return absl::OkStatus();
-}
-
 // c (m x n) = a (m x kk) * b^T or b, all row-major fp32; beta 0 overwrites c.
 void Gemm(bool trans_b, int64_t m, int64_t n, int64_t kk, const float* a, const float* b,
           float beta, float* c) {
@@ -59,7 +47,7 @@ void BlockedProduct(const ConstTensor& in, bool trans_b, const float* b, int64_t
 }  // namespace
 
 absl::Status CpuBackend::Project(const ConstTensor& h, const ConstTensor& u, const Tensor& z) {
-  MAPL_RETURN_IF_ERROR(CheckU(u, "u"));
+  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
   MAPL_RETURN_IF_ERROR(CheckShape(h, "h", -1, u.rows));
   MAPL_RETURN_IF_ERROR(CheckShape(z, "z", h.rows, u.cols));
   BlockedProduct(h, /*trans_b=*/false, u.f32(), u.cols, z);
@@ -67,7 +55,7 @@ absl::Status CpuBackend::Project(const ConstTensor& h, const ConstTensor& u, con
 }
 
 absl::Status CpuBackend::Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) {
-  MAPL_RETURN_IF_ERROR(CheckU(u, "u"));
+  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
   MAPL_RETURN_IF_ERROR(CheckShape(z, "z", -1, u.cols));
   MAPL_RETURN_IF_ERROR(CheckShape(h, "h", z.rows, u.rows));
   BlockedProduct(z, /*trans_b=*/true, u.f32(), u.rows, h);
@@ -76,13 +64,10 @@ absl::Status CpuBackend::Lift(const ConstTensor& z, const ConstTensor& u, const 
 
 absl::Status CpuBackend::LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u,
                                         const ConstTensor& a, const Tensor& h) {
-  MAPL_RETURN_IF_ERROR(CheckU(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckShape(zq, "zq", -1, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckShape(a, "a", zq.rows, u.rows));
+  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(zq, "zq", -1, u.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(a, "a", zq.rows, u.rows));
   MAPL_RETURN_IF_ERROR(CheckShape(h, "h", zq.rows, u.rows));
-  if (zq.dtype != DType::kF32 || a.dtype != DType::kF32) {
-    return absl::InvalidArgumentError("zq and a must be float32");
-  }
   const int64_t n = zq.rows, d = u.rows, k = u.cols;
   // h = (zq - a U) U^T + a: one n x k correction, then a single lift GEMM accumulating onto a.
   std::vector<float> coef(n * k);

@@ -94,13 +94,13 @@ void BeamRows(const std::vector<PreparedLevel>& levels, const float* x, int64_t 
   // Candidate j of row i lives at slot i * beam + j; width is how many slots are live per row.
   const int64_t slots = rows * beam;
   std::vector<float> res(slots * dim), next_res(slots * dim), scores(slots * k);
-  std::vector<float> err(slots), next_err(slots);
+  std::vector<double> err(slots), next_err(slots);
   std::vector<uint8_t> path(slots * nl), next_path(slots * nl);
   std::vector<int32_t> order;
   std::vector<float> top_d;
   for (int64_t i = 0; i < rows; ++i) {
     std::copy(x + i * dim, x + (i + 1) * dim, res.begin() + i * beam * dim);
-    err[i * beam] = static_cast<float>(SquaredNorm(x + i * dim, dim));
+    err[i * beam] = SquaredNorm(x + i * dim, dim);
   }
   int width = 1;
   for (int l = 0; l < nl; ++l) {
@@ -111,13 +111,13 @@ void BeamRows(const std::vector<PreparedLevel>& levels, const float* x, int64_t 
     for (int64_t i = 0; i < rows; ++i) {
       // ||r - c||^2 = ||r||^2 + 2 (||c||^2 / 2 - r.c) for each (slot, centroid) of this row.
       const float* sc = scores.data() + i * beam * k;
-      const float* e = err.data() + i * beam;
+      const double* e = err.data() + i * beam;
       // Top-`keep` by insertion into a small sorted list: most candidates fail the first test.
       top_d.assign(keep, std::numeric_limits<float>::infinity());
       order.assign(keep, 0);
       for (int b = 0; b < width; ++b) {
         for (int c = 0; c < k; ++c) {
-          const float dv = e[b] + 2.f * sc[b * k + c];
+          const float dv = static_cast<float>(e[b]) + 2.f * sc[b * k + c];
           if (!(dv < top_d[keep - 1])) continue;
           int pos = keep - 1;
           while (pos > 0 && dv < top_d[pos - 1]) {
@@ -135,7 +135,7 @@ void BeamRows(const std::vector<PreparedLevel>& levels, const float* x, int64_t 
         const float* cen = lv.centroids.data() + int64_t{c} * dim;
         for (int t = 0; t < dim; ++t) next_res[dst * dim + t] = res[src * dim + t] - cen[t];
         // Exact error from the residual: the incremental form drifts in fp32.
-        next_err[dst] = static_cast<float>(SquaredNorm(next_res.data() + dst * dim, dim));
+        next_err[dst] = SquaredNorm(next_res.data() + dst * dim, dim);
         std::copy(path.begin() + src * nl, path.begin() + src * nl + l,
                   next_path.begin() + dst * nl);
         next_path[dst * nl + l] = static_cast<uint8_t>(c);
@@ -147,7 +147,7 @@ void BeamRows(const std::vector<PreparedLevel>& levels, const float* x, int64_t 
     width = keep;
   }
   for (int64_t i = 0; i < rows; ++i) {
-    const float* e = err.data() + i * beam;
+    const double* e = err.data() + i * beam;
     const int winner = static_cast<int>(std::min_element(e, e + width) - e);
     if (e[winner] < SquaredNorm(greedy_res.data() + i * dim, dim)) {
       std::copy(path.begin() + (i * beam + winner) * nl,
@@ -216,9 +216,9 @@ absl::StatusOr<RvqCodebooks> CpuBackend::RvqFit(const ConstTensor& x,
   cb.codebook_size = options.codebook_size;
   cb.dim = static_cast<int32_t>(x.cols);
   cb.gain_shape = options.gain_shape;
-  cb.centroids.assign(
-      size_t(std::max(cb.levels, 0)) * std::max(cb.codebook_size, 0) * std::max<int64_t>(x.cols, 0),
-      0.f);
+  MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, -1));
+  MAPL_RETURN_IF_ERROR(cb.ValidateShape());
+  cb.centroids.assign(size_t(cb.levels) * cb.codebook_size * cb.dim, 0.f);
   MAPL_RETURN_IF_ERROR(CheckCodebooksAndInput(cb, x));
   if (x.rows < cb.codebook_size) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -284,8 +284,10 @@ absl::StatusOr<RvqCodebooks> CpuBackend::RvqFit(const ConstTensor& x,
 absl::Status CpuBackend::RvqEncode(const RvqCodebooks& cb, const ConstTensor& x, int beam,
                                    uint8_t* codes, float* norms) {
   MAPL_RETURN_IF_ERROR(CheckCodebooksAndInput(cb, x));
-  if (beam < 1)
-    return absl::InvalidArgumentError(absl::StrCat("rvq encode: beam must be >= 1, got ", beam));
+  if (beam < 1 || beam > kMaxRvqBeam) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rvq encode: beam must be in [1, ", kMaxRvqBeam, "], got ", beam));
+  }
   if (x.rows > 0 && codes == nullptr)
     return absl::InvalidArgumentError("rvq encode: codes is null");
   if (cb.gain_shape && x.rows > 0 && norms == nullptr) {
@@ -354,10 +356,13 @@ absl::Status CpuBackend::RvqDecode(const RvqCodebooks& cb, const uint8_t* codes,
 absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const ConstTensor& x,
                                                      const RvqUpdateOptions& options) {
   if (learner == nullptr) return absl::InvalidArgumentError("rvq update: learner is null");
-  RvqCodebooks& cb = learner->codebooks;
-  MAPL_RETURN_IF_ERROR(CheckCodebooksAndInput(cb, x));
+  MAPL_RETURN_IF_ERROR(CheckCodebooksAndInput(learner->codebooks, x));
+  // Work on a copy and commit only a finite result: huge but finite input can overflow the EMA
+  // sums, and learner state must never be poisoned (DESIGN.md section 6).
+  RvqLearner next = *learner;
+  RvqCodebooks& cb = next.codebooks;
   const int64_t n = x.rows, dim = cb.dim, k = cb.codebook_size, nl = cb.levels;
-  if (learner->counts.size() != size_t(nl * k) || learner->sums.size() != cb.centroids.size()) {
+  if (next.counts.size() != size_t(nl * k) || next.sums.size() != cb.centroids.size()) {
     return absl::InvalidArgumentError("rvq update: learner counts/sums do not match its codebooks");
   }
   if (!(options.decay > 0.f && options.decay < 1.f) || !(options.dead_fraction >= 0.f)) {
@@ -376,7 +381,7 @@ absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const 
   std::vector<int32_t> best(n);
   std::vector<double> batch_sums(size_t(k) * dim);
   std::vector<int64_t> batch_counts(k);
-  std::mt19937_64 rng(learner->rng_state);
+  std::mt19937_64 rng(next.rng_state);
   const float a = options.decay, b = 1.f - options.decay;
   for (int l = 0; l < nl; ++l) {
     // Assign with the level as it was, accumulate this level's residuals, then subtract.
@@ -387,8 +392,8 @@ absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const 
       ++batch_counts[best[i]];
       for (int64_t j = 0; j < dim; ++j) batch_sums[best[i] * dim + j] += residual[i * dim + j];
     }
-    float* counts = learner->counts.data() + l * k;
-    float* sums = learner->sums.data() + l * k * dim;
+    float* counts = next.counts.data() + l * k;
+    float* sums = next.sums.data() + l * k * dim;
     float* cen = cb.level(l);
     double mean_count = 0;
     for (int64_t c = 0; c < k; ++c) {
@@ -417,7 +422,17 @@ absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const 
     }
     SubtractCentroids(levels[l], best.data(), n, residual.data());
   }
-  learner->rng_state = rng();
+  next.rng_state = rng();
+  for (const std::vector<float>* v : {&cb.centroids, &next.counts, &next.sums}) {
+    for (float f : *v) {
+      if (!std::isfinite(f)) {
+        return absl::InvalidArgumentError(
+            "rvq update: the batch overflows the codebook statistics (values too large); the "
+            "learner is left unchanged");
+      }
+    }
+  }
+  *learner = std::move(next);
   stats.relative_mse = total > 0 ? SquaredNorm(residual.data(), n * dim) / total : 0.0;
   return stats;
 }

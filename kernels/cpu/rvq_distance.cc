@@ -1,8 +1,10 @@
-// Nearest-centroid kernels for RVQ encoding: generic (sgemm + scan) and fused AVX-512.
+// Nearest-centroid kernels for RVQ encoding: generic (sgemm + scan) and fused AVX2 / AVX-512.
 #include "kernels/cpu/rvq_distance.h"
 
 #include <cblas.h>
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>

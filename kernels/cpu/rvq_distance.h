@@ -5,7 +5,7 @@
 // Three kernels compute it: a generic one (sgemm into a score block, then a scan) and fused ones
 // for AVX2+FMA and AVX-512F that keep a tile of scores in registers and never write them out
 // (FAISS, by contrast, materialises the score block; fusing is where the speed comes from).
-// Both break ties towards the smaller centroid index.
+// All break ties towards the smaller centroid index.
 #ifndef MAPL_KERNELS_CPU_RVQ_DISTANCE_H_
 #define MAPL_KERNELS_CPU_RVQ_DISTANCE_H_
 

@@ -1,15 +1,30 @@
 // Per-token symmetric int8: the default codec of the backward wire (DESIGN.md section 2), k bytes
-// of codes plus one fp32 scale per token.
+// of codes plus one scale per token. The scale is rounded *up* to a bfloat16 value before the
+// codes are computed, so the wire carries it in 2 bytes (k + 2 bytes a token) and the decoder
+// sees exactly the scale the encoder divided by.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/status_macros.h"
 
 namespace mapl {
+namespace {
+
+// The smallest bfloat16 value >= f, for finite f >= 0.
+float RoundUpToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (u & 0xffffu) u = (u & 0xffff0000u) + 0x10000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+}  // namespace
 
 absl::Status CpuBackend::Int8Encode(const ConstTensor& x, int8_t* q, float* scales) {
   MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, -1));
@@ -28,7 +43,7 @@ absl::Status CpuBackend::Int8Encode(const ConstTensor& x, int8_t* q, float* scal
     int8_t* qrow = q + i * k;
     float max_abs = 0.f;
     for (int64_t j = 0; j < k; ++j) max_abs = std::max(max_abs, std::fabs(row[j]));
-    const float scale = max_abs / 127.f;
+    const float scale = RoundUpToBf16(max_abs / 127.f);
     scales[i] = scale;
     // scale also underflows to 0 for rows of tiny subnormals; the codes must then be 0 too,
     // since dividing by it would give Inf and an out-of-range cast.

@@ -17,52 +17,13 @@
 #include "kernels/status_macros.h"
 
 namespace mapl {
-namespace {
-
-absl::Status CheckBlasSize(const ConstTensor& t, const char* what) {
-  if (t.rows > INT_MAX || t.cols > INT_MAX) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": shape (", t.rows, ", ", t.cols, ") too large for BLAS"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckF32(const ConstTensor& t, const char* what) {
-  if (t.dtype != DType::kF32) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": expected float32, got ", DTypeName(t.dtype)));
-  }
-  return CheckBlasSize(t, what);
-}
-
-// out (+)= result, unless result holds a NaN or Inf (from non-finite inputs or overflow).
-absl::Status Commit(std::vector<float>& result, const Tensor& out, bool accumulate,
-                    const char* what) {
-  float* o = out.f32();
-  if (accumulate) {
-    for (size_t i = 0; i < result.size(); ++i) result[i] += o[i];
-  }
-  for (size_t i = 0; i < result.size(); ++i) {
-    if (!std::isfinite(result[i])) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": non-finite result at (", i / out.cols, ", ", i % out.cols,
-                       "); the inputs hold NaN or Inf, or overflow; ", what, " left unchanged"));
-    }
-  }
-  std::copy(result.begin(), result.end(), o);
-  return absl::OkStatus();
-}
-
-}  // namespace
+namespace {}  // namespace
 
 absl::Status CpuBackend::GradUp(const ConstTensor& h, const ConstTensor& gzq, const Tensor& g_up,
                                 bool accumulate) {
   MAPL_RETURN_IF_ERROR(CheckShape(h, "h", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckBlasSize(h, "h"));
-  MAPL_RETURN_IF_ERROR(CheckShape(gzq, "gzq", h.rows, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32(gzq, "gzq"));
-  MAPL_RETURN_IF_ERROR(CheckShape(g_up, "g_up", h.cols, gzq.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32(g_up, "g_up"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(gzq, "gzq", h.rows, -1));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_up, "g_up", h.cols, gzq.cols));
   const int n = static_cast<int>(h.rows);
   const int d = static_cast<int>(h.cols);
   const int k = static_cast<int>(gzq.cols);
@@ -73,26 +34,21 @@ absl::Status CpuBackend::GradUp(const ConstTensor& h, const ConstTensor& gzq, co
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, k, n, 1.f, hv.data(), d, gzq.f32(), k,
                 0.f, result.data(), k);
   }
-  return Commit(result, g_up, accumulate, "g_up");
+  return CommitFinite(result, g_up, accumulate, "g_up");
 }
 
 absl::Status CpuBackend::GradDown(const ConstTensor& g, const ConstTensor& zq, const ConstTensor& a,
                                   const ConstTensor& u, const Tensor& g_down, bool accumulate) {
   MAPL_RETURN_IF_ERROR(CheckShape(g, "g", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckBlasSize(g, "g"));
-  MAPL_RETURN_IF_ERROR(CheckShape(u, "u", g.cols, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckShape(zq, "zq", g.rows, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32(zq, "zq"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(u, "u", g.cols, -1));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(zq, "zq", g.rows, u.cols));
   const bool has_anchor = a.rows != 0;
   if (has_anchor) {
-    MAPL_RETURN_IF_ERROR(CheckShape(a, "a", g.rows, g.cols));
-    MAPL_RETURN_IF_ERROR(CheckF32(a, "a"));
+    MAPL_RETURN_IF_ERROR(CheckF32Matrix(a, "a", g.rows, g.cols));
   } else {
     MAPL_RETURN_IF_ERROR(CheckShape(a, "a", 0, -1));
   }
-  MAPL_RETURN_IF_ERROR(CheckShape(g_down, "g_down", g.cols, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32(g_down, "g_down"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_down, "g_down", g.cols, u.cols));
   const int n = static_cast<int>(g.rows);
   const int d = static_cast<int>(g.cols);
   const int k = static_cast<int>(u.cols);
@@ -118,17 +74,14 @@ absl::Status CpuBackend::GradDown(const ConstTensor& g, const ConstTensor& zq, c
                   1.f, result.data(), k);
     }
   }
-  return Commit(result, g_down, accumulate, "g_down");
+  return CommitFinite(result, g_down, accumulate, "g_down");
 }
 
 absl::Status CpuBackend::OrthogonalComplement(const ConstTensor& g, const ConstTensor& u,
                                               const Tensor& g_perp) {
   MAPL_RETURN_IF_ERROR(CheckShape(g, "g", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckBlasSize(g, "g"));
-  MAPL_RETURN_IF_ERROR(CheckShape(u, "u", g.cols, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckShape(g_perp, "g_perp", g.rows, g.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32(g_perp, "g_perp"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(u, "u", g.cols, -1));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_perp, "g_perp", g.rows, g.cols));
   const int n = static_cast<int>(g.rows);
   const int d = static_cast<int>(g.cols);
   const int k = static_cast<int>(u.cols);

@@ -87,6 +87,29 @@ TEST_F(ProjectionTest, LiftWithAnchorMatchesFormula) {
   }
 }
 
+TEST_F(ProjectionTest, LiftToBf16AndAnchoredLiftInPlace) {
+  std::vector<float> z = Random(n_ * k_, 6);
+  std::vector<bf16_t> hb(n_ * d_);
+  ASSERT_TRUE(be_->Lift(ConstTensor::F32(z.data(), n_, k_), ConstTensor::F32(u_.data(), d_, k_),
+                        Tensor::BF16(hb.data(), n_, d_))
+                  .ok());
+  std::vector<double> want = Naive(z, u_, n_, d_, k_, true);
+  for (size_t i = 0; i < hb.size(); ++i) {
+    EXPECT_NEAR(Bf16ToFloat(hb[i]), want[i], 8e-3 * (1 + std::fabs(want[i])));
+  }
+  // h may alias a (the daemon reconstructs into the anchor buffer).
+  std::vector<float> a = Random(n_ * d_, 7), h(n_ * d_);
+  ASSERT_TRUE(be_->LiftWithAnchor(ConstTensor::F32(z.data(), n_, k_),
+                                  ConstTensor::F32(u_.data(), d_, k_),
+                                  ConstTensor::F32(a.data(), n_, d_), Tensor::F32(h.data(), n_, d_))
+                  .ok());
+  ASSERT_TRUE(be_->LiftWithAnchor(ConstTensor::F32(z.data(), n_, k_),
+                                  ConstTensor::F32(u_.data(), d_, k_),
+                                  ConstTensor::F32(a.data(), n_, d_), Tensor::F32(a.data(), n_, d_))
+                  .ok());
+  EXPECT_EQ(a, h);
+}
+
 TEST_F(ProjectionTest, RejectsBadShapesWithNamedArgument) {
   std::vector<float> z(n_ * k_);
   absl::Status s = be_->Project(ConstTensor::F32(h_.data(), n_, d_ - 1),
@@ -107,6 +130,13 @@ TEST_F(ProjectionTest, RejectsBadShapesWithNamedArgument) {
   // Null data for a non-empty tensor.
   s = be_->Project(ConstTensor::F32(nullptr, n_, d_), ConstTensor::F32(u_.data(), d_, k_),
                    Tensor::F32(z.data(), n_, k_));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  // k = 0 (nothing to project onto) and shapes whose size overflows are rejected.
+  s = be_->Lift(ConstTensor::F32(z.data(), n_, 0), ConstTensor::F32(u_.data(), d_, 0),
+                Tensor::F32(h_.data(), n_, d_));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  s = be_->Project(ConstTensor::F32(nullptr, int64_t{1} << 62, d_),
+                   ConstTensor::F32(u_.data(), d_, k_), Tensor::F32(nullptr, int64_t{1} << 62, k_));
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   // Zero rows are fine.
   EXPECT_TRUE(be_->Project(ConstTensor::F32(h_.data(), 0, d_), ConstTensor::F32(u_.data(), d_, k_),

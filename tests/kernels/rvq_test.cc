@@ -43,10 +43,13 @@ namespace {
 
 class RvqTest : public ::testing::TestWithParam<cpu::DistanceKernel> {
  protected:
-  void SetUp() override { old_ = cpu::SetDistanceKernelForTesting(GetParam()); }
+  void SetUp() override {
+    if (GetParam() > cpu::BestDistanceKernel()) GTEST_SKIP() << "this CPU lacks the kernel";
+    old_ = cpu::SetDistanceKernelForTesting(GetParam());
+  }
   void TearDown() override { cpu::SetDistanceKernelForTesting(old_); }
   std::unique_ptr<Backend> be_ = MakeCpuBackend();
-  cpu::DistanceKernel old_;
+  cpu::DistanceKernel old_ = cpu::DistanceKernel::kAuto;
 };
 
 TEST_P(RvqTest, GreedyEncodeEqualsBruteForceLevelByLevel) {
@@ -143,23 +146,91 @@ INSTANTIATE_TEST_SUITE_P(Kernels, RvqTest,
                                            cpu::DistanceKernel::kAvx512),
                          [](const auto& info) { return cpu::DistanceKernelName(info.param); });
 
+// Every fused kernel picks the same centroid as the generic one (up to near-ties), for every
+// remainder-tile size, and breaks exact ties towards the smaller index, padding included.
 TEST(RvqKernels, FusedAndGenericAgree) {
-  const int dim = 64, n = 997, k = 256;
-  std::vector<float> x = DecayingGaussian(n, dim, 4), c = DecayingGaussian(k, dim, 5);
+  const int dim = 64, k = 200;  // 200: the last 64-block is partly padding
+  std::vector<float> c = DecayingGaussian(k, dim, 5);
+  // Exact ties: centroid 190 (in the padded block) duplicates centroid 3, 199 duplicates 150.
+  std::copy(c.begin() + 3 * dim, c.begin() + 4 * dim, c.begin() + 190 * dim);
+  std::copy(c.begin() + 150 * dim, c.begin() + 151 * dim, c.begin() + 199 * dim);
   cpu::PreparedLevel lv = cpu::PrepareLevel(c.data(), k, dim);
-  std::vector<int32_t> a(n), b(n);
-  std::vector<float> sa(n), sb(n);
   auto old = cpu::SetDistanceKernelForTesting(cpu::DistanceKernel::kGeneric);
-  cpu::NearestCentroids(x.data(), n, lv, a.data(), sa.data());
-  for (auto kernel : {cpu::DistanceKernel::kAvx2, cpu::DistanceKernel::kAvx512}) {
-    if (kernel > cpu::BestDistanceKernel()) continue;  // not on this CPU
-    cpu::SetDistanceKernelForTesting(kernel);
-    cpu::NearestCentroids(x.data(), n, lv, b.data(), sb.data());
-    for (int i = 0; i < n; ++i) {
-      ASSERT_NEAR(sa[i], sb[i], 1e-4 * (1 + std::fabs(sa[i]))) << cpu::DistanceKernelName(kernel);
+  for (int n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 997}) {
+    std::vector<float> x = DecayingGaussian(n, dim, 4 + n);
+    // Rows that sit exactly on a duplicated centroid must resolve to the smaller index.
+    std::copy(c.begin() + 190 * dim, c.begin() + 191 * dim, x.begin());
+    if (n > 1) std::copy(c.begin() + 199 * dim, c.begin() + 200 * dim, x.begin() + dim);
+    std::vector<int32_t> a(n), b(n);
+    std::vector<float> sa(n), sb(n);
+    cpu::SetDistanceKernelForTesting(cpu::DistanceKernel::kGeneric);
+    cpu::NearestCentroids(x.data(), n, lv, a.data(), sa.data());
+    EXPECT_EQ(a[0], 3) << "generic, n=" << n;
+    if (n > 1) {
+      EXPECT_EQ(a[1], 150) << "generic, n=" << n;
+    }
+    for (auto kernel : {cpu::DistanceKernel::kAvx2, cpu::DistanceKernel::kAvx512}) {
+      if (kernel > cpu::BestDistanceKernel()) continue;  // not on this CPU
+      cpu::SetDistanceKernelForTesting(kernel);
+      cpu::NearestCentroids(x.data(), n, lv, b.data(), sb.data());
+      const char* name = cpu::DistanceKernelName(kernel);
+      EXPECT_EQ(b[0], 3) << name << ", n=" << n;
+      if (n > 1) {
+        EXPECT_EQ(b[1], 150) << name << ", n=" << n;
+      }
+      for (int i = 0; i < n; ++i) {
+        ASSERT_NEAR(sa[i], sb[i], 1e-4 * (1 + std::fabs(sa[i]))) << name << " row " << i;
+        if (a[i] != b[i]) {
+          // Only a near-tie may pick another index: its exact score must equal the best's.
+          const double da = Dist2(x.data() + i * dim, c.data() + a[i] * dim, dim);
+          const double db = Dist2(x.data() + i * dim, c.data() + b[i] * dim, dim);
+          EXPECT_NEAR(da, db, 1e-4 * (1 + da)) << name << " row " << i;
+        }
+      }
     }
   }
   cpu::SetDistanceKernelForTesting(old);
+}
+
+TEST(Rvq, RejectsOversizedRequestsBeforeAllocating) {
+  auto be = MakeCpuBackend();
+  std::vector<float> x = DecayingGaussian(300, 8, 9);
+  RvqFitOptions opt;
+  opt.levels = 2;
+  opt.codebook_size = 16;
+  auto cb = be->RvqFit(ConstTensor::F32(x.data(), 300, 8), opt);
+  ASSERT_TRUE(cb.ok());
+  std::vector<uint8_t> codes(300 * 2);
+  EXPECT_EQ(
+      be->RvqEncode(*cb, ConstTensor::F32(x.data(), 300, 8), kMaxRvqBeam + 1, codes.data(), nullptr)
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+  opt.levels = 1 << 20;  // would be gigabytes of centroids
+  EXPECT_EQ(be->RvqFit(ConstTensor::F32(x.data(), 300, 8), opt).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // A shape whose element count overflows int64 is rejected, not read through a null pointer.
+  EXPECT_EQ(
+      be->RvqEncode(*cb, ConstTensor::F32(nullptr, int64_t{1} << 62, 8), 1, codes.data(), nullptr)
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+}
+
+TEST(Rvq, UpdateNeverPoisonsTheLearner) {
+  auto be = MakeCpuBackend();
+  std::vector<float> x = DecayingGaussian(512, 8, 10);
+  RvqFitOptions opt;
+  opt.levels = 2;
+  opt.codebook_size = 16;
+  auto cb = be->RvqFit(ConstTensor::F32(x.data(), 512, 8), opt);
+  ASSERT_TRUE(cb.ok());
+  RvqLearner learner = RvqLearner::FromCodebooks(*cb, 1);
+  const std::vector<float> before = learner.codebooks.centroids;
+  // Finite but huge: the EMA sums overflow float.
+  std::vector<float> huge(512 * 8, 3e38f);
+  auto st = be->RvqUpdate(&learner, ConstTensor::F32(huge.data(), 512, 8), RvqUpdateOptions{});
+  EXPECT_EQ(st.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(learner.codebooks.centroids, before);
+  EXPECT_TRUE(be->RvqUpdate(&learner, ConstTensor::F32(x.data(), 512, 8), RvqUpdateOptions{}).ok());
 }
 
 TEST(Rvq, GainShapeRoundTripAndBf16) {

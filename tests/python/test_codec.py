@@ -55,6 +55,10 @@ def test_rvq_streaming_update_and_gain_shape():
     stats = [rvq.update(decaying(1024, 16, seed=s) * 3.0, decay=0.9) for s in range(20)]
     assert rvq.fitted  # the first update initialised the codebooks from its batch
     assert set(stats[0]) == {"relative_mse", "reseeded"}
+    # Later batches (new samples of the same distribution) are coded better than the first
+    # (which was fitted on itself, but with the EMA pulling towards the stream).
+    assert stats[-1]["relative_mse"] < 0.5
+    assert np.mean([s["relative_mse"] for s in stats[-5:]]) <= stats[1]["relative_mse"] * 1.05
     codes, norms = rvq.encode(decaying(100, 16, seed=99) * 3.0)
     assert norms.shape == (100,) and codes.shape == (100, 2)
     with pytest.raises(ValueError, match="norms"):
@@ -76,12 +80,14 @@ def test_bf16_codec():
     assert b.dtype == np.uint16 and b.shape == x.shape
     y = codec.Bf16Codec().decode(b)
     assert np.all(np.abs(x - y) <= np.abs(x) / 256)
+    with pytest.raises(ValueError, match="non-finite"):
+        codec.Bf16Codec().encode(np.full((2, 2), np.nan, np.float32))
+    with pytest.raises(ValueError, match="non-finite"):
+        codec.Bf16Codec().decode(np.full((2, 2), 0x7fc0, np.uint16))  # a NaN off the wire
     # Bit-exact against torch's bfloat16 rounding.
     torch = pytest.importorskip("torch")
     want = torch.from_numpy(x).to(torch.bfloat16).to(torch.float32).numpy()
     np.testing.assert_array_equal(y, want)
-    with pytest.raises(ValueError, match="non-finite"):
-        codec.Bf16Codec().encode(np.full((2, 2), np.nan, np.float32))
 
 
 def test_msign_and_spel_keep_orthonormal():
@@ -131,6 +137,31 @@ def test_other_bad_input():
                         np.zeros((8, 2), np.float32), 0.1, 0.9)
     with pytest.raises(ValueError, match="scales"):
         codec.Int8Codec().decode(np.zeros((4, 4), np.int8), np.ones(3, np.float32))
+
+
+def test_threads_share_one_rvq_safely():
+    import threading
+    x = decaying(2048, 16, seed=11)
+    rvq = codec.RVQ(dim=16, levels=2, codebook_size=64).fit(x, iterations=3)
+    errors = []
+
+    def encoder():
+        try:
+            for _ in range(30):
+                assert rvq.decode(rvq.encode(x)).shape == x.shape
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=encoder) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for s in range(30):  # fit and update swap the codebooks while the others encode
+        rvq.update(decaying(512, 16, seed=100 + s), decay=0.9)
+        if s % 10 == 0:
+            rvq.fit(x, iterations=2, refine_passes=0)
+    for t in threads:
+        t.join()
+    assert not errors
 
 
 def test_package_surface():
