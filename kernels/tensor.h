@@ -94,6 +94,11 @@ absl::Status CommitFinite(std::vector<float>& result, const Tensor& out, bool ac
 // INVALID_ARGUMENT naming the first non-finite element (row, col) of `t`, if any.
 absl::Status CheckFinite(const ConstTensor& t, const char* what);
 
+// Copies src's raw elements to `dst` (src.size() elements of src's dtype) and checks them in the
+// same pass: false if any is NaN or Inf (then CheckFinite on the copy names the first one).
+// One pass instead of copy + check: taking a trainer's tensor is memory-bound.
+bool CopyAndCheckFinite(const ConstTensor& src, void* dst);
+
 // Copies `src` (any dtype) into fp32 `dst`; dst must hold src.size() floats.
 void ToF32(const ConstTensor& src, float* dst);
 // Writes fp32 `src` (dst.size() floats) into `dst` in dst's dtype.

@@ -1,0 +1,77 @@
+// Local API handlers: each one validates nothing itself and forwards to the Daemon, which checks
+// every reference against what was attached. Attach holds its stream open for the client's
+// lifetime; when the client goes away the stream is cancelled and its buffers are freed.
+#include "server/local_service.h"
+
+#include "absl/time/clock.h"
+#include "proto/mapl/v1/local.grpc.pb.h"
+#include "server/daemon.h"
+
+namespace mapl {
+
+grpc::Status ToGrpcStatus(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+namespace {
+
+class LocalService final : public v1::Local::Service {
+ public:
+  explicit LocalService(Daemon* daemon) : daemon_(daemon) {}
+
+  grpc::Status Attach(grpc::ServerContext* context, const v1::AttachRequest* request,
+                      grpc::ServerWriter<v1::AttachEvent>* writer) override {
+    v1::AttachEvent event;
+    absl::StatusOr<std::shared_ptr<Daemon::Session>> session = daemon_->Attach(*request, &event);
+    if (!session.ok()) return ToGrpcStatus(session.status());
+    const uint64_t id = (*session)->id;
+    session->reset();  // the daemon's map holds it; Detach frees the buffers
+    if (writer->Write(event)) {
+      // The client keeps this stream open while it lives; poll, since the sync API has no
+      // cancellation callback.
+      while (!context->IsCancelled() && !daemon_->shutting_down()) {
+        absl::SleepFor(absl::Milliseconds(50));
+      }
+    }
+    daemon_->Detach(id);
+    return daemon_->shutting_down()
+               ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "mapld is shutting down")
+               : grpc::Status::OK;
+  }
+
+  grpc::Status Send(grpc::ServerContext*, const v1::SendRequest* request,
+                    v1::SendReply* reply) override {
+    return Reply(daemon_->Send(*request), reply);
+  }
+  grpc::Status Recv(grpc::ServerContext*, const v1::RecvRequest* request,
+                    v1::RecvReply* reply) override {
+    return Reply(daemon_->Recv(*request), reply);
+  }
+  grpc::Status Step(grpc::ServerContext*, const v1::StepRequest* request,
+                    v1::StepReply* reply) override {
+    return Reply(daemon_->Step(*request), reply);
+  }
+  grpc::Status Stats(grpc::ServerContext*, const v1::StatsRequest* request,
+                     v1::StatsReply* reply) override {
+    return Reply(daemon_->Stats(*request), reply);
+  }
+
+ private:
+  template <typename T>
+  static grpc::Status Reply(absl::StatusOr<T> result, T* reply) {
+    if (!result.ok()) return ToGrpcStatus(result.status());
+    *reply = *std::move(result);
+    return grpc::Status::OK;
+  }
+
+  Daemon* daemon_;
+};
+
+}  // namespace
+
+std::unique_ptr<grpc::Service> MakeLocalService(Daemon* daemon) {
+  return std::make_unique<LocalService>(daemon);
+}
+
+}  // namespace mapl

@@ -1,0 +1,99 @@
+// Config loading: text format, --set overrides, defaults, and errors that name the field.
+#include "server/config.h"
+
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace mapl {
+namespace {
+
+constexpr char kStage1[] = R"pb(
+  stage: 1
+  auth_token: "t"
+  boundaries { id: 0 role: ROLE_DOWNSTREAM d: 512 vocab: 256 }
+)pb";
+
+absl::StatusOr<v1::DaemonConfig> Finalized(const std::string& text,
+                                           const std::vector<std::string>& overrides = {}) {
+  absl::StatusOr<v1::DaemonConfig> c = ParseConfig(text);
+  if (!c.ok()) return c.status();
+  for (const std::string& o : overrides) {
+    absl::Status s = ApplyOverride(o, &*c);
+    if (!s.ok()) return s;
+  }
+  return FinalizeConfig(*c);
+}
+
+void ExpectError(const absl::StatusOr<v1::DaemonConfig>& c, const std::string& says) {
+  ASSERT_FALSE(c.ok()) << "expected an error containing '" << says << "'";
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << c.status();
+  EXPECT_NE(std::string(c.status().message()).find(says), std::string::npos) << c.status();
+}
+
+TEST(Config, MissingFieldsTakeTheirDefaults) {
+  absl::StatusOr<v1::DaemonConfig> c = Finalized(kStage1);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->local_socket(), DefaultSocketPath(1));
+  EXPECT_EQ(c->peer_listen(), "127.0.0.1:0");
+  EXPECT_EQ(c->client_buffers(), 8u);
+  EXPECT_EQ(c->recv_timeout_ms(), 60000u);
+  const v1::BoundaryConfig& b = c->boundaries(0);
+  EXPECT_EQ(b.k(), 32u);  // d / 16
+  EXPECT_EQ(b.method(), v1::METHOD_MAPL);
+  EXPECT_EQ(b.forward_codec(), v1::CODEC_RVQ);
+  EXPECT_EQ(b.backward_codec(), v1::CODEC_INT8);
+  EXPECT_EQ(b.rvq_levels(), 4u);
+}
+
+TEST(Config, OverridesReachAnyField) {
+  absl::StatusOr<v1::DaemonConfig> c =
+      Finalized(kStage1, {"boundaries[0].k=64", "boundaries[0].method=METHOD_FIXED",
+                          "recv_timeout_ms=5", "local_socket=/tmp/x.sock"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->boundaries(0).k(), 64u);
+  EXPECT_EQ(c->boundaries(0).method(), v1::METHOD_FIXED);
+  EXPECT_EQ(c->recv_timeout_ms(), 5u);
+  EXPECT_EQ(c->local_socket(), "/tmp/x.sock");
+  // Index == size appends a boundary.
+  c = Finalized(kStage1,
+                {"boundaries[1].id=1", "boundaries[1].role=ROLE_UPSTREAM", "boundaries[1].d=64",
+                 "boundaries[1].vocab=10", "boundaries[1].peer_address=127.0.0.1:7000"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->boundaries_size(), 2);
+}
+
+TEST(Config, BadOverridesSayWhatIsWrong) {
+  ExpectError(Finalized(kStage1, {"stage"}), "expected path=value");
+  ExpectError(Finalized(kStage1, {"nosuch=1"}), "has no field 'nosuch'");
+  ExpectError(Finalized(kStage1, {"boundaries.k=1"}), "give an index");
+  ExpectError(Finalized(kStage1, {"boundaries[3].k=1"}), "past the end");
+  ExpectError(Finalized(kStage1, {"boundaries[0].k=many"}), "not a valid");
+  ExpectError(Finalized(kStage1, {"boundaries[0].method=METHOD_MAGIC"}), "not a valid");
+}
+
+TEST(Config, InvalidFieldsStopStartupNamingTheField) {
+  ExpectError(Finalized(kStage1, {"boundaries[0].k=600"}), "boundaries[0].k");
+  ExpectError(Finalized(kStage1, {"boundaries[0].d=0"}), "boundaries[0].d");
+  ExpectError(Finalized(kStage1, {"auth_token="}), "auth_token");
+  ExpectError(Finalized(kStage1, {"peer_listen=nowhere"}), "peer_listen");
+  ExpectError(Finalized(kStage1, {"boundaries[0].role=ROLE_UPSTREAM"}), "boundaries[0].role");
+  ExpectError(Finalized(kStage1, {"boundaries[0].role=ROLE_UPSTREAM", "stage=0"}),
+              "boundaries[0].peer_address");
+  ExpectError(Finalized(kStage1, {"boundaries[1].id=0", "boundaries[1].role=ROLE_DOWNSTREAM",
+                                  "boundaries[1].d=8"}),
+              "appears twice");
+  ExpectError(Finalized("stage: 1 auth_token: \"t\""), "boundaries");
+  ExpectError(Finalized("stage: 1\nauth_token: \"t\"\nboundaries { d: -3 }"), "line 3");
+}
+
+TEST(Config, LoadConfigNamesAMissingFile) {
+  absl::StatusOr<v1::DaemonConfig> c = LoadConfig("/nonexistent/stage.textproto", {});
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(std::string(c.status().message()).find("/nonexistent/stage.textproto"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace mapl
