@@ -1,0 +1,407 @@
+// The local-API client: gRPC on a Unix socket, POSIX shared memory for the tensors. gRPC
+// statuses are turned into mapl::client::Status here and nowhere else.
+#include "client/mapl_client.h"
+
+#include <fcntl.h>
+#include <grpcpp/grpcpp.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <utility>
+
+#include "proto/mapl/v1/local.grpc.pb.h"
+#include "proto/mapl/v1/local.pb.h"
+
+namespace mapl {
+namespace client {
+namespace {
+
+namespace v1 = ::mapl::v1;
+using Clock = std::chrono::system_clock;
+
+constexpr uint32_t kDefaultConnectTimeoutMs = 10000;
+// Recv and Step carry their own timeout to the daemon; the client's deadline is later by this
+// much, so the daemon's DEADLINE_EXCEEDED (with its message) is what the caller sees.
+constexpr std::chrono::milliseconds kDeadlineGrace{5000};
+
+Status MakeStatus(int code, std::string message) { return Status{code, std::move(message)}; }
+
+std::string StartHint() {
+  return "start mapld for this stage (mapld --config <file>), or connect to the socket it "
+         "listens on (DaemonConfig.local_socket)";
+}
+
+// Why nothing answers on `path`, as far as the file system can tell.
+std::string SocketProblem(const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) {
+    return errno == ENOENT ? "no socket file there"
+                           : "cannot stat it: " + std::string(strerror(errno));
+  }
+  if (!S_ISSOCK(st.st_mode)) return "the path exists but is not a socket";
+  return "the socket exists but nothing accepts connections on it";
+}
+
+v1::DType ToProto(DType d) { return static_cast<v1::DType>(static_cast<int>(d)); }
+v1::Direction ToProto(Direction d) { return static_cast<v1::Direction>(static_cast<int>(d)); }
+
+void ToProto(const TensorRef& in, v1::TensorRef* out) {
+  out->set_buffer(in.buffer);
+  out->set_offset(in.offset);
+  out->set_rows(in.rows);
+  out->set_cols(in.cols);
+  out->set_dtype(ToProto(in.dtype));
+}
+
+BoundaryStats FromProto(const v1::BoundaryStats& p) {
+  BoundaryStats s;
+  s.id = p.id();
+  s.role = p.role();
+  s.dictionary_version = p.dictionary_version();
+  s.dictionary_checksum = p.dictionary_checksum();
+  s.orthogonality_error = p.orthogonality_error();
+  s.raw_bytes = p.raw_bytes();
+  s.wire_payload_bytes = p.wire_payload_bytes();
+  s.wire_dictionary_bytes = p.wire_dictionary_bytes();
+  s.frames_sent = p.frames_sent();
+  s.frames_received = p.frames_received();
+  s.last_step_relative_error = p.last_step_relative_error();
+  return s;
+}
+
+struct Mapping {
+  std::string name;
+  void* data = nullptr;
+  size_t bytes = 0;
+};
+
+}  // namespace
+
+const char* StatusCodeName(int code) {
+  static constexpr const char* kNames[] = {"OK",
+                                           "CANCELLED",
+                                           "UNKNOWN",
+                                           "INVALID_ARGUMENT",
+                                           "DEADLINE_EXCEEDED",
+                                           "NOT_FOUND",
+                                           "ALREADY_EXISTS",
+                                           "PERMISSION_DENIED",
+                                           "RESOURCE_EXHAUSTED",
+                                           "FAILED_PRECONDITION",
+                                           "ABORTED",
+                                           "OUT_OF_RANGE",
+                                           "UNIMPLEMENTED",
+                                           "INTERNAL",
+                                           "UNAVAILABLE",
+                                           "DATA_LOSS",
+                                           "UNAUTHENTICATED"};
+  if (code < 0 || code >= static_cast<int>(sizeof(kNames) / sizeof(kNames[0]))) return "UNKNOWN";
+  return kNames[code];
+}
+
+size_t DTypeSize(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+    case DType::kI32:
+      return 4;
+    case DType::kBF16:
+      return 2;
+  }
+  return 0;
+}
+
+struct Client::Impl {
+  std::string socket_path;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::Local::Stub> stub;
+
+  // The Attach stream; its context lives as long as the stream.
+  grpc::ClientContext attach_ctx;
+  std::unique_ptr<grpc::ClientReader<v1::AttachEvent>> attach;
+  std::thread reader;  // Owned here; joined by Close().
+
+  // From the first AttachEvent; constant after Connect.
+  uint64_t session = 0;
+  uint32_t stage = 0;
+  std::vector<BoundaryInfo> boundaries;
+  std::vector<Mapping> buffers;
+
+  std::mutex mu;
+  std::condition_variable cv;
+  bool have_first = false;   // Guarded by mu.
+  v1::AttachEvent first;     // Guarded by mu.
+  bool stream_done = false;  // Guarded by mu.
+  Status stream_status;      // Guarded by mu.
+  bool closed = false;       // Guarded by mu.
+  std::once_flag join_once;
+
+  ~Impl() {
+    Close();
+    for (Mapping& m : buffers) {
+      if (m.data != nullptr) munmap(m.data, m.bytes);
+    }
+  }
+
+  // Keeps reading the Attach stream until it ends: the daemon holds the session as long as the
+  // stream is open. Events after the first carry nothing this client acts on yet.
+  void ReadAttach() {
+    v1::AttachEvent event;
+    while (attach->Read(&event)) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!have_first) {
+        first = event;
+        have_first = true;
+        cv.notify_all();
+      }
+    }
+    const grpc::Status s = attach->Finish();
+    std::lock_guard<std::mutex> lock(mu);
+    stream_done = true;
+    if (closed) {
+      stream_status = MakeStatus(1, "the client closed its session");
+    } else if (s.ok()) {
+      stream_status =
+          MakeStatus(kUnavailable, "mapld at unix:" + socket_path + " ended this session");
+    } else {
+      stream_status = FromGrpc(s);
+    }
+    cv.notify_all();
+  }
+
+  void Close() {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      closed = true;
+    }
+    attach_ctx.TryCancel();
+    std::call_once(join_once, [this] {
+      if (reader.joinable()) reader.join();
+    });
+  }
+
+  // A gRPC status as the caller sees it: the daemon's code and message, with the socket named
+  // when the daemon itself is gone.
+  Status FromGrpc(const grpc::Status& s) const {
+    const int code = static_cast<int>(s.error_code());
+    if (code == kUnavailable && channel->GetState(false) != GRPC_CHANNEL_READY) {
+      return MakeStatus(code, "lost mapld at unix:" + socket_path + " (" + s.error_message() +
+                                  "); is it still running?");
+    }
+    return MakeStatus(code, s.error_message());
+  }
+
+  // FAILED_PRECONDITION after Close(), the stream's end status after the daemon ended it.
+  Status CheckOpen() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (closed) return MakeStatus(kFailedPrecondition, "the mapl client is closed");
+    if (stream_done) return stream_status;
+    return Status{};
+  }
+
+  Status MapBuffers() {
+    for (size_t i = 0; i < buffers.size(); ++i) {
+      Mapping& m = buffers[i];
+      if (m.bytes == 0) continue;
+      const std::string what = "buffer " + std::to_string(i) + " (\"" + m.name + "\")";
+      const int fd = shm_open(m.name.c_str(), O_RDWR, 0);
+      if (fd < 0) {
+        return MakeStatus(kFailedPrecondition,
+                          "shm_open of " + what + " failed: " + strerror(errno) +
+                              "; the trainer must run on the daemon's host as its user");
+      }
+      struct stat st;
+      if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < m.bytes) {
+        close(fd);
+        return MakeStatus(kInternal, what + " is smaller than the " + std::to_string(m.bytes) +
+                                         " bytes mapld announced");
+      }
+      void* p = mmap(nullptr, m.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      const int mmap_errno = errno;
+      close(fd);
+      if (p == MAP_FAILED) {
+        return MakeStatus(kInternal, "mmap of " + what + " failed: " + strerror(mmap_errno));
+      }
+      m.data = p;
+    }
+    return Status{};
+  }
+
+  grpc::ClientContext* WithTimeout(grpc::ClientContext* ctx, uint32_t timeout_ms) {
+    if (timeout_ms > 0) {
+      ctx->set_deadline(Clock::now() + std::chrono::milliseconds(timeout_ms) + kDeadlineGrace);
+    }
+    return ctx;
+  }
+};
+
+Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+Status Client::Connect(const std::string& socket_path, const std::string& client_name,
+                       uint32_t timeout_ms, std::unique_ptr<Client>* out) {
+  if (out == nullptr) return MakeStatus(kInvalidArgument, "Connect: out is null");
+  if (socket_path.empty()) return MakeStatus(kInvalidArgument, "Connect: empty socket path");
+  if (timeout_ms == 0) timeout_ms = kDefaultConnectTimeoutMs;
+  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+
+  std::unique_ptr<Client> c(new Client(std::make_unique<Impl>()));
+  Impl& im = *c->impl_;
+  im.socket_path = socket_path;
+  // Short reconnect backoff: a trainer that starts with its daemon should attach as soon as the
+  // socket appears, not a second later.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 50);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 50);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
+  im.channel =
+      grpc::CreateCustomChannel("unix:" + socket_path, grpc::InsecureChannelCredentials(), args);
+  im.stub = v1::Local::NewStub(im.channel);
+
+  if (!im.channel->WaitForConnected(deadline)) {
+    return MakeStatus(kUnavailable, "mapld is not running at unix:" + socket_path + " (" +
+                                        SocketProblem(socket_path) + ", waited " +
+                                        std::to_string(timeout_ms) + " ms): " + StartHint());
+  }
+
+  v1::AttachRequest req;
+  req.set_client_name(client_name);
+  req.set_pid(static_cast<uint32_t>(getpid()));
+  im.attach = im.stub->Attach(&im.attach_ctx, req);
+  im.reader = std::thread([&im] { im.ReadAttach(); });
+
+  {
+    std::unique_lock<std::mutex> lock(im.mu);
+    if (!im.cv.wait_until(lock, deadline, [&im] { return im.have_first || im.stream_done; })) {
+      lock.unlock();
+      return MakeStatus(kDeadlineExceeded, "mapld at unix:" + socket_path +
+                                               " accepted the connection but sent no Attach "
+                                               "event within " +
+                                               std::to_string(timeout_ms) + " ms");
+    }
+    if (!im.have_first) return im.stream_status;
+    const v1::AttachEvent& ev = im.first;
+    im.session = ev.session();
+    im.stage = ev.stage();
+    for (const v1::SharedBuffer& b : ev.buffers()) {
+      im.buffers.push_back(Mapping{b.name(), nullptr, static_cast<size_t>(b.bytes())});
+    }
+    for (const v1::BoundaryInfo& b : ev.boundaries()) {
+      im.boundaries.push_back(
+          BoundaryInfo{b.id(), b.role(), b.d(), b.k(), b.method(), b.vocab(), b.max_tokens()});
+    }
+  }
+  Status s = im.MapBuffers();
+  if (!s.ok()) return s;  // ~Client ends the session and unmaps what was mapped.
+  *out = std::move(c);
+  return Status{};
+}
+
+void Client::Close() { impl_->Close(); }
+
+bool Client::attached() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return !impl_->stream_done && !impl_->closed;
+}
+
+Status Client::AttachStatus() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->stream_done ? impl_->stream_status : Status{};
+}
+
+const std::string& Client::socket_path() const { return impl_->socket_path; }
+uint64_t Client::session() const { return impl_->session; }
+uint32_t Client::stage() const { return impl_->stage; }
+const std::vector<BoundaryInfo>& Client::boundaries() const { return impl_->boundaries; }
+size_t Client::buffer_count() const { return impl_->buffers.size(); }
+void* Client::data(size_t i) const { return impl_->buffers.at(i).data; }
+size_t Client::bytes(size_t i) const { return impl_->buffers.at(i).bytes; }
+const std::string& Client::buffer_name(size_t i) const { return impl_->buffers.at(i).name; }
+
+Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
+                    const TensorRef& tensor, const std::optional<TensorRef>& token_ids,
+                    SendResult* result, bool wait_encoded) {
+  Status open = impl_->CheckOpen();
+  if (!open.ok()) return open;
+  v1::SendRequest req;
+  req.set_session(impl_->session);
+  req.set_boundary(boundary);
+  req.set_direction(ToProto(direction));
+  req.set_step(step);
+  req.set_microbatch(microbatch);
+  ToProto(tensor, req.mutable_tensor());
+  if (token_ids.has_value()) ToProto(*token_ids, req.mutable_token_ids());
+  req.set_wait_encoded(wait_encoded);
+  v1::SendReply reply;
+  grpc::ClientContext ctx;
+  const grpc::Status s = impl_->stub->Send(&ctx, req, &reply);
+  if (!s.ok()) return impl_->FromGrpc(s);
+  if (result != nullptr) *result = SendResult{reply.wire_bytes(), reply.raw_bytes()};
+  return Status{};
+}
+
+Status Client::Recv(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
+                    const TensorRef& into, uint32_t timeout_ms, RecvResult* result) {
+  Status open = impl_->CheckOpen();
+  if (!open.ok()) return open;
+  v1::RecvRequest req;
+  req.set_session(impl_->session);
+  req.set_boundary(boundary);
+  req.set_direction(ToProto(direction));
+  req.set_step(step);
+  req.set_microbatch(microbatch);
+  ToProto(into, req.mutable_into());
+  req.set_timeout_ms(timeout_ms);
+  v1::RecvReply reply;
+  grpc::ClientContext ctx;
+  const grpc::Status s = impl_->stub->Recv(impl_->WithTimeout(&ctx, timeout_ms), req, &reply);
+  if (!s.ok()) return impl_->FromGrpc(s);
+  if (result != nullptr) *result = RecvResult{reply.rows(), reply.cols()};
+  return Status{};
+}
+
+Status Client::Step(uint64_t step, uint32_t timeout_ms, StepResult* result) {
+  Status open = impl_->CheckOpen();
+  if (!open.ok()) return open;
+  v1::StepRequest req;
+  req.set_session(impl_->session);
+  req.set_step(step);
+  req.set_timeout_ms(timeout_ms);
+  v1::StepReply reply;
+  grpc::ClientContext ctx;
+  const grpc::Status s = impl_->stub->Step(impl_->WithTimeout(&ctx, timeout_ms), req, &reply);
+  if (!s.ok()) return impl_->FromGrpc(s);
+  if (result != nullptr) {
+    result->boundaries.clear();
+    for (const v1::BoundaryStats& b : reply.boundaries())
+      result->boundaries.push_back(FromProto(b));
+  }
+  return Status{};
+}
+
+Status Client::Stats(StatsResult* result) {
+  Status open = impl_->CheckOpen();
+  if (!open.ok()) return open;
+  v1::StatsRequest req;
+  req.set_session(impl_->session);
+  v1::StatsReply reply;
+  grpc::ClientContext ctx;
+  const grpc::Status s = impl_->stub->Stats(&ctx, req, &reply);
+  if (!s.ok()) return impl_->FromGrpc(s);
+  if (result != nullptr) {
+    result->stage = reply.stage();
+    result->boundaries.clear();
+    for (const v1::BoundaryStats& b : reply.boundaries())
+      result->boundaries.push_back(FromProto(b));
+  }
+  return Status{};
+}
+
+}  // namespace client
+}  // namespace mapl

@@ -1,0 +1,175 @@
+// The trainer-side client of mapld's local API (proto/mapl/v1/local.proto): it attaches to the
+// stage's daemon over its Unix socket, maps the shared-memory buffers the daemon hands out, and
+// names tensors in those buffers in Send/Recv/Step/Stats calls. The header uses standard types
+// only (STYLE rule 7): gRPC and protobuf stay in mapl_client.cc.
+//
+//   std::unique_ptr<mapl::client::Client> c;
+//   mapl::client::Status s = mapl::client::Client::Connect(
+//       "/run/user/1000/mapld-0.sock", "trainer-0", /*timeout_ms=*/10000, &c);
+//   if (!s.ok()) { /* s.code is a gRPC code; s.message says what to do */ }
+//   float* h = static_cast<float*>(c->data(0));      // write h (n, d) f32 at offset 0
+//   mapl::client::TensorRef ref{0, 0, n, d, mapl::client::DType::kF32};
+//   mapl::client::SendResult r;
+//   s = c->Send(/*boundary=*/0, mapl::client::Direction::kForward, step, mb, ref, ids_ref, &r);
+//
+// A Client may be used from several threads at once (a Recv blocking on one thread while another
+// Sends). Its background thread keeps reading the Attach stream: that open stream is what keeps
+// the session and its buffers alive on the daemon side.
+#ifndef MAPL_CLIENT_MAPL_CLIENT_H_
+#define MAPL_CLIENT_MAPL_CLIENT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace mapl {
+namespace client {
+
+// A gRPC / absl status code (google.rpc.Code) and a message. Errors the daemon returns keep its
+// code and message unchanged.
+struct Status {
+  int code = 0;
+  std::string message;
+
+  bool ok() const { return code == 0; }
+};
+
+// google.rpc.Code values this client produces itself (the daemon may return any other).
+inline constexpr int kOk = 0;
+inline constexpr int kInvalidArgument = 3;
+inline constexpr int kDeadlineExceeded = 4;
+inline constexpr int kFailedPrecondition = 9;
+inline constexpr int kInternal = 13;
+inline constexpr int kUnavailable = 14;
+
+// The canonical name of a code ("UNAVAILABLE"), for messages and logs.
+const char* StatusCodeName(int code);
+
+enum class Direction { kForward = 1, kBackward = 2 };
+enum class DType { kF32 = 1, kBF16 = 2, kI32 = 3 };
+
+// Bytes of one element of `dtype` (4, 2, 4).
+size_t DTypeSize(DType dtype);
+
+// A row-major (rows, cols) tensor in attached buffer `buffer`, starting `offset` bytes in; the
+// offset must be a multiple of the element size. Token ids are (n, 1) kI32.
+struct TensorRef {
+  uint32_t buffer = 0;
+  uint64_t offset = 0;
+  uint32_t rows = 0;
+  uint32_t cols = 0;
+  DType dtype = DType::kF32;
+};
+
+// One boundary this stage takes part in, as the daemon configured it.
+struct BoundaryInfo {
+  uint32_t id = 0;
+  std::string role;  // "upstream" or "downstream"
+  uint32_t d = 0;
+  uint32_t k = 0;
+  std::string method;
+  uint32_t vocab = 0;
+  uint32_t max_tokens = 0;
+};
+
+struct SendResult {
+  uint64_t wire_bytes = 0;  // Payload bytes of the frame put on the wire.
+  uint64_t raw_bytes = 0;   // Bytes of the tensor as handed in.
+};
+
+struct RecvResult {
+  uint32_t rows = 0;  // n actually written.
+  uint32_t cols = 0;  // d.
+};
+
+struct BoundaryStats {
+  uint32_t id = 0;
+  std::string role;
+  uint64_t dictionary_version = 0;
+  uint64_t dictionary_checksum = 0;
+  double orthogonality_error = 0;  // max |U^T U - I| of the published U.
+  uint64_t raw_bytes = 0;
+  uint64_t wire_payload_bytes = 0;
+  uint64_t wire_dictionary_bytes = 0;
+  uint64_t frames_sent = 0;
+  uint64_t frames_received = 0;
+  double last_step_relative_error = 0;
+};
+
+struct StepResult {
+  std::vector<BoundaryStats> boundaries;
+};
+
+struct StatsResult {
+  uint32_t stage = 0;
+  std::vector<BoundaryStats> boundaries;
+};
+
+class Client {
+ public:
+  // Dials unix:`socket_path`, opens the Attach stream and waits for its first event, then maps
+  // every buffer read/write. Waits up to `timeout_ms` (0: 10 s) for the daemon to accept the
+  // connection, so a trainer may start before its daemon. No daemon: UNAVAILABLE naming the
+  // socket.
+  static Status Connect(const std::string& socket_path, const std::string& client_name,
+                        uint32_t timeout_ms, std::unique_ptr<Client>* out);
+
+  // Closes the session (Close()) and unmaps the buffers.
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // Ends the session: cancels the Attach stream, which tells the daemon to free this client's
+  // buffers, and joins the reader thread. The mappings stay valid until the Client is destroyed
+  // (memory already handed out is not pulled away), but later calls fail. Idempotent.
+  void Close();
+
+  // Whether the Attach stream is still open. When it is not, AttachStatus() says why.
+  bool attached() const;
+  Status AttachStatus() const;
+
+  const std::string& socket_path() const;
+  uint64_t session() const;
+  uint32_t stage() const;
+  const std::vector<BoundaryInfo>& boundaries() const;
+
+  // The attached buffers, mapped read/write. data(i) is page-aligned.
+  size_t buffer_count() const;
+  void* data(size_t i) const;
+  size_t bytes(size_t i) const;
+  const std::string& buffer_name(size_t i) const;
+
+  // Hands `tensor` (n, d), kF32 or kBF16, to the daemon to encode and ship; `token_ids` (n, 1)
+  // kI32 goes with forward sends (required for METHOD_MAPL). Returns once the daemon has taken
+  // (copied and checked) the tensor, so the buffer regions may be reused; the frame is encoded
+  // in the background, in Send order. wait_encoded: return only once the frame is queued on the
+  // peer link, with result->wire_bytes set and any encoder error.
+  Status Send(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
+              const TensorRef& tensor, const std::optional<TensorRef>& token_ids,
+              SendResult* result, bool wait_encoded = false);
+
+  // Blocks until the tensor for (boundary, direction, step, microbatch) is decoded into `into`
+  // (its rows are the capacity; kF32 or kBF16). timeout_ms 0: the daemon's recv_timeout_ms.
+  // No tensor in time: DEADLINE_EXCEEDED.
+  Status Recv(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
+              const TensorRef& into, uint32_t timeout_ms, RecvResult* result);
+
+  // Tells the daemon the optimizer finished `step`, so the compressors run their own update.
+  Status Step(uint64_t step, uint32_t timeout_ms, StepResult* result);
+
+  Status Stats(StatsResult* result);
+
+ private:
+  struct Impl;
+  explicit Client(std::unique_ptr<Impl> impl);
+
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace client
+}  // namespace mapl
+
+#endif  // MAPL_CLIENT_MAPL_CLIENT_H_

@@ -1,0 +1,248 @@
+// pybind11 bindings of the local-API client (module mapl._client). The Python-facing API is
+// client/python/mapl/sidecar.py; this layer stays thin: plain tuples and dicts in and out, the GIL
+// released around every call that waits on the daemon, and each mapl::client::Status turned into
+// the matching mapl.errors exception here, at the language edge.
+//
+// Shared memory reaches Python as Region objects, which export a writable byte buffer (the buffer
+// protocol) and hold the Client, so memory that torch.frombuffer wraps stays mapped as long as any
+// tensor uses it, even after the session is closed.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "client/mapl_client.h"
+
+namespace py = pybind11;
+
+namespace mapl {
+namespace client {
+namespace {
+
+// (buffer, offset, rows, cols, dtype) as Python passes it.
+using RefTuple = std::tuple<uint32_t, uint64_t, uint32_t, uint32_t, int>;
+
+void ThrowIfError(const Status& s) {
+  if (s.ok()) return;
+  py::object err = py::module_::import("mapl.errors").attr("error_from_status")(s.code, s.message);
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+  throw py::error_already_set();
+}
+
+DType ToDType(int v) {
+  if (v != static_cast<int>(DType::kF32) && v != static_cast<int>(DType::kBF16) &&
+      v != static_cast<int>(DType::kI32)) {
+    throw py::value_error("unknown mapl dtype code " + std::to_string(v));
+  }
+  return static_cast<DType>(v);
+}
+
+Direction ToDirection(int v) {
+  if (v != static_cast<int>(Direction::kForward) && v != static_cast<int>(Direction::kBackward)) {
+    throw py::value_error("unknown mapl direction code " + std::to_string(v));
+  }
+  return static_cast<Direction>(v);
+}
+
+TensorRef ToRef(const RefTuple& t) {
+  return TensorRef{std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t),
+                   ToDType(std::get<4>(t))};
+}
+
+py::dict ToDict(const BoundaryStats& b) {
+  py::dict d;
+  d["id"] = b.id;
+  d["role"] = b.role;
+  d["dictionary_version"] = b.dictionary_version;
+  d["dictionary_checksum"] = b.dictionary_checksum;
+  d["orthogonality_error"] = b.orthogonality_error;
+  d["raw_bytes"] = b.raw_bytes;
+  d["wire_payload_bytes"] = b.wire_payload_bytes;
+  d["wire_dictionary_bytes"] = b.wire_dictionary_bytes;
+  d["frames_sent"] = b.frames_sent;
+  d["frames_received"] = b.frames_received;
+  d["last_step_relative_error"] = b.last_step_relative_error;
+  return d;
+}
+
+py::list ToList(const std::vector<BoundaryStats>& v) {
+  py::list out;
+  for (const BoundaryStats& b : v) out.append(ToDict(b));
+  return out;
+}
+
+// A byte range of one mapped buffer, exported through the buffer protocol.
+struct Region {
+  std::shared_ptr<Client> owner;  // Keeps the mapping alive.
+  uint32_t buffer;
+  uint64_t offset;
+  uint64_t bytes;
+  char* ptr;
+};
+
+// Bytes of buffer i; IndexError when there is no such buffer.
+size_t CheckedBytes(const Client& c, uint32_t i) {
+  if (i >= c.buffer_count()) {
+    throw py::index_error("buffer " + std::to_string(i) + " out of range: " +
+                          std::to_string(c.buffer_count()) + " buffers attached");
+  }
+  return c.bytes(i);
+}
+
+Region MakeRegion(const std::shared_ptr<Client>& c, uint32_t buffer, uint64_t offset,
+                  uint64_t bytes) {
+  const uint64_t size = CheckedBytes(*c, buffer);
+  if (offset > size || bytes > size - offset) {
+    throw py::index_error("region [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
+                          ") exceeds buffer " + std::to_string(buffer) + " of " +
+                          std::to_string(size) + " bytes");
+  }
+  return Region{c, buffer, offset, bytes, static_cast<char*>(c->data(buffer)) + offset};
+}
+
+std::shared_ptr<Client> Connect(const std::string& socket_path, const std::string& name,
+                                uint32_t timeout_ms) {
+  std::unique_ptr<Client> c;
+  Status s;
+  {
+    py::gil_scoped_release nogil;
+    s = Client::Connect(socket_path, name, timeout_ms, &c);
+  }
+  ThrowIfError(s);
+  return std::shared_ptr<Client>(std::move(c));
+}
+
+void BindModule(py::module_& m) {
+  m.doc() = "mapl local-API client (C++ binding); use mapl.Sidecar";
+
+  py::class_<Region>(m, "Region", py::buffer_protocol())
+      .def_readonly("buffer", &Region::buffer)
+      .def_readonly("offset", &Region::offset)
+      .def_readonly("nbytes", &Region::bytes)
+      .def_property_readonly("address",
+                             [](const Region& r) { return reinterpret_cast<uintptr_t>(r.ptr); })
+      .def_buffer([](Region& r) {
+        return py::buffer_info(r.ptr, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(r.bytes)}, {py::ssize_t{1}},
+                               /*readonly=*/false);
+      });
+
+  py::class_<Client, std::shared_ptr<Client>>(m, "Client")
+      .def_static("connect", &Connect, py::arg("socket_path"), py::arg("name"),
+                  py::arg("timeout_ms"),
+                  "Attach to the mapld on unix:socket_path and map its buffers.")
+      .def_property_readonly("socket_path", &Client::socket_path)
+      .def_property_readonly("session", &Client::session)
+      .def_property_readonly("stage", &Client::stage)
+      .def_property_readonly("attached", &Client::attached)
+      .def("attach_status",
+           [](const Client& c) {
+             Status s = c.AttachStatus();
+             return std::make_tuple(s.code, s.message);
+           })
+      .def("boundaries",
+           [](const Client& c) {
+             py::list out;
+             for (const BoundaryInfo& b : c.boundaries()) {
+               py::dict d;
+               d["id"] = b.id;
+               d["role"] = b.role;
+               d["d"] = b.d;
+               d["k"] = b.k;
+               d["method"] = b.method;
+               d["vocab"] = b.vocab;
+               d["max_tokens"] = b.max_tokens;
+               out.append(d);
+             }
+             return out;
+           })
+      .def_property_readonly("buffer_count", &Client::buffer_count)
+      .def("buffer_bytes", [](const Client& c, uint32_t i) { return CheckedBytes(c, i); })
+      .def("buffer_address",
+           [](const Client& c, uint32_t i) {
+             CheckedBytes(c, i);
+             return reinterpret_cast<uintptr_t>(c.data(i));
+           })
+      .def("buffer_name",
+           [](const Client& c, uint32_t i) {
+             CheckedBytes(c, i);
+             return c.buffer_name(i);
+           })
+      .def("region", &MakeRegion, py::arg("buffer"), py::arg("offset"), py::arg("nbytes"),
+           "A writable byte view of [offset, offset + nbytes) of a buffer.")
+      .def(
+          "send",
+          [](Client& c, uint32_t boundary, int direction, uint64_t step, uint32_t microbatch,
+             const RefTuple& tensor, const std::optional<RefTuple>& token_ids, bool wait_encoded) {
+            const TensorRef t = ToRef(tensor);
+            std::optional<TensorRef> ids;
+            if (token_ids.has_value()) ids = ToRef(*token_ids);
+            const Direction dir = ToDirection(direction);
+            SendResult r;
+            Status s;
+            {
+              py::gil_scoped_release nogil;
+              s = c.Send(boundary, dir, step, microbatch, t, ids, &r, wait_encoded);
+            }
+            ThrowIfError(s);
+            return std::make_tuple(r.wire_bytes, r.raw_bytes);
+          },
+          py::arg("boundary"), py::arg("direction"), py::arg("step"), py::arg("microbatch"),
+          py::arg("tensor"), py::arg("token_ids") = py::none(), py::arg("wait_encoded") = false)
+      .def(
+          "recv",
+          [](Client& c, uint32_t boundary, int direction, uint64_t step, uint32_t microbatch,
+             const RefTuple& into, uint32_t timeout_ms) {
+            const TensorRef t = ToRef(into);
+            const Direction dir = ToDirection(direction);
+            RecvResult r;
+            Status s;
+            {
+              py::gil_scoped_release nogil;
+              s = c.Recv(boundary, dir, step, microbatch, t, timeout_ms, &r);
+            }
+            ThrowIfError(s);
+            return std::make_tuple(r.rows, r.cols);
+          },
+          py::arg("boundary"), py::arg("direction"), py::arg("step"), py::arg("microbatch"),
+          py::arg("into"), py::arg("timeout_ms"))
+      .def(
+          "step",
+          [](Client& c, uint64_t step, uint32_t timeout_ms) {
+            StepResult r;
+            Status s;
+            {
+              py::gil_scoped_release nogil;
+              s = c.Step(step, timeout_ms, &r);
+            }
+            ThrowIfError(s);
+            return ToList(r.boundaries);
+          },
+          py::arg("step"), py::arg("timeout_ms"))
+      .def("stats",
+           [](Client& c) {
+             StatsResult r;
+             Status s;
+             {
+               py::gil_scoped_release nogil;
+               s = c.Stats(&r);
+             }
+             ThrowIfError(s);
+             return std::make_tuple(r.stage, ToList(r.boundaries));
+           })
+      .def("close", [](Client& c) {
+        py::gil_scoped_release nogil;
+        c.Close();
+      });
+}
+
+}  // namespace
+}  // namespace client
+}  // namespace mapl
+
+PYBIND11_MODULE(_client, m) { mapl::client::BindModule(m); }

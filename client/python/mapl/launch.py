@@ -1,0 +1,141 @@
+"""Starting and stopping mapld processes from Python: for tests, benchmarks and the local
+multi-stage launcher. Each daemon gets a text-format config in a directory of yours, logs to a
+file there, and reports its ports through --ready_file.
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:
+        up, down = launch.start_pair(Path(d), {"d": 512, "k": 32, "vocab": 256})
+        sidecar = up.connect("trainer-0")
+        ...
+        up.stop(); down.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ["Daemon", "LaunchError", "find_mapld", "config_text", "start_mapld", "start_pair"]
+
+
+class LaunchError(RuntimeError):
+    """A daemon exited or never became ready; the message carries the end of its log."""
+
+
+def find_mapld() -> Path:
+    """$MAPLD, else server/mapld of the build this package was imported from."""
+    if os.environ.get("MAPLD"):
+        return Path(os.environ["MAPLD"])
+    here = Path(__file__).resolve().parents[2] / "server" / "mapld"  # <build>/python/mapl/..
+    if here.is_file():
+        return here
+    raise LaunchError(f"mapld is not built ({here} does not exist): build the project first "
+                      "(bash deploy/build.sh), or set MAPLD to the binary")
+
+
+def _value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str) and not (v.isupper() and v.replace("_", "").isalnum()):
+        return json.dumps(v)  # a quoted string; enum names stay bare
+    return str(v)
+
+
+def config_text(fields: Dict[str, object], boundaries: List[Dict[str, object]]) -> str:
+    """A text-format mapl.v1.DaemonConfig from plain dicts (enum values by name)."""
+    text = "".join(f"{k}: {_value(v)}\n" for k, v in fields.items())
+    for b in boundaries:
+        text += "boundaries {\n" + "".join(f"  {k}: {_value(v)}\n" for k, v in b.items()) + "}\n"
+    return text
+
+
+class Daemon:
+    """One mapld process. stop() sends SIGTERM (the daemon drains, then exits)."""
+
+    def __init__(self, argv: List[str], log: Path, socket_path: str, ready_file: Path) -> None:
+        self.argv = argv
+        self.ready_file = ready_file
+        self.log_path = log
+        self.socket_path = socket_path
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self, chars: int = 4000) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def ready(self, timeout: float = 30.0) -> Dict[str, int]:
+        """{socket, peer_port, metrics_port, pid} once the daemon serves."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.ready_file.exists():
+                return json.loads(self.ready_file.read_text())
+            if self.proc.poll() is not None:
+                raise LaunchError(f"{self.argv[0]} exited with {self.proc.returncode}:\n"
+                                  f"{self.log()}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{self.argv[0]} never became ready:\n{self.log()}")
+            time.sleep(0.02)
+
+    def connect(self, name: str = "trainer", timeout: float = 30.0):
+        """A mapl.Sidecar attached to this daemon."""
+        from .sidecar import Sidecar
+        self.ready(timeout)
+        return Sidecar.connect(socket_path=self.socket_path, name=name, timeout=timeout)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait (SIGKILL after `timeout`); returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def start_mapld(directory: Path, stage: int, boundaries: List[Dict[str, object]],
+                extra: Optional[Dict[str, object]] = None,
+                args: Optional[List[str]] = None) -> Daemon:
+    """mapld for `stage` with its config, socket, log and ready file in `directory` (keep the
+    path short: Unix socket paths hold at most 107 bytes)."""
+    sock = str(directory / f"s{stage}.sock")
+    fields: Dict[str, object] = {"stage": stage, "local_socket": sock,
+                                 "auth_token": "local-launch", "metrics_address": "127.0.0.1:0"}
+    fields.update(extra or {})
+    path = directory / f"stage{stage}.textproto"
+    path.write_text(config_text(fields, boundaries))
+    ready = directory / f"s{stage}.ready.json"
+    ready.unlink(missing_ok=True)
+    argv = [str(find_mapld()), "--config", str(path), "--ready_file", str(ready)] + (args or [])
+    return Daemon(argv, directory / f"s{stage}.log", sock, ready)
+
+
+def start_pair(directory: Path, boundary: Dict[str, object],
+               extra: Optional[Dict[str, object]] = None) -> Tuple[Daemon, Daemon]:
+    """The two daemons of boundary 0 on loopback: stage 1 (downstream, its peer port chosen by
+    the kernel) first, then stage 0 dialing it. Returns (upstream, downstream), both ready."""
+    b = dict(boundary, id=0)
+    down = start_mapld(directory, 1, [dict(b, role="ROLE_DOWNSTREAM")],
+                       dict(extra or {}, peer_listen="127.0.0.1:0"))
+    try:
+        port = down.ready()["peer_port"]
+        up = start_mapld(directory, 0, [dict(b, role="ROLE_UPSTREAM",
+                                             peer_address=f"127.0.0.1:{port}")], extra)
+        up.ready()
+    except BaseException:
+        down.stop()
+        raise
+    return up, down

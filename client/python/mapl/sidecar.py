@@ -1,0 +1,477 @@
+"""The trainer's handle on its stage's mapld: shared-memory tensors and Send/Recv/Step/Stats.
+
+A trainer process attaches once per stage and swaps ``torch.distributed.send/recv`` of activations
+and gradients for these calls (see :mod:`mapl.torch_pipeline` for the autograd-aware helpers)::
+
+    with mapl.Sidecar.connect(stage=0) as sc:              # unix socket of mapld for stage 0
+        sc.send_activation(0, step, mb, h, token_ids)      # h (..., d) f32/bf16, ids (...) int
+        g = sc.recv_gradient(0, step, mb)                  # f32 (n, d), a copy
+        ...
+        sc.step(step)                                      # after optimizer.step()
+
+Tensors travel through the shared buffers mapld hands out at attach time. A tensor that already
+lives there (from :meth:`Sidecar.buffer_tensor`) is sent without a copy; any other tensor (CPU or
+GPU, any float dtype) is copied once into a staging region. Received tensors are copied out, so
+the staging region is reused at once.
+
+Errors are :class:`mapl.MaplError` subclasses carrying the daemon's message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _client
+from .errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+
+__all__ = ["Sidecar", "BoundaryInfo", "BoundaryStats", "Stats", "SendResult",
+           "default_socket_path", "FORWARD", "BACKWARD"]
+
+FORWARD = 1   # mapl.v1.Direction: activations, upstream -> downstream
+BACKWARD = 2  # gradients, downstream -> upstream
+
+_F32, _BF16, _I32 = 1, 2, 3  # mapl.v1.DType
+_DTYPE_CODE = {torch.float32: _F32, torch.bfloat16: _BF16, torch.int32: _I32}
+
+# Regions start on this boundary: cache lines never straddle two tensors, and any element type
+# (and AVX-512 loads in the daemon) is aligned.
+ALIGNMENT = 256
+
+Shape = Union[int, Sequence[int], torch.Size]
+
+
+def default_socket_path(stage: int) -> str:
+    """Where mapld listens by default: ``$XDG_RUNTIME_DIR/mapld-<stage>.sock``, or
+    ``/tmp/mapld-<uid>-<stage>.sock`` when XDG_RUNTIME_DIR is unset (DaemonConfig.local_socket)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, f"mapld-{stage}.sock")
+    return f"/tmp/mapld-{os.getuid()}-{stage}.sock"
+
+
+@dataclass(frozen=True)
+class BoundaryInfo:
+    """A boundary this stage takes part in, as mapld configured it."""
+    id: int
+    role: str          # "upstream" (sends activations) or "downstream" (receives them)
+    d: int             # hidden size
+    k: int             # projection rank
+    method: str
+    vocab: int
+    max_tokens: int    # most rows of one microbatch tensor
+
+
+@dataclass(frozen=True)
+class BoundaryStats:
+    """Counters and dictionary state of one boundary (local.proto BoundaryStats)."""
+    id: int
+    role: str
+    dictionary_version: int
+    dictionary_checksum: int
+    orthogonality_error: float      # max |U^T U - I| of the published U
+    raw_bytes: int                  # tensor bytes handed in or out, both directions
+    wire_payload_bytes: int
+    wire_dictionary_bytes: int
+    frames_sent: int
+    frames_received: int
+    last_step_relative_error: float
+
+    @property
+    def wire_bytes(self) -> int:
+        """Payload and dictionary bytes together."""
+        return self.wire_payload_bytes + self.wire_dictionary_bytes
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What Step and Stats return: the stage and its boundaries' counters."""
+    stage: int
+    boundaries: List[BoundaryStats]
+
+    def boundary(self, boundary_id: int) -> BoundaryStats:
+        for b in self.boundaries:
+            if b.id == boundary_id:
+                return b
+        raise KeyError(f"no stats for boundary {boundary_id}")
+
+
+@dataclass(frozen=True)
+class SendResult:
+    wire_bytes: int     # payload bytes of the frame put on the wire (0 unless wait=True)
+    raw_bytes: int      # bytes of the tensor as handed in
+    zero_copy: bool     # the tensor was already in shared memory: no staging copy
+
+
+class _Arena:
+    """First-fit allocator over the attached buffers; a region never spans two buffers.
+
+    Free lists are kept per buffer, sorted by offset, and coalesced on free. Regions handed to
+    user tensors are freed by the garbage collector (through ``defer_free``, which only appends
+    to a deque, so a collection that runs inside ``alloc`` cannot re-enter the lock); staging
+    regions are freed explicitly.
+    """
+
+    def __init__(self, sizes: Sequence[int], alignment: int = ALIGNMENT) -> None:
+        self.alignment = alignment
+        self.sizes = list(sizes)
+        self._free: List[List[List[int]]] = [[[0, s]] if s > 0 else [] for s in self.sizes]
+        self._lock = threading.Lock()
+        self._deferred: Deque[Tuple[int, int, int]] = deque()
+        self.used = 0
+
+    def _round(self, nbytes: int) -> int:
+        return max(self.alignment, -(-nbytes // self.alignment) * self.alignment)
+
+    def alloc(self, nbytes: int) -> Tuple[int, int, int]:
+        """(buffer, offset, size) of a free region of at least nbytes, offset ALIGNMENT-aligned."""
+        size = self._round(nbytes)
+        with self._lock:
+            self._drain()
+            for b, free in enumerate(self._free):
+                for i, (off, length) in enumerate(free):
+                    if length >= size:
+                        if length == size:
+                            del free[i]
+                        else:
+                            free[i][0] += size
+                            free[i][1] -= size
+                        self.used += size
+                        return b, off, size
+            largest = max((length for free in self._free for _, length in free), default=0)
+        biggest = max(self.sizes, default=0)
+        hint = (f"no attached buffer holds that many (buffers are {biggest} bytes: raise "
+                "DaemonConfig.client_buffer_bytes)" if size > biggest else
+                "free shared tensors, or raise DaemonConfig.client_buffers")
+        raise ResourceExhausted(
+            f"shared memory exhausted: {nbytes} bytes wanted, {self.used} of "
+            f"{sum(self.sizes)} in use, largest free region {largest}: {hint}")
+
+    def free(self, buffer: int, offset: int, size: int) -> None:
+        with self._lock:
+            self._drain()
+            self._insert(buffer, offset, size)
+
+    def defer_free(self, buffer: int, offset: int, size: int) -> None:
+        self._deferred.append((buffer, offset, size))
+
+    def _drain(self) -> None:
+        while self._deferred:
+            self._insert(*self._deferred.popleft())
+
+    def _insert(self, buffer: int, offset: int, size: int) -> None:
+        free = self._free[buffer]
+        i = 0
+        while i < len(free) and free[i][0] < offset:
+            i += 1
+        free.insert(i, [offset, size])
+        self.used -= size
+        if i + 1 < len(free) and free[i][0] + free[i][1] == free[i + 1][0]:
+            free[i][1] += free[i + 1][1]
+            del free[i + 1]
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == free[i][0]:
+            free[i - 1][1] += free[i][1]
+            del free[i]
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            self._drain()
+            return sum(length for free in self._free for _, length in free)
+
+
+class _Staging:
+    """An explicitly freed region and a (rows, cols) tensor view of it."""
+
+    def __init__(self, sidecar: "Sidecar", rows: int, cols: int, dtype: torch.dtype) -> None:
+        nbytes = rows * cols * _elem_size(dtype)
+        self._arena = sidecar._arena
+        self.buffer, self.offset, self._size = self._arena.alloc(nbytes)
+        whole = sidecar._views[self.buffer]
+        self.tensor = whole[self.offset:self.offset + nbytes].view(dtype).view(rows, cols)
+        self.ref = (self.buffer, self.offset, rows, cols, _DTYPE_CODE[dtype])
+
+    def __enter__(self) -> "_Staging":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.tensor
+        self._arena.free(self.buffer, self.offset, self._size)
+
+
+def _elem_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _timeout_ms(timeout: Optional[float]) -> int:
+    """Seconds to the wire's milliseconds; None (and only None) means the daemon's default."""
+    if timeout is None:
+        return 0
+    if timeout < 0 or not math.isfinite(timeout):
+        raise InvalidArgument(f"timeout must be a finite number of seconds >= 0, got {timeout}")
+    return min(max(1, round(timeout * 1000)), 2**32 - 1)
+
+
+class Sidecar:
+    """A session with one mapld. Thread-safe: a Recv may block on one thread while others Send.
+
+    Create it with :meth:`connect`; close it with :meth:`close` or a ``with`` block. Closing ends
+    the session (mapld frees its buffers); shared tensors handed out stay readable afterwards but
+    are no longer shared.
+    """
+
+    def __init__(self, client: "_client.Client") -> None:
+        """Wraps an attached ``mapl._client.Client``; use :meth:`connect` instead."""
+        self._client = client
+        self._boundaries: Dict[int, BoundaryInfo] = {
+            b["id"]: BoundaryInfo(**b) for b in client.boundaries()}
+        sizes = [client.buffer_bytes(i) for i in range(client.buffer_count)]
+        self._arena = _Arena(sizes)
+        self._bases = [client.buffer_address(i) for i in range(client.buffer_count)]
+        # One uint8 view per buffer, for staging slices and zero-copy detection.
+        self._views = [torch.frombuffer(client.region(i, 0, s), dtype=torch.uint8) if s else
+                       torch.empty(0, dtype=torch.uint8) for i, s in enumerate(sizes)]
+        self._closed = False
+
+    @classmethod
+    def connect(cls, stage: int = 0, socket_path: Optional[str] = None,
+                name: Optional[str] = None, timeout: float = 10.0) -> "Sidecar":
+        """Attach to the mapld of ``stage`` on ``socket_path`` (default:
+        :func:`default_socket_path`), waiting up to ``timeout`` seconds for it to come up.
+
+        Raises :class:`mapl.Unavailable` (a ``ConnectionError``) naming the socket when no
+        daemon answers.
+        """
+        path = socket_path if socket_path is not None else default_socket_path(stage)
+        if name is None:
+            name = f"trainer-{stage}-pid{os.getpid()}"
+        return cls(_client.Client.connect(path, name, _timeout_ms(timeout)))
+
+    # ---- session ----
+
+    def close(self) -> None:
+        """End the session: mapld frees this client's buffers. Idempotent."""
+        self._closed = True
+        self._client.close()
+
+    def __enter__(self) -> "Sidecar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def attached(self) -> bool:
+        """Whether the session is alive (the Attach stream to mapld is open)."""
+        return self._client.attached
+
+    @property
+    def session(self) -> int:
+        return self._client.session
+
+    @property
+    def stage(self) -> int:
+        return self._client.stage
+
+    @property
+    def socket_path(self) -> str:
+        return self._client.socket_path
+
+    @property
+    def boundaries(self) -> Dict[int, BoundaryInfo]:
+        """The boundaries of this stage, by id."""
+        return dict(self._boundaries)
+
+    def boundary(self, boundary_id: int) -> BoundaryInfo:
+        try:
+            return self._boundaries[boundary_id]
+        except KeyError:
+            raise InvalidArgument(
+                f"boundary {boundary_id} is not configured on stage {self.stage} "
+                f"(its boundaries: {sorted(self._boundaries)})") from None
+
+    @property
+    def buffer_sizes(self) -> List[int]:
+        """Bytes of each attached shared buffer."""
+        return list(self._arena.sizes)
+
+    @property
+    def shared_bytes_free(self) -> int:
+        return self._arena.free_bytes()
+
+    # ---- shared memory ----
+
+    def buffer_tensor(self, shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialised CPU tensor of ``shape`` and ``dtype`` (float32, bfloat16 or int32)
+        living in shared memory. Write h into it (``torch.matmul(..., out=t)``, ``t.copy_(h)``)
+        and send it without a further copy. Its region returns to the allocator when the tensor
+        and every view of it are gone.
+        """
+        if dtype not in _DTYPE_CODE:
+            raise InvalidArgument(f"shared tensors are float32, bfloat16 or int32, not {dtype}")
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        numel = math.prod(shape)
+        nbytes = max(1, numel) * _elem_size(dtype)
+        buffer, offset, size = self._arena.alloc(nbytes)
+        region = self._client.region(buffer, offset, nbytes)
+        # The tensor's storage holds `region` (torch.frombuffer keeps its buffer object); when
+        # the storage dies, the region does and its bytes go back to the arena.
+        weakref.finalize(region, self._arena.defer_free, buffer, offset, size)
+        return torch.frombuffer(region, dtype=dtype, count=max(1, numel))[:numel].view(shape)
+
+    def is_shared(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a contiguous tensor inside one attached buffer (sendable as is)."""
+        return self._locate(t) is not None
+
+    def _locate(self, t: torch.Tensor) -> Optional[Tuple[int, int]]:
+        """(buffer, byte offset) of a contiguous CPU tensor inside an attached buffer, or None."""
+        if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+            return None
+        ptr = t.data_ptr()
+        end = ptr + t.numel() * t.element_size()
+        for i, base in enumerate(self._bases):
+            if base <= ptr and end <= base + self._arena.sizes[i]:
+                offset = ptr - base
+                return (i, offset) if offset % t.element_size() == 0 else None
+        return None
+
+    # ---- send / recv ----
+
+    def send_activation(self, boundary: int, step: int, microbatch: int, h: torch.Tensor,
+                        token_ids: Optional[torch.Tensor] = None,
+                        wait: bool = False) -> SendResult:
+        """Hand the activation h (..., d) (float32 or bfloat16 as is; other float dtypes as
+        float32) with its token ids (n integers, n = h.numel() // d; required by METHOD_MAPL
+        boundaries) to the daemon, which encodes and ships it. This stage must be the boundary's
+        upstream. Returns once the daemon has taken h (h may then change); ``wait=True`` returns
+        only once the frame is queued, with ``wire_bytes`` set."""
+        return self._send(boundary, FORWARD, step, microbatch, h, token_ids, wait)
+
+    def send_gradient(self, boundary: int, step: int, microbatch: int, g: torch.Tensor,
+                      wait: bool = False) -> SendResult:
+        """Ship dL/dh_hat g (..., d) back upstream, as :meth:`send_activation`. This stage must
+        be the boundary's downstream."""
+        return self._send(boundary, BACKWARD, step, microbatch, g, None, wait)
+
+    def recv_activation(self, boundary: int, step: int, microbatch: int,
+                        timeout: Optional[float] = None, rows: Optional[int] = None,
+                        dtype: torch.dtype = torch.float32,
+                        device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+        """Block until h_hat of (step, microbatch) is decoded; returns a new (n, d) tensor of
+        ``dtype`` (float32 or bfloat16) on ``device`` (default CPU). ``rows``: the most rows to
+        expect (default: the boundary's max_tokens). No tensor within ``timeout`` seconds
+        (default: the daemon's recv_timeout_ms): :class:`mapl.DeadlineExceeded`."""
+        return self._recv(boundary, FORWARD, step, microbatch, timeout, rows, dtype, device)
+
+    def recv_gradient(self, boundary: int, step: int, microbatch: int,
+                      timeout: Optional[float] = None, rows: Optional[int] = None,
+                      dtype: torch.dtype = torch.float32,
+                      device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+        """Block until dL/dh of (step, microbatch) arrives; a new (n, d) tensor, as
+        :meth:`recv_activation`."""
+        return self._recv(boundary, BACKWARD, step, microbatch, timeout, rows, dtype, device)
+
+    def step(self, step: int, timeout: Optional[float] = None) -> Stats:
+        """Report that the optimizer finished ``step``; the compressors run their own update.
+        Returns the boundaries' stats after it."""
+        self._check_open()
+        rows = self._client.step(step, _timeout_ms(timeout))
+        return Stats(self.stage, [BoundaryStats(**b) for b in rows])
+
+    def stats(self) -> Stats:
+        """Counters and dictionary state of every boundary of this stage."""
+        self._check_open()
+        stage, rows = self._client.stats()
+        return Stats(stage, [BoundaryStats(**b) for b in rows])
+
+    # ---- internals ----
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition("the Sidecar is closed")
+
+    def _send(self, boundary: int, direction: int, step: int, microbatch: int, t: torch.Tensor,
+              token_ids: Optional[torch.Tensor], wait: bool = False) -> SendResult:
+        self._check_open()
+        if not isinstance(t, torch.Tensor):
+            raise InvalidArgument(f"expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 1 or t.shape[-1] == 0:
+            raise InvalidArgument(f"expected a tensor (..., d), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise InvalidArgument(f"expected a float tensor, got {t.dtype}")
+        t = t.detach()
+        cols = t.shape[-1]
+        rows = t.numel() // cols
+        with contextlib.ExitStack() as stack:
+            tensor_ref, zero_copy = self._place(stack, t, rows, cols)
+            ids_ref = None
+            if token_ids is not None:
+                ids_ref = self._place_ids(stack, token_ids, rows)
+            wire, raw = self._client.send(boundary, direction, step, microbatch, tensor_ref,
+                                          ids_ref, wait)
+        return SendResult(wire, raw, zero_copy)
+
+    def _place(self, stack: contextlib.ExitStack, t: torch.Tensor, rows: int,
+               cols: int) -> Tuple[Tuple[int, int, int, int, int], bool]:
+        """A TensorRef of t in shared memory: t itself when it is there, else a staging copy."""
+        if t.dtype in (torch.float32, torch.bfloat16):
+            where = self._locate(t)
+            if where is not None:
+                return (where[0], where[1], rows, cols, _DTYPE_CODE[t.dtype]), True
+            dtype = t.dtype
+        else:
+            dtype = torch.float32
+        staging = stack.enter_context(_Staging(self, rows, cols, dtype))
+        staging.tensor.copy_(t.reshape(rows, cols))
+        return staging.ref, False
+
+    def _place_ids(self, stack: contextlib.ExitStack, ids: torch.Tensor,
+                   rows: int) -> Tuple[int, int, int, int, int]:
+        if not isinstance(ids, torch.Tensor):
+            raise InvalidArgument(f"token_ids: expected a torch.Tensor, got {type(ids).__name__}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InvalidArgument(f"token_ids: expected an integer tensor, got {ids.dtype}")
+        if ids.numel() != rows:
+            raise InvalidArgument(f"token_ids: {ids.numel()} ids for {rows} rows of the tensor")
+        ids = ids.detach()
+        if ids.dtype == torch.int32:
+            where = self._locate(ids)
+            if where is not None:
+                return (where[0], where[1], rows, 1, _I32)
+        elif ids.numel() and (int(ids.min()) < -2**31 or int(ids.max()) >= 2**31):
+            raise InvalidArgument("token_ids: ids do not fit in int32")
+        staging = stack.enter_context(_Staging(self, rows, 1, torch.int32))
+        staging.tensor.copy_(ids.reshape(rows, 1))
+        return staging.ref
+
+    def _recv(self, boundary: int, direction: int, step: int, microbatch: int,
+              timeout: Optional[float], rows: Optional[int], dtype: torch.dtype,
+              device: Optional[Union[str, torch.device]]) -> torch.Tensor:
+        self._check_open()
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise InvalidArgument(f"received tensors are float32 or bfloat16, not {dtype}")
+        info = self.boundary(boundary)
+        capacity = info.max_tokens if rows is None else int(rows)
+        if capacity <= 0:
+            raise InvalidArgument(f"rows must be positive, got {capacity}")
+        with _Staging(self, capacity, info.d, dtype) as staging:
+            n, d = self._client.recv(boundary, direction, step, microbatch, staging.ref,
+                                     _timeout_ms(timeout))
+            if n * d > capacity * info.d:
+                raise Internal(f"mapld reported ({n}, {d}) written into ({capacity}, "
+                                      f"{info.d})")
+            view = staging.tensor.view(-1)[:n * d].view(n, d)
+            if device is None or torch.device(device).type == "cpu":
+                return view.clone()
+            return view.to(device)
