@@ -228,6 +228,10 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
   }
   if (c.recv_timeout_ms() == 0) c.set_recv_timeout_ms(60000);
   if (c.peer_connect_timeout_ms() == 0) c.set_peer_connect_timeout_ms(30000);
+  if (!(c.send_rate_mbit() >= 0) || c.send_rate_mbit() > 1e6) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "send_rate_mbit: must be in [0, 1e6] Mbit/s (0: no cap), got ", c.send_rate_mbit()));
+  }
   if (c.auth_token().empty()) {
     return absl::InvalidArgumentError(
         "auth_token: required; the daemons on both sides of a boundary present it to each other "
@@ -266,6 +270,14 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
       MAPL_RETURN_IF_ERROR(CheckAddress(field + ".peer_address", b->peer_address()));
     }
     MAPL_ASSIGN_OR_RETURN(*b, BoundaryEngine::WithDefaults(*b, field));
+    // A trainer stages one whole microbatch (float32) and its token ids in one buffer.
+    const uint64_t need = uint64_t{b->max_tokens()} * b->d() * 4 + uint64_t{b->max_tokens()} * 4;
+    if (need > c.client_buffer_bytes()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "client_buffer_bytes: ", c.client_buffer_bytes(), " cannot hold one microbatch of ",
+          field, " (max_tokens ", b->max_tokens(), " x d ", b->d(), " float32 + ids = ", need,
+          " bytes); raise client_buffer_bytes or lower ", field, ".max_tokens"));
+    }
   }
   return c;
 }

@@ -36,6 +36,8 @@ size_t ElementSize(v1::DType t) { return t == v1::DTYPE_BF16 ? 2 : 4; }
 
 // Tensors taken from trainers and not yet encoded, per boundary: a Send beyond this waits.
 constexpr size_t kMaxQueuedJobs = 4;
+// Encoded bytes waiting on a peer link before the encoder waits for the link.
+constexpr int64_t kMaxLinkQueueBytes = int64_t{256} << 20;
 
 // A region of a session's buffer, checked against what was attached.
 absl::StatusOr<char*> Resolve(const Daemon::Session& s, const v1::TensorRef& ref,
@@ -187,10 +189,7 @@ absl::Status Daemon::Init() {
     MAPL_ASSIGN_OR_RETURN(peer_server_, PeerServer::Create(options));
     for (auto& [id, b] : boundaries_) {
       if (b->config.role() != v1::ROLE_DOWNSTREAM) continue;
-      PeerLinkOptions link;
-      link.boundary = id;
-      link.stage = config_.stage();
-      link.auth_token = config_.auth_token();
+      PeerLinkOptions link = LinkOptions(id);
       Boundary* raw = b.get();
       MAPL_ASSIGN_OR_RETURN(
           b->link, peer_server_->RegisterBoundary(
@@ -206,11 +205,8 @@ absl::Status Daemon::Init() {
   // Upstream links dial in the background: the downstream daemon may start later.
   for (auto& [id, b] : boundaries_) {
     if (b->config.role() != v1::ROLE_UPSTREAM) continue;
-    PeerLinkOptions options;
-    options.boundary = id;
-    options.stage = config_.stage();
+    PeerLinkOptions options = LinkOptions(id);
     options.address = b->config.peer_address();
-    options.auth_token = config_.auth_token();
     options.connect_timeout = absl::Milliseconds(config_.peer_connect_timeout_ms());
     Boundary* raw = b.get();
     MAPL_ASSIGN_OR_RETURN(
@@ -258,8 +254,8 @@ void Daemon::Shutdown(absl::Duration drain) {
   for (auto& [id, b] : boundaries_) {
     if (!Flush(b.get(), deadline)) {
       absl::MutexLock bl(&b->mu);
-      Log(LogLevel::kWarning, "tensors not encoded at shutdown",
-          {{"boundary", absl::StrCat(id)}, {"count", absl::StrCat(b->jobs.size())}});
+      Log(LogLevel::kWarning, "still encoding at the drain deadline; finishing them",
+          {{"boundary", absl::StrCat(id)}, {"queued", absl::StrCat(b->jobs.size())}});
     }
     {
       absl::MutexLock bl(&b->mu);
@@ -294,6 +290,19 @@ void Daemon::Shutdown(absl::Duration drain) {
   }
   Log(LogLevel::kInfo, "stopped", {{"stage", absl::StrCat(config_.stage())}});
   stopped_.Notify();
+}
+
+PeerLinkOptions Daemon::LinkOptions(uint32_t boundary) const {
+  PeerLinkOptions o;
+  o.boundary = boundary;
+  o.stage = config_.stage();
+  o.auth_token = config_.auth_token();
+  if (config_.send_rate_mbit() > 0) {
+    o.send_rate_bytes_per_second = config_.send_rate_mbit() * 1e6 / 8;
+    o.send_burst_bytes =
+        std::max<int64_t>(64 << 10, static_cast<int64_t>(o.send_rate_bytes_per_second * 0.05));
+  }
+  return o;
 }
 
 absl::Duration Daemon::Timeout(uint32_t request_ms) const {
@@ -419,14 +428,6 @@ absl::StatusOr<v1::SendReply> Daemon::Send(const v1::SendRequest& request) {
                      " runs METHOD_MAPL, whose anchors need the token "
                      "ids of every forward microbatch"));
   }
-  if (tokens != nullptr) {
-    for (int64_t i = 0; i < t.rows; ++i) {
-      if (tokens[i] < 0 || static_cast<uint32_t>(tokens[i]) >= b->config.vocab()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "token_ids[", i, "] = ", tokens[i], ": must be in [0, vocab=", b->config.vocab(), ")"));
-      }
-    }
-  }
   const Key key{request.direction(), request.step(), request.microbatch()};
   const std::string what =
       Describe(b->config.id(), request.direction(), request.step(), request.microbatch());
@@ -440,37 +441,55 @@ absl::StatusOr<v1::SendReply> Daemon::Send(const v1::SendRequest& request) {
   job.rows = t.rows;
   {
     absl::MutexLock l(&b->mu);
+    if (b->closed_step.has_value() && request.step() <= *b->closed_step) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, ": step ", request.step(), " was already closed by Step(",
+                       *b->closed_step, "); steps only move forward"));
+    }
     if (b->sent.count(key)) {
       return absl::FailedPreconditionError(
           absl::StrCat(what, " was already sent; each (step, microbatch) is sent once"));
     }
     // Backpressure: a trainer far ahead of the encoder waits here instead of filling memory.
-    while (b->jobs.size() >= kMaxQueuedJobs && !b->stop) b->cv.Wait(&b->mu);
+    while (b->jobs.size() + b->reserved >= kMaxQueuedJobs && !b->stop) b->cv.Wait(&b->mu);
     if (b->stop) return absl::UnavailableError("mapld is shutting down; tensor not taken");
     b->sent.insert(key);  // reserved now, so a concurrent duplicate fails too
+    ++b->reserved;        // a queue slot, and Flush waits for it
     if (!b->spare_tensors.empty()) {
       job.tensor.swap(b->spare_tensors.back());
       b->spare_tensors.pop_back();
     }
   }
-  // Take the tensor: after this the trainer may reuse its buffer.
+  // Take the tensor and its ids: after this the trainer may reuse its buffers. Checks run on
+  // the copies, so a trainer changing its buffer meanwhile cannot slip anything past them.
   job.tensor.resize(bytes);
-  absl::Status finite;
+  absl::Status taken;
   if (!CopyAndCheckFinite(t, job.tensor.data())) {
-    finite = CheckFinite(ConstTensor{job.tensor.data(), t.rows, t.cols, t.dtype}, "tensor");
+    taken = CheckFinite(ConstTensor{job.tensor.data(), t.rows, t.cols, t.dtype}, "tensor");
   }
-  if (!finite.ok()) {
-    absl::MutexLock l(&b->mu);
-    b->sent.erase(key);
-    b->spare_tensors.push_back(std::move(job.tensor));
-    return absl::InvalidArgumentError(absl::StrCat(what, ": ", finite.message()));
+  if (taken.ok() && tokens != nullptr && b->config.method() == v1::METHOD_MAPL) {
+    job.token_ids.assign(tokens, tokens + t.rows);
+    for (int64_t i = 0; i < t.rows && taken.ok(); ++i) {
+      if (job.token_ids[i] < 0 || static_cast<uint32_t>(job.token_ids[i]) >= b->config.vocab()) {
+        taken = absl::InvalidArgumentError(
+            absl::StrCat("token_ids[", i, "] = ", job.token_ids[i],
+                         ": must be in [0, vocab=", b->config.vocab(), ")"));
+      }
+    }
   }
-  if (tokens != nullptr) job.token_ids.assign(tokens, tokens + t.rows);
   std::shared_ptr<JobResult> result;
   if (request.wait_encoded()) job.result = result = std::make_shared<JobResult>();
   v1::SendReply reply;
   reply.set_raw_bytes(bytes);
   absl::MutexLock l(&b->mu);
+  --b->reserved;
+  if (!taken.ok() || b->stop) {
+    b->sent.erase(key);
+    b->spare_tensors.push_back(std::move(job.tensor));
+    b->cv.SignalAll();
+    if (!taken.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ": ", taken.message()));
+    return absl::UnavailableError("mapld is shutting down; tensor not taken");
+  }
   b->jobs.push_back(std::move(job));
   b->cv.SignalAll();
   if (result == nullptr) return reply;
@@ -501,6 +520,14 @@ void Daemon::EncodeLoop(Boundary* b) {
 }
 
 void Daemon::Encode(Boundary* b, EncodeJob& job) {
+  // Backpressure from the link: with a capped send rate the link's queue would otherwise grow
+  // without bound while trainers keep sending.
+  while (!b->link->AwaitStats(
+      [](const PeerLinkStats& s) { return s.queued_bytes < kMaxLinkQueueBytes; },
+      absl::Seconds(1))) {
+    absl::MutexLock l(&b->mu);
+    if (b->stop) break;
+  }
   const std::string what = Describe(b->config.id(), job.direction, job.step, job.microbatch);
   const ConstTensor t{job.tensor.data(), job.rows, b->config.d(), job.dtype};
   const int dir = DirIndex(job.direction);
@@ -550,10 +577,11 @@ void Daemon::Encode(Boundary* b, EncodeJob& job) {
 
 bool Daemon::Flush(Boundary* b, absl::Time deadline) {
   absl::MutexLock l(&b->mu);
-  while (!b->jobs.empty() || b->encoding > 0) {
-    if (b->cv.WaitWithDeadline(&b->mu, deadline) && (!b->jobs.empty() || b->encoding > 0)) {
-      return false;
-    }
+  auto busy = [b]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(b->mu) {
+    return !b->jobs.empty() || b->encoding > 0 || b->reserved > 0;
+  };
+  while (busy()) {
+    if (b->cv.WaitWithDeadline(&b->mu, deadline) && busy()) return false;
   }
   return true;
 }
@@ -571,11 +599,16 @@ void Daemon::SendAll(Boundary* b, std::vector<v1::PeerMessage> messages) {
 }
 
 void Daemon::RequestSnapshot(Boundary* b, const absl::Status& why) {
+  // One request per dictionary version held: a burst of frames naming a version we lack must
+  // not become a burst of snapshots on a slow link.
+  const uint64_t have = b->engine->stats().dict_version;
+  if (b->snapshot_asked_at == have) return;
+  b->snapshot_asked_at = have;
   v1::PeerMessage m;
   v1::SnapshotRequest* r = m.mutable_snapshot_request();
   r->set_boundary(b->config.id());
   r->set_direction(v1::DIRECTION_FORWARD);
-  r->set_have_version(b->engine->stats().dict_version);
+  r->set_have_version(have);
   r->set_detail(std::string(why.message()));
   Log(LogLevel::kWarning, "requesting dictionary snapshot",
       {{"boundary", absl::StrCat(b->config.id())}, {"reason", std::string(why.message())}});
@@ -590,6 +623,16 @@ void Daemon::OnFrame(Boundary* b, const v1::Frame& f) {
   r.rows = f.tokens();
   r.cols = b->config.d();
   absl::Status s;
+  // Upstream receives backward frames, downstream forward ones; anything else would sit in the
+  // inbox forever.
+  const int expected =
+      b->config.role() == v1::ROLE_UPSTREAM ? v1::DIRECTION_BACKWARD : v1::DIRECTION_FORWARD;
+  if (f.direction() != expected) {
+    b->metrics->bad_messages->Increment();
+    Log(LogLevel::kError, "frame of the wrong direction dropped",
+        {{"boundary", absl::StrCat(b->config.id())}, {"direction", absl::StrCat(f.direction())}});
+    return;
+  }
   if (f.tokens() == 0 || f.tokens() > b->config.max_tokens()) {
     s = absl::InvalidArgumentError(
         absl::StrCat("frame of ", f.tokens(), " tokens (max_tokens ", b->config.max_tokens(), ")"));
@@ -623,7 +666,7 @@ void Daemon::OnFrame(Boundary* b, const v1::Frame& f) {
     // The trainer's Recv gets the reason at once instead of waiting for its deadline.
     r.status =
         absl::Status(s.code(), absl::StrCat(what, ": the frame was rejected: ", s.message()));
-    r.data.clear();
+    r.data = {};  // release the memory: an error entry holds no tensor
   }
   absl::MutexLock l(&b->mu);
   if (b->inbox.count(key)) {
@@ -657,6 +700,7 @@ void Daemon::OnPeerMessage(Boundary* b, const v1::PeerMessage& msg) {
         b->metrics->wire_dictionary_bytes->Increment(
             static_cast<double>(msg.dictionary_snapshot().ByteSizeLong()));
         s = b->engine->HandleSnapshot(msg.dictionary_snapshot());
+        if (s.ok()) b->snapshot_asked_at = ~uint64_t{0};  // a later loss may ask again
         break;
       case v1::PeerMessage::kSnapshotRequest: {
         Log(LogLevel::kWarning, "peer asked for a dictionary snapshot",
@@ -683,7 +727,9 @@ void Daemon::OnPeerMessage(Boundary* b, const v1::PeerMessage& msg) {
   }
 }
 
-absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request) {
+absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,
+                                           const std::function<bool()>& cancelled) {
+  if (shutting_down()) return absl::UnavailableError("mapld is shutting down");
   MAPL_ASSIGN_OR_RETURN(Boundary * b, FindBoundary(request.boundary(), request.direction(), false));
   std::shared_ptr<Session> session;
   {
@@ -732,6 +778,11 @@ absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request) {
       return absl::InvalidArgumentError(
           absl::StrCat(what, " has ", it->second.rows, " rows; `into` holds only ", into.rows()));
     }
+    // A client that gave up (its own deadline, or it died) may already reuse `into` for
+    // something else: leave the tensor in the inbox for a retry instead of writing there.
+    if (cancelled && cancelled()) {
+      return absl::CancelledError(absl::StrCat(what, ": the caller cancelled the Recv"));
+    }
     r = std::move(it->second);
     b->inbox.erase(it);
   }
@@ -774,6 +825,12 @@ absl::StatusOr<v1::StepReply> Daemon::Step(const v1::StepRequest& request) {
     for (auto& [id, b] : boundaries_) {
       if (b->config.role() != role) continue;
       const std::string where = absl::StrCat("boundary ", id, ": step ", request.step(), ": ");
+      {
+        // A retried Step (say, after its learning-signal wait timed out on a middle stage) skips
+        // the boundaries it already closed.
+        absl::MutexLock l(&b->mu);
+        if (b->closed_step.has_value() && *b->closed_step >= request.step()) continue;
+      }
       // Everything the trainer sent in this step is encoded before the step closes.
       if (!Flush(b.get(), deadline)) {
         return absl::DeadlineExceededError(
@@ -813,8 +870,25 @@ absl::StatusOr<v1::StepReply> Daemon::Step(const v1::StepRequest& request) {
         if (b->stop) return absl::UnavailableError("mapld is shutting down");
       }
       absl::MutexLock l(&b->mu);
+      b->closed_step = request.step();
       for (auto it = b->sent.begin(); it != b->sent.end();) {
         it = std::get<1>(*it) <= request.step() ? b->sent.erase(it) : std::next(it);
+      }
+      // Tensors of closed steps that the trainer never received would stay forever.
+      int64_t stale = 0;
+      for (auto it = b->inbox.begin(); it != b->inbox.end();) {
+        if (std::get<1>(it->first) <= request.step()) {
+          it = b->inbox.erase(it);
+          ++stale;
+        } else {
+          ++it;
+        }
+      }
+      if (stale > 0) {
+        Log(LogLevel::kWarning, "dropped tensors of a closed step that were never received",
+            {{"boundary", absl::StrCat(id)},
+             {"step", absl::StrCat(request.step())},
+             {"count", absl::StrCat(stale)}});
       }
     }
   }

@@ -19,8 +19,10 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -68,7 +70,10 @@ class Daemon {
                                                   v1::AttachEvent* event);
   void Detach(uint64_t session);
   absl::StatusOr<v1::SendReply> Send(const v1::SendRequest& request);
-  absl::StatusOr<v1::RecvReply> Recv(const v1::RecvRequest& request);
+  // `cancelled` (may be empty) says whether the caller gave up; checked before writing into
+  // its buffer.
+  absl::StatusOr<v1::RecvReply> Recv(const v1::RecvRequest& request,
+                                     const std::function<bool()>& cancelled = {});
   absl::StatusOr<v1::StepReply> Step(const v1::StepRequest& request);
   absl::StatusOr<v1::StatsReply> Stats(const v1::StatsRequest& request);
   bool shutting_down() const { return shutting_down_.HasBeenNotified(); }
@@ -115,7 +120,10 @@ class Daemon {
     std::set<Key> sent ABSL_GUARDED_BY(mu);    // tensors the trainer handed in, until Step
     uint64_t signals ABSL_GUARDED_BY(mu) = 0;  // learning signals handled (wakes Step)
     std::deque<EncodeJob> jobs ABSL_GUARDED_BY(mu);
-    int encoding ABSL_GUARDED_BY(mu) = 0;  // jobs the encoder has taken and not finished
+    int encoding ABSL_GUARDED_BY(mu) = 0;     // jobs the encoder has taken and not finished
+    size_t reserved ABSL_GUARDED_BY(mu) = 0;  // Sends copying their tensor, not yet queued
+    std::optional<uint64_t> closed_step ABSL_GUARDED_BY(mu);  // the last step Step closed here
+    uint64_t snapshot_asked_at ABSL_GUARDED_BY(engine_mu) = ~uint64_t{0};  // version we had
     bool stop ABSL_GUARDED_BY(mu) = false;
     // Reused buffers: fresh 32 MiB allocations cost more in page faults than the copy itself.
     std::vector<std::vector<char>> spare_tensors ABSL_GUARDED_BY(mu);
@@ -140,6 +148,7 @@ class Daemon {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(b->engine_mu);
   void FillStats(Boundary* b, v1::BoundaryStats* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(b->engine_mu);
   absl::Duration Timeout(uint32_t request_ms) const;
+  PeerLinkOptions LinkOptions(uint32_t boundary) const;
 
   const v1::DaemonConfig config_;
   std::unique_ptr<Backend> backend_;

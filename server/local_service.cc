@@ -29,10 +29,9 @@ class LocalService final : public v1::Local::Service {
     session->reset();  // the daemon's map holds it; Detach frees the buffers
     if (writer->Write(event)) {
       // The client keeps this stream open while it lives; poll, since the sync API has no
-      // cancellation callback.
-      while (!context->IsCancelled() && !daemon_->shutting_down()) {
-        absl::SleepFor(absl::Milliseconds(50));
-      }
+      // cancellation callback. Sessions outlive the start of a shutdown (a draining daemon
+      // still delivers); the server's own shutdown cancels this call at the end.
+      while (!context->IsCancelled()) absl::SleepFor(absl::Milliseconds(50));
     }
     daemon_->Detach(id);
     return daemon_->shutting_down()
@@ -44,9 +43,9 @@ class LocalService final : public v1::Local::Service {
                     v1::SendReply* reply) override {
     return Reply(daemon_->Send(*request), reply);
   }
-  grpc::Status Recv(grpc::ServerContext*, const v1::RecvRequest* request,
+  grpc::Status Recv(grpc::ServerContext* context, const v1::RecvRequest* request,
                     v1::RecvReply* reply) override {
-    return Reply(daemon_->Recv(*request), reply);
+    return Reply(daemon_->Recv(*request, [context] { return context->IsCancelled(); }), reply);
   }
   grpc::Status Step(grpc::ServerContext*, const v1::StepRequest* request,
                     v1::StepReply* reply) override {

@@ -13,6 +13,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "server/config.h"
 #include "server/daemon.h"
@@ -98,14 +99,22 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  std::thread waiter([d, &signals] {
+  // One thread takes every signal: the first drains and stops the daemon; a second one (an
+  // impatient Ctrl-C) exits at once.
+  absl::Notification first_signal;
+  std::thread waiter([&signals, &first_signal] {
     int sig = 0;
     sigwait(&signals, &sig);
     mapl::Log(mapl::LogLevel::kInfo, "signal received, draining",
               {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
-    d->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
+    first_signal.Notify();
+    sigwait(&signals, &sig);
+    mapl::Log(mapl::LogLevel::kWarning, "second signal: exiting without finishing the drain");
+    _exit(1);
   });
+  waiter.detach();
+  first_signal.WaitForNotification();
+  d->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
   d->Wait();
-  waiter.join();
   return 0;
 }

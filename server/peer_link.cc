@@ -127,6 +127,10 @@ absl::Status ValidateCommon(const PeerLinkOptions& o) {
   if (o.close_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError(where + "close_grace must not be negative");
   }
+  if (!(o.send_rate_bytes_per_second >= 0) || o.send_burst_bytes < 1) {
+    return absl::InvalidArgumentError(
+        where + "send_rate_bytes_per_second must be >= 0 and send_burst_bytes >= 1");
+  }
   return absl::OkStatus();
 }
 
@@ -828,6 +832,27 @@ void PeerLink::WriterLoop(Session* session) {
       continue;
     }
     if (out == &control) bytes = static_cast<int64_t>(control.ByteSizeLong());
+    if (options_.send_rate_bytes_per_second > 0) {
+      // Refill, take this message's bytes (possibly into debt), and wait out any debt: over time
+      // the writes average the rate, and a message larger than the burst still goes through.
+      const double rate = options_.send_rate_bytes_per_second;
+      const double burst = static_cast<double>(options_.send_burst_bytes);
+      rate_tokens_ =
+          rate_refilled_ == absl::InfinitePast()
+              ? burst
+              : std::min(burst, rate_tokens_ + rate * absl::ToDoubleSeconds(now - rate_refilled_));
+      rate_refilled_ = now;
+      rate_tokens_ -= static_cast<double>(bytes);
+      if (rate_tokens_ < 0) {
+        const absl::Time ready = now + absl::Seconds(-rate_tokens_ / rate);
+        auto stopping = [session, this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return session->stop || closing_;
+        };
+        // A message taken from the queue but not written stays retained (unacknowledged) and is
+        // resent on the next connection, so stopping here loses nothing.
+        if (mu_.AwaitWithDeadline(absl::Condition(&stopping), ready)) continue;
+      }
+    }
     mu_.Unlock();
     const bool ok = session->stream->Write(*out);
     mu_.Lock();

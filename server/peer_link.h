@@ -101,6 +101,11 @@ struct PeerLinkOptions {
   int max_message_bytes = 256 << 20;
   // Client Close: how long to wait for the peer to end the stream cleanly before cancelling it.
   absl::Duration close_grace = absl::Seconds(1);
+  // Cap on this side's send rate, in bytes a second of serialized messages (0: none): a token
+  // bucket holding at most send_burst_bytes, so a long run averages the rate and short bursts
+  // go out at once. To share a link politely, or to emulate a slow one.
+  double send_rate_bytes_per_second = 0;
+  int64_t send_burst_bytes = 64 << 10;
 };
 
 // Traffic and health counters of one link (all since creation).
@@ -262,6 +267,10 @@ class PeerLink {
   uint64_t highest_written_ ABSL_GUARDED_BY(mu_) = 0;         // Writes at or below it are resends.
   std::deque<v1::PeerMessage> control_ ABSL_GUARDED_BY(mu_);  // Heartbeat echoes to write.
   absl::Time next_heartbeat_ ABSL_GUARDED_BY(mu_);
+  // Token bucket of send_rate_bytes_per_second: bytes that may go out now (negative: debt that
+  // the rate pays back before the next write), as of rate_refilled_.
+  double rate_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Time rate_refilled_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
 
   // Receiving.
   uint64_t peer_instance_id_ ABSL_GUARDED_BY(mu_) = 0;  // 0: no peer seen yet.

@@ -244,6 +244,33 @@ TEST_F(TwoDaemonsTest, BadInputIsRejectedClearlyAndTheDaemonKeepsServing) {
   EXPECT_EQ(s.code, kInvalidArgument) << s.message;
 }
 
+TEST_F(TwoDaemonsTest, SendForAClosedStepIsRefusedAtOnce) {
+  SendResult sent;
+  auto [h, ids] = Fill(up_client_.get(), 8);
+  ASSERT_TRUE(up_client_->Send(0, Direction::kForward, 1, 0, h, ids, &sent).ok());
+  RecvResult r;
+  ASSERT_TRUE(
+      down_client_
+          ->Recv(0, Direction::kForward, 1, 0, TensorRef{0, 0, kMaxTokens, kD, DType::kF32}, 0, &r)
+          .ok());
+  ASSERT_TRUE(down_client_
+                  ->Send(0, Direction::kBackward, 1, 0, TensorRef{0, 0, r.rows, kD, DType::kF32},
+                         std::nullopt, &sent)
+                  .ok());
+  ASSERT_TRUE(
+      up_client_
+          ->Recv(0, Direction::kBackward, 1, 0, TensorRef{1, 0, kMaxTokens, kD, DType::kF32}, 0, &r)
+          .ok());
+  StepResult stepped;
+  ASSERT_TRUE(down_client_->Step(1, 5000, &stepped).ok());
+  Status s = up_client_->Step(1, 5000, &stepped);
+  ASSERT_TRUE(s.ok()) << s.message;
+  s = up_client_->Send(0, Direction::kForward, 1, 1, h, ids, &sent);
+  EXPECT_EQ(s.code, kFailedPrecondition) << s.message;
+  EXPECT_NE(s.message.find("already closed"), std::string::npos) << s.message;
+  EXPECT_TRUE(up_client_->Send(0, Direction::kForward, 2, 0, h, ids, &sent).ok());
+}
+
 // grpc.health.v1.Health/Check with service "" (an empty request message) on both servers of the
 // downstream daemon; the reply HealthCheckResponse{status: SERVING} serializes to 08 01.
 TEST_F(TwoDaemonsTest, BothServersAnswerTheStandardHealthCheck) {

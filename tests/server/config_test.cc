@@ -85,6 +85,7 @@ TEST(Config, InvalidFieldsStopStartupNamingTheField) {
                                   "boundaries[1].d=8"}),
               "appears twice");
   ExpectError(Finalized("stage: 1 auth_token: \"t\""), "boundaries");
+  ExpectError(Finalized(kStage1, {"client_buffer_bytes=1000000"}), "client_buffer_bytes");
   ExpectError(Finalized("stage: 1\nauth_token: \"t\"\nboundaries { d: -3 }"), "line 3");
 }
 

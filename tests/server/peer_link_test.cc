@@ -247,6 +247,30 @@ TEST(PeerLinkTest, LargeMessageEachWay) {
   EXPECT_GT(p.up->stats().received_total.bytes, 8 << 20);
 }
 
+// The cap is a lower bound on time: 1 MB at 2 MB/s with a 64 KiB burst cannot arrive in less
+// than (1 MB - 64 KiB) / 2 MB/s = 0.47 s, however fast or slow the machine (no upper bound here:
+// speed belongs in benchmarks).
+TEST(PeerLinkTest, SendRateCapHoldsTheAverageRate) {
+  const std::string pool = RandomBytes(64 << 10, 13);
+  constexpr int kFrames = 40, kBytes = 25000;
+  Recorder at_up(kFrames, &pool);
+  PeerLinkOptions down = ServerSide();
+  down.send_rate_bytes_per_second = 2e6;
+  down.send_burst_bytes = 64 << 10;
+  Pair p = Connect(Ignore, at_up.handler(), down);
+  const absl::Time start = absl::Now();
+  for (int i = 0; i < kFrames; ++i) ASSERT_TRUE(p.down->Send(MakeFrame(i, kBytes, 0, pool)).ok());
+  ASSERT_TRUE(at_up.WaitDone()) << at_up.received();
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(at_up.errors(), "");
+  const double bytes = static_cast<double>(p.down->stats().sent_total.bytes);
+  EXPECT_GT(bytes, kFrames * kBytes);
+  EXPECT_GE(absl::ToDoubleSeconds(took), (bytes - (64 << 10)) / 2e6 * 0.95)
+      << "sent " << bytes << " bytes in " << absl::FormatDuration(took);
+  std::cout << "rate-capped link: " << bytes / 1e6 << " MB in " << absl::FormatDuration(took)
+            << " at a 2 MB/s cap\n";
+}
+
 TEST(PeerLinkTest, WrongAuthTokenIsRejected) {
   std::unique_ptr<PeerServer> server = StartServer();
   absl::StatusOr<PeerLink*> down = server->RegisterBoundary(ServerSide(), Ignore);

@@ -37,19 +37,26 @@ def find_mapld() -> Path:
                       "(bash deploy/build.sh), or set MAPLD to the binary")
 
 
-def _value(v: object) -> str:
+# Enum-valued config fields: their values go bare (METHOD_MAPL); every other string is quoted,
+# so that an auth token such as "ABC" stays a string.
+_ENUM_FIELDS = {"role", "method", "forward_codec", "backward_codec", "projector_init",
+                "dictionary_precision"}
+
+
+def _value(key: str, v: object) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, str) and not (v.isupper() and v.replace("_", "").isalnum()):
-        return json.dumps(v)  # a quoted string; enum names stay bare
+    if isinstance(v, str) and key not in _ENUM_FIELDS:
+        return json.dumps(v)
     return str(v)
 
 
 def config_text(fields: Dict[str, object], boundaries: List[Dict[str, object]]) -> str:
     """A text-format mapl.v1.DaemonConfig from plain dicts (enum values by name)."""
-    text = "".join(f"{k}: {_value(v)}\n" for k, v in fields.items())
+    text = "".join(f"{k}: {_value(k, v)}\n" for k, v in fields.items())
     for b in boundaries:
-        text += "boundaries {\n" + "".join(f"  {k}: {_value(v)}\n" for k, v in b.items()) + "}\n"
+        text += "boundaries {\n" + "".join(f"  {k}: {_value(k, v)}\n" for k, v in b.items())
+        text += "}\n"
     return text
 
 
@@ -130,12 +137,15 @@ def start_pair(directory: Path, boundary: Dict[str, object],
     b = dict(boundary, id=0)
     down = start_mapld(directory, 1, [dict(b, role="ROLE_DOWNSTREAM")],
                        dict(extra or {}, peer_listen="127.0.0.1:0"))
+    up = None
     try:
         port = down.ready()["peer_port"]
         up = start_mapld(directory, 0, [dict(b, role="ROLE_UPSTREAM",
                                              peer_address=f"127.0.0.1:{port}")], extra)
         up.ready()
     except BaseException:
-        down.stop()
+        for d in (up, down):
+            if d is not None:
+                d.stop()
         raise
     return up, down

@@ -239,6 +239,8 @@ class Sidecar:
         self._views = [torch.frombuffer(client.region(i, 0, s), dtype=torch.uint8) if s else
                        torch.empty(0, dtype=torch.uint8) for i, s in enumerate(sizes)]
         self._closed = False
+        # A Sidecar dropped without close() still ends its session.
+        weakref.finalize(self, client.close)
 
     @classmethod
     def connect(cls, stage: int = 0, socket_path: Optional[str] = None,
@@ -260,6 +262,9 @@ class Sidecar:
         """End the session: mapld frees this client's buffers. Idempotent."""
         self._closed = True
         self._client.close()
+        # Drop this object's views: the mappings go once no handed-out tensor uses them.
+        self._views = []
+        self._bases = []
 
     def __enter__(self) -> "Sidecar":
         return self
