@@ -13,27 +13,15 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/tensor.h"
+#include "tests/kernels/reference.h"
 
 namespace mapl {
 namespace {
 
-std::vector<float> Gaussian(std::mt19937& rng, size_t count, float stddev = 1.f) {
-  std::normal_distribution<float> dist(0.f, stddev);
-  std::vector<float> v(count);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
-// max |a - b| / (1 + |b|): absolute near zero, relative for large values.
-template <typename A, typename B>
-double MaxRelDiff(const A& a, const B& b) {
-  double err = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double bi = static_cast<double>(b[i]);
-    err = std::max(err, std::fabs(static_cast<double>(a[i]) - bi) / (1.0 + std::fabs(bi)));
-  }
-  return err;
-}
+using reference::AB;
+using reference::AtB;
+using reference::Gaussian;
+using reference::MaxRelDiff;
 
 bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;

@@ -13,18 +13,17 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/tensor.h"
+#include "tests/kernels/reference.h"
 
 namespace mapl {
 namespace {
 
-constexpr int kN = 37, kD = 48, kK = 6;
+using reference::AB;
+using reference::AtB;
+using reference::Gaussian;
+using reference::MaxRelDiff;
 
-std::vector<float> Gaussian(std::mt19937& rng, size_t count, float stddev = 1.f) {
-  std::normal_distribution<float> dist(0.f, stddev);
-  std::vector<float> v(count);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
+constexpr int kN = 37, kD = 48, kK = 6;
 
 // An orthonormal (d, k) matrix by modified Gram-Schmidt in double.
 std::vector<float> Orthonormal(std::mt19937& rng, int d, int k) {
@@ -43,30 +42,6 @@ std::vector<float> Orthonormal(std::mt19937& rng, int d, int k) {
   return {u.begin(), u.end()};
 }
 
-// a^T b for a (rows, ka) and b (rows, kb).
-std::vector<double> AtB(const std::vector<double>& a, const std::vector<double>& b, int rows,
-                        int ka, int kb) {
-  std::vector<double> c(static_cast<size_t>(ka) * kb, 0.0);
-  for (int r = 0; r < rows; ++r) {
-    for (int i = 0; i < ka; ++i) {
-      for (int j = 0; j < kb; ++j) c[i * kb + j] += a[r * ka + i] * b[r * kb + j];
-    }
-  }
-  return c;
-}
-
-// a b for a (rows, inner) and b (inner, cols).
-std::vector<double> AB(const std::vector<double>& a, const std::vector<double>& b, int rows,
-                       int inner, int cols) {
-  std::vector<double> c(static_cast<size_t>(rows) * cols, 0.0);
-  for (int r = 0; r < rows; ++r) {
-    for (int i = 0; i < inner; ++i) {
-      for (int j = 0; j < cols; ++j) c[r * cols + j] += a[r * inner + i] * b[i * cols + j];
-    }
-  }
-  return c;
-}
-
 std::vector<double> D(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
 std::vector<float> RoundTripBf16(const std::vector<float>& v, std::vector<bf16_t>* bits) {
@@ -75,17 +50,6 @@ std::vector<float> RoundTripBf16(const std::vector<float>& v, std::vector<bf16_t
   std::vector<float> r(v.size());
   Bf16ToFloat(bits->data(), r.data(), v.size());
   return r;
-}
-
-// max |a - b| / (1 + |b|).
-template <typename A, typename B>
-double MaxRelDiff(const A& a, const B& b) {
-  double err = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double bi = static_cast<double>(b[i]);
-    err = std::max(err, std::fabs(static_cast<double>(a[i]) - bi) / (1.0 + std::fabs(bi)));
-  }
-  return err;
 }
 
 // G_down = g^T zq - a^T (g U) - g^T (a U), exactly as DESIGN.md writes it.

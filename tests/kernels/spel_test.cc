@@ -15,6 +15,7 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/tensor.h"
+#include "tests/kernels/reference.h"
 
 extern "C" void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda,
                         double* w, double* work, const int* lwork, int* iwork, const int* liwork,
@@ -23,14 +24,12 @@ extern "C" void dsyevd_(const char* jobz, const char* uplo, const int* n, double
 namespace mapl {
 namespace {
 
-constexpr double kPi = 3.14159265358979323846;
+using reference::AB;
+using reference::AtB;
+using reference::Gaussian;
+using reference::MaxRelDiff;
 
-std::vector<float> Gaussian(std::mt19937& rng, size_t count, float stddev = 1.f) {
-  std::normal_distribution<float> dist(0.f, stddev);
-  std::vector<float> v(count);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
+constexpr double kPi = 3.14159265358979323846;
 
 std::vector<double> ToDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
@@ -47,30 +46,6 @@ void SymEig(std::vector<double> a, int k, std::vector<double>* w, std::vector<do
           1, 1);
   ASSERT_EQ(info, 0);
   *v = std::move(a);
-}
-
-// a^T b for a (rows, ka) and b (rows, kb), naive loops.
-std::vector<double> AtB(const std::vector<double>& a, const std::vector<double>& b, int rows,
-                        int ka, int kb) {
-  std::vector<double> c(static_cast<size_t>(ka) * kb, 0.0);
-  for (int r = 0; r < rows; ++r) {
-    for (int i = 0; i < ka; ++i) {
-      for (int j = 0; j < kb; ++j) c[i * kb + j] += a[r * ka + i] * b[r * kb + j];
-    }
-  }
-  return c;
-}
-
-// a b for a (rows, inner) and b (inner, cols).
-std::vector<double> AB(const std::vector<double>& a, const std::vector<double>& b, int rows,
-                       int inner, int cols) {
-  std::vector<double> c(static_cast<size_t>(rows) * cols, 0.0);
-  for (int r = 0; r < rows; ++r) {
-    for (int i = 0; i < inner; ++i) {
-      for (int j = 0; j < cols; ++j) c[r * cols + j] += a[r * inner + i] * b[i * cols + j];
-    }
-  }
-  return c;
 }
 
 // The exact polar factor y (y^T y)^(-1/2) in double.
