@@ -369,6 +369,16 @@ void Daemon::Detach(uint64_t session) {
       {{"session", absl::StrCat(session)}, {"client", s->client_name}});
 }
 
+absl::StatusOr<std::shared_ptr<Daemon::Session>> Daemon::FindSession(uint64_t id) {
+  absl::MutexLock l(&sessions_mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session ", id, " is not attached; call Attach first"));
+  }
+  return it->second;  // the caller's reference keeps the buffers mapped until it returns
+}
+
 absl::StatusOr<Daemon::Boundary*> Daemon::FindBoundary(uint32_t id, v1::Direction direction,
                                                        bool sending) {
   auto it = boundaries_.find(id);
@@ -397,16 +407,7 @@ absl::StatusOr<Daemon::Boundary*> Daemon::FindBoundary(uint32_t id, v1::Directio
 absl::StatusOr<v1::SendReply> Daemon::Send(const v1::SendRequest& request) {
   if (shutting_down()) return absl::UnavailableError("mapld is shutting down; tensor not taken");
   MAPL_ASSIGN_OR_RETURN(Boundary * b, FindBoundary(request.boundary(), request.direction(), true));
-  std::shared_ptr<Session> session;
-  {
-    absl::MutexLock l(&sessions_mu_);
-    auto it = sessions_.find(request.session());
-    if (it == sessions_.end()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("session ", request.session(), " is not attached; call Attach first"));
-    }
-    session = it->second;
-  }
+  MAPL_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, FindSession(request.session()));
   MAPL_ASSIGN_OR_RETURN(ConstTensor t,
                         ActivationView(*session, request.tensor(), b->config, "tensor"));
   const int32_t* tokens = nullptr;
@@ -731,16 +732,7 @@ absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,
                                            const std::function<bool()>& cancelled) {
   if (shutting_down()) return absl::UnavailableError("mapld is shutting down");
   MAPL_ASSIGN_OR_RETURN(Boundary * b, FindBoundary(request.boundary(), request.direction(), false));
-  std::shared_ptr<Session> session;
-  {
-    absl::MutexLock l(&sessions_mu_);
-    auto it = sessions_.find(request.session());
-    if (it == sessions_.end()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("session ", request.session(), " is not attached; call Attach first"));
-    }
-    session = it->second;
-  }
+  MAPL_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, FindSession(request.session()));
   const v1::TensorRef& into = request.into();
   if (into.dtype() != v1::DTYPE_F32 && into.dtype() != v1::DTYPE_BF16) {
     return absl::InvalidArgumentError("into.dtype: must be DTYPE_F32 or DTYPE_BF16");

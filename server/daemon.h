@@ -133,6 +133,7 @@ class Daemon {
 
   explicit Daemon(const v1::DaemonConfig& config);
   absl::Status Init();
+  absl::StatusOr<std::shared_ptr<Session>> FindSession(uint64_t id);
   absl::StatusOr<Boundary*> FindBoundary(uint32_t id, v1::Direction direction, bool sending);
   // Peer messages, on the link's reader thread, in order.
   void OnPeerMessage(Boundary* b, const v1::PeerMessage& msg);
