@@ -1,0 +1,100 @@
+"""The settings of one pipeline run, shared by the launcher and the stage processes (as JSON)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Dict
+
+from .model import ModelConfig
+
+__all__ = ["RunConfig", "METHODS", "CODECS"]
+
+METHODS = ("MAPL", "FIXED", "DENSE")
+CODECS = ("RVQ", "INT8", "BF16")
+
+
+@dataclass
+class RunConfig:
+    # Model.
+    d_model: int = 256
+    layers: int = 4
+    heads: int = 4
+    seq_len: int = 128
+    # Schedule and optimizer.
+    stages: int = 2
+    batch: int = 16              # sequences per optimizer step
+    microbatches: int = 4        # GPipe: forward all, then backward all
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1    # cosine decay to lr * this at the end of the run
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    seed: int = 0
+    eval_batches: int = 8        # validation microbatches (of batch / microbatches sequences)
+    # Data: a text file (the launcher extracts the default corpus into the run's directory).
+    corpus: str = ""
+    # The boundaries' compression (mapl.v1.BoundaryConfig).
+    method: str = "MAPL"
+    k: int = 0                   # 0: d_model / 16
+    forward_codec: str = "RVQ"
+    rvq_levels: int = 4
+    backward_codec: str = "INT8"
+    send_rate_mbit: float = 20.0  # per peer link and direction; 0: no cap
+    timeout_s: float = 120.0     # the most a stage waits for a tensor or a step
+
+    def __post_init__(self) -> None:
+        self.method, self.forward_codec = self.method.upper(), self.forward_codec.upper()
+        self.backward_codec = self.backward_codec.upper()
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method}")
+        if self.forward_codec not in CODECS:
+            raise ValueError(f"forward codec must be one of {', '.join(CODECS)}")
+        if self.backward_codec not in ("INT8", "BF16"):
+            raise ValueError("backward codec must be INT8 or BF16")
+        if not 2 <= self.stages <= 4:
+            raise ValueError(f"stages must be 2 to 4, got {self.stages}")
+        if self.layers < self.stages:
+            raise ValueError(f"{self.stages} stages need at least as many layers, not "
+                             f"{self.layers}")
+        if self.microbatches < 1 or self.batch % self.microbatches:
+            raise ValueError(f"batch {self.batch} must split into {self.microbatches} equal "
+                             "microbatches")
+        if self.k == 0:
+            self.k = max(1, self.d_model // 16)
+        if not 1 <= self.k <= self.d_model:
+            raise ValueError(f"k must be in [1, d_model={self.d_model}], got {self.k}")
+        self.model()  # validates the model's shape
+
+    @property
+    def microbatch_size(self) -> int:
+        return self.batch // self.microbatches
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq_len
+
+    def model(self) -> ModelConfig:
+        return ModelConfig(d_model=self.d_model, layers=self.layers, heads=self.heads,
+                           seq_len=self.seq_len)
+
+    def boundary(self, boundary_id: int) -> Dict[str, Any]:
+        """The BoundaryConfig fields of boundary ``boundary_id`` (role and address aside)."""
+        fields: Dict[str, Any] = {"id": boundary_id, "d": self.d_model,
+                                  "method": f"METHOD_{self.method}", "vocab": 256,
+                                  "seed": self.seed + 1000 * boundary_id,
+                                  "max_tokens": self.microbatch_size * self.seq_len}
+        if self.method != "DENSE":  # dense sends bf16 both ways and takes no codec settings
+            fields.update(k=self.k, forward_codec=f"CODEC_{self.forward_codec}",
+                          backward_codec=f"CODEC_{self.backward_codec}",
+                          rvq_levels=self.rvq_levels)
+        return fields
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,548 @@
+#!/usr/bin/python3
+"""The main job: a LLaMA-style model trained across pipeline stages whose only link is mapl.
+
+Starts one mapld per stage on loopback (each capping its send rate to emulate a slow link), one
+trainer process per stage, drives them in lock step, shows progress (step, training loss,
+tokens/s, wire bytes a step and the compression the daemons measured), evaluates the validation
+loss a few times and at the end, prints a summary, writes the loss curve as a PNG, and stops
+every process it started, also on Ctrl-C or when one of them fails (then it says which and why).
+
+    PYTHONPATH=build/python OPENBLAS_NUM_THREADS=1 /usr/bin/python3 \\
+        examples/llama_pipeline/run.py [--minutes 3] [--method MAPL|FIXED|DENSE] [--k 16]
+
+From Python (the CI test does this)::
+
+    summary = run(RunConfig(d_model=64, layers=2), out_dir=Path("out"), max_steps=40)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+if __package__ in (None, ""):  # run as a script: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llama_pipeline.config import CODECS, METHODS, RunConfig  # noqa: E402
+from llama_pipeline.data import Corpus, CorpusError, load_text  # noqa: E402
+from llama_pipeline.model import layer_ranges  # noqa: E402
+
+__all__ = ["RunConfig", "PipelineError", "run", "main"]
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = EXAMPLES_DIR.parent / "out" / "llama_pipeline"
+EVAL_FRACTIONS = (0.25, 0.5, 0.75)  # of the run, besides the final evaluation
+Log = Callable[[str], None]
+
+
+class PipelineError(RuntimeError):
+    """A daemon or a stage process failed; the message says which, why, and ends with its log."""
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except OSError:
+        return "  (no log)"
+    return "\n".join("  | " + line for line in text[-lines:])
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class _StageProc:
+    """A stage trainer process and the thread that reads its protocol lines."""
+
+    def __init__(self, index: int, argv: List[str], env: Dict[str, str], log: Path,
+                 events: "queue.Queue[tuple]") -> None:
+        self.index, self.log_path = index, log
+        self._log = open(log, "wb")
+        # A session of its own: Ctrl-C reaches the launcher only, which stops the stages in order.
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, env=env, text=True, bufsize=1,
+                                     start_new_session=True)
+        self.error: Optional[str] = None
+        self._reader = threading.Thread(target=self._read, args=(events,), daemon=True)
+        self._reader.start()
+
+    def _read(self, events: "queue.Queue[tuple]") -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                events.put((self.index, json.loads(line)))
+            except json.JSONDecodeError:
+                continue
+        events.put((self.index, None))  # EOF: the process is gone or going
+
+    def send(self, message: Dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # it died; the reader reports it
+
+    def stop(self, timeout: float, graceful: bool = True) -> None:
+        """Graceful: ask it to stop after its current step; otherwise (a peer failed, so it may
+        be blocked waiting for a tensor) SIGTERM at once. SIGKILL after a grace period."""
+        if self.proc.poll() is None:
+            if graceful:
+                self.send({"cmd": "stop"})
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        self._log.close()
+
+
+class Pipeline:
+    """The daemons and stage processes of one run; a context manager that stops them all."""
+
+    def __init__(self, cfg: RunConfig, log_dir: Path) -> None:
+        self.cfg, self.log_dir = cfg, log_dir
+        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self.daemons: Dict[int, Any] = {}  # stage -> mapl.launch.Daemon
+        self.stages: List[_StageProc] = []
+        self.ready: Dict[int, Dict[str, Any]] = {}
+        # Sockets, configs and ready files: a short path (Unix sockets hold 107 bytes).
+        self.tmp = Path(tempfile.mkdtemp(prefix="mapl-llama-", dir="/tmp"))
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(graceful=exc_type is None)
+
+    def start(self, config_path: Path) -> None:
+        from mapl import launch  # the daemons' side of the package; needs the built mapld
+
+        cfg = self.cfg
+        tensor_bytes = cfg.microbatch_size * cfg.seq_len * cfg.d_model * 4
+        extra: Dict[str, Any] = {
+            "client_buffers": 4, "client_buffer_bytes": max(4 << 20, 8 * tensor_bytes),
+            "recv_timeout_ms": int(cfg.timeout_s * 1000)}
+        if cfg.send_rate_mbit > 0:
+            extra["send_rate_mbit"] = cfg.send_rate_mbit
+        # Downstream daemons listen, upstream ones dial: start from the last stage.
+        daemons = self.daemons
+        port = None
+        for s in reversed(range(cfg.stages)):
+            boundaries = []
+            if s > 0:
+                boundaries.append(dict(cfg.boundary(s - 1), role="ROLE_DOWNSTREAM"))
+            if s < cfg.stages - 1:
+                boundaries.append(dict(cfg.boundary(s), role="ROLE_UPSTREAM",
+                                       peer_address=f"127.0.0.1:{port}"))
+            fields = dict(extra, peer_listen="127.0.0.1:0")
+            try:
+                # Loopback delivers in milliseconds: a short drain bounds the stop when a peer
+                # is gone.
+                daemons[s] = launch.start_mapld(self.tmp, s, boundaries, fields,
+                                                args=["--drain_seconds", "5"])
+                port = daemons[s].ready(timeout=30)["peer_port"]
+            except launch.LaunchError as e:
+                raise PipelineError(f"mapld of stage {s} did not start: {e}") from None
+        import mapl
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(EXAMPLES_DIR), str(Path(mapl.__file__).resolve().parents[1])]
+            + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        for s in range(cfg.stages):
+            argv = [sys.executable, "-m", "llama_pipeline.stage", "--config", str(config_path),
+                    "--stage", str(s), "--socket", daemons[s].socket_path]
+            self.stages.append(_StageProc(s, argv, env, self.log_dir / f"stage{s}.log",
+                                          self.events))
+        self.ready = self.wait("ready", timeout=120)
+
+    def send_all(self, message: Dict[str, Any]) -> None:
+        for st in self.stages:
+            st.send(message)
+
+    def wait(self, event: str, timeout: float) -> Dict[int, Dict[str, Any]]:
+        """The next ``event`` message of every stage; PipelineError naming the culprit if a
+        process dies, reports an error, or the stages do not all answer within ``timeout``."""
+        got: Dict[int, Dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < len(self.stages):
+            try:
+                index, msg = self.events.get(timeout=0.25)
+            except queue.Empty:
+                self.check_daemons()
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(len(self.stages))) - set(got))
+                    raise PipelineError(
+                        f"stage {missing[0]} did not report '{event}' within {timeout:.0f} s; "
+                        f"its log ({self.stages[missing[0]].log_path}) ends:\n"
+                        f"{_tail(self.stages[missing[0]].log_path)}")
+                continue
+            st = self.stages[index]
+            if msg is not None and msg.get("event") == "error":
+                st.error = msg.get("message")
+                continue
+            if msg is None:
+                self.check_daemons()  # a dead daemon is the likelier root cause
+                code = st.proc.wait()
+                how = (f"was killed by {signal.Signals(-code).name}" if code < 0 else
+                       f"exited with code {code}")
+                why = f": {st.error}" if st.error else ""
+                raise PipelineError(f"stage {index} (pid {st.proc.pid}) {how}{why}\n"
+                                    f"its log ({st.log_path}) ends:\n{_tail(st.log_path)}")
+            if msg.get("event") == event:
+                got[index] = msg
+        return got
+
+    def check_daemons(self) -> None:
+        for s, d in self.daemons.items():
+            code = d.proc.poll()
+            if code is not None:
+                how = (f"was killed by {signal.Signals(-code).name}" if code < 0 else
+                       f"exited with code {code}")
+                raise PipelineError(f"mapld of stage {s} (pid {d.proc.pid}) {how}; its log "
+                                    f"({self.log_dir / ('mapld-' + d.log_path.stem + '.log')}) "
+                                    f"ends:\n{_tail(d.log_path)}")
+
+    def close(self, graceful: bool = True) -> None:
+        """Stages first (they hold sessions on the daemons), then the daemons (they drain)."""
+        for st in self.stages:
+            st.stop(timeout=15 if graceful else 5, graceful=graceful)
+        for d in self.daemons.values():
+            try:
+                d.stop(timeout=20)
+            except Exception:  # noqa: BLE001 - best effort: stop the others too
+                d.kill()
+        for d in self.daemons.values():
+            try:
+                shutil.copy(d.log_path, self.log_dir / f"mapld-{d.log_path.stem}.log")
+            except OSError:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass
+class History:
+    steps: List[int] = field(default_factory=list)
+    loss: List[float] = field(default_factory=list)
+    seconds: List[float] = field(default_factory=list)      # since training started
+    val_steps: List[int] = field(default_factory=list)
+    val_loss: List[float] = field(default_factory=list)
+    boundaries: Dict[int, Dict[str, Dict[str, Any]]] = field(default_factory=dict)
+
+
+def _boundary_totals(history: History) -> Dict[str, float]:
+    """raw, payload and dictionary bytes over all boundaries, as their upstream daemons count
+    them (one side counts each byte once: what it sent plus what it received)."""
+    raw = payload = dictionary = 0
+    for sides in history.boundaries.values():
+        up = sides["upstream"]
+        raw += up["raw_bytes"]
+        payload += up["wire_payload_bytes"]
+        dictionary += up["wire_dictionary_bytes"]
+    return {"raw": raw, "payload": payload, "dictionary": dictionary,
+            "wire": payload + dictionary}
+
+
+def _record(history: History, reports: Dict[int, Dict[str, Any]]) -> None:
+    for msg in reports.values():
+        for b in msg["boundaries"]:
+            history.boundaries.setdefault(b["id"], {})[b["role"]] = b
+
+
+def _settle(pipe: Pipeline, history: History, timeout: float = 10.0) -> None:
+    """Final stats, once each downstream has applied the last dictionary delta (it travels after
+    the upstream's last Step), so that both sides can be compared."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pipe.send_all({"cmd": "stats"})
+        _record(history, pipe.wait("stats", timeout=timeout))
+        if all(b["upstream"]["dictionary_version"] == b["downstream"]["dictionary_version"]
+               for b in history.boundaries.values()) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
+def _lr(cfg: RunConfig, step: int, progress: float) -> float:
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_steps: int = 0,
+        log: Log = print, plot: bool = True) -> Dict[str, Any]:
+    """Trains until ``max_steps`` or ``minutes`` of training (whichever comes first; 0: no
+    limit, but one is needed) and returns the summary (also written to out_dir/summary.json)."""
+    if minutes <= 0 and max_steps <= 0:
+        raise ValueError("give a time budget (minutes) or a number of steps")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = out_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    text = load_text(cfg.corpus or None)
+    if not cfg.corpus:
+        cfg.corpus = str(out_dir / "corpus.txt")
+        Path(cfg.corpus).write_bytes(text)
+    corpus = Corpus(text)
+    corpus.check(cfg.seq_len)
+    config_path = out_dir / "run.json"
+    cfg.save(config_path)
+    ranges = layer_ranges(cfg.layers, cfg.stages)
+    log(f"corpus: {cfg.corpus}: {corpus.size:,} bytes, {len(corpus.train):,} for training, "
+        f"{len(corpus.val):,} held out")
+    log(f"model: d={cfg.d_model}, {cfg.layers} layers, {cfg.heads} heads, sequences of "
+        f"{cfg.seq_len} bytes; {cfg.stages} stages (layers "
+        + " | ".join(f"{a}-{b - 1}" for a, b in ranges) + ")")
+    link = (f"capped at {cfg.send_rate_mbit:g} Mbit/s per direction" if cfg.send_rate_mbit > 0
+            else "not capped")
+    compress = ("dense bf16 both ways" if cfg.method == "DENSE" else
+                f"k={cfg.k}, forward {cfg.forward_codec}"
+                + (f" x{cfg.rvq_levels}" if cfg.forward_codec == "RVQ" else "")
+                + f", backward {cfg.backward_codec}")
+    log(f"boundaries: {cfg.method} ({compress}); loopback link {link}")
+    log(f"schedule: GPipe, {cfg.batch} sequences a step in {cfg.microbatches} microbatches "
+        f"({cfg.tokens_per_step:,} tokens), AdamW lr {cfg.lr:g}; validation: "
+        f"{cfg.eval_batches * cfg.microbatch_size} held-out sequences")
+
+    history = History()
+    started = time.monotonic()
+    with Pipeline(cfg, log_dir) as pipe:
+        pipe.start(config_path)
+        params = [pipe.ready[s]["params"] for s in range(cfg.stages)]
+        log(f"started {cfg.stages} mapld and {cfg.stages} stage processes in "
+            f"{time.monotonic() - started:.1f} s ({' + '.join(f'{p / 1e6:.2f}M' for p in params)}"
+            f" parameters); logs in {log_dir}")
+        budget = minutes * 60
+        t0 = time.monotonic()
+        step, step_s, eval_s = 0, 0.0, 0.0
+        next_eval = 0
+        last_print, mark = t0, (0, 0, {"raw": 0, "wire": 0})
+        while True:
+            step += 1
+            elapsed = time.monotonic() - t0
+            fractions = [elapsed / budget if budget else 0.0,
+                         step / max_steps if max_steps else 0.0]
+            progress = max(fractions)
+            last = (max_steps and step >= max_steps) or (
+                budget and elapsed + 1.5 * step_s + eval_s >= budget)
+            do_eval = bool(last)
+            if next_eval < len(EVAL_FRACTIONS) and progress >= EVAL_FRACTIONS[next_eval]:
+                do_eval, next_eval = True, next_eval + 1
+            lr = _lr(cfg, step, progress)
+            begun = time.monotonic()
+            pipe.send_all({"cmd": "step", "step": step, "lr": lr, "eval": do_eval})
+            done = pipe.wait("step", timeout=cfg.timeout_s * (cfg.stages + 1))
+            took = time.monotonic() - begun
+            if do_eval:
+                eval_s = max(eval_s, took - step_s) if step_s else 0.0
+            else:
+                step_s = took if step_s == 0 else 0.8 * step_s + 0.2 * took
+            now = time.monotonic()
+            history.steps.append(step)
+            history.loss.append(done[cfg.stages - 1]["loss"])
+            history.seconds.append(now - t0)
+            _record(history, done)
+            val = done[cfg.stages - 1]["val_loss"]
+            if val is not None:
+                history.val_steps.append(step)
+                history.val_loss.append(val)
+            if now - last_print >= 10 or do_eval or step == 1:
+                totals = _boundary_totals(history)
+                steps_done = step - mark[0]
+                wire = totals["wire"] - mark[2]["wire"]
+                raw = totals["raw"] - mark[2]["raw"]
+                rate = steps_done * cfg.tokens_per_step / max(now - last_print, 1e-9)
+                if step == 1:
+                    rate = cfg.tokens_per_step / max(now - t0, 1e-9)
+                recent = history.loss[-min(10, len(history.loss)):]
+                log(f"step {step:5d}  loss {sum(recent) / len(recent):6.3f}"
+                    + (f"  val {val:6.3f}" if val is not None else " " * 12)
+                    + f"  {rate:7,.0f} tok/s  wire {_human(wire / max(steps_done, 1)):>9}/step"
+                    f"  compression {raw / max(wire, 1):6.1f}x  [{now - t0:5.0f} s]")
+                last_print, mark = now, (step, now, totals)
+            if last:
+                break
+        train_s = time.monotonic() - t0
+        _settle(pipe, history)
+    summary = _summary(cfg, history, train_s, params, out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    _print_summary(summary, log)
+    if plot:
+        png = _plot(cfg, history, summary, out_dir / "loss.png")
+        summary["plot"] = str(png)
+        log(f"loss curve: {png}")
+    log(f"total wall time {time.monotonic() - started:.0f} s")
+    return summary
+
+
+def _summary(cfg: RunConfig, history: History, train_s: float, params: List[int],
+             out_dir: Path) -> Dict[str, Any]:
+    steps = len(history.steps)
+    totals = _boundary_totals(history)
+    head = history.loss[:min(5, steps)]
+    tail = history.loss[-min(10, steps):]
+    return {
+        "config": asdict(cfg), "parameters": params, "steps": steps,
+        "microbatches": cfg.microbatches, "eval_batches": cfg.eval_batches,
+        "evaluations": len(history.val_steps),
+        "tokens": steps * cfg.tokens_per_step, "train_seconds": train_s,
+        "tokens_per_second": steps * cfg.tokens_per_step / max(train_s, 1e-9),
+        "first_loss": history.loss[0], "first_loss_mean5": sum(head) / len(head),
+        "final_loss_mean10": sum(tail) / len(tail),
+        "val_steps": history.val_steps, "val_loss": history.val_loss,
+        "final_val_loss": history.val_loss[-1] if history.val_loss else None,
+        "raw_bytes": totals["raw"], "wire_payload_bytes": totals["payload"],
+        "wire_dictionary_bytes": totals["dictionary"],
+        "wire_bytes_per_step": totals["wire"] / max(steps, 1),
+        "compression": totals["raw"] / max(totals["wire"], 1),
+        "boundaries": {str(k): v for k, v in sorted(history.boundaries.items())},
+        "history": {"step": history.steps, "loss": history.loss, "seconds": history.seconds},
+        "out_dir": str(out_dir),
+    }
+
+
+def _print_summary(s: Dict[str, Any], log: Log) -> None:
+    cfg = s["config"]
+    log("")
+    log("== summary ==")
+    log(f"{s['steps']} steps, {s['tokens']:,} tokens in {s['train_seconds']:.0f} s: "
+        f"{s['tokens_per_second']:,.0f} tokens/s")
+    log(f"training loss: {s['first_loss']:.3f} at step 1 -> {s['final_loss_mean10']:.3f} "
+        f"(mean of the last 10 steps); ln 256 = {math.log(256):.3f} is a uniform guess")
+    if s["val_loss"]:
+        log("validation loss: " + ", ".join(
+            f"{v:.3f} (step {st})" for st, v in zip(s["val_steps"], s["val_loss"])))
+    log(f"boundaries ({cfg['method']}): {_human(s['raw_bytes'])} as dense bf16 -> "
+        f"{_human(s['wire_payload_bytes'] + s['wire_dictionary_bytes'])} on the wire "
+        f"({_human(s['wire_payload_bytes'])} codes + {_human(s['wire_dictionary_bytes'])} "
+        f"dictionary): {s['compression']:.1f}x, {_human(s['wire_bytes_per_step'])} a step")
+    for bid, sides in s["boundaries"].items():
+        up, down = sides["upstream"], sides["downstream"]
+        log(f"  boundary {bid}: frames forward {up['frames_sent']} sent / "
+            f"{down['frames_received']} decoded, backward {down['frames_sent']} sent / "
+            f"{up['frames_received']} decoded; dictionary version {up['dictionary_version']}"
+            + ("" if up["dictionary_version"] == down["dictionary_version"] else
+               f" (downstream at {down['dictionary_version']})")
+            + (", checksums equal" if up["dictionary_checksum"] == down["dictionary_checksum"]
+               else ", checksums DIFFER"))
+
+
+def _plot(cfg: RunConfig, history: History, summary: Dict[str, Any], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    ax.plot(history.steps, history.loss, color="tab:blue", alpha=0.35, lw=0.8,
+            label="training loss")
+    window = 20
+    if len(history.loss) >= window:
+        smooth = [sum(history.loss[i - window:i]) / window
+                  for i in range(window, len(history.loss) + 1)]
+        ax.plot(history.steps[window - 1:], smooth, color="tab:blue", lw=1.6,
+                label=f"training loss ({window}-step mean)")
+    if history.val_loss:
+        ax.plot(history.val_steps, history.val_loss, "o-", color="tab:red",
+                label="validation loss (held out)")
+    ax.set_xlabel(f"step ({cfg.tokens_per_step:,} tokens each)")
+    ax.set_ylabel("cross-entropy (nats per byte)")
+    method = cfg.method if cfg.method == "DENSE" else f"{cfg.method}, k={cfg.k}"
+    ax.set_title(f"{cfg.stages}-stage LLaMA-style pipeline through mapl ({method}): "
+                 f"{summary['compression']:.1f}x compression", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    d = RunConfig()
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--corpus", default="", help="a text file (default: the KJV Bible from "
+                    "Debian's bible-kjv)")
+    ap.add_argument("--minutes", type=float, default=3.0,
+                    help="training time budget (0: none; then --steps)")
+    ap.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: none)")
+    ap.add_argument("--method", default=d.method, type=str.upper, choices=METHODS)
+    ap.add_argument("--k", type=int, default=0, help="projection rank (0: d_model / 16)")
+    ap.add_argument("--forward-codec", default=d.forward_codec, type=str.upper, choices=CODECS)
+    ap.add_argument("--rvq-levels", type=int, default=d.rvq_levels)
+    ap.add_argument("--backward-codec", default=d.backward_codec, type=str.upper,
+                    choices=("INT8", "BF16"))
+    ap.add_argument("--send-rate-mbit", type=float, default=d.send_rate_mbit,
+                    help="each daemon's send cap per peer link (emulates a slow link); 0: none")
+    ap.add_argument("--stages", type=int, default=d.stages, choices=(2, 3, 4))
+    ap.add_argument("--d-model", type=int, default=d.d_model)
+    ap.add_argument("--layers", type=int, default=d.layers)
+    ap.add_argument("--heads", type=int, default=d.heads)
+    ap.add_argument("--seq-len", type=int, default=d.seq_len)
+    ap.add_argument("--batch", type=int, default=d.batch, help="sequences a step")
+    ap.add_argument("--microbatches", type=int, default=d.microbatches)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--eval-batches", type=int, default=d.eval_batches,
+                    help="validation microbatches per evaluation")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="summary, plot and logs")
+    args = ap.parse_args(argv)
+    try:
+        cfg = RunConfig(
+            d_model=args.d_model, layers=args.layers, heads=args.heads, seq_len=args.seq_len,
+            stages=args.stages, batch=args.batch,
+            microbatches=args.microbatches, lr=args.lr, seed=args.seed,
+            eval_batches=args.eval_batches,
+            corpus=str(Path(args.corpus).resolve()) if args.corpus else "",
+            method=args.method, k=args.k, forward_codec=args.forward_codec,
+            rvq_levels=args.rvq_levels, backward_codec=args.backward_codec,
+            send_rate_mbit=args.send_rate_mbit)
+        run(cfg, args.out.resolve(), minutes=args.minutes, max_steps=args.steps)
+    except (ValueError, CorpusError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PipelineError as e:
+        print(f"\nerror: {e}\nstopped every process this run started.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopped every process this run started.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)  # the same orderly stop as Ctrl-C
+    sys.exit(main())
