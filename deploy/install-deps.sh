@@ -11,7 +11,7 @@ PACKAGES=(
   pybind11-dev python3-dev python3-numpy python3-pytest
   prometheus-cpp-dev libucx-dev
   python3-faiss python3-torch python3-matplotlib
-  bible-kjv
+  bible-kjv iperf3
 )
 
 missing=()

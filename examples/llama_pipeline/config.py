@@ -9,10 +9,11 @@ from typing import Any, Dict
 
 from .model import ModelConfig
 
-__all__ = ["RunConfig", "METHODS", "CODECS"]
+__all__ = ["RunConfig", "METHODS", "CODECS", "PROJECTOR_INITS"]
 
 METHODS = ("MAPL", "FIXED", "DENSE")
 CODECS = ("RVQ", "INT8", "BF16")
+PROJECTOR_INITS = ("RANDOM", "PCA")
 
 
 @dataclass
@@ -42,10 +43,24 @@ class RunConfig:
     backward_codec: str = "INT8"
     send_rate_mbit: float = 20.0  # per peer link and direction; 0: no cap
     timeout_s: float = 120.0     # the most a stage waits for a tensor or a step
+    projector_init: str = "RANDOM"  # MAPL's initial U: RANDOM (shared seed) or PCA (first batch)
+    # Checkpoints: a directory holding stage<i>.pt (the stage's weights, no optimizer state).
+    # init_checkpoint: start from it instead of the seed's initialisation (fine-tuning);
+    # save_checkpoint: written after the last step.
+    init_checkpoint: str = ""
+    save_checkpoint: str = ""
+    data_step_offset: int = 0    # step s trains on the batches of step s + this (continuing a run)
 
     def __post_init__(self) -> None:
         self.method, self.forward_codec = self.method.upper(), self.forward_codec.upper()
         self.backward_codec = self.backward_codec.upper()
+        self.projector_init = self.projector_init.upper()
+        if self.projector_init not in PROJECTOR_INITS:
+            raise ValueError(f"projector init must be one of {', '.join(PROJECTOR_INITS)}")
+        if self.projector_init == "PCA" and self.method != "MAPL":
+            raise ValueError("projector init PCA needs method MAPL (FIXED keeps its random U)")
+        if self.data_step_offset < 0:
+            raise ValueError(f"data_step_offset must be >= 0, got {self.data_step_offset}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method}")
         if self.forward_codec not in CODECS:
@@ -88,6 +103,8 @@ class RunConfig:
             fields.update(k=self.k, forward_codec=f"CODEC_{self.forward_codec}",
                           backward_codec=f"CODEC_{self.backward_codec}",
                           rvq_levels=self.rvq_levels)
+        if self.projector_init != "RANDOM":  # RANDOM is the daemon's default
+            fields["projector_init"] = f"PROJECTOR_INIT_{self.projector_init}"
         return fields
 
     def save(self, path: Path) -> None:

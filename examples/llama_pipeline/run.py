@@ -36,11 +36,11 @@ from typing import Any, Callable, Dict, List, Optional
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_pipeline.config import CODECS, METHODS, RunConfig  # noqa: E402
+from llama_pipeline.config import CODECS, METHODS, PROJECTOR_INITS, RunConfig  # noqa: E402
 from llama_pipeline.data import Corpus, CorpusError, load_text  # noqa: E402
 from llama_pipeline.model import layer_ranges  # noqa: E402
 
-__all__ = ["RunConfig", "PipelineError", "run", "main"]
+__all__ = ["RunConfig", "PipelineError", "StagePlacement", "run", "main"]
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = EXAMPLES_DIR.parent / "out" / "llama_pipeline"
@@ -50,6 +50,19 @@ Log = Callable[[str], None]
 
 class PipelineError(RuntimeError):
     """A daemon or a stage process failed; the message says which, why, and ends with its log."""
+
+
+@dataclass
+class StagePlacement:
+    """Where one stage's daemon and trainer run, and how its peer links connect. The default is
+    this machine's loopback. ``wrap`` prefixes both processes' command lines (for example
+    ``["ip", "netns", "exec", "ns0"]``: a network namespace; the wrapper must exec the command).
+    ``peer_listen``: where the stage's daemon accepts the link from the stage before it.
+    ``dial``: the address its daemon dials for the link to the next stage (a relay, say);
+    empty: 127.0.0.1 and the port the next stage's daemon got."""
+    wrap: List[str] = field(default_factory=list)
+    peer_listen: str = "127.0.0.1:0"
+    dial: str = ""
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -129,8 +142,10 @@ class _StageProc:
 class Pipeline:
     """The daemons and stage processes of one run; a context manager that stops them all."""
 
-    def __init__(self, cfg: RunConfig, log_dir: Path) -> None:
+    def __init__(self, cfg: RunConfig, log_dir: Path,
+                 placement: Optional[List[StagePlacement]] = None) -> None:
         self.cfg, self.log_dir = cfg, log_dir
+        self.placement = placement or [StagePlacement() for _ in range(cfg.stages)]
         self.events: "queue.Queue[tuple]" = queue.Queue()
         self.daemons: Dict[int, Any] = {}  # stage -> mapl.launch.Daemon
         self.stages: List[_StageProc] = []
@@ -158,18 +173,20 @@ class Pipeline:
         daemons = self.daemons
         port = None
         for s in reversed(range(cfg.stages)):
+            place = self.placement[s]
             boundaries = []
             if s > 0:
                 boundaries.append(dict(cfg.boundary(s - 1), role="ROLE_DOWNSTREAM"))
             if s < cfg.stages - 1:
                 boundaries.append(dict(cfg.boundary(s), role="ROLE_UPSTREAM",
-                                       peer_address=f"127.0.0.1:{port}"))
-            fields = dict(extra, peer_listen="127.0.0.1:0")
+                                       peer_address=place.dial or f"127.0.0.1:{port}"))
+            fields = dict(extra, peer_listen=place.peer_listen)
             try:
                 # Loopback delivers in milliseconds: a short drain bounds the stop when a peer
                 # is gone.
                 daemons[s] = launch.start_mapld(self.tmp, s, boundaries, fields,
-                                                args=["--drain_seconds", "5"])
+                                                args=["--drain_seconds", "5"],
+                                                **({"wrap": place.wrap} if place.wrap else {}))
                 port = daemons[s].ready(timeout=30)["peer_port"]
             except launch.LaunchError as e:
                 raise PipelineError(f"mapld of stage {s} did not start: {e}") from None
@@ -181,8 +198,8 @@ class Pipeline:
         for s in range(cfg.stages):
             argv = [sys.executable, "-m", "llama_pipeline.stage", "--config", str(config_path),
                     "--stage", str(s), "--socket", daemons[s].socket_path]
-            self.stages.append(_StageProc(s, argv, env, self.log_dir / f"stage{s}.log",
-                                          self.events))
+            self.stages.append(_StageProc(s, self.placement[s].wrap + argv, env,
+                                          self.log_dir / f"stage{s}.log", self.events))
         self.ready = self.wait("ready", timeout=120)
 
     def send_all(self, message: Dict[str, Any]) -> None:
@@ -256,6 +273,10 @@ class History:
     seconds: List[float] = field(default_factory=list)      # since training started
     val_steps: List[int] = field(default_factory=list)
     val_loss: List[float] = field(default_factory=list)
+    # Training seconds at each evaluation: since training started, minus the time evaluations
+    # took (the slowest stage's, as the stages report it), this one's included.
+    val_train_seconds: List[float] = field(default_factory=list)
+    eval_seconds: float = 0.0
     boundaries: Dict[int, Dict[str, Dict[str, Any]]] = field(default_factory=dict)
 
 
@@ -299,9 +320,17 @@ def _lr(cfg: RunConfig, step: int, progress: float) -> float:
 
 
 def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_steps: int = 0,
-        log: Log = print, plot: bool = True) -> Dict[str, Any]:
+        log: Log = print, plot: bool = True,
+        placement: Optional[List[StagePlacement]] = None,
+        eval_fractions: Optional[List[float]] = None,
+        stop_below: Optional[float] = None) -> Dict[str, Any]:
     """Trains until ``max_steps`` or ``minutes`` of training (whichever comes first; 0: no
-    limit, but one is needed) and returns the summary (also written to out_dir/summary.json)."""
+    limit, but one is needed) and returns the summary (also written to out_dir/summary.json).
+    ``placement``: one StagePlacement per stage (default: all on loopback).
+    ``eval_fractions``: when to evaluate, as fractions of the run, besides at the end (default
+    EVAL_FRACTIONS). ``stop_below``: end the run at the first evaluation whose validation loss
+    is at or below this."""
+    fractions_eval = sorted(EVAL_FRACTIONS if eval_fractions is None else eval_fractions)
     if minutes <= 0 and max_steps <= 0:
         raise ValueError("give a time budget (minutes) or a number of steps")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -313,6 +342,11 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
         Path(cfg.corpus).write_bytes(text)
     corpus = Corpus(text)
     corpus.check(cfg.seq_len)
+    if cfg.init_checkpoint:
+        missing = [f"stage{s}.pt" for s in range(cfg.stages)
+                   if not (Path(cfg.init_checkpoint) / f"stage{s}.pt").is_file()]
+        if missing:
+            raise ValueError(f"checkpoint {cfg.init_checkpoint} lacks {', '.join(missing)}")
     config_path = out_dir / "run.json"
     cfg.save(config_path)
     ranges = layer_ranges(cfg.layers, cfg.stages)
@@ -327,14 +361,19 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
                 f"k={cfg.k}, forward {cfg.forward_codec}"
                 + (f" x{cfg.rvq_levels}" if cfg.forward_codec == "RVQ" else "")
                 + f", backward {cfg.backward_codec}")
-    log(f"boundaries: {cfg.method} ({compress}); loopback link {link}")
+    where = "loopback link" if placement is None else "link (placed by the caller)"
+    log(f"boundaries: {cfg.method} ({compress}); {where} {link}")
+    if cfg.init_checkpoint:
+        log(f"weights: from the checkpoint {cfg.init_checkpoint}"
+            + ("; MAPL's U from the principal subspace of the first batch"
+               if cfg.method == "MAPL" and cfg.projector_init == "PCA" else ""))
     log(f"schedule: GPipe, {cfg.batch} sequences a step in {cfg.microbatches} microbatches "
         f"({cfg.tokens_per_step:,} tokens), AdamW lr {cfg.lr:g}; validation: "
         f"{cfg.eval_batches * cfg.microbatch_size} held-out sequences")
 
     history = History()
     started = time.monotonic()
-    with Pipeline(cfg, log_dir) as pipe:
+    with Pipeline(cfg, log_dir, placement) as pipe:
         pipe.start(config_path)
         params = [pipe.ready[s]["params"] for s in range(cfg.stages)]
         log(f"started {cfg.stages} mapld and {cfg.stages} stage processes in "
@@ -354,7 +393,7 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
             last = (max_steps and step >= max_steps) or (
                 budget and elapsed + 1.5 * step_s + eval_s >= budget)
             do_eval = bool(last)
-            if next_eval < len(EVAL_FRACTIONS) and progress >= EVAL_FRACTIONS[next_eval]:
+            if next_eval < len(fractions_eval) and progress >= fractions_eval[next_eval]:
                 do_eval, next_eval = True, next_eval + 1
             lr = _lr(cfg, step, progress)
             begun = time.monotonic()
@@ -371,9 +410,15 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
             history.seconds.append(now - t0)
             _record(history, done)
             val = done[cfg.stages - 1]["val_loss"]
+            if do_eval:
+                history.eval_seconds += max(m.get("eval_seconds", 0.0) for m in done.values())
             if val is not None:
                 history.val_steps.append(step)
                 history.val_loss.append(val)
+                history.val_train_seconds.append(now - t0 - history.eval_seconds)
+            if stop_below is not None and val is not None and val <= stop_below and not last:
+                log(f"step {step:5d}  val {val:6.3f} <= {stop_below:.3f}: stopping here")
+                last = True
             if now - last_print >= 10 or do_eval or step == 1:
                 totals = _boundary_totals(history)
                 steps_done = step - mark[0]
@@ -392,6 +437,10 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
                 break
         train_s = time.monotonic() - t0
         _settle(pipe, history)
+        if cfg.save_checkpoint:
+            pipe.send_all({"cmd": "save", "dir": cfg.save_checkpoint})
+            pipe.wait("saved", timeout=60)
+            log(f"checkpoint: {cfg.save_checkpoint}")
     summary = _summary(cfg, history, train_s, params, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     _print_summary(summary, log)
@@ -419,6 +468,7 @@ def _summary(cfg: RunConfig, history: History, train_s: float, params: List[int]
         "final_loss_mean10": sum(tail) / len(tail),
         "val_steps": history.val_steps, "val_loss": history.val_loss,
         "final_val_loss": history.val_loss[-1] if history.val_loss else None,
+        "val_train_seconds": history.val_train_seconds, "eval_seconds": history.eval_seconds,
         "raw_bytes": totals["raw"], "wire_payload_bytes": totals["payload"],
         "wire_dictionary_bytes": totals["dictionary"],
         "wire_bytes_per_step": totals["wire"] / max(steps, 1),
@@ -514,6 +564,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--eval-batches", type=int, default=d.eval_batches,
                     help="validation microbatches per evaluation")
+    ap.add_argument("--projector-init", default=d.projector_init, type=str.upper,
+                    choices=PROJECTOR_INITS, help="MAPL's initial U: random from the shared "
+                    "seed, or the principal subspace of the first batch's activations")
+    ap.add_argument("--init-checkpoint", default="", help="start from the weights in this "
+                    "directory (stage<i>.pt, written by --save-checkpoint) instead of the seed's")
+    ap.add_argument("--save-checkpoint", default="", help="write each stage's weights to this "
+                    "directory after the last step")
+    ap.add_argument("--data-step-offset", type=int, default=d.data_step_offset,
+                    help="step s trains on the batches of step s + this (to continue a run)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="summary, plot and logs")
     args = ap.parse_args(argv)
     try:
@@ -525,7 +584,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             corpus=str(Path(args.corpus).resolve()) if args.corpus else "",
             method=args.method, k=args.k, forward_codec=args.forward_codec,
             rvq_levels=args.rvq_levels, backward_codec=args.backward_codec,
-            send_rate_mbit=args.send_rate_mbit)
+            send_rate_mbit=args.send_rate_mbit, projector_init=args.projector_init,
+            init_checkpoint=str(Path(args.init_checkpoint).resolve()) if args.init_checkpoint
+            else "",
+            save_checkpoint=str(Path(args.save_checkpoint).resolve()) if args.save_checkpoint
+            else "",
+            data_step_offset=args.data_step_offset)
         run(cfg, args.out.resolve(), minutes=args.minutes, max_steps=args.steps)
     except (ValueError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,10 +4,12 @@ to the neighbouring stages.
     python3 -m llama_pipeline.stage --config run.json --stage 1 --socket /tmp/x/s1.sock
 
 The launcher (``run.py``) drives it in lock step over stdin and stdout, one JSON object a line.
-In: ``{"cmd": "step", "step": s, "lr": lr, "eval": bool}``, ``{"cmd": "stats"}`` or
+In: ``{"cmd": "step", "step": s, "lr": lr, "eval": bool}``, ``{"cmd": "stats"}``,
+``{"cmd": "save", "dir": path}`` (the stage's weights to path/stage<i>.pt) or
 ``{"cmd": "stop"}``. Out: ``{"event": "ready", ...}`` once attached, ``{"event": "step", ...}``
-after each step (loss on the last stage, the sidecar's stats), ``{"event": "stats", ...}``, and
-``{"event": "error", "message": ...}`` before exiting with 1.
+after each step (loss on the last stage, the sidecar's stats), ``{"event": "stats", ...}``,
+``{"event": "saved", "path": ...}``, and ``{"event": "error", "message": ...}`` before exiting
+with 1.
 Anything else the process prints goes to stderr (the stage's log).
 
 Step numbering. Training step s uses mapl step s; its M microbatches are 0 .. M-1. A step that
@@ -45,6 +47,11 @@ from .model import build_stage  # noqa: E402
 VOCAB = 256
 
 
+def checkpoint_path(directory: str, index: int) -> Path:
+    """Where stage ``index`` keeps its weights in a checkpoint directory."""
+    return Path(directory) / f"stage{index}.pt"
+
+
 class StageTrainer:
     """Stage ``index`` of the run: receives from boundary index-1, sends on boundary index."""
 
@@ -52,6 +59,9 @@ class StageTrainer:
         self.cfg, self.index, self.sc = cfg, index, sidecar
         self.first, self.last = index == 0, index == cfg.stages - 1
         self.model = build_stage(cfg.model(), cfg.stages, index, cfg.seed)
+        if cfg.init_checkpoint:
+            self.model.load_state_dict(torch.load(checkpoint_path(cfg.init_checkpoint, index),
+                                                  map_location="cpu"))
         self.params = sum(p.numel() for p in self.model.parameters())
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
@@ -81,7 +91,8 @@ class StageTrainer:
         self.model.train()
         losses = []
         for mb in range(cfg.microbatches):
-            x, y = self.corpus.train_batch(cfg.seed, step, mb, cfg.microbatch_size, cfg.seq_len)
+            x, y = self.corpus.train_batch(cfg.seed, step + cfg.data_step_offset, mb,
+                                           cfg.microbatch_size, cfg.seq_len)
             if self.first:
                 inp = x
             else:
@@ -129,13 +140,21 @@ class StageTrainer:
                 self.sc.send_activation(self.b_out, step, mb, out, token_ids=x)
         return total / count if self.last else None
 
+    def save(self, directory: str) -> str:
+        path = checkpoint_path(directory, self.index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), path)
+        return str(path)
+
     def run_step(self, step: int, lr: float, do_eval: bool) -> Dict[str, Any]:
         start = time.perf_counter()
         loss = self.train_step(step, lr)
+        evaluating = time.perf_counter()
         val = self.evaluate(step) if do_eval else None
+        eval_s = time.perf_counter() - evaluating
         stats = self.sc.step(step, timeout=self.cfg.timeout_s)
         return {"event": "step", "stage": self.index, "step": step, "loss": loss,
-                "val_loss": val, "seconds": time.perf_counter() - start,
+                "val_loss": val, "seconds": time.perf_counter() - start, "eval_seconds": eval_s,
                 "boundaries": [asdict(b) for b in stats.boundaries]}
 
 
@@ -153,7 +172,9 @@ def serve(cfg: RunConfig, index: int, socket_path: str, commands: TextIO, out: T
             cmd = json.loads(line)
             if cmd["cmd"] == "stop":
                 break
-            if cmd["cmd"] == "stats":
+            if cmd["cmd"] == "save":
+                emit({"event": "saved", "stage": index, "path": trainer.save(cmd["dir"])})
+            elif cmd["cmd"] == "stats":
                 emit({"event": "stats", "stage": index,
                       "boundaries": [asdict(b) for b in sc.stats().boundaries]})
             else:

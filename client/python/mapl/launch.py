@@ -115,9 +115,12 @@ class Daemon:
 
 def start_mapld(directory: Path, stage: int, boundaries: List[Dict[str, object]],
                 extra: Optional[Dict[str, object]] = None,
-                args: Optional[List[str]] = None) -> Daemon:
+                args: Optional[List[str]] = None,
+                wrap: Optional[List[str]] = None) -> Daemon:
     """mapld for `stage` with its config, socket, log and ready file in `directory` (keep the
-    path short: Unix socket paths hold at most 107 bytes)."""
+    path short: Unix socket paths hold at most 107 bytes). `wrap` prefixes the command line, for
+    example ["ip", "netns", "exec", "ns0"] to run the daemon in a network namespace (the wrapper
+    must exec the daemon, so that stop() signals the daemon itself)."""
     sock = str(directory / f"s{stage}.sock")
     fields: Dict[str, object] = {"stage": stage, "local_socket": sock,
                                  "auth_token": "local-launch", "metrics_address": "127.0.0.1:0"}
@@ -126,7 +129,8 @@ def start_mapld(directory: Path, stage: int, boundaries: List[Dict[str, object]]
     path.write_text(config_text(fields, boundaries))
     ready = directory / f"s{stage}.ready.json"
     ready.unlink(missing_ok=True)
-    argv = [str(find_mapld()), "--config", str(path), "--ready_file", str(ready)] + (args or [])
+    argv = (list(wrap or []) + [str(find_mapld()), "--config", str(path), "--ready_file",
+                                str(ready)] + (args or []))
     return Daemon(argv, directory / f"s{stage}.log", sock, ready)
 
 
