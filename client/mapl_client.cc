@@ -324,17 +324,28 @@ void* Client::data(size_t i) const { return impl_->buffers.at(i).data; }
 size_t Client::bytes(size_t i) const { return impl_->buffers.at(i).bytes; }
 const std::string& Client::buffer_name(size_t i) const { return impl_->buffers.at(i).name; }
 
+namespace {
+
+// The fields SendRequest and RecvRequest share: which tensor of which session.
+template <typename Request>
+void SetTensorKey(uint64_t session, uint32_t boundary, Direction direction, uint64_t step,
+                  uint32_t microbatch, Request* req) {
+  req->set_session(session);
+  req->set_boundary(boundary);
+  req->set_direction(ToProto(direction));
+  req->set_step(step);
+  req->set_microbatch(microbatch);
+}
+
+}  // namespace
+
 Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
                     const TensorRef& tensor, const std::optional<TensorRef>& token_ids,
                     SendResult* result, bool wait_encoded) {
   Status open = impl_->CheckOpen();
   if (!open.ok()) return open;
   v1::SendRequest req;
-  req.set_session(impl_->session);
-  req.set_boundary(boundary);
-  req.set_direction(ToProto(direction));
-  req.set_step(step);
-  req.set_microbatch(microbatch);
+  SetTensorKey(impl_->session, boundary, direction, step, microbatch, &req);
   ToProto(tensor, req.mutable_tensor());
   if (token_ids.has_value()) ToProto(*token_ids, req.mutable_token_ids());
   req.set_wait_encoded(wait_encoded);
@@ -351,11 +362,7 @@ Status Client::Recv(uint32_t boundary, Direction direction, uint64_t step, uint3
   Status open = impl_->CheckOpen();
   if (!open.ok()) return open;
   v1::RecvRequest req;
-  req.set_session(impl_->session);
-  req.set_boundary(boundary);
-  req.set_direction(ToProto(direction));
-  req.set_step(step);
-  req.set_microbatch(microbatch);
+  SetTensorKey(impl_->session, boundary, direction, step, microbatch, &req);
   ToProto(into, req.mutable_into());
   req.set_timeout_ms(timeout_ms);
   v1::RecvReply reply;
