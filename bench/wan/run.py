@@ -328,7 +328,8 @@ def train(method: str, index: int, args: argparse.Namespace, link: Link, work: P
     cfg = RunConfig(d_model=args.d_model, layers=args.layers, heads=args.heads,
                     seq_len=args.seq_len, batch=args.batch, microbatches=args.microbatches,
                     seed=args.seed, eval_batches=args.eval_batches, corpus=str(corpus),
-                    method=method, k=args.k, send_rate_mbit=0.0, timeout_s=300.0)
+                    method=method, k=args.k, forward_codec=args.forward_codec,
+                    rvq_levels=args.rvq_levels, send_rate_mbit=0.0, timeout_s=300.0)
     peer_port = PEER_PORT0 + index
     placement = [StagePlacement(wrap=link.netns(link.up), dial=f"127.0.0.1:{RELAY_PORT}"),
                  StagePlacement(wrap=link.netns(link.down),
@@ -350,7 +351,10 @@ def train(method: str, index: int, args: argparse.Namespace, link: Link, work: P
     use = link_use(samples, t0, t1, args.rate_mbit, args.busy_fraction)
     hist = summary["history"]
     val_wall = [hist["seconds"][s - 1] for s in summary["val_steps"]]
-    return {"method": method, "k": cfg.k if method != "DENSE" else None,
+    dense = method == "DENSE"
+    return {"method": method, "k": None if dense else cfg.k,
+            "forward_codec": None if dense else cfg.forward_codec,
+            "rvq_levels": cfg.rvq_levels if cfg.forward_codec == "RVQ" and not dense else None,
             "budget_minutes": minutes, "budget_steps": steps,
             "steps": summary["steps"], "tokens": summary["tokens"],
             "train_seconds": summary["train_seconds"], "eval_seconds": summary["eval_seconds"],
@@ -472,6 +476,9 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--k", type=int, default=0, help="projection rank (0: d_model / 16)")
+    ap.add_argument("--forward-codec", default="RVQ", type=str.upper,
+                    choices=("RVQ", "INT8", "BF16"), help="fixed's and MAPL's forward codes")
+    ap.add_argument("--rvq-levels", type=int, default=4, help="with --forward-codec RVQ")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "out" / "wan",
                     help="results.json, val_loss_vs_time.png and each run's logs")
@@ -570,6 +577,11 @@ def report(results: Dict[str, Any], out: Path) -> None:
         f"{results['delay_ms']:g} ms one way (relay; measured round trip "
         f"{results.get('rtt_relay_ms', float('nan')):.1f} ms) ==")
     log(f"target validation loss: {target:.4f} ({results['target_rule']})")
+    codes = [r for r in results["runs"] if r["method"] != "DENSE"]
+    if codes:
+        r = codes[0]
+        log(f"compressed methods: k = {r['k']}, forward codes {r['forward_codec']}"
+            + (f" x {r['rvq_levels']}" if r.get("rvq_levels") else "") + ", backward int8")
     log(f"{'method':7} {'steps':>6} {'train s':>8} {'final val':>9} {'compr.':>7} "
         f"{'to target (s)':>14} {'interp.':>8} {'w/ evals':>9} {'util.':>6} {'link busy':>9}")
     for rec in results["runs"]:
