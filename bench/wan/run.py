@@ -31,7 +31,7 @@ The numbers per direction, with the bytes the relay delivered (everything on the
 frames, deltas, learning signals, acks, gRPC framing), are in results.json.
 
     sudo PYTHONPATH=build/python OPENBLAS_NUM_THREADS=1 /usr/bin/python3 bench/wan/run.py \\
-        [--rate-mbit 20] [--delay-ms 50] [--minutes 8] [--methods DENSE,FIXED,MAPL] [--smoke]
+        [--rate-mbit 20] [--delay-ms 50] [--minutes DENSE=8,FIXED=4,MAPL=4] [--smoke]
 
 Needs root (network namespaces, veth, tc); without it, it says so and exits 0.
 """
@@ -328,7 +328,8 @@ def train(method: str, index: int, args: argparse.Namespace, link: Link, work: P
     cfg = RunConfig(d_model=args.d_model, layers=args.layers, heads=args.heads,
                     seq_len=args.seq_len, batch=args.batch, microbatches=args.microbatches,
                     seed=args.seed, eval_batches=args.eval_batches, corpus=str(corpus),
-                    method=method, k=args.k, forward_codec=args.forward_codec,
+                    method=method, k=args.k or max(1, args.d_model // 8),
+                    forward_codec=args.forward_codec,
                     rvq_levels=args.rvq_levels, send_rate_mbit=0.0, timeout_s=300.0)
     peer_port = PEER_PORT0 + index
     placement = [StagePlacement(wrap=link.netns(link.up), dial=f"127.0.0.1:{RELAY_PORT}"),
@@ -450,8 +451,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--delay-ms", type=float, default=50.0, help="one-way delay (user space)")
     ap.add_argument("--methods", default="DENSE,FIXED,MAPL",
                     help="comma-separated; DENSE runs first (its final loss sets the target)")
-    ap.add_argument("--minutes", default="8", help="training budget per method: '8' for every "
-                    "method, or 'DENSE=8,MAPL=4'")
+    ap.add_argument("--minutes", default="DENSE=8,FIXED=4,MAPL=4",
+                    help="training budget per method: '8' for every method, or 'DENSE=8,MAPL=4'")
     ap.add_argument("--steps", default="0", help="step budget per method, like --minutes "
                     "(0: none; the first of the two budgets ends a run)")
     ap.add_argument("--target", type=float, default=0.0,
@@ -460,7 +461,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--no-stop-at-target", action="store_true",
                     help="run every method for its whole budget (default: the compressed "
                     "methods stop at the first evaluation that reaches the target)")
-    ap.add_argument("--eval-every", type=float, default=0.05,
+    ap.add_argument("--eval-every", type=float, default=0.025,
                     help="evaluate every this fraction of the budget")
     ap.add_argument("--iperf-seconds", type=float, default=10.0)
     ap.add_argument("--sample-ms", type=float, default=10.0,
@@ -469,14 +470,14 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
                     help="an interval is busy when it carried at least this fraction of the rate")
     ap.add_argument("--corpus", default="", help="a text file (default: the KJV Bible)")
     ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=2, help="one a stage: see README, sizing")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--k", type=int, default=0, help="projection rank (0: d_model / 16)")
-    ap.add_argument("--forward-codec", default="RVQ", type=str.upper,
+    ap.add_argument("--k", type=int, default=0, help="projection rank (0: d_model / 8)")
+    ap.add_argument("--forward-codec", default="INT8", type=str.upper,
                     choices=("RVQ", "INT8", "BF16"), help="fixed's and MAPL's forward codes")
     ap.add_argument("--rvq-levels", type=int, default=4, help="with --forward-codec RVQ")
     ap.add_argument("--seed", type=int, default=0)
