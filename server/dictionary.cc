@@ -47,23 +47,6 @@ std::string Hex64(uint64_t v) { return absl::StrCat(absl::Hex(v, absl::kZeroPad1
 
 bool SameBits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
 
-// What MakeDelta() divides a row's squared movement by: the table's squared Frobenius norm, the
-// published one, or the learner's while the published table is still all zeros (1 when both are,
-// or when either is not finite). Tables of different scale then compete fairly for the budget: a
-// row's share of its table's energy is, for uniformly used rows, about its share of the
-// reconstruction's, whether the table is U (d rows, each weighted by one input coordinate) or RVQ
-// codebooks (each centroid used by 1 / codebook size of the vectors).
-double TableEnergy(const float* published, const float* learner, int64_t n) {
-  auto energy = [n](const float* v) {
-    double e = 0.0;
-    for (int64_t i = 0; i < n; ++i) e += static_cast<double>(v[i]) * v[i];
-    return e;
-  };
-  double e = energy(published);
-  if (e == 0.0) e = energy(learner);
-  return e > 0.0 && std::isfinite(e) ? e : 1.0;
-}
-
 // Appends `count` values, each already representable in `precision`, in their wire encoding.
 void AppendEncoded(v1::Precision precision, const float* src, int64_t count, std::string* out) {
   if (precision == v1::PRECISION_BF16) {
@@ -338,17 +321,15 @@ absl::StatusOr<v1::DictionaryDelta> DictionaryOwner::MakeDelta(int64_t byte_budg
   }
   const PublishedDictionary& current = *published();
 
-  // Rank every row whose rounded learner value differs from the published one by its movement
-  // relative to its whole table: distance2 / the table's squared Frobenius norm.
+  // Rank every row whose rounded learner value differs from the published one.
   struct Candidate {
-    double distance2;  // Squared L2 norm of learner - published, over the table's energy.
+    double distance2;  // Squared L2 norm of learner - published.
     int table;
     int64_t row;
   };
   std::vector<Candidate> candidates;
   for (int t = 0; t < current.num_tables(); ++t) {
     const int64_t cols = current.spec(t).cols;
-    const double energy = TableEnergy(current.table(t), learner(t), current.spec(t).rows * cols);
     for (int64_t r = 0; r < current.spec(t).rows; ++r) {
       const float* learned = learner(t) + r * cols;
       const float* published_row = current.table(t) + r * cols;
@@ -368,7 +349,7 @@ absl::StatusOr<v1::DictionaryDelta> DictionaryOwner::MakeDelta(int64_t byte_budg
       if (!finite) {
         ++nonfinite_rows_skipped_;
       } else if (differs) {
-        candidates.push_back({distance2 / energy, t, r});
+        candidates.push_back({distance2, t, r});
       }
     }
   }

@@ -163,13 +163,11 @@ class DictionaryOwner {
   // Bytes one row of `table` costs against the budget: a 4-byte index plus cols elements.
   int64_t RowBytes(int table) const;
 
-  // Publishes the rows that moved most. Rows are ranked by the squared L2 norm of learner -
-  // published over the squared Frobenius norm of their table (the published one, or the learner's
-  // while the published is all zeros), largest first, ties by table then row, so a table of small
-  // values (U) is not starved by one of large values (RVQ centroids). They are taken in that order
-  // whenever their RowBytes() still fit in `byte_budget` (protobuf framing is not counted). Rows
-  // whose rounded learner value equals the published one are never sent; rows with NaN or Inf
-  // (before or after rounding) are skipped and counted. The owner applies the rounded rows to a new published version (version + 1); the
+  // Publishes the rows that moved most. Rows are ranked by the L2 norm of learner - published
+  // (largest first, ties by table then row) and taken in that order whenever their RowBytes() still
+  // fit in `byte_budget` (protobuf framing is not counted). Rows whose rounded learner value equals
+  // the published one are never sent; rows with NaN or Inf (before or after rounding) are skipped
+  // and counted. The owner applies the rounded rows to a new published version (version + 1); the
   // delta carries the checksum of that state. With nothing to send, the delta is a no-op
   // (new_version == base_version, no rows). INVALID_ARGUMENT for a negative budget.
   absl::StatusOr<v1::DictionaryDelta> MakeDelta(int64_t byte_budget);

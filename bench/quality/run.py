@@ -4,8 +4,8 @@
 Trains the LLaMA-style model of examples/llama_pipeline through real mapld daemons (one per
 stage, loopback, no rate cap: quality is measured here, not speed) with the same model, data and
 token budget for each of:
-  dense (bf16 both ways); the fixed random projection at three ranks k (d/4, d/16, d/64);
-  MAPL (learned U and anchors) at the same ranks; MAPL with RVQ forward codes at 2 and 4 levels;
+  dense (bf16 both ways); the fixed random projection at four ranks k (d/4, d/8, d/16, d/64);
+  MAPL (learned U and anchors) at the same ranks; MAPL with RVQ forward codes at 2, 4 and 8 levels;
   int8 backward codes throughout, and one MAPL run with bf16 backward codes to show the difference.
 Two scenarios: from scratch, and fine-tuning, where the benchmark first trains densely to a
 checkpoint (once per seed) and inserts the compressed boundaries only then (MAPL's U starting
@@ -266,10 +266,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--full-seeds", type=int, default=1,
                     help="how many of the seeds (the first ones) run the whole grid; the others "
                     "run dense and both methods at the smallest rank")
-    ap.add_argument("--ranks", default="d/4,d/16,d/64", help="ranks k of fixed and MAPL")
+    ap.add_argument("--ranks", default="d/4,d/8,d/16,d/64", help="ranks k of fixed and MAPL")
     ap.add_argument("--forward-codec", default="INT8", type=str.upper, choices=("INT8", "BF16"),
                     help="forward codec of the fixed and MAPL runs at each rank")
-    ap.add_argument("--rvq-levels", default="2,4", help="RVQ levels of the MAPL+RVQ runs")
+    ap.add_argument("--rvq-levels", default="2,4,8", help="RVQ levels of the MAPL+RVQ runs")
     ap.add_argument("--rvq-k", default="d/16", help="rank of the MAPL+RVQ and bf16-backward runs")
     ap.add_argument("--no-bf16-backward", dest="bf16_backward", action="store_false",
                     help="skip the MAPL run with bf16 backward codes")

@@ -92,20 +92,8 @@ Message OverTheWire(const Message& m) {
 
 // The L2 distance between learner and published row; -1 when the row is not eligible (its rounded
 // value equals the published one, or it is not finite).
-// The L2 norm of learner - published of row r of table t over the table's Frobenius norm (the
-// published one; the learner's while the published is all zeros); -1 for a row MakeDelta() must not
-// send (unchanged after rounding, or not finite).
 double Movement(const DictionaryOwner& owner, int t, int64_t r) {
   const int64_t cols = owner.spec(t).cols;
-  const int64_t n = owner.spec(t).rows * cols;
-  auto frobenius2 = [n](const float* v) {
-    double e = 0.0;
-    for (int64_t i = 0; i < n; ++i) e += static_cast<double>(v[i]) * v[i];
-    return e;
-  };
-  double energy = frobenius2(owner.published()->table(t));
-  if (energy == 0.0) energy = frobenius2(owner.learner(t));
-  if (!(energy > 0.0 && std::isfinite(energy))) energy = 1.0;
   const float* l = owner.learner(t) + r * cols;
   const float* p = owner.published()->table(t) + r * cols;
   double d2 = 0.0;
@@ -116,7 +104,7 @@ double Movement(const DictionaryOwner& owner, int t, int64_t r) {
     differs |= std::memcmp(&q, &p[c], sizeof(float)) != 0;
     d2 += (static_cast<double>(l[c]) - p[c]) * (static_cast<double>(l[c]) - p[c]);
   }
-  return differs ? std::sqrt(d2 / energy) : -1.0;
+  return differs ? std::sqrt(d2) : -1.0;
 }
 
 // Moves a random subset of learner rows by random amounts (scales from 1e-4 to 1).
@@ -370,31 +358,6 @@ TEST(DictionaryOwnerTest, RanksRowsByMovementAndFillsBudget) {
   EXPECT_EQ(owner->version(), 1u);
 
   EXPECT_EQ(owner->MakeDelta(-1).status().code(), absl::StatusCode::kInvalidArgument);
-}
-
-// Movement counts relative to the row's table: a table of small values (like U, entries about
-// 1/sqrt(d)) is not starved by one of large values (like RVQ centroids) that moves more in absolute
-// terms but less against its own size.
-TEST(DictionaryOwnerTest, RanksMovementRelativeToTheTable) {
-  std::vector<DictionaryTableSpec> specs = {{"small", 4, 4}, {"large", 4, 4}};
-  absl::StatusOr<DictionaryOwner> owner = DictionaryOwner::Create(
-      kId, specs, {std::vector<float>(16, 0.01f), std::vector<float>(16, 10.0f)},
-      v1::PRECISION_F32);
-  ASSERT_TRUE(owner.ok()) << owner.status();
-  // Small rows move by 50 % (absolute squared distance 1e-4 a row), large rows by 1 % (0.04).
-  std::fill_n(owner->mutable_learner(0), 16, 0.015f);
-  std::fill_n(owner->mutable_learner(1), 16, 10.1f);
-  absl::StatusOr<v1::DictionaryDelta> delta = owner->MakeDelta(4 * owner->RowBytes(0));
-  ASSERT_TRUE(delta.ok()) << delta.status();
-  ASSERT_EQ(delta->tables_size(), 1);
-  EXPECT_EQ(delta->tables(0).table(), 0u);
-  EXPECT_EQ(Rows(delta->tables(0)), (std::vector<uint32_t>{0, 1, 2, 3}));
-  // Then the large table's rows, which are all that is left.
-  delta = owner->MakeDelta(4 * owner->RowBytes(1));
-  ASSERT_TRUE(delta.ok()) << delta.status();
-  ASSERT_EQ(delta->tables_size(), 1);
-  EXPECT_EQ(delta->tables(0).table(), 1u);
-  EXPECT_EQ(Rows(delta->tables(0)), (std::vector<uint32_t>{0, 1, 2, 3}));
 }
 
 // NaN or Inf in the learner never reaches the published copy; finite values that overflow bf16
