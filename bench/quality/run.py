@@ -353,8 +353,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, Any] = {"setup": setup, "runs": []}
 
     def save() -> None:
+        # Finished runs of the earlier results.json that this pass has not reached yet are kept,
+        # so an interrupted --resume loses nothing.
+        done = {r["id"] for r in results["runs"]}
+        later = [previous[s.id] for s in grid if s.id in previous and s.id not in done]
         tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
+        tmp.write_text(json.dumps({**results, "runs": results["runs"] + later}, indent=1))
         tmp.replace(results_path)
 
     started = time.monotonic()
@@ -403,8 +407,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{r['tokens_per_second']:,.0f} tok/s  {wall:.0f} s", flush=True)
     except KeyboardInterrupt:
         save()
-        print(f"\ninterrupted: stopped every process; {len(results['runs'])} runs in "
-              f"{results_path} (--resume continues)", file=sys.stderr)
+        print(f"\ninterrupted: stopped every process; {len(results['runs'])} runs done in this "
+              f"pass; {results_path} keeps every finished run (--resume continues)",
+              file=sys.stderr)
         return 130
     results["wall_seconds"] = time.monotonic() - started
     save()

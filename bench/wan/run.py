@@ -473,7 +473,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=2, help="one a stage: see README, sizing")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--k", type=int, default=0, help="projection rank (0: d_model / 8)")
