@@ -42,7 +42,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(HERE))
 
-from llama_pipeline.config import RunConfig  # noqa: E402
+from llama_pipeline.config import RunConfig, add_shape_args  # noqa: E402
 from llama_pipeline.data import CorpusError, load_text  # noqa: E402
 
 import report  # noqa: E402  (bench/quality/report.py)
@@ -245,13 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     d = RunConfig()
     ap.add_argument("--corpus", default="", help="a text file (default: the KJV Bible from "
                     "Debian's bible-kjv)")
-    ap.add_argument("--d-model", type=int, default=d.d_model)
-    ap.add_argument("--layers", type=int, default=d.layers)
-    ap.add_argument("--heads", type=int, default=d.heads)
-    ap.add_argument("--seq-len", type=int, default=d.seq_len)
-    ap.add_argument("--batch", type=int, default=d.batch, help="sequences a step")
-    ap.add_argument("--microbatches", type=int, default=d.microbatches)
-    ap.add_argument("--stages", type=int, default=d.stages, choices=(2, 3, 4))
+    add_shape_args(ap)
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                     help="steps of each from-scratch run (the token budget)")
     ap.add_argument("--pretrain-steps", type=int, default=0,

@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 from .model import ModelConfig
 
-__all__ = ["RunConfig", "METHODS", "CODECS", "PROJECTOR_INITS"]
+__all__ = ["RunConfig", "METHODS", "CODECS", "PROJECTOR_INITS", "add_shape_args"]
 
 METHODS = ("MAPL", "FIXED", "DENSE")
 CODECS = ("RVQ", "INT8", "BF16")
@@ -115,3 +115,15 @@ class RunConfig:
         data = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def add_shape_args(ap: Any) -> None:
+    """Adds the model's and schedule's sizes (RunConfig's defaults) to an argparse parser."""
+    d = RunConfig()
+    ap.add_argument("--stages", type=int, default=d.stages, choices=(2, 3, 4))
+    ap.add_argument("--d-model", type=int, default=d.d_model)
+    ap.add_argument("--layers", type=int, default=d.layers)
+    ap.add_argument("--heads", type=int, default=d.heads)
+    ap.add_argument("--seq-len", type=int, default=d.seq_len)
+    ap.add_argument("--batch", type=int, default=d.batch, help="sequences a step")
+    ap.add_argument("--microbatches", type=int, default=d.microbatches)

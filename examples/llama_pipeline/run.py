@@ -36,7 +36,8 @@ from typing import Any, Callable, Dict, List, Optional
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_pipeline.config import CODECS, METHODS, PROJECTOR_INITS, RunConfig  # noqa: E402
+from llama_pipeline.config import (CODECS, METHODS, PROJECTOR_INITS, RunConfig,  # noqa: E402
+                                   add_shape_args)
 from llama_pipeline.data import Corpus, CorpusError, load_text  # noqa: E402
 from llama_pipeline.model import layer_ranges  # noqa: E402
 
@@ -553,13 +554,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     choices=("INT8", "BF16"))
     ap.add_argument("--send-rate-mbit", type=float, default=d.send_rate_mbit,
                     help="each daemon's send cap per peer link (emulates a slow link); 0: none")
-    ap.add_argument("--stages", type=int, default=d.stages, choices=(2, 3, 4))
-    ap.add_argument("--d-model", type=int, default=d.d_model)
-    ap.add_argument("--layers", type=int, default=d.layers)
-    ap.add_argument("--heads", type=int, default=d.heads)
-    ap.add_argument("--seq-len", type=int, default=d.seq_len)
-    ap.add_argument("--batch", type=int, default=d.batch, help="sequences a step")
-    ap.add_argument("--microbatches", type=int, default=d.microbatches)
+    add_shape_args(ap)
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--eval-batches", type=int, default=d.eval_batches,
