@@ -67,12 +67,12 @@ BoundaryStats FromProto(const v1::BoundaryStats& p) {
   s.dictionary_version = p.dictionary_version();
   s.dictionary_checksum = p.dictionary_checksum();
   s.orthogonality_error = p.orthogonality_error();
-  s.raw_bytes = p.raw_bytes();
-  s.wire_payload_bytes = p.wire_payload_bytes();
-  s.wire_dictionary_bytes = p.wire_dictionary_bytes();
+  s.raw_bytes = p.raw_bytes_sent() + p.raw_bytes_received();
+  s.wire_payload_bytes = p.payload_bytes_sent() + p.payload_bytes_received();
+  s.wire_dictionary_bytes = p.dictionary_bytes_sent() + p.dictionary_bytes_received();
   s.frames_sent = p.frames_sent();
   s.frames_received = p.frames_received();
-  s.last_step_relative_error = p.last_step_relative_error();
+  s.last_step_relative_error = p.rvq_relative_mse();
   return s;
 }
 

@@ -13,7 +13,7 @@
 #include "absl/strings/str_split.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 #include "server/boundary.h"
 
 namespace mapl {

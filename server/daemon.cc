@@ -17,9 +17,9 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 #include "server/local_service.h"
-#include "server/log.h"
+#include "common/log.h"
 
 namespace mapl {
 namespace {
@@ -793,12 +793,15 @@ void Daemon::FillStats(Boundary* b, v1::BoundaryStats* out) {
   out->set_dictionary_version(st.dict_version);
   out->set_dictionary_checksum(st.dict_checksum);
   out->set_orthogonality_error(st.orthogonality_error);
-  out->set_raw_bytes(st.raw_bytes_sent + st.raw_bytes_received);
-  out->set_wire_payload_bytes(st.payload_bytes_sent + st.payload_bytes_received);
-  out->set_wire_dictionary_bytes(st.dictionary_bytes_sent + st.dictionary_bytes_received);
+  out->set_raw_bytes_sent(st.raw_bytes_sent);
+  out->set_raw_bytes_received(st.raw_bytes_received);
+  out->set_payload_bytes_sent(st.payload_bytes_sent);
+  out->set_payload_bytes_received(st.payload_bytes_received);
+  out->set_dictionary_bytes_sent(st.dictionary_bytes_sent);
+  out->set_dictionary_bytes_received(st.dictionary_bytes_received);
   out->set_frames_sent(st.frames_encoded);
   out->set_frames_received(st.frames_decoded);
-  out->set_last_step_relative_error(st.rvq_relative_mse);
+  out->set_rvq_relative_mse(st.rvq_relative_mse);
   b->metrics->orthogonality_error->Set(st.orthogonality_error);
   b->metrics->dictionary_version->Set(static_cast<double>(st.dict_version));
   b->metrics->dictionary_checksum->Set(

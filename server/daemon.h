@@ -40,7 +40,7 @@
 #include "proto/mapl/v1/local.pb.h"
 #include "server/boundary.h"
 #include "server/metrics.h"
-#include "server/peer_link.h"
+#include "server/transport/peer_link.h"
 #include "server/shm.h"
 
 namespace mapl {

@@ -13,7 +13,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 // The checksum and the wire hash float32 values and integers as they lie in memory, which is the
 // little-endian layout peer.proto specifies.

@@ -17,7 +17,7 @@
 #include "absl/time/time.h"
 #include "server/config.h"
 #include "server/daemon.h"
-#include "server/log.h"
+#include "common/log.h"
 
 ABSL_FLAG(std::string, config, "", "Text-format mapl.v1.DaemonConfig (proto/mapl/v1/config.proto)");
 ABSL_FLAG(std::vector<std::string>, set, {},

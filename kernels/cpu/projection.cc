@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_backend.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 namespace mapl {
 namespace {

@@ -10,7 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/cpu_backend.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 namespace mapl {
 namespace {

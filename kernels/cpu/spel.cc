@@ -14,7 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/cpu_backend.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 // LAPACK symmetric eigensolver (divide and conquer), exported by OpenBLAS. The trailing lengths are
 // gfortran's hidden CHARACTER arguments.

@@ -3,8 +3,8 @@
 //
 //   mapl::Log(mapl::LogLevel::kInfo, "listening", {{"peer", address}});
 // Abseil's logging library is newer than Debian 12's Abseil, hence this small helper.
-#ifndef MAPL_SERVER_LOG_H_
-#define MAPL_SERVER_LOG_H_
+#ifndef MAPL_COMMON_LOG_H_
+#define MAPL_COMMON_LOG_H_
 
 #include <initializer_list>
 #include <string>
@@ -26,4 +26,4 @@ void Log(LogLevel level, absl::string_view msg, std::initializer_list<LogField> 
 
 }  // namespace mapl
 
-#endif  // MAPL_SERVER_LOG_H_
+#endif  // MAPL_COMMON_LOG_H_

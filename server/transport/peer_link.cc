@@ -1,6 +1,6 @@
 // The peer link: PeerLink (one end of one boundary's stream) and PeerServer (the downstream's
 // Peer service). See peer_link.h for the contract.
-#include "server/peer_link.h"
+#include "server/transport/peer_link.h"
 
 #include <algorithm>
 #include <chrono>
@@ -13,7 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "google/protobuf/descriptor.h"
-#include "server/log.h"
+#include "common/log.h"
 
 namespace mapl {
 namespace {

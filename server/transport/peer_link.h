@@ -43,8 +43,8 @@
 // handler, and a writer thread. The handler is never called concurrently with itself, always in
 // seq order; it may call Send, but must not block for long (it stalls reading and acknowledging)
 // and must not call Close or destroy the link.
-#ifndef MAPL_SERVER_PEER_LINK_H_
-#define MAPL_SERVER_PEER_LINK_H_
+#ifndef MAPL_SERVER_TRANSPORT_PEER_LINK_H_
+#define MAPL_SERVER_TRANSPORT_PEER_LINK_H_
 
 #include <cstdint>
 #include <deque>
@@ -340,4 +340,4 @@ class PeerServer {
 
 }  // namespace mapl
 
-#endif  // MAPL_SERVER_PEER_LINK_H_
+#endif  // MAPL_SERVER_TRANSPORT_PEER_LINK_H_

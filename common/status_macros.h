@@ -2,8 +2,8 @@
 //
 //   MAPL_RETURN_IF_ERROR(CheckShape(h, "h", n, d));
 //   MAPL_ASSIGN_OR_RETURN(RvqCodebooks cb, backend->RvqFit(x, options));
-#ifndef MAPL_KERNELS_STATUS_MACROS_H_
-#define MAPL_KERNELS_STATUS_MACROS_H_
+#ifndef MAPL_COMMON_STATUS_MACROS_H_
+#define MAPL_COMMON_STATUS_MACROS_H_
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -25,4 +25,4 @@
   if (!statusor.ok()) return statusor.status();          \
   lhs = std::move(statusor).value()
 
-#endif  // MAPL_KERNELS_STATUS_MACROS_H_
+#endif  // MAPL_COMMON_STATUS_MACROS_H_

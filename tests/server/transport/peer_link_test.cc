@@ -1,7 +1,7 @@
 // Tests of the peer link (server/peer_link.h) over loopback: ordering and exactly-once delivery,
 // large messages, authentication and rejection statuses, late servers, drain, heartbeats, close,
 // reconnect with resend, stream replacement and protocol violations.
-#include "server/peer_link.h"
+#include "server/transport/peer_link.h"
 
 #include <atomic>
 #include <cstdint>

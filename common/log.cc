@@ -1,5 +1,5 @@
 // logfmt lines on stderr.
-#include "server/log.h"
+#include "common/log.h"
 
 #include <unistd.h>
 
