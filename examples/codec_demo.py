@@ -1,5 +1,8 @@
 #!/usr/bin/python3
-"""The MAPL codec on real activations: a short demo until the two-sidecar pipeline exists.
+"""The MAPL codecs alone on real activations, without daemons: bytes, compression and error.
+
+The main job (examples/llama_pipeline) runs the same codecs through mapld; docs/METHOD.md has
+the math.
 
 1. Trains a tiny byte-level causal transformer on a text corpus (the King James Bible from
    Debian's bible-kjv by default) for a few seconds with PyTorch.
@@ -114,8 +117,9 @@ def main() -> int:
 
     rng = np.random.default_rng(args.seed)
     u_fixed = codec.retract(rng.standard_normal((d, k)).astype(np.float32))
-    # SPEL maximising tr(U^T S U) (descending its negation), S the activations' second moment: converges to the principal
-    # subspace, the sidecar's learned projection without any gradient from the model.
+    # SPEL maximising tr(U^T S U) (descending its negation), S the activations' second moment:
+    # converges to the principal subspace, the sidecar's learned projection without any gradient
+    # from the model.
     # SPEL's direction msign(xi) has unit singular values, so the step size does not depend on
     # the scale of S.
     s = (fit_h.T @ fit_h / len(fit_h)).astype(np.float32)
