@@ -3,12 +3,17 @@
 // may be either dtype. Every matrix is row-major. Shapes use n tokens, hidden size d, rank k,
 // vocabulary V, anchor rank r, L RVQ levels of K centroids.
 //
-// Every method validates shapes, dtypes and indices and returns INVALID_ARGUMENT naming the bad
-// argument; none has undefined behaviour on bad input. A Backend holds no per-call state and
-// may be used from several threads at once.
+// Every method validates shapes, dtypes, buffer sizes and indices and returns INVALID_ARGUMENT
+// naming the bad argument; none has undefined behaviour on bad input. Flat buffers (codes, scales,
+// norms, token ids) are absl::Spans that carry their size, and each must hold exactly the number
+// of elements its comment states: a wrong size is an error, never a read or write out of bounds.
+// Every method is const: a Backend holds no per-call state and may be used from several threads
+// at once.
 //
-//   std::unique_ptr<mapl::Backend> be = mapl::MakeCpuBackend();
-//   absl::Status s = be->Project(h, u, z);   // z = h U
+// Backends are made by name through the registry (kernels/registry.h):
+//
+//   MAPL_ASSIGN_OR_RETURN(std::unique_ptr<mapl::Backend> be, mapl::MakeBackend("cpu"));
+//   MAPL_RETURN_IF_ERROR(be->Project(h, u, z));   // z = h U
 #ifndef MAPL_KERNELS_BACKEND_H_
 #define MAPL_KERNELS_BACKEND_H_
 
@@ -17,6 +22,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "kernels/rvq.h"
 #include "kernels/tensor.h"
 
@@ -50,80 +56,86 @@ class Backend {
 
   // ---- projection (kernels/cpu/projection.cc) ----
   // z = h U.  h: (n, d) f32/bf16; u: (d, k) f32; z: (n, k) f32/bf16.
-  virtual absl::Status Project(const ConstTensor& h, const ConstTensor& u, const Tensor& z) = 0;
+  virtual absl::Status Project(const ConstTensor& h, const ConstTensor& u,
+                               const Tensor& z) const = 0;
   // h = z U^T.  z: (n, k) f32/bf16; u: (d, k) f32; h: (n, d) f32/bf16.
-  virtual absl::Status Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) = 0;
+  virtual absl::Status Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) const = 0;
   // h = zq U^T + a - (a U) U^T: the decoder's reconstruction with the anchor a = P[t] Q.
   // zq: (n, k) f32; u: (d, k) f32; a: (n, d) f32; h: (n, d) f32/bf16.
   virtual absl::Status LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u,
-                                      const ConstTensor& a, const Tensor& h) = 0;
+                                      const ConstTensor& a, const Tensor& h) const = 0;
 
   // ---- residual vector quantization (kernels/cpu/rvq.cc) ----
-  // Level-by-level k-means on the residuals of x: (n, dim) f32, n >= K.
+  // Level-by-level k-means on the residuals of x: (n, dim) f32/bf16, n >= K.
   virtual absl::StatusOr<RvqCodebooks> RvqFit(const ConstTensor& x,
-                                              const RvqFitOptions& options) = 0;
-  // codes: n * L bytes, row-major (n, L). beam == 1 is greedy; beam > 1 keeps the `beam` best
-  // partial codes per vector at each level. norms: n floats, written in gain-shape mode (may be
-  // null otherwise).
+                                              const RvqFitOptions& options) const = 0;
+  // x: (n, dim) f32/bf16. codes: exactly n * L bytes, written row-major (n, L). beam == 1 is
+  // greedy; beam > 1 keeps the `beam` best partial codes per vector at each level. norms: exactly
+  // n floats in gain-shape mode (each row's L2 norm is written there), empty otherwise.
   virtual absl::Status RvqEncode(const RvqCodebooks& cb, const ConstTensor& x, int beam,
-                                 uint8_t* codes, float* norms) = 0;
-  // out: (n, dim) f32/bf16. norms: n floats in gain-shape mode, ignored otherwise.
-  virtual absl::Status RvqDecode(const RvqCodebooks& cb, const uint8_t* codes, const float* norms,
-                                 const Tensor& out) = 0;
-  // One streaming k-means step on batch x (n, dim) f32: greedy-encode with the learner's
+                                 absl::Span<uint8_t> codes, absl::Span<float> norms) const = 0;
+  // out: (n, dim) f32/bf16. codes: exactly n * L bytes, row-major (n, L), each < K. norms: exactly
+  // n finite floats >= 0 in gain-shape mode, empty otherwise.
+  virtual absl::Status RvqDecode(const RvqCodebooks& cb, absl::Span<const uint8_t> codes,
+                                 absl::Span<const float> norms, const Tensor& out) const = 0;
+  // One streaming k-means step on batch x (n, dim) f32/bf16: greedy-encode with the learner's
   // codebooks, update EMA counts and sums, recompute centroids, re-seed dead centroids.
   virtual absl::StatusOr<RvqUpdateStats> RvqUpdate(RvqLearner* learner, const ConstTensor& x,
-                                                   const RvqUpdateOptions& options) = 0;
+                                                   const RvqUpdateOptions& options) const = 0;
 
   // ---- scalar codecs (kernels/cpu/scalar_codec.cc) ----
   // Per-token symmetric int8: scale_i = max_j |x_ij| / 127 rounded up to a bfloat16 value (so it
-  // travels losslessly in 2 bytes), q = round(x / scale). x: (n, k) f32/bf16; q: n*k int8;
-  // scales: n floats, each exactly representable in bf16.
-  virtual absl::Status Int8Encode(const ConstTensor& x, int8_t* q, float* scales) = 0;
-  // out: (n, k) f32/bf16.
-  virtual absl::Status Int8Decode(const int8_t* q, const float* scales, const Tensor& out) = 0;
+  // travels losslessly in 2 bytes), q = round(x / scale). x: (n, k) f32/bf16; q: exactly n * k
+  // int8, row-major; scales: exactly n floats, each exactly representable in bf16.
+  virtual absl::Status Int8Encode(const ConstTensor& x, absl::Span<int8_t> q,
+                                  absl::Span<float> scales) const = 0;
+  // out: (n, k) f32/bf16. q: exactly n * k int8; scales: exactly n finite floats >= 0.
+  virtual absl::Status Int8Decode(absl::Span<const int8_t> q, absl::Span<const float> scales,
+                                  const Tensor& out) const = 0;
 
   // ---- SPEL on the Stiefel manifold (kernels/cpu/spel.cc) ----
   // out = msign(y) = y (y^T y)^(-1/2) by Newton-Schulz iterations. y, out: (d, k) f32, d >= k.
   virtual absl::Status Msign(const ConstTensor& y, const Tensor& out,
-                             const MsignOptions& options) = 0;
+                             const MsignOptions& options) const = 0;
   // Polar retraction: u <- u (u^T u)^(-1/2), exactly, through the k x k Gram matrix.
-  virtual absl::Status Retract(const Tensor& u) = 0;
+  virtual absl::Status Retract(const Tensor& u) const = 0;
   // One SPEL step (DESIGN section 2): M = beta M + G; xi = M - U sym(U^T M); D = msign(xi);
   // U <- msign(U - lr D).  u, grad, momentum: (d, k) f32; u and momentum are updated in place.
   // grad is the loss gradient dL/dU (G_up + G_down): the step descends it. D has unit singular
   // values, so lr is a step length on the manifold whatever the scale of grad.
   virtual absl::Status SpelStep(const Tensor& u, const ConstTensor& grad, const Tensor& momentum,
-                                const SpelOptions& options) = 0;
+                                const SpelOptions& options) const = 0;
 
   // ---- anchors (kernels/cpu/anchors.cc) ----
-  // a = P[t] Q.  p: (V, r); q: (r, d); tokens: n ids in [0, V); a: (n, d) f32.
+  // a = P[t] Q.  p: (V, r); q: (r, d); tokens: exactly n ids in [0, V); a: (n, d) f32.
   virtual absl::Status AnchorLookup(const ConstTensor& p, const ConstTensor& q,
-                                    const int32_t* tokens, const Tensor& a) = 0;
-  // Accumulates the anchor gradients for the loss gradient g_perp (n, d) f32:
-  // dp[t_i] += g_perp_i Q^T;  dq += sum_i P[t_i]^T g_perp_i.  dp: (V, r); dq: (r, d).
-  virtual absl::Status AnchorGrad(const ConstTensor& p, const ConstTensor& q, const int32_t* tokens,
-                                  const ConstTensor& g_perp, const Tensor& dp,
-                                  const Tensor& dq) = 0;
+                                    absl::Span<const int32_t> tokens, const Tensor& a) const = 0;
+  // Accumulates the anchor gradients for the loss gradient g_perp (n, d) f32 of tokens (exactly
+  // n ids in [0, V)):  dp[t_i] += g_perp_i Q^T;  dq += sum_i P[t_i]^T g_perp_i.  dp: (V, r);
+  // dq: (r, d).
+  virtual absl::Status AnchorGrad(const ConstTensor& p, const ConstTensor& q,
+                                  absl::Span<const int32_t> tokens, const ConstTensor& g_perp,
+                                  const Tensor& dp, const Tensor& dq) const = 0;
   // One Adam(W) step that *descends* grad: param, m, v updated in place, all the same shape f32.
   virtual absl::Status AdamStep(const Tensor& param, const ConstTensor& grad, const Tensor& m,
-                                const Tensor& v, const AdamOptions& options) = 0;
+                                const Tensor& v, const AdamOptions& options) const = 0;
 
   // ---- learning signals (kernels/cpu/signals.cc) ----
   // g_up (+)= h^T gzq.  h: (n, d) f32/bf16; gzq: (n, k) f32; g_up: (d, k) f32.
   virtual absl::Status GradUp(const ConstTensor& h, const ConstTensor& gzq, const Tensor& g_up,
-                              bool accumulate) = 0;
+                              bool accumulate) const = 0;
   // g_down (+)= g^T zq - a^T (g U) - g^T (a U).  g: (n, d) f32/bf16; zq: (n, k) f32;
   // a: (n, d) f32 (may have rows == 0: no anchor); u: (d, k); g_down: (d, k) f32.
   virtual absl::Status GradDown(const ConstTensor& g, const ConstTensor& zq, const ConstTensor& a,
-                                const ConstTensor& u, const Tensor& g_down, bool accumulate) = 0;
+                                const ConstTensor& u, const Tensor& g_down,
+                                bool accumulate) const = 0;
   // g_perp = g - (g U) U^T.  g: (n, d) f32/bf16; u: (d, k); g_perp: (n, d) f32.
   virtual absl::Status OrthogonalComplement(const ConstTensor& g, const ConstTensor& u,
-                                            const Tensor& g_perp) = 0;
+                                            const Tensor& g_perp) const = 0;
 };
 
-// The BLAS (OpenBLAS) backend. BLAS threading follows OPENBLAS_NUM_THREADS; the rest of the
-// math runs on the calling thread.
+// The BLAS (OpenBLAS) backend, also registered as "cpu" (kernels/registry.h). BLAS threading
+// follows OPENBLAS_NUM_THREADS; the rest of the math runs on the calling thread.
 std::unique_ptr<Backend> MakeCpuBackend();
 
 }  // namespace mapl

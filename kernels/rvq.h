@@ -5,7 +5,7 @@
 //   opt.levels = 4;
 //   MAPL_ASSIGN_OR_RETURN(mapl::RvqCodebooks cb, backend.RvqFit(x, opt));
 //   std::vector<uint8_t> codes(n * cb.levels);
-//   backend.RvqEncode(cb, x, /*beam=*/1, codes.data(), nullptr);
+//   MAPL_RETURN_IF_ERROR(backend.RvqEncode(cb, x, /*beam=*/1, absl::MakeSpan(codes), {}));
 #ifndef MAPL_KERNELS_RVQ_H_
 #define MAPL_KERNELS_RVQ_H_
 
@@ -13,6 +13,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "common/check.h"
 
 namespace mapl {
 
@@ -32,13 +34,27 @@ struct RvqCodebooks {
   // centroids: (levels * K, dim), row-major; level l's codebook is rows [l*K, (l+1)*K).
   std::vector<float> centroids;
 
-  const float* level(int l) const { return centroids.data() + int64_t{l} * codebook_size * dim; }
-  float* level(int l) { return centroids.data() + int64_t{l} * codebook_size * dim; }
+  // Level l's codebook, (K, dim). Callers validate the codebooks first, so a level out of range or
+  // a short centroid vector is a bug.
+  absl::Span<const float> level(int l) const {
+    return absl::MakeConstSpan(centroids).subspan(LevelOffset(l), LevelSize());
+  }
+  absl::Span<float> level(int l) {
+    return absl::MakeSpan(centroids).subspan(LevelOffset(l), LevelSize());
+  }
   // INVALID_ARGUMENT unless levels, codebook_size and dim are in range (check this before
   // allocating centroids from untrusted sizes).
   absl::Status ValidateShape() const;
   // ValidateShape, and INVALID_ARGUMENT unless centroids has the right size and is finite.
   absl::Status Validate() const;
+
+ private:
+  size_t LevelSize() const { return size_t(codebook_size) * dim; }
+  size_t LevelOffset(int l) const {
+    MAPL_CHECK(l >= 0 && l < levels && centroids.size() >= (size_t(l) + 1) * LevelSize(),
+               "RvqCodebooks::level: level out of range or centroids not sized; Validate() first");
+    return size_t(l) * LevelSize();
+  }
 };
 
 struct RvqFitOptions {

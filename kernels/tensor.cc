@@ -6,10 +6,13 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "common/check.h"
 
 namespace mapl {
 
 const char* DTypeName(DType t) { return t == DType::kF32 ? "float32" : "bfloat16"; }
+
+size_t DTypeSize(DType t) { return t == DType::kF32 ? sizeof(float) : sizeof(bf16_t); }
 
 void FloatToBf16(const float* src, bf16_t* dst, size_t count) {
   for (size_t i = 0; i < count; ++i) dst[i] = FloatToBf16(src[i]);
@@ -35,6 +38,18 @@ absl::Status CheckShape(const ConstTensor& t, const char* what, int64_t rows, in
   }
   if (t.size() > 0 && t.data == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": null data for a non-empty tensor"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckBufferSize(const void* data, size_t size, const char* what, int64_t want,
+                             absl::string_view meaning) {
+  if (want < 0 || size != static_cast<size_t>(want)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": expected ", want, " elements (", meaning, "), got ", size));
+  }
+  if (size > 0 && data == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": null data for ", size, " elements"));
   }
   return absl::OkStatus();
 }
@@ -111,29 +126,36 @@ bool CopyFinite(const Bits* src, Bits* dst, int64_t count, Bits exponent) {
 
 }  // namespace
 
-bool CopyAndCheckFinite(const ConstTensor& src, void* dst) {
+bool CopyAndCheckFinite(const ConstTensor& src, absl::Span<char> dst) {
+  MAPL_CHECK(dst.size() == static_cast<size_t>(src.size()) * DTypeSize(src.dtype),
+             absl::StrCat("CopyAndCheckFinite: destination of ", dst.size(), " bytes for a (",
+                          src.rows, ", ", src.cols, ") ", DTypeName(src.dtype), " tensor"));
   if (src.dtype == DType::kF32) {
-    return CopyFinite(static_cast<const uint32_t*>(src.data), static_cast<uint32_t*>(dst),
-                      src.size(), uint32_t{0x7f800000});
+    return CopyFinite(static_cast<const uint32_t*>(src.data),
+                      reinterpret_cast<uint32_t*>(dst.data()), src.size(), uint32_t{0x7f800000});
   }
-  return CopyFinite(src.bf16(), static_cast<bf16_t*>(dst), src.size(), bf16_t{0x7f80});
+  return CopyFinite(src.bf16(), reinterpret_cast<bf16_t*>(dst.data()), src.size(), bf16_t{0x7f80});
 }
 
-void ToF32(const ConstTensor& src, float* dst) {
+void ToF32(const ConstTensor& src, absl::Span<float> dst) {
   const size_t n = static_cast<size_t>(src.size());
+  MAPL_CHECK(dst.size() == n, absl::StrCat("ToF32: destination of ", dst.size(),
+                                           " floats for a tensor of ", n, " elements"));
   if (src.dtype == DType::kF32) {
-    if (n) std::memcpy(dst, src.data, n * sizeof(float));
+    if (n) std::memcpy(dst.data(), src.data, n * sizeof(float));
   } else {
-    Bf16ToFloat(src.bf16(), dst, n);
+    Bf16ToFloat(src.bf16(), dst.data(), n);
   }
 }
 
-void FromF32(const float* src, const Tensor& dst) {
+void FromF32(absl::Span<const float> src, const Tensor& dst) {
   const size_t n = static_cast<size_t>(dst.size());
+  MAPL_CHECK(src.size() == n, absl::StrCat("FromF32: source of ", src.size(),
+                                           " floats for a tensor of ", n, " elements"));
   if (dst.dtype == DType::kF32) {
-    if (n && dst.data != src) std::memcpy(dst.data, src, n * sizeof(float));
+    if (n && dst.data != src.data()) std::memcpy(dst.data, src.data(), n * sizeof(float));
   } else {
-    FloatToBf16(src, dst.bf16(), n);
+    FloatToBf16(src.data(), dst.bf16(), n);
   }
 }
 
@@ -142,7 +164,7 @@ F32View::F32View(const ConstTensor& t) {
     ptr_ = t.f32();
   } else {
     copy_.resize(static_cast<size_t>(t.size()));
-    ToF32(t, copy_.data());
+    ToF32(t, absl::MakeSpan(copy_));
     ptr_ = copy_.data();
   }
 }
@@ -157,7 +179,7 @@ F32Output::F32Output(const Tensor& t) : target_(t) {
 }
 
 void F32Output::Commit() {
-  if (target_.dtype != DType::kF32) FromF32(ptr_, target_);
+  if (target_.dtype != DType::kF32) FromF32(scratch_, target_);
 }
 
 }  // namespace mapl

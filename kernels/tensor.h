@@ -15,12 +15,16 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 
 namespace mapl {
 
 enum class DType : uint8_t { kF32 = 0, kBF16 = 1 };
 
 const char* DTypeName(DType t);
+// Bytes per element: 4 for float32, 2 for bfloat16.
+size_t DTypeSize(DType t);
 
 // bfloat16 stored as its raw 16 bits.
 using bf16_t = uint16_t;
@@ -79,6 +83,17 @@ struct Tensor {
 // rows * cols then cannot overflow.
 absl::Status CheckShape(const ConstTensor& t, const char* what, int64_t rows, int64_t cols);
 
+// INVALID_ARGUMENT unless a buffer argument of `size` elements at `data` holds exactly `want`
+// elements (and has data when non-empty). `what` names the argument, `meaning` says what `want`
+// is made of, e.g. "n * L = 300 * 2", so that the message tells the caller how to size it.
+absl::Status CheckBufferSize(const void* data, size_t size, const char* what, int64_t want,
+                             absl::string_view meaning);
+template <typename T>
+absl::Status CheckSpanSize(absl::Span<T> s, const char* what, int64_t want,
+                           absl::string_view meaning) {
+  return CheckBufferSize(s.data(), s.size(), what, want, meaning);
+}
+
 // CheckShape, and INVALID_ARGUMENT unless `t` is float32.
 absl::Status CheckF32Matrix(const ConstTensor& t, const char* what, int64_t rows, int64_t cols);
 
@@ -94,15 +109,18 @@ absl::Status CommitFinite(std::vector<float>& result, const Tensor& out, bool ac
 // INVALID_ARGUMENT naming the first non-finite element (row, col) of `t`, if any.
 absl::Status CheckFinite(const ConstTensor& t, const char* what);
 
-// Copies src's raw elements to `dst` (src.size() elements of src's dtype) and checks them in the
-// same pass: false if any is NaN or Inf (then CheckFinite on the copy names the first one).
-// One pass instead of copy + check: taking a trainer's tensor is memory-bound.
-bool CopyAndCheckFinite(const ConstTensor& src, void* dst);
+// The three helpers below are handed buffers their caller sized from the same tensor, so a size
+// mismatch is a bug, not bad input: they stop the process (MAPL_CHECK) rather than return an error.
 
-// Copies `src` (any dtype) into fp32 `dst`; dst must hold src.size() floats.
-void ToF32(const ConstTensor& src, float* dst);
-// Writes fp32 `src` (dst.size() floats) into `dst` in dst's dtype.
-void FromF32(const float* src, const Tensor& dst);
+// Copies src's raw elements to `dst` (exactly src.size() * DTypeSize(src.dtype) bytes) and checks
+// them in the same pass: false if any is NaN or Inf (then CheckFinite on the copy names the first
+// one). One pass instead of copy + check: taking a trainer's tensor is memory-bound.
+bool CopyAndCheckFinite(const ConstTensor& src, absl::Span<char> dst);
+
+// Copies `src` (any dtype) into fp32 `dst`, which holds exactly src.size() floats.
+void ToF32(const ConstTensor& src, absl::Span<float> dst);
+// Writes fp32 `src` (exactly dst.size() floats) into `dst` in dst's dtype.
+void FromF32(absl::Span<const float> src, const Tensor& dst);
 
 // An fp32 view of a ConstTensor: the data itself when it is f32, a converted copy when bf16.
 class F32View {

@@ -13,15 +13,17 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/cpu/cpu_backend.h"
 #include "common/status_macros.h"
+#include "kernels/cpu/cpu_backend.h"
 
 namespace mapl {
 namespace {
 
-// Token ids come from the wire or the client: each must index a row of P.
-absl::Status CheckTokens(const int32_t* tokens, int64_t n, int64_t vocab) {
-  if (n > 0 && tokens == nullptr) return absl::InvalidArgumentError("tokens: null pointer");
+// Token ids come from the wire or the client: one for each of the n rows, each indexing a row of P.
+absl::Status CheckTokens(absl::Span<const int32_t> tokens, int64_t n, int64_t vocab,
+                         const char* rows_of) {
+  MAPL_RETURN_IF_ERROR(
+      CheckSpanSize(tokens, "tokens", n, absl::StrCat("one per row of ", rows_of)));
   for (int64_t i = 0; i < n; ++i) {
     if (tokens[i] < 0 || tokens[i] >= vocab) {
       return absl::InvalidArgumentError(
@@ -39,7 +41,8 @@ absl::Status CheckTables(const ConstTensor& p, const ConstTensor& q) {
 }
 
 // pt = P[t] (n, r).
-std::vector<float> Gather(const float* p, int64_t r, const int32_t* tokens, int64_t n) {
+std::vector<float> Gather(const float* p, int64_t r, absl::Span<const int32_t> tokens) {
+  const int64_t n = static_cast<int64_t>(tokens.size());
   std::vector<float> pt(static_cast<size_t>(n * r));
   for (int64_t i = 0; i < n; ++i) {
     const float* src = p + static_cast<int64_t>(tokens[i]) * r;
@@ -51,20 +54,20 @@ std::vector<float> Gather(const float* p, int64_t r, const int32_t* tokens, int6
 }  // namespace
 
 absl::Status CpuBackend::AnchorLookup(const ConstTensor& p, const ConstTensor& q,
-                                      const int32_t* tokens, const Tensor& a) {
+                                      absl::Span<const int32_t> tokens, const Tensor& a) const {
   MAPL_RETURN_IF_ERROR(CheckTables(p, q));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(a, "a", -1, q.cols));
   const int64_t n = a.rows;
   const int64_t r = p.cols;
   const int64_t d = q.cols;
-  MAPL_RETURN_IF_ERROR(CheckTokens(tokens, n, p.rows));
+  MAPL_RETURN_IF_ERROR(CheckTokens(tokens, n, p.rows, "a"));
   if (n == 0 || d == 0) return absl::OkStatus();
   if (r == 0) {
     std::fill(a.f32(), a.f32() + n * d, 0.f);
     return absl::OkStatus();
   }
   // One gather and one GEMM beat n GEMVs: Q is read once, not once per token.
-  const std::vector<float> pt = Gather(p.f32(), r, tokens, n);
+  const std::vector<float> pt = Gather(p.f32(), r, tokens);
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), static_cast<int>(d),
               static_cast<int>(r), 1.f, pt.data(), static_cast<int>(r), q.f32(),
               static_cast<int>(d), 0.f, a.f32(), static_cast<int>(d));
@@ -72,8 +75,8 @@ absl::Status CpuBackend::AnchorLookup(const ConstTensor& p, const ConstTensor& q
 }
 
 absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
-                                    const int32_t* tokens, const ConstTensor& g_perp,
-                                    const Tensor& dp, const Tensor& dq) {
+                                    absl::Span<const int32_t> tokens, const ConstTensor& g_perp,
+                                    const Tensor& dp, const Tensor& dq) const {
   MAPL_RETURN_IF_ERROR(CheckTables(p, q));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_perp, "g_perp", -1, q.cols));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(dp, "dp", p.rows, p.cols));
@@ -81,7 +84,7 @@ absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
   const int64_t n = g_perp.rows;
   const int r = static_cast<int>(p.cols);
   const int d = static_cast<int>(q.cols);
-  MAPL_RETURN_IF_ERROR(CheckTokens(tokens, n, p.rows));
+  MAPL_RETURN_IF_ERROR(CheckTokens(tokens, n, p.rows, "g_perp"));
   // dp and dq accumulate over microbatches: one bad microbatch must not spoil the others.
   MAPL_RETURN_IF_ERROR(CheckFinite(g_perp, "g_perp"));
   if (n == 0 || r == 0 || d == 0) return absl::OkStatus();
@@ -118,7 +121,7 @@ absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
   }
 
   // dq += P[t]^T g_perp, into scratch first for the same reason.
-  const std::vector<float> pt = Gather(p.f32(), r, tokens, n);
+  const std::vector<float> pt = Gather(p.f32(), r, tokens);
   std::vector<float> dq_new(static_cast<size_t>(r) * d);
   cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, d, ni, 1.f, pt.data(), r, g_perp.f32(), d,
               0.f, dq_new.data(), d);
@@ -131,7 +134,7 @@ absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
 }
 
 absl::Status CpuBackend::AdamStep(const Tensor& param, const ConstTensor& grad, const Tensor& m,
-                                  const Tensor& v, const AdamOptions& options) {
+                                  const Tensor& v, const AdamOptions& options) const {
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(param, "param", -1, -1));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(grad, "grad", param.rows, param.cols));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(m, "m", param.rows, param.cols));

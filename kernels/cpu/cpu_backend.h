@@ -12,40 +12,45 @@ class CpuBackend final : public Backend {
  public:
   const char* name() const override { return "cpu"; }
 
-  absl::Status Project(const ConstTensor& h, const ConstTensor& u, const Tensor& z) override;
-  absl::Status Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) override;
+  absl::Status Project(const ConstTensor& h, const ConstTensor& u, const Tensor& z) const override;
+  absl::Status Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) const override;
   absl::Status LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u, const ConstTensor& a,
-                              const Tensor& h) override;
+                              const Tensor& h) const override;
 
-  absl::StatusOr<RvqCodebooks> RvqFit(const ConstTensor& x, const RvqFitOptions& options) override;
-  absl::Status RvqEncode(const RvqCodebooks& cb, const ConstTensor& x, int beam, uint8_t* codes,
-                         float* norms) override;
-  absl::Status RvqDecode(const RvqCodebooks& cb, const uint8_t* codes, const float* norms,
-                         const Tensor& out) override;
+  absl::StatusOr<RvqCodebooks> RvqFit(const ConstTensor& x,
+                                      const RvqFitOptions& options) const override;
+  absl::Status RvqEncode(const RvqCodebooks& cb, const ConstTensor& x, int beam,
+                         absl::Span<uint8_t> codes, absl::Span<float> norms) const override;
+  absl::Status RvqDecode(const RvqCodebooks& cb, absl::Span<const uint8_t> codes,
+                         absl::Span<const float> norms, const Tensor& out) const override;
   absl::StatusOr<RvqUpdateStats> RvqUpdate(RvqLearner* learner, const ConstTensor& x,
-                                           const RvqUpdateOptions& options) override;
+                                           const RvqUpdateOptions& options) const override;
 
-  absl::Status Int8Encode(const ConstTensor& x, int8_t* q, float* scales) override;
-  absl::Status Int8Decode(const int8_t* q, const float* scales, const Tensor& out) override;
+  absl::Status Int8Encode(const ConstTensor& x, absl::Span<int8_t> q,
+                          absl::Span<float> scales) const override;
+  absl::Status Int8Decode(absl::Span<const int8_t> q, absl::Span<const float> scales,
+                          const Tensor& out) const override;
 
-  absl::Status Msign(const ConstTensor& y, const Tensor& out, const MsignOptions& options) override;
-  absl::Status Retract(const Tensor& u) override;
+  absl::Status Msign(const ConstTensor& y, const Tensor& out,
+                     const MsignOptions& options) const override;
+  absl::Status Retract(const Tensor& u) const override;
   absl::Status SpelStep(const Tensor& u, const ConstTensor& grad, const Tensor& momentum,
-                        const SpelOptions& options) override;
+                        const SpelOptions& options) const override;
 
-  absl::Status AnchorLookup(const ConstTensor& p, const ConstTensor& q, const int32_t* tokens,
-                            const Tensor& a) override;
-  absl::Status AnchorGrad(const ConstTensor& p, const ConstTensor& q, const int32_t* tokens,
-                          const ConstTensor& g_perp, const Tensor& dp, const Tensor& dq) override;
+  absl::Status AnchorLookup(const ConstTensor& p, const ConstTensor& q,
+                            absl::Span<const int32_t> tokens, const Tensor& a) const override;
+  absl::Status AnchorGrad(const ConstTensor& p, const ConstTensor& q,
+                          absl::Span<const int32_t> tokens, const ConstTensor& g_perp,
+                          const Tensor& dp, const Tensor& dq) const override;
   absl::Status AdamStep(const Tensor& param, const ConstTensor& grad, const Tensor& m,
-                        const Tensor& v, const AdamOptions& options) override;
+                        const Tensor& v, const AdamOptions& options) const override;
 
   absl::Status GradUp(const ConstTensor& h, const ConstTensor& gzq, const Tensor& g_up,
-                      bool accumulate) override;
+                      bool accumulate) const override;
   absl::Status GradDown(const ConstTensor& g, const ConstTensor& zq, const ConstTensor& a,
-                        const ConstTensor& u, const Tensor& g_down, bool accumulate) override;
+                        const ConstTensor& u, const Tensor& g_down, bool accumulate) const override;
   absl::Status OrthogonalComplement(const ConstTensor& g, const ConstTensor& u,
-                                    const Tensor& g_perp) override;
+                                    const Tensor& g_perp) const override;
 };
 
 }  // namespace mapl

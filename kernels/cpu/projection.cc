@@ -6,8 +6,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "kernels/cpu/cpu_backend.h"
 #include "common/status_macros.h"
+#include "kernels/cpu/cpu_backend.h"
 
 namespace mapl {
 namespace {
@@ -46,7 +46,8 @@ void BlockedProduct(const ConstTensor& in, bool trans_b, const float* b, int64_t
 
 }  // namespace
 
-absl::Status CpuBackend::Project(const ConstTensor& h, const ConstTensor& u, const Tensor& z) {
+absl::Status CpuBackend::Project(const ConstTensor& h, const ConstTensor& u,
+                                 const Tensor& z) const {
   MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
   MAPL_RETURN_IF_ERROR(CheckShape(h, "h", -1, u.rows));
   MAPL_RETURN_IF_ERROR(CheckShape(z, "z", h.rows, u.cols));
@@ -54,7 +55,7 @@ absl::Status CpuBackend::Project(const ConstTensor& h, const ConstTensor& u, con
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) {
+absl::Status CpuBackend::Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) const {
   MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
   MAPL_RETURN_IF_ERROR(CheckShape(z, "z", -1, u.cols));
   MAPL_RETURN_IF_ERROR(CheckShape(h, "h", z.rows, u.rows));
@@ -63,7 +64,7 @@ absl::Status CpuBackend::Lift(const ConstTensor& z, const ConstTensor& u, const 
 }
 
 absl::Status CpuBackend::LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u,
-                                        const ConstTensor& a, const Tensor& h) {
+                                        const ConstTensor& a, const Tensor& h) const {
   MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(zq, "zq", -1, u.cols));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(a, "a", zq.rows, u.rows));

@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/rvq_distance.h"
-#include "common/status_macros.h"
 
 namespace mapl {
 namespace {
@@ -24,7 +24,7 @@ std::vector<PreparedLevel> PrepareAll(const RvqCodebooks& cb) {
   std::vector<PreparedLevel> levels;
   levels.reserve(cb.levels);
   for (int l = 0; l < cb.levels; ++l) {
-    levels.push_back(cpu::PrepareLevel(cb.level(l), cb.codebook_size, cb.dim));
+    levels.push_back(cpu::PrepareLevel(cb.level(l).data(), cb.codebook_size, cb.dim));
   }
   return levels;
 }
@@ -156,6 +156,20 @@ void BeamRows(const std::vector<PreparedLevel>& levels, const float* x, int64_t 
   }
 }
 
+// codes: n * L; norms: n in gain-shape mode, empty otherwise (an empty span there would leave
+// the decoder without the norms; a non-empty one elsewhere would be left unwritten, or ignored).
+template <typename Code, typename Norm>
+absl::Status CheckCodesAndNorms(const RvqCodebooks& cb, int64_t n, absl::Span<Code> codes,
+                                absl::Span<Norm> norms, const char* rows_of) {
+  MAPL_RETURN_IF_ERROR(
+      CheckSpanSize(codes, "codes", n * cb.levels, absl::StrCat("n * L = ", n, " * ", cb.levels)));
+  if (cb.gain_shape) {
+    return CheckSpanSize(norms, "norms", n,
+                         absl::StrCat("gain-shape codebooks: one per row of ", rows_of));
+  }
+  return CheckSpanSize(norms, "norms", 0, "the codebooks are not gain-shape: pass no norms");
+}
+
 absl::Status CheckCodebooksAndInput(const RvqCodebooks& cb, const ConstTensor& x) {
   MAPL_RETURN_IF_ERROR(cb.Validate());
   MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, cb.dim));
@@ -210,7 +224,7 @@ void KMeans(const float* data, int64_t n, int dim, int k, int iterations, std::m
 }  // namespace
 
 absl::StatusOr<RvqCodebooks> CpuBackend::RvqFit(const ConstTensor& x,
-                                                const RvqFitOptions& options) {
+                                                const RvqFitOptions& options) const {
   RvqCodebooks cb;
   cb.levels = options.levels;
   cb.codebook_size = options.codebook_size;
@@ -239,8 +253,8 @@ absl::StatusOr<RvqCodebooks> CpuBackend::RvqFit(const ConstTensor& x,
   std::vector<float> residual = data;
   std::vector<int32_t> best(n);
   for (int l = 0; l < nl; ++l) {
-    KMeans(residual.data(), n, dim, k, options.kmeans_iterations, rng, cb.level(l));
-    PreparedLevel lv = cpu::PrepareLevel(cb.level(l), k, dim);
+    KMeans(residual.data(), n, dim, k, options.kmeans_iterations, rng, cb.level(l).data());
+    PreparedLevel lv = cpu::PrepareLevel(cb.level(l).data(), k, dim);
     cpu::NearestCentroids(residual.data(), n, lv, best.data(), nullptr);
     SubtractCentroids(lv, best.data(), n, residual.data());
   }
@@ -256,7 +270,7 @@ absl::StatusOr<RvqCodebooks> CpuBackend::RvqFit(const ConstTensor& x,
     GreedyRows(levels, residual.data(), n, codes.data(), best);
     // residual = x - sum of all levels; target for level l = residual + c_l[code].
     for (int l = 0; l < nl; ++l) {
-      float* cen = cb.level(l);
+      float* cen = cb.level(l).data();
       std::fill(sums.begin(), sums.end(), 0.0);
       std::fill(counts.begin(), counts.end(), 0);
       for (int64_t i = 0; i < n; ++i) {
@@ -282,17 +296,13 @@ absl::StatusOr<RvqCodebooks> CpuBackend::RvqFit(const ConstTensor& x,
 }
 
 absl::Status CpuBackend::RvqEncode(const RvqCodebooks& cb, const ConstTensor& x, int beam,
-                                   uint8_t* codes, float* norms) {
+                                   absl::Span<uint8_t> codes, absl::Span<float> norms) const {
   MAPL_RETURN_IF_ERROR(CheckCodebooksAndInput(cb, x));
   if (beam < 1 || beam > kMaxRvqBeam) {
     return absl::InvalidArgumentError(
         absl::StrCat("rvq encode: beam must be in [1, ", kMaxRvqBeam, "], got ", beam));
   }
-  if (x.rows > 0 && codes == nullptr)
-    return absl::InvalidArgumentError("rvq encode: codes is null");
-  if (cb.gain_shape && x.rows > 0 && norms == nullptr) {
-    return absl::InvalidArgumentError("rvq encode: gain-shape codebooks need a norms output");
-  }
+  MAPL_RETURN_IF_ERROR(CheckCodesAndNorms(cb, x.rows, codes, norms, "x"));
   const std::vector<PreparedLevel> levels = PrepareAll(cb);
   const int64_t dim = cb.dim;
   std::vector<float> residual(kChunkRows * dim);
@@ -301,8 +311,10 @@ absl::Status CpuBackend::RvqEncode(const RvqCodebooks& cb, const ConstTensor& x,
   for (int64_t r0 = 0; r0 < x.rows; r0 += kChunkRows) {
     const int64_t rows = std::min(kChunkRows, x.rows - r0);
     LoadRows(x, r0, rows, cb.gain_shape, residual.data(), chunk_norms.data());
-    if (cb.gain_shape) std::copy(chunk_norms.begin(), chunk_norms.begin() + rows, norms + r0);
-    uint8_t* out = codes + r0 * cb.levels;
+    if (cb.gain_shape) {
+      std::copy(chunk_norms.begin(), chunk_norms.begin() + rows, norms.begin() + r0);
+    }
+    uint8_t* out = codes.data() + r0 * cb.levels;
     if (beam == 1) {
       GreedyRows(levels, residual.data(), rows, out, best);
     } else {
@@ -312,15 +324,12 @@ absl::Status CpuBackend::RvqEncode(const RvqCodebooks& cb, const ConstTensor& x,
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::RvqDecode(const RvqCodebooks& cb, const uint8_t* codes, const float* norms,
-                                   const Tensor& out) {
+absl::Status CpuBackend::RvqDecode(const RvqCodebooks& cb, absl::Span<const uint8_t> codes,
+                                   absl::Span<const float> norms, const Tensor& out) const {
   MAPL_RETURN_IF_ERROR(cb.Validate());
   MAPL_RETURN_IF_ERROR(CheckShape(out, "out", -1, cb.dim));
   const int64_t n = out.rows, dim = cb.dim, nl = cb.levels;
-  if (n > 0 && codes == nullptr) return absl::InvalidArgumentError("rvq decode: codes is null");
-  if (cb.gain_shape && n > 0 && norms == nullptr) {
-    return absl::InvalidArgumentError("rvq decode: gain-shape codebooks need the norms");
-  }
+  MAPL_RETURN_IF_ERROR(CheckCodesAndNorms(cb, n, codes, norms, "out"));
   for (int64_t i = 0; i < n * nl; ++i) {
     if (codes[i] >= cb.codebook_size) {
       return absl::InvalidArgumentError(absl::StrCat("rvq decode: code ", int(codes[i]), " at (",
@@ -336,13 +345,15 @@ absl::Status CpuBackend::RvqDecode(const RvqCodebooks& cb, const uint8_t* codes,
       }
     }
   }
+  std::vector<const float*> level_data(nl);
+  for (int l = 0; l < nl; ++l) level_data[l] = cb.level(l).data();
   F32Output dst(out);
   float* h = dst.data();
   for (int64_t i = 0; i < n; ++i) {
     float* row = h + i * dim;
     std::fill(row, row + dim, 0.f);
     for (int l = 0; l < nl; ++l) {
-      const float* c = cb.level(l) + int64_t{codes[i * nl + l]} * dim;
+      const float* c = level_data[l] + int64_t{codes[i * nl + l]} * dim;
       for (int64_t j = 0; j < dim; ++j) row[j] += c[j];
     }
     if (cb.gain_shape) {
@@ -354,7 +365,7 @@ absl::Status CpuBackend::RvqDecode(const RvqCodebooks& cb, const uint8_t* codes,
 }
 
 absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const ConstTensor& x,
-                                                     const RvqUpdateOptions& options) {
+                                                     const RvqUpdateOptions& options) const {
   if (learner == nullptr) return absl::InvalidArgumentError("rvq update: learner is null");
   MAPL_RETURN_IF_ERROR(CheckCodebooksAndInput(learner->codebooks, x));
   // Work on a copy and commit only a finite result: huge but finite input can overflow the EMA
@@ -394,7 +405,7 @@ absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const 
     }
     float* counts = next.counts.data() + l * k;
     float* sums = next.sums.data() + l * k * dim;
-    float* cen = cb.level(l);
+    float* cen = cb.level(l).data();
     double mean_count = 0;
     for (int64_t c = 0; c < k; ++c) {
       counts[c] = a * counts[c] + b * float(batch_counts[c]);

@@ -9,8 +9,8 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/cpu/cpu_backend.h"
 #include "common/status_macros.h"
+#include "kernels/cpu/cpu_backend.h"
 
 namespace mapl {
 namespace {
@@ -26,12 +26,13 @@ float RoundUpToBf16(float f) {
 
 }  // namespace
 
-absl::Status CpuBackend::Int8Encode(const ConstTensor& x, int8_t* q, float* scales) {
+absl::Status CpuBackend::Int8Encode(const ConstTensor& x, absl::Span<int8_t> q,
+                                    absl::Span<float> scales) const {
   MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, -1));
   const int64_t n = x.rows;
   const int64_t k = x.cols;
-  if (n > 0 && scales == nullptr) return absl::InvalidArgumentError("scales: null pointer");
-  if (x.size() > 0 && q == nullptr) return absl::InvalidArgumentError("q: null pointer");
+  MAPL_RETURN_IF_ERROR(CheckSpanSize(q, "q", n * k, absl::StrCat("n * k = ", n, " * ", k)));
+  MAPL_RETURN_IF_ERROR(CheckSpanSize(scales, "scales", n, "one per row of x"));
   // A NaN would make the scale NaN and the codes meaningless, and Inf would divide to NaN: refuse
   // both rather than send garbage the decoder cannot detect.
   MAPL_RETURN_IF_ERROR(CheckFinite(x, "x"));
@@ -40,7 +41,7 @@ absl::Status CpuBackend::Int8Encode(const ConstTensor& x, int8_t* q, float* scal
   const float* xf = xv.data();
   for (int64_t i = 0; i < n; ++i) {
     const float* row = xf + i * k;
-    int8_t* qrow = q + i * k;
+    int8_t* qrow = q.data() + i * k;
     float max_abs = 0.f;
     for (int64_t j = 0; j < k; ++j) max_abs = std::max(max_abs, std::fabs(row[j]));
     const float scale = RoundUpToBf16(max_abs / 127.f);
@@ -61,12 +62,13 @@ absl::Status CpuBackend::Int8Encode(const ConstTensor& x, int8_t* q, float* scal
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::Int8Decode(const int8_t* q, const float* scales, const Tensor& out) {
+absl::Status CpuBackend::Int8Decode(absl::Span<const int8_t> q, absl::Span<const float> scales,
+                                    const Tensor& out) const {
   MAPL_RETURN_IF_ERROR(CheckShape(out, "out", -1, -1));
   const int64_t n = out.rows;
   const int64_t k = out.cols;
-  if (n > 0 && scales == nullptr) return absl::InvalidArgumentError("scales: null pointer");
-  if (out.size() > 0 && q == nullptr) return absl::InvalidArgumentError("q: null pointer");
+  MAPL_RETURN_IF_ERROR(CheckSpanSize(q, "q", n * k, absl::StrCat("n * k = ", n, " * ", k)));
+  MAPL_RETURN_IF_ERROR(CheckSpanSize(scales, "scales", n, "one per row of out"));
   // Scales arrive from the peer: a negative or non-finite one can only come from a corrupt or
   // hostile frame, and would hand the trainer NaN gradients.
   for (int64_t i = 0; i < n; ++i) {
@@ -80,7 +82,7 @@ absl::Status CpuBackend::Int8Decode(const int8_t* q, const float* scales, const 
   float* of = o.data();
   for (int64_t i = 0; i < n; ++i) {
     const float scale = scales[i];
-    const int8_t* qrow = q + i * k;
+    const int8_t* qrow = q.data() + i * k;
     float* orow = of + i * k;
     // The clamp matters only for rows near FLT_MAX, where 127 * scale can round past it.
     for (int64_t j = 0; j < k; ++j) {

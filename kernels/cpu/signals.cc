@@ -13,14 +13,14 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/cpu/cpu_backend.h"
 #include "common/status_macros.h"
+#include "kernels/cpu/cpu_backend.h"
 
 namespace mapl {
 namespace {}  // namespace
 
 absl::Status CpuBackend::GradUp(const ConstTensor& h, const ConstTensor& gzq, const Tensor& g_up,
-                                bool accumulate) {
+                                bool accumulate) const {
   MAPL_RETURN_IF_ERROR(CheckShape(h, "h", -1, -1));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(gzq, "gzq", h.rows, -1));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_up, "g_up", h.cols, gzq.cols));
@@ -38,7 +38,8 @@ absl::Status CpuBackend::GradUp(const ConstTensor& h, const ConstTensor& gzq, co
 }
 
 absl::Status CpuBackend::GradDown(const ConstTensor& g, const ConstTensor& zq, const ConstTensor& a,
-                                  const ConstTensor& u, const Tensor& g_down, bool accumulate) {
+                                  const ConstTensor& u, const Tensor& g_down,
+                                  bool accumulate) const {
   MAPL_RETURN_IF_ERROR(CheckShape(g, "g", -1, -1));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(u, "u", g.cols, -1));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(zq, "zq", g.rows, u.cols));
@@ -78,7 +79,7 @@ absl::Status CpuBackend::GradDown(const ConstTensor& g, const ConstTensor& zq, c
 }
 
 absl::Status CpuBackend::OrthogonalComplement(const ConstTensor& g, const ConstTensor& u,
-                                              const Tensor& g_perp) {
+                                              const Tensor& g_perp) const {
   MAPL_RETURN_IF_ERROR(CheckShape(g, "g", -1, -1));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(u, "u", g.cols, -1));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_perp, "g_perp", g.rows, g.cols));

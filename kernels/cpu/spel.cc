@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/cpu/cpu_backend.h"
 #include "common/status_macros.h"
+#include "kernels/cpu/cpu_backend.h"
 
 // LAPACK symmetric eigensolver (divide and conquer), exported by OpenBLAS. The trailing lengths are
 // gfortran's hidden CHARACTER arguments.
@@ -152,7 +152,7 @@ absl::Status Polar(std::vector<double> y, int d, int k, const char* what, float*
 }  // namespace
 
 absl::Status CpuBackend::Msign(const ConstTensor& y, const Tensor& out,
-                               const MsignOptions& options) {
+                               const MsignOptions& options) const {
   MAPL_RETURN_IF_ERROR(CheckTall(y, "y"));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(out, "out", y.rows, y.cols));
   MAPL_RETURN_IF_ERROR(CheckMsignOptions(options));
@@ -161,7 +161,7 @@ absl::Status CpuBackend::Msign(const ConstTensor& y, const Tensor& out,
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::Retract(const Tensor& u) {
+absl::Status CpuBackend::Retract(const Tensor& u) const {
   MAPL_RETURN_IF_ERROR(CheckTall(u, "u"));
   MAPL_RETURN_IF_ERROR(CheckFinite(u, "u"));
   const float* uf = u.f32();
@@ -170,7 +170,7 @@ absl::Status CpuBackend::Retract(const Tensor& u) {
 }
 
 absl::Status CpuBackend::SpelStep(const Tensor& u, const ConstTensor& grad, const Tensor& momentum,
-                                  const SpelOptions& options) {
+                                  const SpelOptions& options) const {
   MAPL_RETURN_IF_ERROR(CheckTall(u, "u"));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(grad, "grad", u.rows, u.cols));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(momentum, "momentum", u.rows, u.cols));

@@ -1,9 +1,11 @@
-// The peer link (DESIGN.md sections 4 and 6): the transport between the two mapld processes on
-// either side of one pipeline boundary, one bidirectional gRPC stream (Peer.Link, peer.proto) per
-// boundary. It knows nothing about codecs: it numbers, orders, acknowledges, retains and resends
-// PeerMessages, authenticates the peer, and measures liveness and round-trip time.
+// The gRPC peer link (DESIGN.md sections 4 and 6), the first Transport (transport.h): one
+// bidirectional gRPC stream (Peer.Link, peer.proto) per pipeline boundary between the two mapld
+// processes on either side of it. It knows nothing about codecs: it numbers, orders, acknowledges,
+// retains and resends PeerMessages, authenticates the peer, and measures liveness and round-trip
+// time.
 //
-// The upstream (stage == boundary) dials; the downstream (stage == boundary + 1) serves:
+// The upstream (stage == boundary) dials; the downstream (stage == boundary + 1) serves through a
+// PeerServer (peer_server.h):
 //
 //   // Downstream: one server per daemon, one registered link per boundary it serves.
 //   mapl::PeerServerOptions server_options;
@@ -15,7 +17,7 @@
 //   down_options.stage = 4;
 //   down_options.auth_token = token;
 //   MAPL_ASSIGN_OR_RETURN(mapl::PeerLink* down,
-//                         server->RegisterBoundary(down_options, [&](const v1::PeerMessage& m) {
+//                         server->RegisterBoundary(down_options, [&](v1::PeerMessage m) {
 //                           ...  // frames, deltas, ... of boundary 3, in order, exactly once
 //                         }));
 //   MAPL_RETURN_IF_ERROR(server->Start());
@@ -38,19 +40,41 @@
 // as a new Hello.instance_id; the restarted side starts afresh and the survivor renumbers what it
 // still holds from 1). Hello, Ack and Heartbeat are the link's own business: Send refuses them.
 //
-// Threading. Send, Drain, WaitConnected, stats() and Close are thread-safe. Each connection has a
-// reader (the dialer's connection thread, or the gRPC handler thread on the server) that calls the
-// handler, and a writer thread. The handler is never called concurrently with itself, always in
-// seq order; it may call Send, but must not block for long (it stalls reading and acknowledging)
-// and must not call Close or destroy the link.
+// Statuses. Send, WaitConnected, Drain and status() report, as absl::Status codes:
+//   INVALID_ARGUMENT    invalid options (Dial, RegisterBoundary); Send of a Hello/Ack/Heartbeat, an
+//                       empty body, or a message over max_message_bytes; a peer that acknowledged
+//                       a seq never written, sent a connection-level or seq-less message, or a
+//                       Hello without instance_id.
+//   UNAUTHENTICATED     the peer's auth token differs (either side checks).
+//   FAILED_PRECONDITION the link was closed; the peer speaks another protocol version, serves
+//                       another boundary or stage, or did not start with a Hello.
+//   NOT_FOUND           the downstream does not serve this boundary.
+//   ABORTED             a newer stream for the same boundary replaced this one (server side).
+//   DATA_LOSS           a gap in the peer's sequence, or a resume point outside what is retained.
+//   UNAVAILABLE         no connection within connect_timeout, a lost connection, a write that
+//                       failed, or nothing received for peer_timeout.
+//   DEADLINE_EXCEEDED   WaitConnected or Drain ran out of time (the link keeps trying).
+//   CANCELLED           the link was closed while a connection ran (status() afterwards).
+// The dialer gives up for good (Send then returns the failure) on every code except UNAVAILABLE,
+// CANCELLED and DEADLINE_EXCEEDED, after which it redials. A state only a bug can reach stops the
+// process (MAPL_CHECK), it is not reported as a status.
+//
+// Threading. Every method is thread-safe. Each connection has a reader (the dialer's connection
+// thread, or the gRPC handler thread on the server) that calls the handler, and a writer thread.
+// The handler is never called concurrently with itself, always in seq order; it may call Send,
+// but must not block for long (it stalls reading and acknowledging) and must not destroy the link.
+//
+// Code: peer_link.cc holds sequencing, the handshake's checks and one connection's reader and
+// writer; peer_dialer.cc the upstream's dialing; peer_server.cc the downstream's PeerServer and
+// the server side of a stream.
 #ifndef MAPL_SERVER_TRANSPORT_PEER_LINK_H_
 #define MAPL_SERVER_TRANSPORT_PEER_LINK_H_
 
 #include <cstdint>
 #include <deque>
 #include <functional>
-#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -61,9 +85,11 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
-#include "grpcpp/health_check_service_interface.h"
+#include "proto/mapl/v1/local.pb.h"
 #include "proto/mapl/v1/peer.grpc.pb.h"
 #include "proto/mapl/v1/peer.pb.h"
+#include "server/transport/token_bucket.h"
+#include "server/transport/transport.h"
 
 namespace mapl {
 
@@ -101,55 +127,24 @@ struct PeerLinkOptions {
   int max_message_bytes = 256 << 20;
   // Client Close: how long to wait for the peer to end the stream cleanly before cancelling it.
   absl::Duration close_grace = absl::Seconds(1);
-  // Cap on this side's send rate, in bytes a second of serialized messages (0: none): a token
-  // bucket holding at most send_burst_bytes, so a long run averages the rate and short bursts
-  // go out at once. To share a link politely, or to emulate a slow one.
+  // Cap on this side's send rate, in bytes a second of serialized messages, control messages
+  // included (0: none): a token bucket (token_bucket.h) holding at most send_burst_bytes, so a
+  // long run averages the rate and short bursts go out at once. To share a link politely, or to
+  // emulate a slow one.
   double send_rate_bytes_per_second = 0;
   int64_t send_burst_bytes = 64 << 10;
 };
 
-// Traffic and health counters of one link (all since creation).
-struct PeerLinkStats {
-  struct Traffic {
-    int64_t messages = 0;
-    int64_t bytes = 0;  // Serialized PeerMessage bytes (without gRPC framing).
-  };
-  // Per body type (PeerMessage::BodyCase; name it with PeerBodyName). `sent` counts writes to the
-  // stream, resends included.
-  std::map<v1::PeerMessage::BodyCase, Traffic> sent;
-  std::map<v1::PeerMessage::BodyCase, Traffic> received;
-  Traffic sent_total;
-  Traffic received_total;
-  int64_t acks_sent = 0;
-  int64_t acks_received = 0;
-  int64_t heartbeats_sent = 0;
-  int64_t heartbeats_received = 0;
-  int64_t resent = 0;              // Sequenced messages written again after a reconnect.
-  int64_t duplicates_dropped = 0;  // Received sequenced messages with seq <= last applied.
-  absl::Duration last_rtt = absl::ZeroDuration();  // Zero until the first heartbeat echo.
-  int64_t connections = 0;                         // Connections that completed the Hello exchange.
-  int64_t reconnects = 0;                          // connections - 1, when positive.
-  int64_t disconnects = 0;                         // Established connections that ended.
-  int64_t handshakes_rejected = 0;  // Peers turned away at Hello (bad token, version, stage...).
-  int64_t peer_restarts = 0;        // Hellos announcing a new peer instance after the first.
-  // Sequenced messages not yet acknowledged (sent or still queued) and their bytes.
-  int64_t queued_messages = 0;
-  int64_t queued_bytes = 0;
-  uint64_t last_seq = 0;          // Highest seq assigned by Send.
-  uint64_t last_acked_seq = 0;    // Highest seq the peer acknowledged.
-  uint64_t last_applied_seq = 0;  // Highest peer seq handed to the handler.
-};
-
-// "frame", "ack", ... (the PeerMessage field name); "none" for BODY_NOT_SET.
+// "frame", "ack", ... (the PeerMessage field name); "none" for BODY_NOT_SET. The keys of
+// LinkStats.sent and LinkStats.received.
 absl::string_view PeerBodyName(v1::PeerMessage::BodyCase body);
+
+class PeerServer;
 
 // One end of one boundary's peer stream. Created by PeerLink::Dial (upstream) or
 // PeerServer::RegisterBoundary (downstream); see the file comment.
-class PeerLink {
+class PeerLink final : public Transport {
  public:
-  // Called with every sequenced message the peer sent, in order, exactly once.
-  using Handler = std::function<void(const v1::PeerMessage&)>;
-
   // Starts the upstream end: validates `options`, then connects in the background (retrying with
   // backoff until options.connect_timeout) and keeps reconnecting after a lost connection.
   // Only invalid options fail here; connection failures show in WaitConnected and status().
@@ -158,39 +153,48 @@ class PeerLink {
 
   PeerLink(const PeerLink&) = delete;
   PeerLink& operator=(const PeerLink&) = delete;
-  ~PeerLink();  // Close()s.
+  ~PeerLink() override;  // Close()s.
 
   // Queues a sequenced message (sets protocol_version and seq) and returns at once; it is written
   // in order when connected and kept until acknowledged. INVALID_ARGUMENT for a connection-level
   // or empty body or one over max_message_bytes; FAILED_PRECONDITION after Close; the failure
   // after the link failed for good.
-  absl::Status Send(v1::PeerMessage msg);
+  absl::Status Send(v1::PeerMessage msg) override;
+
+  // Waits until fewer than `bytes` (serialized) of sequenced messages are unacknowledged, or
+  // `timeout` passes; returns whether they are. It waits out the timeout on a failed or closed
+  // link, so a caller that loops on it must check its own reason to stop.
+  bool WaitQueueBelow(int64_t bytes, absl::Duration timeout) override;
 
   // OK once the Hello exchange completed (now or within `timeout`); the link's failure if it has
-  // failed for good (e.g. UNAUTHENTICATED, NOT_FOUND); DEADLINE_EXCEEDED otherwise.
-  absl::Status WaitConnected(absl::Duration timeout);
+  // failed for good (e.g. UNAUTHENTICATED, NOT_FOUND); FAILED_PRECONDITION once closed;
+  // DEADLINE_EXCEEDED otherwise.
+  absl::Status WaitConnected(absl::Duration timeout) override;
   // True once disconnected (now or within `timeout`); status() then says why.
   bool WaitDisconnected(absl::Duration timeout);
-  bool connected() const;
+  bool connected() const override;
 
   // OK while connected or before the first attempt finished; otherwise why not connected: the
   // last connection's end, a rejected Hello, or the permanent failure.
   absl::Status status() const;
 
   // Waits until every message queued so far has been written and acknowledged. DEADLINE_EXCEEDED
-  // naming how many are left; the link's failure if it failed for good meanwhile.
-  absl::Status Drain(absl::Duration timeout);
+  // naming how many are left; the link's failure if it failed for good meanwhile;
+  // FAILED_PRECONDITION if it was closed meanwhile.
+  absl::Status Drain(absl::Duration timeout) override;
 
   // Ends the link: the dialer half-closes the stream (the peer sees a clean end) and stops
   // reconnecting; the server side cancels its stream and turns later streams away with
   // FAILED_PRECONDITION. Unacknowledged messages are dropped (Drain first). Idempotent; blocks
   // until the link's threads are done, except when called from the handler.
-  void Close();
+  void Close() override;
 
-  PeerLinkStats stats() const;
-  // Waits until `done(stats)` holds (evaluated under the link's lock: keep it cheap) or `timeout`
-  // passes; returns whether it holds. For tests, diagnostics and crude send windows.
-  bool AwaitStats(const std::function<bool(const PeerLinkStats&)>& done, absl::Duration timeout);
+  // A copy of the link's record of counters (local.proto LinkStats; per-body maps keyed by
+  // PeerBodyName). Hello messages are not counted.
+  v1::LinkStats stats() const override;
+  // Waits until `done(stats)` holds (evaluated under the link's lock on the record itself, no
+  // copy: keep it cheap) or `timeout` passes; returns whether it holds. For tests and diagnostics.
+  bool AwaitStats(const std::function<bool(const v1::LinkStats&)>& done, absl::Duration timeout);
 
   // Breaks the current connection as a network failure would (the dialer then reconnects and both
   // sides resend what was not acknowledged). Tests only.
@@ -202,44 +206,61 @@ class PeerLink {
  private:
   friend class PeerServer;
   enum class Role { kDialer, kServer };
-  class Stream;
-  class ClientStream;
-  class ServerStream;
-  struct Session;
+  class Stream;  // peer_link_internal.h
+  class ClientStream;  // peer_dialer.cc
+  class ServerStream;  // peer_server.cc
+  struct Session;  // peer_link_internal.h
   struct Outgoing {
-    std::shared_ptr<v1::PeerMessage> msg;
+    std::shared_ptr<v1::PeerMessage> msg;  // Shared with a writer that writes it unlocked.
     int64_t bytes = 0;
   };
 
   PeerLink(Role role, const PeerLinkOptions& options, Handler handler);
 
-  // Dialer: the connection thread's loop, and one connection attempt (handshake and session).
+  // INVALID_ARGUMENT naming the first invalid setting of `options` (or a missing handler) for an
+  // end of `role`.
+  static absl::Status ValidateOptions(Role role, const PeerLinkOptions& options,
+                                      const Handler& handler);
+
+  // Dialer (peer_dialer.cc): the connection thread's loop, and one connection attempt (handshake
+  // and session).
   void DialLoop();
   absl::Status DialOnce(absl::Time deadline, bool* established);
   absl::Status WaitChannelReady(absl::Time deadline);
-  // Server: serves one accepted stream whose Hello `hello` was already read; returns when it ends.
+  // Server (peer_server.cc): serves one accepted stream whose Hello `hello` was already read;
+  // returns when it ends.
   absl::Status ServeStream(grpc::ServerContext* context,
                            grpc::ServerReaderWriter<v1::PeerMessage, v1::PeerMessage>* stream,
                            const v1::Hello& hello);
 
   absl::Status CheckPeerHello(const v1::Hello& hello) const;
   void CountRejectedHello(const absl::Status& status) ABSL_LOCKS_EXCLUDED(mu_);
-  // Takes in the peer's instance (resetting receive state if it changed) and fills our Hello.
-  v1::PeerMessage MakeHello(bool peer_instance_known) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes in the peer's instance, resetting receive state if it changed (*reset says so).
   void AdoptPeerInstance(const v1::Hello& hello, bool* reset) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // This side's Hello, with its resume point.
+  v1::PeerMessage MakeHello(bool peer_instance_known) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Positions the send queue where the peer's Hello asks (resume, or renumber from 1).
   absl::Status ApplyPeerResume(const v1::Hello& hello) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Forgets retained messages with seq <= `seq`: the peer has them.
+  void DropRetainedThrough(uint64_t seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Runs an established connection: reads on the calling thread, writes on a new thread. Returns
   // this side's reason for ending it, or OK when the stream simply ended.
   absl::Status RunSession(Session* session) ABSL_LOCKS_EXCLUDED(mu_);
-  absl::Status HandleIncoming(const v1::PeerMessage& msg) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status HandleIncoming(v1::PeerMessage msg) ABSL_LOCKS_EXCLUDED(mu_);
   void WriterLoop(Session* session) ABSL_LOCKS_EXCLUDED(mu_);
-  void EndSession(Session* session, const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The next message the writer should write now, or null (with *wake set) if none is due before
+  // *wake. `control` holds a control message; *bytes gets the message's serialized size.
+  const v1::PeerMessage* NextToWrite(absl::Time now, v1::PeerMessage* control,
+                                     std::shared_ptr<const v1::PeerMessage>* sequenced,
+                                     int64_t* bytes, absl::Time* wake)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Fail(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CountSent(const v1::PeerMessage& msg, int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CountReceived(v1::PeerMessage::BodyCase body, int64_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool OnReaderThread() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::string Describe() const;  // "boundary 3 upstream (stage 3)", for logs and errors.
+  std::string Describe() const;  // "peer link for boundary 3 (upstream, stage 3)".
 
   const Role role_;
   const PeerLinkOptions options_;
@@ -253,7 +274,6 @@ class PeerLink {
   mutable absl::Mutex mu_;
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   bool failed_ ABSL_GUARDED_BY(mu_) = false;  // For good; status_ says why.
-  bool connected_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status status_ ABSL_GUARDED_BY(mu_);
   Session* active_session_ ABSL_GUARDED_BY(mu_) = nullptr;
   uint64_t attach_ticket_ ABSL_GUARDED_BY(mu_) = 0;  // Server: newest stream waiting to attach.
@@ -267,10 +287,8 @@ class PeerLink {
   uint64_t highest_written_ ABSL_GUARDED_BY(mu_) = 0;         // Writes at or below it are resends.
   std::deque<v1::PeerMessage> control_ ABSL_GUARDED_BY(mu_);  // Heartbeat echoes to write.
   absl::Time next_heartbeat_ ABSL_GUARDED_BY(mu_);
-  // Token bucket of send_rate_bytes_per_second: bytes that may go out now (negative: debt that
-  // the rate pays back before the next write), as of rate_refilled_.
-  double rate_tokens_ ABSL_GUARDED_BY(mu_) = 0;
-  absl::Time rate_refilled_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+  // The send-rate cap, if options_.send_rate_bytes_per_second is set. It outlives connections.
+  std::optional<TokenBucket> send_bucket_ ABSL_GUARDED_BY(mu_);
 
   // Receiving.
   uint64_t peer_instance_id_ ABSL_GUARDED_BY(mu_) = 0;  // 0: no peer seen yet.
@@ -280,62 +298,8 @@ class PeerLink {
   absl::Time first_unacked_ ABSL_GUARDED_BY(mu_);
   absl::Time last_received_ ABSL_GUARDED_BY(mu_);
 
-  PeerLinkStats stats_ ABSL_GUARDED_BY(mu_);
-};
-
-// Settings of the downstream's Peer service.
-struct PeerServerOptions {
-  // "host:port"; port 0 picks a free port (see PeerServer::port()).
-  std::string listen_address = "0.0.0.0:0";
-  std::shared_ptr<grpc::ServerCredentials> credentials;  // null: plaintext.
-  int max_message_bytes = 256 << 20;                     // Send and receive limit.
-  // Serve the standard grpc.health.v1.Health service (health_check_service()) on the same port.
-  bool enable_health_service = false;
-  // Called on the builder just before it builds: add other services, options, etc.
-  std::function<void(grpc::ServerBuilder&)> configure;
-};
-
-// The downstream's gRPC server for the Peer service, owning one PeerLink per registered boundary.
-// A Link stream for an unregistered boundary is rejected with NOT_FOUND; a second stream for a
-// registered boundary that authenticates replaces the first (the old one is cancelled).
-class PeerServer {
- public:
-  // Does not listen yet: register boundaries, then Start.
-  static absl::StatusOr<std::unique_ptr<PeerServer>> Create(const PeerServerOptions& options);
-  PeerServer(const PeerServer&) = delete;
-  PeerServer& operator=(const PeerServer&) = delete;
-  ~PeerServer();  // Shutdown()s.
-
-  // Adds the server end of `options.boundary` (options.stage must be boundary + 1; address and
-  // the dial-only settings are ignored). The link lives as long as this server. ALREADY_EXISTS if
-  // the boundary is registered; may be called before or after Start.
-  absl::StatusOr<PeerLink*> RegisterBoundary(const PeerLinkOptions& options,
-                                             PeerLink::Handler handler);
-
-  // Binds and starts serving. UNAVAILABLE if the address cannot be bound.
-  absl::Status Start();
-  // The bound port (after Start), e.g. when listen_address asked for port 0.
-  int port() const { return port_; }
-  // The standard health service (after Start, with enable_health_service), e.g. to
-  // SetServingStatus("", false) while draining; null otherwise.
-  grpc::HealthCheckServiceInterface* health_check_service() const;
-
-  // Closes every link and stops the server. Idempotent.
-  void Shutdown();
-
- private:
-  class Service;
-  explicit PeerServer(const PeerServerOptions& options);
-  grpc::Status Link(grpc::ServerContext* context,
-                    grpc::ServerReaderWriter<v1::PeerMessage, v1::PeerMessage>* stream);
-
-  const PeerServerOptions options_;
-  std::unique_ptr<Service> service_;
-  std::unique_ptr<grpc::Server> server_;
-  int port_ = 0;
-
-  mutable absl::Mutex mu_;
-  std::map<uint32_t, std::unique_ptr<PeerLink>> links_ ABSL_GUARDED_BY(mu_);
+  // The one record of the link's counters and state (connected() reads stats_.connected()).
+  v1::LinkStats stats_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace mapl

@@ -1,0 +1,237 @@
+// The upstream end of a peer link: Dial, the connection thread that dials and redials, and the
+// client side of a stream. See peer_link.h for the contract.
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "absl/memory/memory.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/check.h"
+#include "common/grpc_status.h"
+#include "common/log.h"
+#include "server/transport/peer_link.h"
+#include "server/transport/peer_link_internal.h"
+
+namespace mapl {
+namespace {
+
+// How often a dialer waiting for the channel checks whether it is being closed.
+constexpr absl::Duration kChannelPollSlice = absl::Milliseconds(50);
+
+// Codes after which redialing cannot help: the peer refused us, or we refused it. After the
+// others (UNAVAILABLE, CANCELLED, DATA_LOSS, ...) the dialer tries again.
+bool IsPermanent(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kUnauthenticated:
+    case absl::StatusCode::kPermissionDenied:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kUnimplemented:
+    case absl::StatusCode::kAlreadyExists:
+    case absl::StatusCode::kOutOfRange:
+    case absl::StatusCode::kAborted:  // Superseded by another dialer for the same boundary.
+    case absl::StatusCode::kResourceExhausted:
+      return true;
+    default:
+      return false;
+  }
+}
+
+absl::Status WithPrefix(absl::string_view prefix, const absl::Status& s) {
+  return absl::Status(s.code(), absl::StrCat(prefix, s.message()));
+}
+
+const char* ChannelStateName(grpc_connectivity_state state) {
+  switch (state) {
+    case GRPC_CHANNEL_IDLE:
+      return "IDLE";
+    case GRPC_CHANNEL_CONNECTING:
+      return "CONNECTING";
+    case GRPC_CHANNEL_READY:
+      return "READY";
+    case GRPC_CHANNEL_TRANSIENT_FAILURE:
+      return "TRANSIENT_FAILURE";
+    case GRPC_CHANNEL_SHUTDOWN:
+      return "SHUTDOWN";
+  }
+  return "?";
+}
+
+int ToMillis(absl::Duration d) {
+  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), 1 << 30));
+}
+
+}  // namespace
+
+class PeerLink::ClientStream final : public PeerLink::Stream {
+ public:
+  ClientStream(grpc::ClientContext* context,
+               grpc::ClientReaderWriter<v1::PeerMessage, v1::PeerMessage>* stream)
+      : context_(context), stream_(stream) {}
+  bool Read(v1::PeerMessage* msg) override { return stream_->Read(msg); }
+  bool Write(const v1::PeerMessage& msg) override { return stream_->Write(msg); }
+  void WritesDone() override { stream_->WritesDone(); }
+  void Cancel() override { context_->TryCancel(); }
+
+ private:
+  grpc::ClientContext* const context_;
+  grpc::ClientReaderWriter<v1::PeerMessage, v1::PeerMessage>* const stream_;
+};
+
+absl::StatusOr<std::unique_ptr<PeerLink>> PeerLink::Dial(const PeerLinkOptions& options,
+                                                         Handler handler) {
+  absl::Status valid = ValidateOptions(Role::kDialer, options, handler);
+  if (!valid.ok()) return valid;
+
+  auto link = absl::WrapUnique(new PeerLink(Role::kDialer, options, std::move(handler)));
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options.max_message_bytes);
+  args.SetMaxSendMessageSize(options.max_message_bytes);
+  // The channel's own reconnect backoff decides how soon a downstream that starts late is seen.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, ToMillis(options.initial_backoff));
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, ToMillis(options.max_backoff));
+  // One TCP connection per link, not one shared by every link to the same downstream.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  link->channel_ =
+      grpc::CreateCustomChannel(options.address,
+                                options.channel_credentials ? options.channel_credentials
+                                                            : grpc::InsecureChannelCredentials(),
+                                args);
+  link->stub_ = v1::Peer::NewStub(link->channel_);
+  PeerLink* raw = link.get();
+  link->dial_thread_ = std::thread([raw] { raw->DialLoop(); });
+  return link;
+}
+
+void PeerLink::DialLoop() {
+  absl::Time deadline = absl::Now() + options_.connect_timeout;
+  absl::Duration backoff = options_.initial_backoff;
+  while (true) {
+    bool established = false;
+    const absl::Status result = DialOnce(deadline, &established);
+    absl::MutexLock lock(&mu_);
+    if (closing_) return;
+    if (established) {
+      // A new window to reconnect in, starting now.
+      deadline = absl::Now() + options_.connect_timeout;
+      backoff = options_.initial_backoff;
+    }
+    if (IsPermanent(result.code())) {
+      Fail(result);
+      return;
+    }
+    if (!stats_.connected()) status_ = result;
+    if (absl::Now() >= deadline) {
+      Fail(absl::UnavailableError(absl::StrCat(
+          Describe(), ": could not connect to ", options_.address, " within ",
+          absl::FormatDuration(options_.connect_timeout), "; last error: ", result.ToString())));
+      return;
+    }
+    mu_.AwaitWithDeadline(absl::Condition(&closing_), std::min(deadline, absl::Now() + backoff));
+    if (closing_) return;
+    backoff = std::min(backoff * 2, options_.max_backoff);
+  }
+}
+
+absl::Status PeerLink::WaitChannelReady(absl::Time deadline) {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (closing_) return absl::CancelledError(Describe() + " closed");
+    }
+    const grpc_connectivity_state state = channel_->GetState(/*try_to_connect=*/true);
+    if (state == GRPC_CHANNEL_READY) return absl::OkStatus();
+    const absl::Time now = absl::Now();
+    if (now >= deadline) {
+      return absl::UnavailableError(absl::StrCat(Describe(), ": no connection to ",
+                                                 options_.address, " (channel ",
+                                                 ChannelStateName(state), ")"));
+    }
+    channel_->WaitForStateChange(state,
+                                 absl::ToChronoTime(std::min(deadline, now + kChannelPollSlice)));
+  }
+}
+
+absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
+  absl::Status ready = WaitChannelReady(deadline);
+  if (!ready.ok()) return ready;
+
+  grpc::ClientContext context;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::PeerMessage, v1::PeerMessage>> rw =
+      stub_->Link(&context);
+  ClientStream stream(&context, rw.get());
+  Session session(&stream);
+  v1::PeerMessage hello;
+  {
+    absl::MutexLock lock(&mu_);
+    if (closing_) {
+      context.TryCancel();
+      rw->Finish();
+      return absl::CancelledError(Describe() + " closed");
+    }
+    MAPL_CHECK(active_session_ == nullptr, Describe() + ": a second dialer session");
+    active_session_ = &session;  // From here Close can cancel us.
+    hello = MakeHello(/*peer_instance_known=*/true);
+  }
+
+  absl::Status result;
+  v1::PeerMessage reply;
+  if (!rw->Write(hello) || !rw->Read(&reply)) {
+    // Turned away (the server's status says why: NOT_FOUND, UNAUTHENTICATED...) or no
+    // connection after all.
+    result = FromGrpcStatus(rw->Finish());
+    if (result.ok()) result = absl::UnavailableError("stream ended before the Hello exchange");
+    result =
+        WithPrefix(absl::StrCat(Describe(), ": ", options_.address, " refused the link: "), result);
+    if (IsPermanent(result.code())) {
+      Log(LogLevel::kError, "peer link refused by the downstream", {{"status", result.ToString()}});
+    }
+  } else {
+    if (reply.protocol_version() != kPeerProtocolVersion) {
+      result = absl::FailedPreconditionError(
+          absl::StrCat(Describe(), ": the downstream speaks protocol version ",
+                       reply.protocol_version(), ", this side ", kPeerProtocolVersion));
+    } else if (!reply.has_hello()) {
+      result = absl::FailedPreconditionError(
+          absl::StrCat(Describe(), ": the downstream's first message is a '",
+                       PeerBodyName(reply.body_case()), "', not a Hello"));
+    } else {
+      result = CheckPeerHello(reply.hello());
+    }
+    if (!result.ok()) {
+      CountRejectedHello(result);
+    } else {
+      absl::MutexLock lock(&mu_);
+      bool reset = false;
+      AdoptPeerInstance(reply.hello(), &reset);
+      result = ApplyPeerResume(reply.hello());
+    }
+    if (!result.ok()) {
+      context.TryCancel();
+      rw->Finish();
+    } else {
+      *established = true;
+      const absl::Status reason = RunSession(&session);
+      const absl::Status finish = FromGrpcStatus(rw->Finish());
+      result = !reason.ok()  ? reason
+               : finish.ok() ? absl::CancelledError(Describe() + ": stream ended")
+                             : WithPrefix(absl::StrCat(Describe(), ": connection to ",
+                                                       options_.address, " ended: "),
+                                          finish);
+    }
+  }
+
+  absl::MutexLock lock(&mu_);
+  active_session_ = nullptr;
+  if (*established) {
+    status_ = closing_ ? absl::CancelledError(Describe() + " closed") : result;
+    Log(closing_ ? LogLevel::kInfo : LogLevel::kWarning, "peer link disconnected",
+        {{"link", Describe()}, {"status", status_.ToString()}});
+  }
+  return result;
+}
+
+}  // namespace mapl

@@ -1,0 +1,45 @@
+// Parts of PeerLink shared by its three source files (peer_link.cc, peer_dialer.cc,
+// peer_server.cc) and by nothing else.
+#ifndef MAPL_SERVER_TRANSPORT_PEER_LINK_INTERNAL_H_
+#define MAPL_SERVER_TRANSPORT_PEER_LINK_INTERNAL_H_
+
+#include <thread>
+
+#include "absl/status/status.h"
+#include "proto/mapl/v1/peer.pb.h"
+#include "server/transport/peer_link.h"
+
+namespace mapl {
+
+// The two sides of a gRPC bidi stream behind one interface, so one session code runs both.
+class PeerLink::Stream {
+ public:
+  virtual ~Stream() = default;
+  virtual bool Read(v1::PeerMessage* msg) = 0;
+  virtual bool Write(const v1::PeerMessage& msg) = 0;
+  // Client: half-close (the peer reads a clean end). Server: nothing (the handler's return ends
+  // the stream).
+  virtual void WritesDone() = 0;
+  // Unblocks Read and Write from any thread; the stream is dead afterwards.
+  virtual void Cancel() = 0;
+};
+
+// One connection. Lives on the stack of the thread that runs it (the dialer's connection thread or
+// a gRPC handler thread); the link points at it (active_session_) while it runs. Fields other than
+// `stream` and `writer` are guarded by the link's mu_.
+struct PeerLink::Session {
+  explicit Session(Stream* s) : stream(s) {}
+  Stream* const stream;
+  bool stop = false;         // Tells the writer to finish.
+  bool writer_done = false;  // The writer has left its loop.
+  absl::Status end_status;   // This side's first reason for ending the connection.
+  std::thread writer;
+
+  void SetEnd(const absl::Status& status) {
+    if (end_status.ok()) end_status = status;
+  }
+};
+
+}  // namespace mapl
+
+#endif  // MAPL_SERVER_TRANSPORT_PEER_LINK_INTERNAL_H_
