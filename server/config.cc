@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <set>
@@ -10,14 +11,38 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "common/status_macros.h"
-#include "server/boundary.h"
+#include "kernels/registry.h"
+#include "kernels/rvq.h"
 
 namespace mapl {
 namespace {
+
+// Config limits: beyond them a frame or a table could not travel in one protobuf message (2 GiB)
+// or the anchors would not fit in memory.
+constexpr uint32_t kMaxHidden = 1u << 16;
+constexpr uint32_t kMaxTokens = 1u << 20;
+constexpr int64_t kMaxFrameElements = int64_t{1} << 28;
+constexpr uint32_t kMaxVocab = 1u << 24;
+constexpr uint32_t kMaxAnchorRank = 1024;
+constexpr int64_t kMaxAnchorElements = int64_t{1} << 28;
+
+// Defaults of config.proto. The projector's and the anchors' were tuned on the acceptance
+// scenario of tests/server/engine_test.cc (see the report there).
+constexpr uint32_t kDefaultRvqLevels = 4;
+constexpr uint32_t kDefaultAnchorRank = 16;
+constexpr float kDefaultProjectorLr = 0.03f;
+constexpr float kDefaultProjectorBeta = 0.9f;
+constexpr uint32_t kDefaultWarmupSteps = 10;
+constexpr float kDefaultAnchorLr = 0.01f;
+constexpr float kDefaultBudgetFraction = 0.25f;
+constexpr uint32_t kDefaultMaxTokens = 4096;
+constexpr float kDefaultRvqDecay = 0.99f;
+
 
 using google::protobuf::FieldDescriptor;
 using google::protobuf::Message;
@@ -34,6 +59,15 @@ class CollectErrors : public google::protobuf::io::ErrorCollector {
  private:
   std::string first_;
 };
+
+// The backend must be one this build registered (kernels/registry.h).
+absl::Status CheckBackendName(const std::string& name) {
+  const std::vector<std::string> names = BackendNames();
+  if (std::find(names.begin(), names.end(), name) != names.end()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("backend: '", name,
+                                                 "' is not a backend of this build (it has: ",
+                                                 absl::StrJoin(names, ", "), ")"));
+}
 
 // Validates a host:port address (host may be a name, an IPv4 address or [IPv6]).
 absl::Status CheckAddress(const std::string& field, const std::string& address) {
@@ -203,6 +237,113 @@ absl::Status ApplyOverride(const std::string& assignment, v1::DaemonConfig* conf
   return absl::OkStatus();
 }
 
+absl::StatusOr<v1::BoundaryConfig> BoundaryConfigWithDefaults(const v1::BoundaryConfig& in,
+                                                      absl::string_view path) {
+  v1::BoundaryConfig c = in;
+  const std::string prefix = path.empty() ? std::string() : absl::StrCat(path, ".");
+  auto bad = [&](absl::string_view field, const auto&... msg) {
+    return absl::InvalidArgumentError(absl::StrCat(prefix, field, ": ", msg...));
+  };
+
+  if (c.role() != v1::ROLE_UPSTREAM && c.role() != v1::ROLE_DOWNSTREAM) {
+    return bad("role", "required: ROLE_UPSTREAM or ROLE_DOWNSTREAM, got ", c.role());
+  }
+  if (c.d() == 0) return bad("d", "required (the hidden size)");
+  if (c.d() > kMaxHidden) return bad("d", "must be <= ", kMaxHidden, ", got ", c.d());
+  if (c.k() == 0) c.set_k(std::max(1u, c.d() / 16));
+  if (c.k() > c.d()) return bad("k", "must be in [1, d=", c.d(), "], got ", c.k());
+
+  if (c.method() == v1::METHOD_UNSPECIFIED) c.set_method(v1::METHOD_MAPL);
+  if (!v1::Method_IsValid(c.method())) return bad("method", "unknown value ", c.method());
+  if (c.method() == v1::METHOD_DENSE) {
+    for (auto [name, codec] :
+         {std::pair<const char*, v1::Codec>{"forward_codec", c.forward_codec()},
+          {"backward_codec", c.backward_codec()}}) {
+      if (codec != v1::CODEC_UNSPECIFIED && codec != v1::CODEC_DENSE) {
+        return bad(name, "METHOD_DENSE sends dense bf16; got ", v1::Codec_Name(codec));
+      }
+    }
+    c.set_forward_codec(v1::CODEC_DENSE);
+    c.set_backward_codec(v1::CODEC_DENSE);
+  } else {
+    if (c.forward_codec() == v1::CODEC_UNSPECIFIED) c.set_forward_codec(v1::CODEC_RVQ);
+    if (c.forward_codec() != v1::CODEC_BF16 && c.forward_codec() != v1::CODEC_INT8 &&
+        c.forward_codec() != v1::CODEC_RVQ) {
+      return bad("forward_codec", "must be CODEC_BF16, CODEC_INT8 or CODEC_RVQ (dense: method ",
+                 "METHOD_DENSE), got ", c.forward_codec());
+    }
+    if (c.backward_codec() == v1::CODEC_UNSPECIFIED) c.set_backward_codec(v1::CODEC_INT8);
+    if (c.backward_codec() != v1::CODEC_INT8 && c.backward_codec() != v1::CODEC_BF16) {
+      return bad("backward_codec", "must be CODEC_INT8 or CODEC_BF16, got ", c.backward_codec());
+    }
+  }
+  if (c.rvq_levels() == 0) c.set_rvq_levels(kDefaultRvqLevels);
+  if (c.rvq_levels() > static_cast<uint32_t>(kMaxRvqLevels)) {
+    return bad("rvq_levels", "must be in [1, ", kMaxRvqLevels, "], got ", c.rvq_levels());
+  }
+  if (c.anchor_rank() == 0) c.set_anchor_rank(kDefaultAnchorRank);
+  if (c.anchor_rank() > kMaxAnchorRank) {
+    return bad("anchor_rank", "must be in [1, ", kMaxAnchorRank, "], got ", c.anchor_rank());
+  }
+  if (c.method() == v1::METHOD_MAPL) {
+    if (c.vocab() == 0) return bad("vocab", "required for METHOD_MAPL (the anchors' table size)");
+    if (c.vocab() > kMaxVocab) return bad("vocab", "must be <= ", kMaxVocab, ", got ", c.vocab());
+    if (int64_t{c.vocab()} * c.anchor_rank() > kMaxAnchorElements ||
+        int64_t{c.anchor_rank()} * c.d() > kMaxAnchorElements) {
+      return bad("anchor_rank", "anchor tables too large: vocab ", c.vocab(), " x rank ",
+                 c.anchor_rank(), " and rank x d ", c.d());
+    }
+  }
+  // proto3 floats: 0 means unset; negative, NaN and Inf are errors.
+  auto positive = [&](absl::string_view field, float v, float max) -> absl::Status {
+    if (!(v > 0.f && v <= max)) return bad(field, "must be in (0, ", max, "], got ", v);
+    return absl::OkStatus();
+  };
+  if (c.projector_lr() == 0.f) c.set_projector_lr(kDefaultProjectorLr);
+  MAPL_RETURN_IF_ERROR(positive("projector_lr", c.projector_lr(), 1.f));
+  if (c.projector_beta() == 0.f) c.set_projector_beta(kDefaultProjectorBeta);
+  if (!(c.projector_beta() > 0.f && c.projector_beta() < 1.f)) {
+    return bad("projector_beta", "must be in [0, 1), got ", c.projector_beta());
+  }
+  if (c.projector_warmup_steps() == 0) c.set_projector_warmup_steps(kDefaultWarmupSteps);
+  if (c.anchor_lr() == 0.f) c.set_anchor_lr(kDefaultAnchorLr);
+  MAPL_RETURN_IF_ERROR(positive("anchor_lr", c.anchor_lr(), 1.f));
+  if (c.dictionary_budget_fraction() == 0.f) {
+    c.set_dictionary_budget_fraction(kDefaultBudgetFraction);
+  }
+  MAPL_RETURN_IF_ERROR(
+      positive("dictionary_budget_fraction", c.dictionary_budget_fraction(), 1e6f));
+  if (c.dictionary_precision() == v1::PRECISION_UNSPECIFIED) {
+    c.set_dictionary_precision(v1::PRECISION_F32);
+  }
+  if (c.dictionary_precision() != v1::PRECISION_F32 &&
+      c.dictionary_precision() != v1::PRECISION_BF16) {
+    return bad("dictionary_precision", "must be PRECISION_F32 or PRECISION_BF16, got ",
+               c.dictionary_precision());
+  }
+  if (c.max_tokens() == 0) c.set_max_tokens(kDefaultMaxTokens);
+  if (c.max_tokens() > kMaxTokens || int64_t{c.max_tokens()} * c.d() > kMaxFrameElements) {
+    return bad("max_tokens", "must be in [1, ", kMaxTokens,
+               "] with max_tokens x d <= ", kMaxFrameElements, ", got ", c.max_tokens(),
+               " (d = ", c.d(), ")");
+  }
+  if (c.projector_init() == v1::PROJECTOR_INIT_UNSPECIFIED) {
+    c.set_projector_init(v1::PROJECTOR_INIT_RANDOM);
+  }
+  if (!v1::ProjectorInit_IsValid(c.projector_init())) {
+    return bad("projector_init", "unknown value ", c.projector_init());
+  }
+  if (c.projector_init() == v1::PROJECTOR_INIT_PCA && c.method() != v1::METHOD_MAPL) {
+    return bad("projector_init", "PROJECTOR_INIT_PCA needs METHOD_MAPL (METHOD_FIXED uses the ",
+               "seeded U; METHOD_DENSE has none), got ", v1::Method_Name(c.method()));
+  }
+  if (c.rvq_decay() == 0.f) c.set_rvq_decay(kDefaultRvqDecay);
+  if (!(c.rvq_decay() > 0.f && c.rvq_decay() < 1.f)) {
+    return bad("rvq_decay", "must be in (0, 1), got ", c.rvq_decay());
+  }
+  return c;
+}
+
 absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
   v1::DaemonConfig c = in;
   if (c.local_socket().empty()) c.set_local_socket(DefaultSocketPath(c.stage()));
@@ -232,6 +373,8 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
     return absl::InvalidArgumentError(absl::StrCat(
         "send_rate_mbit: must be in [0, 1e6] Mbit/s (0: no cap), got ", c.send_rate_mbit()));
   }
+  if (c.backend().empty()) c.set_backend("cpu");
+  MAPL_RETURN_IF_ERROR(CheckBackendName(c.backend()));
   if (c.auth_token().empty()) {
     return absl::InvalidArgumentError(
         "auth_token: required; the daemons on both sides of a boundary present it to each other "
@@ -269,7 +412,7 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
       }
       MAPL_RETURN_IF_ERROR(CheckAddress(field + ".peer_address", b->peer_address()));
     }
-    MAPL_ASSIGN_OR_RETURN(*b, BoundaryEngine::WithDefaults(*b, field));
+    MAPL_ASSIGN_OR_RETURN(*b, BoundaryConfigWithDefaults(*b, field));
     // A trainer stages one whole microbatch (float32) and its token ids in one buffer.
     const uint64_t need = uint64_t{b->max_tokens()} * b->d() * 4 + uint64_t{b->max_tokens()} * 4;
     if (need > c.client_buffer_bytes()) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "proto/mapl/v1/config.pb.h"
 
 namespace mapl {
@@ -25,6 +26,12 @@ absl::Status ApplyOverride(const std::string& assignment, v1::DaemonConfig* conf
 
 // Fills defaults and validates everything; errors name the field ("boundaries[0].k: ...").
 absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& config);
+
+// One boundary's config with the documented defaults (config.proto) filled in for unset fields,
+// validated. INVALID_ARGUMENT names the field, prefixed with `path` (e.g. "boundaries[0]" gives
+// "boundaries[0].k: must be in [1, d=512], got 600").
+absl::StatusOr<v1::BoundaryConfig> BoundaryConfigWithDefaults(const v1::BoundaryConfig& config,
+                                                              absl::string_view path = "");
 
 // Reads `path` (may be empty: start from an empty config), applies `overrides` in order,
 // finalizes.

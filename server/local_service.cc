@@ -4,15 +4,11 @@
 #include "server/local_service.h"
 
 #include "absl/time/clock.h"
+#include "common/grpc_status.h"
 #include "proto/mapl/v1/local.grpc.pb.h"
 #include "server/daemon.h"
 
 namespace mapl {
-
-grpc::Status ToGrpcStatus(const absl::Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
 
 namespace {
 
@@ -23,7 +19,7 @@ class LocalService final : public v1::Local::Service {
   grpc::Status Attach(grpc::ServerContext* context, const v1::AttachRequest* request,
                       grpc::ServerWriter<v1::AttachEvent>* writer) override {
     v1::AttachEvent event;
-    absl::StatusOr<std::shared_ptr<Daemon::Session>> session = daemon_->Attach(*request, &event);
+    absl::StatusOr<std::shared_ptr<Session>> session = daemon_->Attach(*request, &event);
     if (!session.ok()) return ToGrpcStatus(session.status());
     const uint64_t id = (*session)->id;
     session->reset();  // the daemon's map holds it; Detach frees the buffers
@@ -34,9 +30,8 @@ class LocalService final : public v1::Local::Service {
       while (!context->IsCancelled()) absl::SleepFor(absl::Milliseconds(50));
     }
     daemon_->Detach(id);
-    return daemon_->shutting_down()
-               ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "mapld is shutting down")
-               : grpc::Status::OK;
+    return ToGrpcStatus(daemon_->shutting_down() ? absl::UnavailableError("mapld is shutting down")
+                                                 : absl::OkStatus());
   }
 
   grpc::Status Send(grpc::ServerContext*, const v1::SendRequest* request,

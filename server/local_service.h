@@ -1,5 +1,5 @@
-// The local API (proto/mapl/v1/local.proto) as a gRPC service over the daemon. This is the one
-// place where absl::Status becomes grpc::Status for trainers.
+// The local API (proto/mapl/v1/local.proto) as a gRPC service over the daemon. Statuses cross
+// unchanged (common/grpc_status.h).
 #ifndef MAPL_SERVER_LOCAL_SERVICE_H_
 #define MAPL_SERVER_LOCAL_SERVICE_H_
 
@@ -11,9 +11,6 @@
 namespace mapl {
 
 class Daemon;
-
-// absl and gRPC status codes share google.rpc.Code numbering.
-grpc::Status ToGrpcStatus(const absl::Status& s);
 
 std::unique_ptr<grpc::Service> MakeLocalService(Daemon* daemon);
 

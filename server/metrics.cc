@@ -1,81 +1,165 @@
-// Metric families and their series; the HTTP endpoint is prometheus-cpp's civetweb Exposer.
+// The stats record exported by reflection, and the codec histograms; the HTTP endpoint is
+// prometheus-cpp's civetweb Exposer.
 #include "server/metrics.h"
 
+#include <map>
+#include <utility>
+
 #include "absl/strings/str_cat.h"
+#include "common/check.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/reflection.h"
 
 namespace mapl {
 namespace {
 
-const char* kDirections[2] = {"forward", "backward"};
+using google::protobuf::FieldDescriptor;
+using google::protobuf::Message;
+using google::protobuf::Reflection;
+using Labels = std::vector<prometheus::ClientMetric::Label>;
 
 // Encode and decode take tens of microseconds (small microbatches) to tens of milliseconds.
 prometheus::Histogram::BucketBoundaries LatencyBuckets() {
   return {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0};
 }
 
+double NumericValue(const Message& m, const FieldDescriptor* f) {
+  const Reflection* r = m.GetReflection();
+  switch (f->cpp_type()) {
+    case FieldDescriptor::CPPTYPE_BOOL:
+      return r->GetBool(m, f) ? 1.0 : 0.0;
+    case FieldDescriptor::CPPTYPE_UINT64:
+      return static_cast<double>(r->GetUInt64(m, f));
+    case FieldDescriptor::CPPTYPE_UINT32:
+      return r->GetUInt32(m, f);
+    case FieldDescriptor::CPPTYPE_INT64:
+      return static_cast<double>(r->GetInt64(m, f));
+    case FieldDescriptor::CPPTYPE_INT32:
+      return r->GetInt32(m, f);
+    case FieldDescriptor::CPPTYPE_DOUBLE:
+      return r->GetDouble(m, f);
+    case FieldDescriptor::CPPTYPE_FLOAT:
+      return r->GetFloat(m, f);
+    default:
+      MAPL_CHECK(false, absl::StrCat("local.proto: field ", f->full_name(),
+                                     " has a (metric) option but is not a number"));
+  }
+  return 0.0;
+}
+
+// Collects families by name, so every record of the same field lands in one family.
+class FamilyBuilder {
+ public:
+  void Add(const std::string& name, const std::string& help, v1::MetricKind kind,
+           const Labels& labels, double value) {
+    const bool counter = kind == v1::METRIC_COUNTER;
+    const std::string full = counter ? name + "_total" : name;
+    prometheus::MetricFamily& family = families_[full];
+    if (family.name.empty()) {
+      family.name = full;
+      family.help = help;
+      family.type = counter ? prometheus::MetricType::Counter : prometheus::MetricType::Gauge;
+    }
+    prometheus::ClientMetric metric;
+    metric.label = labels;
+    if (counter) {
+      metric.counter.value = value;
+    } else {
+      metric.gauge.value = value;
+    }
+    family.metric.push_back(std::move(metric));
+  }
+
+  // Every field of `m` that has a (metric) option, as <prefix>_<field>; nested message fields
+  // (LinkStats) become their own prefix mapl_<field>; map<string, message> fields become
+  // <prefix>_<field>_<subfield> with the key as label `body`.
+  void AddRecord(const Message& m, const std::string& prefix, const Labels& labels) {
+    const google::protobuf::Descriptor* d = m.GetDescriptor();
+    const Reflection* r = m.GetReflection();
+    for (int i = 0; i < d->field_count(); ++i) {
+      const FieldDescriptor* f = d->field(i);
+      if (f->is_map()) {
+        const FieldDescriptor* key = f->message_type()->map_key();
+        const FieldDescriptor* value = f->message_type()->map_value();
+        if (value->cpp_type() != FieldDescriptor::CPPTYPE_MESSAGE) continue;
+        for (int j = 0; j < r->FieldSize(m, f); ++j) {
+          const Message& entry = r->GetRepeatedMessage(m, f, j);
+          Labels with = labels;
+          with.push_back({"body", entry.GetReflection()->GetString(entry, key)});
+          AddRecord(entry.GetReflection()->GetMessage(entry, value),
+                    absl::StrCat(prefix, "_", f->name()), with);
+        }
+        continue;
+      }
+      if (f->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE && !f->is_repeated()) {
+        AddRecord(r->GetMessage(m, f), absl::StrCat("mapl_", f->name()), labels);
+        continue;
+      }
+      const v1::MetricKind kind = f->options().GetExtension(v1::metric);
+      if (kind == v1::METRIC_NONE) continue;
+      const std::string help =
+          absl::StrCat(d->name(), ".", f->name(), " (proto/mapl/v1/local.proto)");
+      Add(absl::StrCat(prefix, "_", f->name()), help, kind, labels, NumericValue(m, f));
+    }
+  }
+
+  std::vector<prometheus::MetricFamily> Take() {
+    std::vector<prometheus::MetricFamily> out;
+    for (auto& [name, family] : families_) out.push_back(std::move(family));
+    return out;
+  }
+
+ private:
+  std::map<std::string, prometheus::MetricFamily> families_;
+};
+
 }  // namespace
 
-Metrics::Metrics(uint32_t stage)
-    : stage_(absl::StrCat(stage)),
+std::vector<prometheus::MetricFamily> StatsFamilies(const std::vector<v1::BoundaryStats>& records,
+                                                    uint32_t stage) {
+  FamilyBuilder builder;
+  for (const v1::BoundaryStats& s : records) {
+    const Labels labels = {{"stage", absl::StrCat(stage)},
+                           {"boundary", absl::StrCat(s.id())},
+                           {"role", s.role()}};
+    builder.AddRecord(s, "mapl_boundary", labels);
+  }
+  return builder.Take();
+}
+
+class Metrics::StatsCollector : public prometheus::Collectable {
+ public:
+  StatsCollector(uint32_t stage, StatsSource source) : stage_(stage), source_(std::move(source)) {}
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    return StatsFamilies(source_(), stage_);
+  }
+
+ private:
+  const uint32_t stage_;
+  const StatsSource source_;
+};
+
+Metrics::Metrics(uint32_t stage, StatsSource source)
+    : stage_(stage),
       registry_(std::make_shared<prometheus::Registry>()),
-      raw_bytes_(prometheus::BuildCounter()
-                     .Name("mapl_raw_bytes_total")
-                     .Help("Tensor bytes sent or received, counted as dense bf16 (tokens x d x 2)")
-                     .Register(*registry_)),
-      wire_bytes_(prometheus::BuildCounter()
-                      .Name("mapl_wire_bytes_total")
-                      .Help("Bytes on the peer link, by kind: payload (frames) or dictionary")
-                      .Register(*registry_)),
-      frames_(prometheus::BuildCounter()
-                  .Name("mapl_frames_total")
-                  .Help("Frames sent and received on the peer link")
-                  .Register(*registry_)),
-      bad_messages_(prometheus::BuildCounter()
-                        .Name("mapl_bad_peer_messages_total")
-                        .Help("Peer messages rejected as corrupt or out of range")
-                        .Register(*registry_)),
       latency_(prometheus::BuildHistogram()
                    .Name("mapl_codec_seconds")
                    .Help("Encode (send) and decode (receive) time of one microbatch")
                    .Register(*registry_)),
-      gauges_(prometheus::BuildGauge()
-                  .Name("mapl_boundary")
-                  .Help("Per-boundary state: metric=orthogonality_error (max |U^T U - I|), "
-                        "dictionary_version, dictionary_checksum (low 53 bits), compression_ratio")
-                  .Register(*registry_)) {}
+      stats_(std::make_shared<StatsCollector>(stage, std::move(source))) {}
 
-BoundaryMetrics& Metrics::AddBoundary(uint32_t id, const std::string& role) {
-  BoundaryMetrics& m = boundaries_[id];
-  const std::string b = absl::StrCat(id);
-  for (int d = 0; d < 2; ++d) {
-    const std::map<std::string, std::string> base = {
-        {"stage", stage_}, {"boundary", b}, {"role", role}, {"direction", kDirections[d]}};
-    auto with = [&](const char* k, const char* v) {
-      auto l = base;
-      l[k] = v;
-      return l;
-    };
-    m.raw_bytes[d] = &raw_bytes_.Add(base);
-    m.wire_payload_bytes[d] = &wire_bytes_.Add(with("kind", "payload"));
-    m.frames_sent[d] = &frames_.Add(with("event", "sent"));
-    m.frames_received[d] = &frames_.Add(with("event", "received"));
-    m.encode_seconds[d] = &latency_.Add(with("op", "encode"), LatencyBuckets());
-    m.decode_seconds[d] = &latency_.Add(with("op", "decode"), LatencyBuckets());
-    m.compression_ratio[d] = &gauges_.Add(with("metric", "compression_ratio"));
-  }
+CodecTimers Metrics::AddBoundary(uint32_t id, const std::string& role) {
   const std::map<std::string, std::string> base = {
-      {"stage", stage_}, {"boundary", b}, {"role", role}};
-  auto with = [&](const char* k, const char* v) {
+      {"stage", absl::StrCat(stage_)}, {"boundary", absl::StrCat(id)}, {"role", role}};
+  auto with = [&](const char* v) {
     auto l = base;
-    l[k] = v;
+    l["op"] = v;
     return l;
   };
-  m.wire_dictionary_bytes = &wire_bytes_.Add(with("kind", "dictionary"));
-  m.bad_messages = &bad_messages_.Add(base);
-  m.orthogonality_error = &gauges_.Add(with("metric", "orthogonality_error"));
-  m.dictionary_version = &gauges_.Add(with("metric", "dictionary_version"));
-  m.dictionary_checksum = &gauges_.Add(with("metric", "dictionary_checksum"));
-  return m;
+  CodecTimers t;
+  t.encode_seconds = &latency_.Add(with("encode"), LatencyBuckets());
+  t.decode_seconds = &latency_.Add(with("decode"), LatencyBuckets());
+  return t;
 }
 
 absl::Status Metrics::Serve(const std::string& address) {
@@ -87,18 +171,10 @@ absl::Status Metrics::Serve(const std::string& address) {
                      "); pick another port or set metrics_address: \"off\""));
   }
   exposer_->RegisterCollectable(registry_);
+  exposer_->RegisterCollectable(stats_);
   const std::vector<int> ports = exposer_->GetListeningPorts();
   port_ = ports.empty() ? 0 : ports[0];
   return absl::OkStatus();
-}
-
-void Metrics::Refresh() {
-  for (auto& [id, m] : boundaries_) {
-    for (int d = 0; d < 2; ++d) {
-      const double wire = m.wire_payload_bytes[d]->Value();
-      if (wire > 0) m.compression_ratio[d]->Set(m.raw_bytes[d]->Value() / wire);
-    }
-  }
 }
 
 }  // namespace mapl

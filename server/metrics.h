@@ -1,68 +1,63 @@
 // Prometheus metrics of one daemon (prometheus-cpp), served at http://<metrics_address>/metrics.
-// Every series carries the stage, the boundary and, where it applies, the direction.
 //
-//   mapl::Metrics metrics(/*stage=*/1);
-//   mapl::BoundaryMetrics& m = metrics.AddBoundary(0, "downstream");
-//   m.frames_received[mapl::kForward]->Increment();
+// Statistics are not declared here: every field of the stats record (local.proto BoundaryStats,
+// and its nested LinkStats) that carries a `(metric)` option is exported from the record itself
+// at each scrape, by protobuf reflection:
+//   BoundaryStats.<field>            -> mapl_boundary_<field>{stage, boundary, role}
+//   BoundaryStats.link.<field>       -> mapl_link_<field>{stage, boundary, role}
+//   BoundaryStats.link.sent[<body>]  -> mapl_link_sent_<field>{..., body="frame"}
+// with a _total suffix for counters. So a new statistic is one proto field plus the code that
+// computes it. The encode and decode times are histograms kept here
+// (mapl_codec_seconds{stage, boundary, role, op}).
+//
+//   mapl::Metrics metrics(/*stage=*/1, [&] { return AllBoundaryStats(); });
+//   mapl::CodecTimers timers = metrics.AddBoundary(0, "downstream");
 //   MAPL_RETURN_IF_ERROR(metrics.Serve("127.0.0.1:0"));
 #ifndef MAPL_SERVER_METRICS_H_
 #define MAPL_SERVER_METRICS_H_
 
 #include <cstdint>
-#include <map>
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
-#include "prometheus/counter.h"
+#include "prometheus/collectable.h"
 #include "prometheus/exposer.h"
-#include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
+#include "prometheus/metric_family.h"
 #include "prometheus/registry.h"
+#include "proto/mapl/v1/local.pb.h"
+#include "server/boundary_worker.h"
 
 namespace mapl {
 
-enum DirectionIndex { kForward = 0, kBackward = 1 };
-
-struct BoundaryMetrics {
-  prometheus::Counter* raw_bytes[2];           // tensor bytes handed in (send) or out (recv)
-  prometheus::Counter* wire_payload_bytes[2];  // frame payload bytes sent or received
-  prometheus::Counter* wire_dictionary_bytes;  // dictionary delta and snapshot bytes
-  prometheus::Counter* frames_sent[2];
-  prometheus::Counter* frames_received[2];
-  prometheus::Counter* bad_messages;  // rejected peer input (corrupt, out of range)
-  prometheus::Histogram* encode_seconds[2];
-  prometheus::Histogram* decode_seconds[2];
-  prometheus::Gauge* orthogonality_error;  // max |U^T U - I| of the published U
-  prometheus::Gauge* dictionary_version;
-  prometheus::Gauge* dictionary_checksum;   // low 53 bits (exact in a double)
-  prometheus::Gauge* compression_ratio[2];  // raw / wire payload, cumulative
-};
+// The metric families of `records` (one per boundary), as exported: for tests and for the
+// endpoint. `stage` labels every series.
+std::vector<prometheus::MetricFamily> StatsFamilies(const std::vector<v1::BoundaryStats>& records,
+                                                    uint32_t stage);
 
 class Metrics {
  public:
-  explicit Metrics(uint32_t stage);
+  using StatsSource = std::function<std::vector<v1::BoundaryStats>()>;
+  // `source` gives the current records at each scrape (called on the HTTP server's thread).
+  Metrics(uint32_t stage, StatsSource source);
   Metrics(const Metrics&) = delete;
   Metrics& operator=(const Metrics&) = delete;
 
-  // Registers the series of one boundary; call before Serve.
-  BoundaryMetrics& AddBoundary(uint32_t id, const std::string& role);
+  // Registers the codec timers of one boundary; call before Serve.
+  CodecTimers AddBoundary(uint32_t id, const std::string& role);
   // Starts the HTTP endpoint ("host:port", port 0 picks a free one).
   absl::Status Serve(const std::string& address);
   int port() const { return port_; }
-  // Updates the compression ratio gauges from the counters.
-  void Refresh();
 
  private:
-  const std::string stage_;
+  class StatsCollector;
+  const uint32_t stage_;
   std::shared_ptr<prometheus::Registry> registry_;
-  prometheus::Family<prometheus::Counter>& raw_bytes_;
-  prometheus::Family<prometheus::Counter>& wire_bytes_;
-  prometheus::Family<prometheus::Counter>& frames_;
-  prometheus::Family<prometheus::Counter>& bad_messages_;
   prometheus::Family<prometheus::Histogram>& latency_;
-  prometheus::Family<prometheus::Gauge>& gauges_;
-  std::map<uint32_t, BoundaryMetrics> boundaries_;
+  std::shared_ptr<StatsCollector> stats_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
 };

@@ -1,0 +1,474 @@
+// The per-boundary worker: send queue, encoder and decoder threads, inbox, Step.
+#include "server/boundary_worker.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/check.h"
+#include "common/log.h"
+#include "prometheus/histogram.h"
+#include "server/frame_codec.h"
+
+namespace mapl {
+namespace {
+
+const char* DirName(int d) { return d == v1::DIRECTION_FORWARD ? "forward" : "backward"; }
+
+// Buffers kept for reuse, per kind.
+constexpr size_t kSpareBuffers = 8;
+
+}  // namespace
+
+BoundaryWorker::BoundaryWorker(std::unique_ptr<Engine> engine, const WorkerOptions& options,
+                               CodecTimers timers)
+    : config_(engine->config()),
+      options_(options),
+      timers_(timers),
+      receives_(engine->sends() == v1::DIRECTION_FORWARD ? v1::DIRECTION_BACKWARD
+                                                         : v1::DIRECTION_FORWARD),
+      engine_(std::move(engine)) {}
+
+BoundaryWorker::~BoundaryWorker() { Stop(absl::InfinitePast()); }
+
+void BoundaryWorker::Start(Transport* transport) {
+  MAPL_CHECK(transport_ == nullptr && transport != nullptr, "Start is called once, with a transport");
+  transport_ = transport;
+  encoder_ = std::thread([this] { EncodeLoop(); });
+  decoder_ = std::thread([this] { DecodeLoop(); });
+}
+
+std::string BoundaryWorker::Describe(int direction, uint64_t step, uint32_t microbatch) const {
+  return absl::StrCat("boundary ", config_.id(), ": ", DirName(direction), " tensor of step ",
+                      step, " microbatch ", microbatch);
+}
+
+// ---- sending ----
+
+absl::StatusOr<v1::SendReply> BoundaryWorker::Send(uint64_t step, uint32_t microbatch,
+                                                   const ConstTensor& t,
+                                                   const int32_t* token_ids, bool wait_encoded) {
+  const int sends = receives_ == v1::DIRECTION_FORWARD ? v1::DIRECTION_BACKWARD
+                                                       : v1::DIRECTION_FORWARD;
+  const std::string what = Describe(sends, step, microbatch);
+  const bool mapl_forward =
+      sends == v1::DIRECTION_FORWARD && config_.method() == v1::METHOD_MAPL;
+  if (mapl_forward && token_ids == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("token_ids: boundary ", config_.id(),
+                     " runs METHOD_MAPL, whose anchors need the token ids of every forward "
+                     "microbatch"));
+  }
+  const Key key{step, microbatch};
+  const size_t elem = t.dtype == DType::kF32 ? 4 : 2;
+  const size_t bytes = static_cast<size_t>(t.size()) * elem;
+  EncodeJob job;
+  job.step = step;
+  job.microbatch = microbatch;
+  job.dtype = t.dtype;
+  job.rows = t.rows;
+  {
+    absl::MutexLock l(&mu_);
+    if (stop_) return absl::UnavailableError("mapld is shutting down; tensor not taken");
+    if (closed_step_.has_value() && step <= *closed_step_) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, ": step ", step, " was already closed by Step(", *closed_step_,
+                       "); steps only move forward"));
+    }
+    if (sent_.count(key) != 0) {
+      return absl::AlreadyExistsError(
+          absl::StrCat(what, " was already sent; each (step, microbatch) is sent once"));
+    }
+    // Backpressure: a trainer far ahead of the encoder waits here instead of filling memory.
+    while (jobs_.size() + reserved_ >= options_.max_queued_jobs && !stop_) cv_.Wait(&mu_);
+    if (stop_) return absl::UnavailableError("mapld is shutting down; tensor not taken");
+    sent_.insert(key);  // reserved now, so a concurrent duplicate fails too
+    ++reserved_;        // a queue slot, and Flush waits for it
+    if (!spare_tensors_.empty()) {
+      job.tensor.swap(spare_tensors_.back());
+      spare_tensors_.pop_back();
+    }
+  }
+  // Take the tensor and its ids: after this the trainer may reuse its buffers. Checks run on
+  // the copies, so a trainer changing its buffer meanwhile cannot slip anything past them.
+  job.tensor.resize(bytes);
+  absl::Status taken;
+  if (!CopyAndCheckFinite(t, absl::MakeSpan(job.tensor))) {
+    taken = CheckFinite(ConstTensor{job.tensor.data(), t.rows, t.cols, t.dtype}, "tensor");
+  }
+  if (taken.ok() && mapl_forward) {
+    job.token_ids.assign(token_ids, token_ids + t.rows);
+    for (int64_t i = 0; i < t.rows && taken.ok(); ++i) {
+      if (job.token_ids[i] < 0 || static_cast<uint32_t>(job.token_ids[i]) >= config_.vocab()) {
+        taken = absl::InvalidArgumentError(absl::StrCat("token_ids[", i, "] = ", job.token_ids[i],
+                                                        ": must be in [0, vocab=",
+                                                        config_.vocab(), ")"));
+      }
+    }
+  }
+  std::shared_ptr<JobResult> result;
+  if (wait_encoded) job.result = result = std::make_shared<JobResult>();
+  v1::SendReply reply;
+  reply.set_raw_bytes(bytes);
+  absl::MutexLock l(&mu_);
+  --reserved_;
+  if (!taken.ok() || stop_) {
+    sent_.erase(key);
+    spare_tensors_.push_back(std::move(job.tensor));
+    cv_.SignalAll();
+    if (!taken.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ": ", taken.message()));
+    return absl::UnavailableError("mapld is shutting down; tensor not taken");
+  }
+  jobs_.push_back(std::move(job));
+  cv_.SignalAll();
+  if (result == nullptr) return reply;
+  while (!result->done) cv_.Wait(&mu_);
+  if (!result->status.ok()) return result->status;
+  reply.set_wire_bytes(result->wire_bytes);
+  return reply;
+}
+
+void BoundaryWorker::EncodeLoop() {
+  for (;;) {
+    EncodeJob job;
+    {
+      absl::MutexLock l(&mu_);
+      while (jobs_.empty() && !stop_) cv_.Wait(&mu_);
+      if (jobs_.empty()) return;  // stopping, and everything taken was encoded
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+      ++encoding_;
+      cv_.SignalAll();  // room in the queue
+    }
+    Encode(job);
+    absl::MutexLock l(&mu_);
+    --encoding_;
+    if (spare_tensors_.size() < options_.max_queued_jobs) {
+      spare_tensors_.push_back(std::move(job.tensor));
+    }
+    cv_.SignalAll();
+  }
+}
+
+void BoundaryWorker::Encode(EncodeJob& job) {
+  // Backpressure from the transport: with a slow link its queue would otherwise grow without
+  // bound while the trainer keeps sending.
+  while (!transport_->WaitQueueBelow(options_.max_transport_queue_bytes, absl::Seconds(1))) {
+    absl::MutexLock l(&mu_);
+    if (stop_) break;
+  }
+  const ConstTensor t{job.tensor.data(), job.rows, config_.d(), job.dtype};
+  absl::Status status;
+  uint64_t wire = 0;
+  {
+    absl::MutexLock el(&engine_mu_);
+    const absl::Time start = absl::Now();
+    absl::StatusOr<std::vector<v1::PeerMessage>> out = engine_->Encode(
+        job.step, job.microbatch, t, job.token_ids.empty() ? nullptr : job.token_ids.data());
+    status = out.status();
+    if (out.ok()) {
+      if (timers_.encode_seconds != nullptr) {
+        timers_.encode_seconds->Observe(absl::ToDoubleSeconds(absl::Now() - start));
+      }
+      for (const v1::PeerMessage& m : *out) {
+        if (m.has_frame()) wire += FrameWireBytes(m.frame());
+      }
+      SendAll(*std::move(out));
+    }
+  }
+  if (!status.ok()) {
+    // The request was checked when it was taken; this is the engine's verdict (for example a
+    // backward whose forward was evicted). The frame is not sent; the peer's Recv will say so by
+    // its deadline, and this log line (or the waiting Send) says why.
+    status = absl::Status(status.code(), absl::StrCat(Describe(receives_ == v1::DIRECTION_FORWARD ? v1::DIRECTION_BACKWARD : v1::DIRECTION_FORWARD, job.step,
+                                                               job.microbatch),
+                                                      ": ", status.message()));
+    Log(LogLevel::kError, "encode failed", {{"error", std::string(status.message())}});
+  }
+  if (job.result != nullptr) {
+    absl::MutexLock l(&mu_);
+    job.result->status = status;
+    job.result->wire_bytes = wire;
+    job.result->done = true;
+    cv_.SignalAll();
+  }
+}
+
+void BoundaryWorker::SendAll(std::vector<v1::PeerMessage> messages) {
+  for (v1::PeerMessage& m : messages) {
+    absl::Status s = transport_->Send(std::move(m));
+    if (!s.ok()) {
+      Log(LogLevel::kError, "peer send failed",
+          {{"boundary", absl::StrCat(config_.id())}, {"error", std::string(s.message())}});
+    }
+  }
+}
+
+bool BoundaryWorker::Flush(absl::Time deadline) {
+  absl::MutexLock l(&mu_);
+  auto busy = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !jobs_.empty() || encoding_ > 0 || reserved_ > 0;
+  };
+  while (busy()) {
+    if (cv_.WaitWithDeadline(&mu_, deadline) && busy()) return false;
+  }
+  return true;
+}
+
+// ---- receiving ----
+
+void BoundaryWorker::OnPeerMessage(v1::PeerMessage msg) {
+  const int64_t bytes = static_cast<int64_t>(msg.ByteSizeLong());
+  absl::MutexLock l(&mu_);
+  // Flow control: while the decoder is this far behind, the transport stops reading.
+  while (incoming_bytes_ > options_.max_incoming_bytes && !stop_) cv_.Wait(&mu_);
+  if (stop_) return;  // shutting down: nobody will receive it
+  incoming_bytes_ += bytes;
+  incoming_.push_back(std::move(msg));
+  cv_.SignalAll();
+}
+
+void BoundaryWorker::DecodeLoop() {
+  for (;;) {
+    v1::PeerMessage msg;
+    {
+      absl::MutexLock l(&mu_);
+      while (incoming_.empty() && !stop_) cv_.Wait(&mu_);
+      if (stop_) return;
+      msg = std::move(incoming_.front());
+      incoming_.pop_front();
+      incoming_bytes_ -= static_cast<int64_t>(msg.ByteSizeLong());
+      cv_.SignalAll();  // room for the transport's reader
+    }
+    switch (msg.body_case()) {
+      case v1::PeerMessage::kFrame:
+        OnFrame(msg.frame());
+        break;
+      case v1::PeerMessage::kStepMarker:
+        break;  // advisory
+      default: {
+        absl::Status s;
+        {
+          absl::MutexLock el(&engine_mu_);
+          std::vector<v1::PeerMessage> replies;
+          s = engine_->Handle(msg, &replies);
+          SendAll(std::move(replies));
+        }
+        if (!s.ok()) {
+          Log(LogLevel::kError, "peer message rejected",
+              {{"boundary", absl::StrCat(config_.id())}, {"error", std::string(s.message())}});
+        }
+        if (msg.has_learning_signal()) {
+          absl::MutexLock l(&mu_);
+          ++signals_;
+          cv_.SignalAll();
+        }
+      }
+    }
+  }
+}
+
+void BoundaryWorker::OnFrame(const v1::Frame& f) {
+  const Key key{f.step(), f.microbatch()};
+  const std::string what = Describe(f.direction(), f.step(), f.microbatch());
+  // A frame of the direction this side sends would sit in the inbox forever.
+  if (f.direction() != receives_) {
+    Log(LogLevel::kError, "frame of the wrong direction dropped",
+        {{"boundary", absl::StrCat(config_.id())}, {"direction", absl::StrCat(f.direction())}});
+    return;
+  }
+  Received r;
+  r.rows = f.tokens();
+  absl::Status s;
+  if (f.tokens() == 0 || f.tokens() > config_.max_tokens()) {
+    s = absl::InvalidArgumentError(absl::StrCat("frame of ", f.tokens(), " tokens (max_tokens ",
+                                                config_.max_tokens(), ")"));
+  } else {
+    {
+      absl::MutexLock l(&mu_);
+      if (!spare_inbox_.empty()) {
+        r.data.swap(spare_inbox_.back());
+        spare_inbox_.pop_back();
+      }
+    }
+    r.data.resize(static_cast<size_t>(r.rows) * config_.d());
+    const Tensor out = Tensor::F32(r.data.data(), r.rows, config_.d());
+    absl::MutexLock el(&engine_mu_);
+    const absl::Time start = absl::Now();
+    std::vector<v1::PeerMessage> replies;
+    s = engine_->Decode(f, out, &replies);
+    if (timers_.decode_seconds != nullptr) {
+      timers_.decode_seconds->Observe(absl::ToDoubleSeconds(absl::Now() - start));
+    }
+    SendAll(std::move(replies));
+  }
+  if (!s.ok()) {
+    Log(LogLevel::kError, "frame rejected", {{"what", what}, {"error", std::string(s.message())}});
+    // The trainer's Recv gets the reason at once instead of waiting for its deadline.
+    r.status = absl::Status(s.code(), absl::StrCat(what, ": the frame was rejected: ", s.message()));
+    r.data = {};  // an error entry holds no tensor
+  }
+  absl::MutexLock l(&mu_);
+  if (inbox_.count(key) != 0) {
+    Log(LogLevel::kWarning, "duplicate frame ignored", {{"what", what}});
+    return;
+  }
+  inbox_[key] = std::move(r);
+  cv_.SignalAll();
+}
+
+absl::StatusOr<v1::RecvReply> BoundaryWorker::Recv(uint64_t step, uint32_t microbatch,
+                                                   const Tensor& into, absl::Time deadline,
+                                                   absl::Duration timeout,
+                                                   const std::function<bool()>& cancelled) {
+  const Key key{step, microbatch};
+  const std::string what = Describe(receives_, step, microbatch);
+  Received r;
+  {
+    absl::MutexLock l(&mu_);
+    while (inbox_.count(key) == 0) {
+      if (stop_) return absl::UnavailableError(absl::StrCat(what, ": mapld is shutting down"));
+      if (cv_.WaitWithDeadline(&mu_, deadline) && inbox_.count(key) == 0) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            what, " did not arrive within ", absl::FormatDuration(timeout),
+            transport_ != nullptr && !transport_->connected()
+                ? " (the peer link is not connected)"
+                : ""));
+      }
+    }
+    auto it = inbox_.find(key);
+    if (!it->second.status.ok()) {
+      absl::Status s = it->second.status;
+      inbox_.erase(it);
+      return s;
+    }
+    if (it->second.rows > into.rows) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " has ", it->second.rows, " rows; `into` holds only ", into.rows));
+    }
+    // A client that gave up (its own deadline, or it died) may already reuse `into` for
+    // something else: leave the tensor in the inbox for a retry instead of writing there.
+    if (cancelled && cancelled()) {
+      return absl::CancelledError(absl::StrCat(what, ": the caller cancelled the Recv"));
+    }
+    r = std::move(it->second);
+    inbox_.erase(it);
+  }
+  FromF32(r.data, Tensor{into.data, r.rows, config_.d(), into.dtype});
+  v1::RecvReply reply;
+  reply.set_rows(static_cast<uint32_t>(r.rows));
+  reply.set_cols(static_cast<uint32_t>(config_.d()));
+  absl::MutexLock l(&mu_);
+  if (spare_inbox_.size() < kSpareBuffers) spare_inbox_.push_back(std::move(r.data));
+  return reply;
+}
+
+// ---- steps ----
+
+absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Duration timeout,
+                                  v1::BoundaryStats* out) {
+  const std::string where = absl::StrCat("boundary ", config_.id(), ": step ", step, ": ");
+  bool closed;
+  {
+    // A retried Step (say, after its learning-signal wait timed out on a middle stage) skips
+    // the boundaries it already closed.
+    absl::MutexLock l(&mu_);
+    closed = closed_step_.has_value() && *closed_step_ >= step;
+  }
+  if (closed) {
+    *out = stats();
+    return absl::OkStatus();
+  }
+  // Everything the trainer sent in this step is encoded before the step closes.
+  if (!Flush(deadline)) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        where, "tensors sent in this step were not encoded within ", absl::FormatDuration(timeout)));
+  }
+  for (;;) {
+    uint64_t seen;
+    {
+      absl::MutexLock l(&mu_);
+      seen = signals_;
+    }
+    {
+      absl::MutexLock el(&engine_mu_);
+      if (engine_->ReadyToStep(step)) {
+        absl::StatusOr<std::vector<v1::PeerMessage>> sent = engine_->Step(step);
+        if (!sent.ok()) {
+          return absl::Status(sent.status().code(), absl::StrCat(where, sent.status().message()));
+        }
+        SendAll(*std::move(sent));
+        break;
+      }
+    }
+    // The downstream's learning signal for this step has not arrived yet: wait for it.
+    absl::MutexLock l(&mu_);
+    while (signals_ == seen && !stop_) {
+      if (cv_.WaitWithDeadline(&mu_, deadline) && signals_ == seen) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            where, "the downstream's learning signal did not arrive within ",
+            absl::FormatDuration(timeout), " (has the downstream trainer called Step(", step,
+            ")?)"));
+      }
+    }
+    if (stop_) return absl::UnavailableError("mapld is shutting down");
+  }
+  {
+    absl::MutexLock l(&mu_);
+    closed_step_ = step;
+    for (auto it = sent_.begin(); it != sent_.end();) {
+      it = it->first <= step ? sent_.erase(it) : std::next(it);
+    }
+    // Tensors of closed steps that the trainer never received would stay forever.
+    int64_t stale = 0;
+    for (auto it = inbox_.begin(); it != inbox_.end();) {
+      if (it->first.first <= step) {
+        it = inbox_.erase(it);
+        ++stale;
+      } else {
+        ++it;
+      }
+    }
+    if (stale > 0) {
+      Log(LogLevel::kWarning, "dropped tensors of a closed step that were never received",
+          {{"boundary", absl::StrCat(config_.id())},
+           {"step", absl::StrCat(step)},
+           {"count", absl::StrCat(stale)}});
+    }
+  }
+  *out = stats();
+  return absl::OkStatus();
+}
+
+void BoundaryWorker::Stop(absl::Time deadline) {
+  {
+    absl::MutexLock l(&mu_);
+    if (stop_ && !encoder_.joinable() && !decoder_.joinable()) return;
+  }
+  if (!Flush(deadline)) {
+    absl::MutexLock l(&mu_);
+    Log(LogLevel::kWarning, "still encoding at the drain deadline; finishing them",
+        {{"boundary", absl::StrCat(config_.id())}, {"queued", absl::StrCat(jobs_.size())}});
+  }
+  {
+    absl::MutexLock l(&mu_);
+    stop_ = true;
+    cv_.SignalAll();  // wakes the threads, and Send, Recv and Step waiters (UNAVAILABLE)
+  }
+  if (encoder_.joinable()) encoder_.join();
+  if (decoder_.joinable()) decoder_.join();
+}
+
+v1::BoundaryStats BoundaryWorker::stats() const {
+  v1::BoundaryStats s;
+  {
+    absl::MutexLock el(&engine_mu_);
+    s = engine_->stats();
+  }
+  s.set_id(config_.id());
+  s.set_role(config_.role() == v1::ROLE_UPSTREAM ? "upstream" : "downstream");
+  if (transport_ != nullptr) *s.mutable_link() = transport_->stats();
+  return s;
+}
+
+}  // namespace mapl

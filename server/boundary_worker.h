@@ -1,0 +1,179 @@
+// The daemon's per-boundary worker: everything between the local API, one boundary's engine and
+// its transport. It owns
+//   - the send queue: a trainer's Send copies its tensor (checking it for NaN and Inf on the way)
+//     and returns; beyond WorkerOptions::max_queued_jobs tensors a Send waits (backpressure);
+//   - the encoder thread: encodes queued tensors in Send order and hands the messages to the
+//     transport, waiting while the transport holds more than max_transport_queue_bytes;
+//   - the decoder thread: the transport's receive handler only queues a peer message; this thread
+//     decodes frames into the inbox and hands other messages to the engine, in arrival order, so
+//     the transport's reader never waits for the engine (which Step holds across the learners);
+//   - the inbox and Recv's waits for it;
+//   - Step: flushes the send queue, closes the step in the engine (waiting for the peer's learning
+//     signal where needed), ships what the step sends and drops what the step made stale.
+//
+//   BoundaryWorker w(std::move(engine), WorkerOptions{}, timers);
+//   w.Start(transport);                        // transport->handler calls w.OnPeerMessage
+//   MAPL_ASSIGN_OR_RETURN(v1::SendReply r, w.Send(step, mb, tensor, token_ids, false));
+//   MAPL_ASSIGN_OR_RETURN(v1::RecvReply r, w.Recv(step, mb, into, deadline, {}));
+//   MAPL_RETURN_IF_ERROR(w.Step(step, deadline, &stats));
+//   w.Stop(drain_deadline);
+//
+// Locks: engine_mu_ serialises the engine and the order of messages given to the transport; mu_
+// guards the queues and the inbox. engine_mu_ is taken before mu_, never after.
+#ifndef MAPL_SERVER_BOUNDARY_WORKER_H_
+#define MAPL_SERVER_BOUNDARY_WORKER_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "kernels/tensor.h"
+#include "proto/mapl/v1/local.pb.h"
+#include "proto/mapl/v1/peer.pb.h"
+#include "server/engine.h"
+#include "server/transport/transport.h"
+
+namespace prometheus {
+class Histogram;
+}
+
+namespace mapl {
+
+struct WorkerOptions {
+  // Tensors taken from the trainer and not yet encoded: a Send beyond this waits.
+  size_t max_queued_jobs = 4;
+  // Encoded bytes waiting in the transport before the encoder waits for it.
+  int64_t max_transport_queue_bytes = int64_t{256} << 20;
+  // Received peer messages not yet decoded, in bytes, before the transport's reader waits.
+  int64_t max_incoming_bytes = int64_t{256} << 20;
+};
+
+// Histograms of encode and decode time (may be null).
+struct CodecTimers {
+  prometheus::Histogram* encode_seconds = nullptr;
+  prometheus::Histogram* decode_seconds = nullptr;
+};
+
+class BoundaryWorker {
+ public:
+  BoundaryWorker(std::unique_ptr<Engine> engine, const WorkerOptions& options, CodecTimers timers);
+  ~BoundaryWorker();  // Stop(now)
+  BoundaryWorker(const BoundaryWorker&) = delete;
+  BoundaryWorker& operator=(const BoundaryWorker&) = delete;
+
+  const v1::BoundaryConfig& config() const { return config_; }
+  // Starts the encoder and decoder threads; messages go out through `transport` (borrowed: it
+  // must outlive Stop()).
+  void Start(Transport* transport);
+  // The transport's receive handler: queues the message for the decoder thread, waiting while
+  // more than max_incoming_bytes wait (so a fast peer is slowed down, not buffered without end).
+  void OnPeerMessage(v1::PeerMessage msg) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Takes the tensor this side sends (activation upstream, gradient downstream) of
+  // (step, microbatch): copies it, checks it (finite; token ids in range) and queues it.
+  // wait_encoded: returns once it is encoded and handed to the transport, with the wire bytes
+  // (an encode failure is then this call's error). INVALID_ARGUMENT for bad input;
+  // ALREADY_EXISTS for a (step, microbatch) already sent; FAILED_PRECONDITION for a step
+  // already closed; UNAVAILABLE once stopping.
+  absl::StatusOr<v1::SendReply> Send(uint64_t step, uint32_t microbatch, const ConstTensor& t,
+                                     const int32_t* token_ids, bool wait_encoded)
+      ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
+
+  // Waits until the peer's tensor of (step, microbatch) is decoded, then writes it into `into`
+  // (at least its rows). DEADLINE_EXCEEDED at `deadline` (its message names `timeout`);
+  // the frame's error if it was rejected; CANCELLED when `cancelled()` says the caller left (the
+  // tensor stays for a retry); UNAVAILABLE once stopping.
+  absl::StatusOr<v1::RecvReply> Recv(uint64_t step, uint32_t microbatch, const Tensor& into,
+                                     absl::Time deadline, absl::Duration timeout,
+                                     const std::function<bool()>& cancelled)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Closes `step` on this boundary (see the file comment); a step this boundary already closed
+  // is skipped (a retried Step). Fills `out` with the boundary's statistics.
+  absl::Status Step(uint64_t step, absl::Time deadline, absl::Duration timeout,
+                    v1::BoundaryStats* out) ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
+
+  // Waits until every tensor taken so far is encoded; false at the deadline.
+  bool Flush(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
+  // Stops taking tensors, flushes until `deadline` (then finishes what is queued anyway), and
+  // stops the threads; waiters get UNAVAILABLE. Idempotent.
+  void Stop(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // The record: the engine's counters, id, role and the transport's.
+  v1::BoundaryStats stats() const ABSL_LOCKS_EXCLUDED(engine_mu_);
+
+ private:
+  using Key = std::pair<uint64_t, uint32_t>;  // (step, microbatch)
+  // A decoded tensor waiting for the trainer's Recv, or the error that its frame caused.
+  struct Received {
+    absl::Status status;
+    int64_t rows = 0;
+    std::vector<float> data;
+  };
+  // What a Send waiting for its frame (wait_encoded) learns when the encoder is done.
+  struct JobResult {
+    bool done = false;
+    absl::Status status;
+    uint64_t wire_bytes = 0;
+  };
+  // A tensor taken from the trainer, waiting for the encoder thread.
+  struct EncodeJob {
+    uint64_t step = 0;
+    uint32_t microbatch = 0;
+    DType dtype = DType::kF32;
+    int64_t rows = 0;
+    std::vector<char> tensor;  // rows x d elements of dtype
+    std::vector<int32_t> token_ids;
+    std::shared_ptr<JobResult> result;  // null unless the sender waits
+  };
+
+  void EncodeLoop() ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
+  void Encode(EncodeJob& job) ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
+  void DecodeLoop() ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
+  void OnFrame(const v1::Frame& frame) ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
+  void SendAll(std::vector<v1::PeerMessage> messages) ABSL_EXCLUSIVE_LOCKS_REQUIRED(engine_mu_);
+  std::string Describe(int direction, uint64_t step, uint32_t microbatch) const;
+
+  const v1::BoundaryConfig config_;
+  const WorkerOptions options_;
+  const CodecTimers timers_;
+  const v1::Direction receives_;
+  Transport* transport_ = nullptr;  // set by Start, before the threads
+
+  mutable absl::Mutex engine_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  const std::unique_ptr<Engine> engine_ ABSL_PT_GUARDED_BY(engine_mu_);
+
+  mutable absl::Mutex mu_;
+  absl::CondVar cv_;  // a job queued or finished, an inbox entry, a learning signal, stopping
+  std::deque<EncodeJob> jobs_ ABSL_GUARDED_BY(mu_);
+  int encoding_ ABSL_GUARDED_BY(mu_) = 0;     // jobs the encoder has taken and not finished
+  size_t reserved_ ABSL_GUARDED_BY(mu_) = 0;  // Sends copying their tensor, not yet queued
+  std::set<Key> sent_ ABSL_GUARDED_BY(mu_);   // tensors the trainer handed in, until Step
+  std::optional<uint64_t> closed_step_ ABSL_GUARDED_BY(mu_);  // the last step closed here
+  std::deque<v1::PeerMessage> incoming_ ABSL_GUARDED_BY(mu_);
+  int64_t incoming_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool decoding_ ABSL_GUARDED_BY(mu_) = false;  // the decoder holds a message
+  uint64_t signals_ ABSL_GUARDED_BY(mu_) = 0;   // learning signals handled (wakes Step)
+  std::map<Key, Received> inbox_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Reused buffers: fresh 32 MiB allocations cost more in page faults than the copy itself.
+  std::vector<std::vector<char>> spare_tensors_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::vector<float>> spare_inbox_ ABSL_GUARDED_BY(mu_);
+  std::thread encoder_;
+  std::thread decoder_;
+};
+
+}  // namespace mapl
+
+#endif  // MAPL_SERVER_BOUNDARY_WORKER_H_

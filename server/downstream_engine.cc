@@ -1,0 +1,308 @@
+// The downstream engine: forward decode, backward encode, the dictionary replica and the anchors.
+#include "server/downstream_engine.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/check.h"
+#include "common/log.h"
+#include "common/status_macros.h"
+#include "server/projector.h"
+#include "server/upstream_engine.h"
+
+namespace mapl {
+namespace {
+
+std::string KeyName(uint64_t step, uint32_t microbatch) {
+  return absl::StrCat("(step ", step, ", microbatch ", microbatch, ")");
+}
+
+}  // namespace
+
+DownstreamEngine::DownstreamEngine(const v1::BoundaryConfig& config, const Backend* backend)
+    : config_(config),
+      backend_(backend),
+      codec_(config_, backend),
+      d_(config_.d()),
+      k_(config_.k()),
+      projected_(config_.method() != v1::METHOD_DENSE),
+      mapl_(config_.method() == v1::METHOD_MAPL),
+      codebook_cache_(config_.k(), config_.rvq_levels()) {}
+
+absl::StatusOr<std::unique_ptr<DownstreamEngine>> DownstreamEngine::Create(
+    const v1::BoundaryConfig& config, const Backend* backend) {
+  MAPL_CHECK(config.role() == v1::ROLE_DOWNSTREAM, "Engine::Create dispatches by role");
+  std::unique_ptr<DownstreamEngine> e(new DownstreamEngine(config, backend));
+  // With a seeded projector both sides build version 0 themselves; with PCA it arrives as the
+  // owner's snapshot before the first frame.
+  if (e->projected_ && config.projector_init() == v1::PROJECTOR_INIT_RANDOM) {
+    MAPL_ASSIGN_OR_RETURN(PublishedDictionary v0,
+                          PublishedDictionary::Create(DictionaryTables(e->config_),
+                                                      SeededDictionary(e->config_),
+                                                      config.dictionary_precision(), 0));
+    MAPL_ASSIGN_OR_RETURN(
+        DictionaryReplica replica,
+        DictionaryReplica::Create({config.id(), v1::DIRECTION_FORWARD}, std::move(v0)));
+    e->replica_.emplace(std::move(replica));
+  }
+  if (e->mapl_) {
+    e->anchors_.emplace(e->config_);
+    e->g_down_.assign(e->d_ * e->k_, 0.f);
+  }
+  return e;
+}
+
+absl::Status DownstreamEngine::DecodeForward(const v1::Frame& frame, const Tensor& h_hat) {
+  absl::Status s = DecodeForwardImpl(frame, h_hat);
+  if (!s.ok()) stats_.set_frames_rejected(stats_.frames_rejected() + 1);
+  return s;
+}
+
+absl::Status DownstreamEngine::DecodeForwardImpl(const v1::Frame& frame, const Tensor& h_hat) {
+  MAPL_RETURN_IF_ERROR(codec_.Check(frame, v1::DIRECTION_FORWARD, -1, h_hat));
+  const PendingMicrobatches<SavedForward>::Key key{frame.step(), frame.microbatch()};
+  if (last_step_.has_value() && frame.step() <= *last_step_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(FrameName(frame), ": step already closed by Step(", *last_step_, ")"));
+  }
+  if (pending_.contains(key)) {
+    return absl::AlreadyExistsError(absl::StrCat(FrameName(frame), ": already decoded"));
+  }
+  const int64_t n = frame.tokens();
+  SavedForward saved;
+  saved.rows = n;
+  if (!projected_) {
+    MAPL_RETURN_IF_ERROR(codec_.DecodeDense(frame, h_hat));
+  } else {
+    if (!replica_.has_value()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          FrameName(frame), ": no dictionary yet (waiting for the upstream's snapshot)"));
+    }
+    saved.dict = replica_->Find(frame.dict_version());
+    if (saved.dict == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(FrameName(frame), ": unknown dictionary version ", frame.dict_version(),
+                       " (current: ", replica_->version(), ")"));
+    }
+    if (mapl_) MAPL_RETURN_IF_ERROR(codec_.UnpackTokenIds(frame, &saved.tokens));
+    const RvqCodebooks* cb = nullptr;
+    if (frame.codec() == v1::CODEC_RVQ) {
+      MAPL_ASSIGN_OR_RETURN(cb, codebook_cache_.Get(saved.dict));
+    }
+    saved.zq.resize(n * k_);
+    MAPL_RETURN_IF_ERROR(codec_.DecodeProjected(frame, cb, saved.zq.data()));
+    const ConstTensor zq = ConstTensor::F32(saved.zq.data(), n, k_);
+    if (mapl_) {
+      std::vector<float> a(n * d_);
+      MAPL_RETURN_IF_ERROR(anchors_->Lookup(*backend_, saved.tokens, Tensor::F32(a.data(), n, d_)));
+      MAPL_RETURN_IF_ERROR(backend_->LiftWithAnchor(zq, saved.dict->tensor(0),
+                                                    ConstTensor::F32(a.data(), n, d_), h_hat));
+    } else {
+      MAPL_RETURN_IF_ERROR(backend_->Lift(zq, saved.dict->tensor(0), h_hat));
+    }
+  }
+  stats_.set_frames_received(stats_.frames_received() + 1);
+  stats_.set_raw_bytes_received(stats_.raw_bytes_received() + uint64_t(n) * d_ * sizeof(bf16_t));
+  stats_.set_payload_bytes_received(stats_.payload_bytes_received() + FrameWireBytes(frame));
+  pending_.Insert(key, std::move(saved));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step,
+                                                                 uint32_t microbatch,
+                                                                 const ConstTensor& g) {
+  SavedForward* saved = pending_.Find({step, microbatch});
+  if (saved == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "EncodeBackward: no forward of ", KeyName(step, microbatch), " was decoded here"));
+  }
+  const int64_t n = saved->rows;
+  MAPL_RETURN_IF_ERROR(CheckShape(g, "g", n, d_));
+  if (absl::Status s = CheckFinite(g, "g"); !s.ok()) {
+    stats_.set_nonfinite_inputs(stats_.nonfinite_inputs() + 1);
+    return s;
+  }
+  v1::Frame frame = codec_.NewFrame(v1::DIRECTION_BACKWARD, step, microbatch, n);
+  if (!projected_) {
+    codec_.EncodeDense(g, &frame);
+  } else {
+    std::vector<float> gz(n * k_);
+    MAPL_RETURN_IF_ERROR(
+        backend_->Project(g, saved->dict->tensor(0), Tensor::F32(gz.data(), n, k_)));
+    MAPL_RETURN_IF_ERROR(
+        codec_.EncodeProjected(config_.backward_codec(), gz.data(), n, nullptr, &frame));
+    frame.set_dict_version(saved->dict->version());
+    if (mapl_) MAPL_RETURN_IF_ERROR(AccumulateLearning(*saved, g));
+  }
+  FrameCodec::Seal(&frame);
+  stats_.set_frames_sent(stats_.frames_sent() + 1);
+  stats_.set_raw_bytes_sent(stats_.raw_bytes_sent() + uint64_t(n) * d_ * sizeof(bf16_t));
+  stats_.set_payload_bytes_sent(stats_.payload_bytes_sent() + FrameWireBytes(frame));
+  pending_.Erase({step, microbatch});
+  v1::PeerMessage m;
+  *m.mutable_frame() = std::move(frame);
+  return m;
+}
+
+absl::Status DownstreamEngine::AccumulateLearning(const SavedForward& saved,
+                                                  const ConstTensor& g) {
+  // The anchor is recomputed rather than kept from the forward (n x d floats a microbatch);
+  // P and Q change only in Step(), so it is the one the forward used.
+  const int64_t n = saved.rows;
+  const ConstTensor u = saved.dict->tensor(0);
+  std::vector<float> a(n * d_), g_perp(n * d_), g_down(d_ * k_);
+  MAPL_RETURN_IF_ERROR(anchors_->Lookup(*backend_, saved.tokens, Tensor::F32(a.data(), n, d_)));
+  MAPL_RETURN_IF_ERROR(backend_->GradDown(g, ConstTensor::F32(saved.zq.data(), n, k_),
+                                          ConstTensor::F32(a.data(), n, d_), u,
+                                          Tensor::F32(g_down.data(), d_, k_), false));
+  MAPL_RETURN_IF_ERROR(backend_->OrthogonalComplement(g, u, Tensor::F32(g_perp.data(), n, d_)));
+  // Validates before it accumulates, and its inputs were all checked above.
+  MAPL_RETURN_IF_ERROR(
+      anchors_->AccumulateGrad(*backend_, saved.tokens, ConstTensor::F32(g_perp.data(), n, d_)));
+  for (size_t i = 0; i < g_down.size(); ++i) g_down_[i] += g_down[i];
+  ++microbatches_;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<v1::PeerMessage>> DownstreamEngine::Encode(uint64_t step,
+                                                                      uint32_t microbatch,
+                                                                      const ConstTensor& t,
+                                                                      const int32_t*) {
+  MAPL_ASSIGN_OR_RETURN(v1::PeerMessage m, EncodeBackward(step, microbatch, t));
+  std::vector<v1::PeerMessage> out;
+  out.push_back(std::move(m));
+  return out;
+}
+
+absl::Status DownstreamEngine::HandleDelta(const v1::DictionaryDelta& delta) {
+  if (!projected_) {
+    return absl::InvalidArgumentError("dictionary delta: METHOD_DENSE has no dictionary");
+  }
+  if (!replica_.has_value()) {
+    return absl::FailedPreconditionError(
+        "dictionary delta before the first snapshot: a snapshot is needed");
+  }
+  MAPL_RETURN_IF_ERROR(replica_->Apply(delta));
+  stats_.set_dictionary_bytes_received(stats_.dictionary_bytes_received() + delta.ByteSizeLong());
+  return absl::OkStatus();
+}
+
+absl::Status DownstreamEngine::HandleSnapshot(const v1::DictionarySnapshot& snapshot) {
+  if (!projected_) {
+    return absl::InvalidArgumentError("dictionary snapshot: METHOD_DENSE has no dictionary");
+  }
+  // The tables must be the ones this config expects, whatever the peer claims.
+  const std::vector<DictionaryTableSpec> specs = DictionaryTables(config_);
+  if (snapshot.tables_size() != static_cast<int>(specs.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("dictionary snapshot: ", snapshot.tables_size(),
+                                                   " tables, expected ", specs.size()));
+  }
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const v1::DictionaryTable& t = snapshot.tables(static_cast<int>(i));
+    if (t.name() != specs[i].name || t.rows() != specs[i].rows || t.cols() != specs[i].cols) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "dictionary snapshot: table ", i, " is '", t.name(), "' (", t.rows(), " x ", t.cols(),
+          "), expected '", specs[i].name, "' (", specs[i].rows, " x ", specs[i].cols, ")"));
+    }
+  }
+  if (replica_.has_value()) {
+    MAPL_RETURN_IF_ERROR(replica_->Restore(snapshot));
+  } else {
+    MAPL_ASSIGN_OR_RETURN(
+        DictionaryReplica replica,
+        DictionaryReplica::FromSnapshot({config_.id(), v1::DIRECTION_FORWARD}, snapshot));
+    replica_.emplace(std::move(replica));
+  }
+  stats_.set_dictionary_bytes_received(stats_.dictionary_bytes_received() +
+                                       snapshot.ByteSizeLong());
+  snapshot_asked_at_ = ~uint64_t{0};  // a later loss may ask again
+  return absl::OkStatus();
+}
+
+std::optional<v1::PeerMessage> DownstreamEngine::SnapshotRequest(const absl::Status& why) {
+  const uint64_t have = replica_.has_value() ? replica_->version() : 0;
+  if (snapshot_asked_at_ == have) return std::nullopt;
+  snapshot_asked_at_ = have;
+  v1::PeerMessage m;
+  v1::SnapshotRequest* r = m.mutable_snapshot_request();
+  r->set_boundary(config_.id());
+  r->set_direction(v1::DIRECTION_FORWARD);
+  r->set_have_version(have);
+  r->set_detail(std::string(why.message()));
+  stats_.set_snapshot_requests_sent(stats_.snapshot_requests_sent() + 1);
+  Log(LogLevel::kWarning, "requesting dictionary snapshot",
+      {{"boundary", absl::StrCat(config_.id())}, {"reason", std::string(why.message())}});
+  return m;
+}
+
+absl::Status DownstreamEngine::Decode(const v1::Frame& frame, const Tensor& out,
+                                      std::vector<v1::PeerMessage>* replies) {
+  absl::Status s = DecodeForward(frame, out);
+  if (s.code() == absl::StatusCode::kFailedPrecondition && projected_ &&
+      (!replica_.has_value() || replica_->Find(frame.dict_version()) == nullptr)) {
+    if (std::optional<v1::PeerMessage> m = SnapshotRequest(s)) replies->push_back(*std::move(m));
+  }
+  return s;
+}
+
+absl::Status DownstreamEngine::Handle(const v1::PeerMessage& message,
+                                      std::vector<v1::PeerMessage>* replies) {
+  absl::Status s;
+  switch (message.body_case()) {
+    case v1::PeerMessage::kDictionaryDelta:
+      s = HandleDelta(message.dictionary_delta());
+      if (!s.ok() && projected_) {
+        if (std::optional<v1::PeerMessage> m = SnapshotRequest(s)) {
+          replies->push_back(*std::move(m));
+        }
+      }
+      break;
+    case v1::PeerMessage::kDictionarySnapshot:
+      s = HandleSnapshot(message.dictionary_snapshot());
+      break;
+    default:
+      s = absl::InvalidArgumentError(absl::StrCat(
+          "the downstream of boundary ", config_.id(), " takes no ",
+          message.GetDescriptor()->FindFieldByNumber(message.body_case())->name(),
+          " message from its upstream"));
+  }
+  if (!s.ok()) stats_.set_bad_peer_messages(stats_.bad_peer_messages() + 1);
+  return s;
+}
+
+absl::StatusOr<std::vector<v1::PeerMessage>> DownstreamEngine::Step(uint64_t step) {
+  if (last_step_.has_value() && step <= *last_step_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Step(", step, "): step already closed; steps must increase, the last closed was ",
+        *last_step_));
+  }
+  std::vector<v1::PeerMessage> out;
+  if (mapl_) {
+    v1::PeerMessage m;
+    v1::LearningSignal* signal = m.mutable_learning_signal();
+    signal->set_boundary(config_.id());
+    signal->set_step(step);
+    signal->set_rows(static_cast<uint32_t>(d_));
+    signal->set_cols(static_cast<uint32_t>(k_));
+    signal->set_microbatches(microbatches_);
+    signal->mutable_g_down()->assign(reinterpret_cast<const char*>(g_down_.data()),
+                                     g_down_.size() * sizeof(float));
+    MAPL_RETURN_IF_ERROR(anchors_->Step(*backend_));
+    std::fill(g_down_.begin(), g_down_.end(), 0.f);
+    microbatches_ = 0;
+    out.push_back(std::move(m));
+  }
+  pending_.DropThrough(step);
+  last_step_ = step;
+  stats_.set_steps(stats_.steps() + 1);
+  return out;
+}
+
+v1::BoundaryStats DownstreamEngine::stats() const {
+  v1::BoundaryStats s = stats_;
+  s.set_dropped_microbatches(pending_.dropped());
+  if (replica_.has_value()) gauges_.Fill(*replica_->current(), d_, k_, &s);
+  return s;
+}
+
+}  // namespace mapl

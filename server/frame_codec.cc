@@ -1,0 +1,305 @@
+// Frame layout, encodings and checks (peer.proto Frame).
+#include "server/frame_codec.h"
+
+#include <xxhash.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/check.h"
+#include "common/status_macros.h"
+
+// Frames carry little-endian numbers (peer.proto); they are copied as they lie in memory.
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "mapl's wire format assumes a little-endian host"
+#endif
+
+namespace mapl {
+namespace {
+
+// Appends count floats as bf16 to out.
+void AppendBf16(const float* src, int64_t count, std::string* out) {
+  const size_t at = out->size();
+  out->resize(at + count * sizeof(bf16_t));
+  std::vector<bf16_t> tmp(count);
+  FloatToBf16(src, tmp.data(), count);
+  std::memcpy(out->data() + at, tmp.data(), count * sizeof(bf16_t));
+}
+
+}  // namespace
+
+uint64_t FrameChecksum(const v1::Frame& frame) {
+  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(),
+                                                                 &XXH3_freeState);
+  MAPL_CHECK(state != nullptr && XXH3_64bits_reset(state.get()) == XXH_OK,
+             "cannot allocate a 600-byte hash state");
+  for (const std::string* s : {&frame.payload(), &frame.scales(), &frame.token_ids()}) {
+    XXH3_64bits_update(state.get(), s->data(), s->size());
+  }
+  return XXH3_64bits_digest(state.get());
+}
+
+uint64_t FrameWireBytes(const v1::Frame& f) {
+  return f.payload().size() + f.scales().size() + f.token_ids().size();
+}
+
+std::string FrameName(const v1::Frame& f) {
+  return absl::StrCat(v1::Direction_Name(f.direction()), " frame (step ", f.step(), ", microbatch ",
+                      f.microbatch(), ")");
+}
+
+absl::Status DecodeDenseValues(const std::string& bytes, v1::Precision precision, int64_t count,
+                               int64_t cols, const std::string& what, float* dst) {
+  MAPL_CHECK(static_cast<int64_t>(bytes.size()) >= count * PrecisionBytes(precision),
+             "DecodeDenseValues: the caller checked the size");
+  if (precision == v1::PRECISION_BF16) {
+    std::vector<bf16_t> tmp(count);
+    std::memcpy(tmp.data(), bytes.data(), count * sizeof(bf16_t));
+    Bf16ToFloat(tmp.data(), dst, count);
+  } else {
+    std::memcpy(dst, bytes.data(), count * sizeof(float));
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    if (!std::isfinite(dst[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": non-finite value at (", i / cols, ", ", i % cols, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+FrameCodec::FrameCodec(const v1::BoundaryConfig& config, const Backend* backend)
+    : config_(config),
+      backend_(backend),
+      d_(config.d()),
+      k_(config.k()),
+      projected_(config.method() != v1::METHOD_DENSE),
+      mapl_(config.method() == v1::METHOD_MAPL) {}
+
+v1::Frame FrameCodec::NewFrame(v1::Direction direction, uint64_t step, uint32_t microbatch,
+                               int64_t rows) const {
+  v1::Frame f;
+  f.set_boundary(config_.id());
+  f.set_direction(direction);
+  f.set_step(step);
+  f.set_microbatch(microbatch);
+  f.set_tokens(static_cast<uint32_t>(rows));
+  return f;
+}
+
+void FrameCodec::Seal(v1::Frame* frame) { frame->set_checksum(FrameChecksum(*frame)); }
+
+void FrameCodec::EncodeDense(const ConstTensor& t, v1::Frame* frame) const {
+  frame->set_codec(v1::CODEC_DENSE);
+  frame->set_dim(static_cast<uint32_t>(d_));
+  frame->set_dense_precision(v1::PRECISION_BF16);
+  F32View v(t);
+  AppendBf16(v.data(), t.rows * d_, frame->mutable_payload());
+}
+
+absl::Status FrameCodec::DecodeDense(const v1::Frame& frame, const Tensor& out) const {
+  const int64_t n = frame.tokens();
+  std::vector<float> h(n * d_);
+  MAPL_RETURN_IF_ERROR(DecodeDenseValues(frame.payload(), frame.dense_precision(), n * d_, d_,
+                                         FrameName(frame) + " payload", h.data()));
+  FromF32(h, out);
+  return absl::OkStatus();
+}
+
+absl::Status FrameCodec::EncodeProjected(v1::Codec codec, const float* x, int64_t rows,
+                                         const RvqCodebooks* codebooks, v1::Frame* frame) const {
+  frame->set_codec(codec);
+  frame->set_dim(static_cast<uint32_t>(k_));
+  const ConstTensor xt = ConstTensor::F32(x, rows, k_);
+  std::string* payload = frame->mutable_payload();
+  switch (codec) {
+    case v1::CODEC_BF16:
+      AppendBf16(x, rows * k_, payload);
+      return absl::OkStatus();
+    case v1::CODEC_INT8: {
+      // Int8Encode rounds each scale up to a bf16 value before dividing by it, so the bf16
+      // scale on the wire is exactly the one the codes were made with.
+      payload->resize(rows * k_);
+      std::vector<float> scales(rows);
+      MAPL_RETURN_IF_ERROR(backend_->Int8Encode(
+          xt, absl::MakeSpan(reinterpret_cast<int8_t*>(payload->data()), payload->size()),
+          absl::MakeSpan(scales)));
+      AppendBf16(scales.data(), rows, frame->mutable_scales());
+      return absl::OkStatus();
+    }
+    case v1::CODEC_RVQ: {
+      MAPL_CHECK(codebooks != nullptr, "RVQ frames are encoded only once codebooks exist");
+      payload->resize(rows * codebooks->levels);
+      frame->set_levels(static_cast<uint32_t>(codebooks->levels));
+      return backend_->RvqEncode(
+          *codebooks, xt, /*beam=*/1,
+          absl::MakeSpan(reinterpret_cast<uint8_t*>(payload->data()), payload->size()), {});
+    }
+    default:
+      MAPL_CHECK(false, absl::StrCat("EncodeProjected: codec ", codec, " is not a projected "
+                                     "codec; config validation admits only BF16, INT8 and RVQ"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FrameCodec::DecodeProjected(const v1::Frame& frame, const RvqCodebooks* codebooks,
+                                         float* zq) const {
+  const int64_t rows = frame.tokens();
+  const Tensor out = Tensor::F32(zq, rows, k_);
+  switch (frame.codec()) {
+    case v1::CODEC_BF16:
+      return DecodeDenseValues(frame.payload(), v1::PRECISION_BF16, rows * k_, k_,
+                               FrameName(frame) + " payload", zq);
+    case v1::CODEC_INT8: {
+      std::vector<bf16_t> raw(rows);
+      std::memcpy(raw.data(), frame.scales().data(), rows * sizeof(bf16_t));
+      std::vector<float> scales(rows);
+      Bf16ToFloat(raw.data(), scales.data(), rows);
+      absl::Status s = backend_->Int8Decode(
+          absl::MakeConstSpan(reinterpret_cast<const int8_t*>(frame.payload().data()),
+                              frame.payload().size()),
+          scales, out);
+      if (!s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(FrameName(frame), ": ", s.message()));
+      }
+      return absl::OkStatus();
+    }
+    case v1::CODEC_RVQ:
+      MAPL_CHECK(codebooks != nullptr, "the caller fetched the frame's codebooks");
+      return backend_->RvqDecode(
+          *codebooks,
+          absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(frame.payload().data()),
+                              frame.payload().size()),
+          {}, out);
+    default:
+      MAPL_CHECK(false, absl::StrCat("DecodeProjected: codec ", frame.codec(),
+                                     " passed Check(), which admits only projected codecs"));
+  }
+  return absl::OkStatus();
+}
+
+void FrameCodec::PackTokenIds(const int32_t* ids, int64_t n, v1::Frame* frame) const {
+  const int bytes = config_.vocab() <= 65536 ? 2 : 4;
+  frame->set_token_id_bytes(bytes);
+  std::string* out = frame->mutable_token_ids();
+  out->resize(n * bytes);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t t = static_cast<uint32_t>(ids[i]);
+    std::memcpy(out->data() + i * bytes, &t, bytes);  // little-endian low bytes
+  }
+}
+
+absl::Status FrameCodec::UnpackTokenIds(const v1::Frame& frame, std::vector<int32_t>* ids) const {
+  const int64_t n = frame.tokens();
+  const int bytes = static_cast<int>(frame.token_id_bytes());
+  ids->resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t t = 0;
+    std::memcpy(&t, frame.token_ids().data() + i * bytes, bytes);
+    if (t >= config_.vocab()) {
+      return absl::InvalidArgumentError(absl::StrCat(FrameName(frame), ": token_ids[", i,
+                                                     "] = ", t, " is not below vocab = ",
+                                                     config_.vocab()));
+    }
+    (*ids)[i] = static_cast<int32_t>(t);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FrameCodec::Check(const v1::Frame& f, v1::Direction direction,
+                               int64_t tokens_expected, const Tensor& out) const {
+  const std::string name = FrameName(f);
+  auto bad = [&](const auto&... msg) {
+    return absl::InvalidArgumentError(absl::StrCat(name, ": ", msg...));
+  };
+  if (f.boundary() != config_.id()) {
+    return bad("boundary ", f.boundary(), ", this is boundary ", config_.id());
+  }
+  if (f.direction() != direction) {
+    return bad("direction must be ", v1::Direction_Name(direction), ", got ", f.direction());
+  }
+  const int64_t n = f.tokens();
+  if (n < 1 || n > config_.max_tokens()) {
+    return bad("tokens must be in [1, max_tokens=", config_.max_tokens(), "], got ", n);
+  }
+  if (tokens_expected >= 0 && n != tokens_expected) {
+    return bad("tokens ", n, ", but its forward had ", tokens_expected);
+  }
+  if (absl::Status s = CheckShape(out, "output", n, d_); !s.ok()) return bad(s.message());
+
+  // The codec and the sizes it implies.
+  int64_t payload = 0, scales = 0;
+  if (!projected_) {
+    if (f.codec() != v1::CODEC_DENSE) return bad("codec must be CODEC_DENSE, got ", f.codec());
+    if (f.dim() != d_) return bad("dim must be d = ", d_, ", got ", f.dim());
+    const int64_t bytes = PrecisionBytes(f.dense_precision());
+    if (bytes == 0) return bad("bad dense_precision ", f.dense_precision());
+    payload = n * d_ * bytes;
+  } else {
+    const v1::Codec want =
+        direction == v1::DIRECTION_FORWARD ? config_.forward_codec() : config_.backward_codec();
+    // Forward frames travel as bf16 until the RVQ codebooks are fitted.
+    const bool ok =
+        f.codec() == want || (direction == v1::DIRECTION_FORWARD && f.codec() == v1::CODEC_BF16);
+    if (!ok) return bad("codec ", v1::Codec_Name(want), " expected, got ", f.codec());
+    if (f.dim() != k_) return bad("dim must be k = ", k_, ", got ", f.dim());
+    switch (f.codec()) {
+      case v1::CODEC_BF16:
+        payload = n * k_ * 2;
+        break;
+      case v1::CODEC_INT8:
+        payload = n * k_;
+        scales = n * 2;
+        break;
+      default:  // CODEC_RVQ
+        if (f.levels() != config_.rvq_levels()) {
+          return bad("levels must be ", config_.rvq_levels(), ", got ", f.levels());
+        }
+        payload = n * f.levels();
+        break;
+    }
+  }
+  if (static_cast<int64_t>(f.payload().size()) != payload) {
+    return bad("payload has ", f.payload().size(), " bytes, expected ", payload);
+  }
+  if (static_cast<int64_t>(f.scales().size()) != scales) {
+    return bad("scales has ", f.scales().size(), " bytes, expected ", scales);
+  }
+  if (direction == v1::DIRECTION_FORWARD && mapl_) {
+    if (f.token_id_bytes() != 2 && f.token_id_bytes() != 4) {
+      return bad("token_id_bytes must be 2 or 4, got ", f.token_id_bytes());
+    }
+    if (static_cast<int64_t>(f.token_ids().size()) != n * f.token_id_bytes()) {
+      return bad("token_ids has ", f.token_ids().size(), " bytes, expected ",
+                 n * f.token_id_bytes());
+    }
+  } else if (!f.token_ids().empty()) {
+    return bad("unexpected token_ids (", f.token_ids().size(), " bytes)");
+  }
+  const uint64_t sum = FrameChecksum(f);
+  if (sum != f.checksum()) {
+    return absl::DataLossError(absl::StrCat(name, ": checksum mismatch (frame says ",
+                                            absl::Hex(f.checksum()), ", data hashes to ",
+                                            absl::Hex(sum), ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<const RvqCodebooks*> CodebookCache::Get(
+    const std::shared_ptr<const PublishedDictionary>& dict) {
+  if (dict == dict_) return &codebooks_;
+  const int table = dict->FindTable("rvq");
+  if (table < 0) return absl::InvalidArgumentError("dictionary has no 'rvq' table");
+  RvqCodebooks cb;
+  cb.levels = static_cast<int32_t>(levels_);
+  cb.codebook_size = kMaxCodebookSize;
+  cb.dim = static_cast<int32_t>(k_);
+  cb.centroids.assign(dict->table(table), dict->table(table) + dict->spec(table).rows * k_);
+  MAPL_RETURN_IF_ERROR(cb.Validate());
+  codebooks_ = std::move(cb);
+  dict_ = dict;
+  return &codebooks_;
+}
+
+}  // namespace mapl

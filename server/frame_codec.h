@@ -1,0 +1,107 @@
+// The wire form of a frame (peer.proto Frame) for one side of one boundary: the header, the
+// checksum, the four encodings of a tensor (dense bf16 for METHOD_DENSE; bf16, int8 and RVQ codes
+// of a projected tensor), the token ids, and every check an incoming frame must pass. It holds
+// no learned state: the RVQ codebooks come in with each call (CodebookCache keeps them per
+// dictionary version).
+//
+//   FrameCodec codec(config, backend);              // config with defaults filled in
+//   v1::Frame f = codec.NewFrame(v1::DIRECTION_FORWARD, step, mb, n);
+//   MAPL_RETURN_IF_ERROR(codec.EncodeProjected(v1::CODEC_INT8, z, n, nullptr, &f));
+//   FrameCodec::Seal(&f);
+//   ...
+//   MAPL_RETURN_IF_ERROR(codec.Check(f, v1::DIRECTION_FORWARD, -1, out));   // on the receiver
+//   MAPL_RETURN_IF_ERROR(codec.DecodeProjected(f, nullptr, zq));
+#ifndef MAPL_SERVER_FRAME_CODEC_H_
+#define MAPL_SERVER_FRAME_CODEC_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/backend.h"
+#include "kernels/rvq.h"
+#include "kernels/tensor.h"
+#include "proto/mapl/v1/config.pb.h"
+#include "proto/mapl/v1/peer.pb.h"
+#include "server/dictionary.h"
+
+namespace mapl {
+
+// XXH3-64 (seed 0) of frame.payload || frame.scales || frame.token_ids, as peer.proto defines
+// Frame.checksum.
+uint64_t FrameChecksum(const v1::Frame& frame);
+
+// The bytes a frame carries: payload + scales + token ids.
+uint64_t FrameWireBytes(const v1::Frame& frame);
+
+// "DIRECTION_FORWARD frame (step 3, microbatch 1)", for messages.
+std::string FrameName(const v1::Frame& frame);
+
+// Decodes `count` dense values of `precision` from `bytes` into dst. INVALID_ARGUMENT names
+// `what` and the first non-finite value (values come from the peer). `bytes` must hold them.
+absl::Status DecodeDenseValues(const std::string& bytes, v1::Precision precision, int64_t count,
+                               int64_t cols, const std::string& what, float* dst);
+
+class FrameCodec {
+ public:
+  // `config` has its defaults filled in; `backend` is borrowed.
+  FrameCodec(const v1::BoundaryConfig& config, const Backend* backend);
+
+  // A frame header: boundary, direction, step, microbatch, tokens.
+  v1::Frame NewFrame(v1::Direction direction, uint64_t step, uint32_t microbatch,
+                     int64_t rows) const;
+  // Sets the checksum; call last.
+  static void Seal(v1::Frame* frame);
+
+  // METHOD_DENSE: t (n, d) as bf16.
+  void EncodeDense(const ConstTensor& t, v1::Frame* frame) const;
+  absl::Status DecodeDense(const v1::Frame& frame, const Tensor& out) const;
+
+  // x (rows, k) f32 with `codec` (BF16, INT8 or RVQ; RVQ needs `codebooks`) into the frame's
+  // payload and scales.
+  absl::Status EncodeProjected(v1::Codec codec, const float* x, int64_t rows,
+                               const RvqCodebooks* codebooks, v1::Frame* frame) const;
+  // A checked frame's payload into zq (rows, k) f32. RVQ frames need `codebooks`.
+  absl::Status DecodeProjected(const v1::Frame& frame, const RvqCodebooks* codebooks,
+                               float* zq) const;
+
+  // Token ids travel as 2 or 4 little-endian bytes each (2 when vocab <= 65536).
+  void PackTokenIds(const int32_t* ids, int64_t n, v1::Frame* frame) const;
+  // INVALID_ARGUMENT for an id not below vocab.
+  absl::Status UnpackTokenIds(const v1::Frame& frame, std::vector<int32_t>* ids) const;
+
+  // Every check of an incoming frame: boundary, direction, token count (and `tokens_expected`
+  // when >= 0), the output's shape, codec, dim, levels, payload / scales / token id sizes
+  // (INVALID_ARGUMENT), then the checksum (DATA_LOSS).
+  absl::Status Check(const v1::Frame& frame, v1::Direction direction, int64_t tokens_expected,
+                     const Tensor& out) const;
+
+ private:
+  const v1::BoundaryConfig& config_;
+  const Backend* const backend_;
+  const int64_t d_;
+  const int64_t k_;
+  const bool projected_;
+  const bool mapl_;
+};
+
+// The RVQ codebooks of a published dictionary's "rvq" table, rebuilt only when the version
+// changes.
+class CodebookCache {
+ public:
+  CodebookCache(int64_t k, uint32_t levels) : k_(k), levels_(levels) {}
+  absl::StatusOr<const RvqCodebooks*> Get(const std::shared_ptr<const PublishedDictionary>& dict);
+
+ private:
+  const int64_t k_;
+  const uint32_t levels_;
+  std::shared_ptr<const PublishedDictionary> dict_;
+  RvqCodebooks codebooks_;
+};
+
+}  // namespace mapl
+
+#endif  // MAPL_SERVER_FRAME_CODEC_H_

@@ -1,0 +1,388 @@
+// The upstream engine: forward encode, backward decode, the dictionary owner and its learners.
+#include "server/upstream_engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/check.h"
+#include "common/status_macros.h"
+
+namespace mapl {
+namespace {
+
+std::string KeyName(uint64_t step, uint32_t microbatch) {
+  return absl::StrCat("(step ", step, ", microbatch ", microbatch, ")");
+}
+
+v1::PeerMessage Wrap(v1::Frame frame) {
+  v1::PeerMessage m;
+  *m.mutable_frame() = std::move(frame);
+  return m;
+}
+
+}  // namespace
+
+std::vector<DictionaryTableSpec> DictionaryTables(const v1::BoundaryConfig& config) {
+  std::vector<DictionaryTableSpec> specs = {{"U", config.d(), config.k()}};
+  if (config.forward_codec() == v1::CODEC_RVQ) {
+    specs.push_back({"rvq", int64_t{config.rvq_levels()} * kMaxCodebookSize, config.k()});
+  }
+  return specs;
+}
+
+std::vector<std::vector<float>> SeededDictionary(const v1::BoundaryConfig& config) {
+  std::vector<std::vector<float>> tables = {
+      SeededOrthonormal(config.d(), config.k(), config.seed())};
+  if (config.forward_codec() == v1::CODEC_RVQ) {
+    tables.emplace_back(size_t{config.rvq_levels()} * kMaxCodebookSize * config.k(), 0.f);
+  }
+  return tables;
+}
+
+UpstreamEngine::UpstreamEngine(const v1::BoundaryConfig& config, const Backend* backend)
+    : config_(config),
+      backend_(backend),
+      codec_(config_, backend),
+      d_(config_.d()),
+      k_(config_.k()),
+      projected_(config_.method() != v1::METHOD_DENSE),
+      mapl_(config_.method() == v1::METHOD_MAPL),
+      rvq_(config_.forward_codec() == v1::CODEC_RVQ),
+      codebook_cache_(config_.k(), config_.rvq_levels()) {}
+
+absl::StatusOr<std::unique_ptr<UpstreamEngine>> UpstreamEngine::Create(
+    const v1::BoundaryConfig& config, const Backend* backend) {
+  MAPL_CHECK(config.role() == v1::ROLE_UPSTREAM, "Engine::Create dispatches by role");
+  std::unique_ptr<UpstreamEngine> e(new UpstreamEngine(config, backend));
+  if (e->mapl_) e->projector_.emplace(e->config_);
+  if (e->rvq_) e->codebooks_.emplace(e->config_);
+  // PCA: the owner is created from the first batch (EncodeForward).
+  if (e->projected_ && config.projector_init() == v1::PROJECTOR_INIT_RANDOM) {
+    MAPL_RETURN_IF_ERROR(e->CreateOwner(SeededDictionary(e->config_)));
+  }
+  return e;
+}
+
+absl::Status UpstreamEngine::CreateOwner(std::vector<std::vector<float>> tables) {
+  MAPL_ASSIGN_OR_RETURN(DictionaryOwner owner,
+                        DictionaryOwner::Create({config_.id(), v1::DIRECTION_FORWARD},
+                                                DictionaryTables(config_), std::move(tables),
+                                                config_.dictionary_precision()));
+  owner_.emplace(std::move(owner));
+  return absl::OkStatus();
+}
+
+v1::PeerMessage UpstreamEngine::SnapshotMessage() {
+  v1::PeerMessage m;
+  *m.mutable_dictionary_snapshot() = owner_->Snapshot();
+  stats_.set_dictionary_bytes_sent(stats_.dictionary_bytes_sent() +
+                                   m.dictionary_snapshot().ByteSizeLong());
+  return m;
+}
+
+absl::Status UpstreamEngine::CheckInput(uint64_t step, uint32_t microbatch, const ConstTensor& h,
+                                        const int32_t* token_ids) {
+  const int64_t n = h.rows;
+  if (n < 1 || n > config_.max_tokens()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("h: rows must be in [1, max_tokens=", config_.max_tokens(), "], got ", n));
+  }
+  MAPL_RETURN_IF_ERROR(CheckShape(h, "h", n, d_));
+  if (absl::Status s = CheckFinite(h, "h"); !s.ok()) {
+    stats_.set_nonfinite_inputs(stats_.nonfinite_inputs() + 1);
+    return s;
+  }
+  if (last_step_.has_value() && step <= *last_step_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "EncodeForward: step ", step, " was already closed by Step(", *last_step_, ")"));
+  }
+  if (pending_.contains({step, microbatch})) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("EncodeForward: ", KeyName(step, microbatch), " was already encoded"));
+  }
+  if (mapl_) {
+    if (token_ids == nullptr) {
+      return absl::InvalidArgumentError("token_ids: required for METHOD_MAPL (anchors)");
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      if (token_ids[i] < 0 || static_cast<uint32_t>(token_ids[i]) >= config_.vocab()) {
+        return absl::InvalidArgumentError(absl::StrCat("token_ids[", i, "] = ", token_ids[i],
+                                                       ": must be in [0, vocab=", config_.vocab(),
+                                                       ")"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
+    uint64_t step, uint32_t microbatch, const ConstTensor& h, const int32_t* token_ids) {
+  MAPL_RETURN_IF_ERROR(CheckInput(step, microbatch, h, token_ids));
+  const int64_t n = h.rows;
+  std::vector<v1::PeerMessage> out;
+  if (projected_ && !owner_.has_value()) {
+    // PROJECTOR_INIT_PCA: version 0 comes from this first batch and travels as a snapshot.
+    MAPL_ASSIGN_OR_RETURN(std::vector<float> u,
+                          PrincipalSubspace(*backend_, h, k_, config_.seed()));
+    std::vector<std::vector<float>> tables = SeededDictionary(config_);
+    tables[0] = std::move(u);
+    MAPL_RETURN_IF_ERROR(CreateOwner(std::move(tables)));
+    out.push_back(SnapshotMessage());
+  }
+
+  v1::Frame frame = codec_.NewFrame(v1::DIRECTION_FORWARD, step, microbatch, n);
+  SavedForward saved;
+  saved.rows = n;
+  if (!projected_) {
+    codec_.EncodeDense(h, &frame);
+  } else {
+    saved.dict = owner_->published();
+    std::vector<float> z(n * k_);
+    MAPL_RETURN_IF_ERROR(
+        backend_->Project(h, saved.dict->tensor(0), Tensor::F32(z.data(), n, k_)));
+    const RvqCodebooks* cb = nullptr;
+    v1::Codec codec = config_.forward_codec();
+    if (rvq_) {
+      if (codebooks_->fitted()) {
+        MAPL_ASSIGN_OR_RETURN(cb, codebook_cache_.Get(saved.dict));
+      } else {
+        codec = v1::CODEC_BF16;
+      }
+    }
+    MAPL_RETURN_IF_ERROR(codec_.EncodeProjected(codec, z.data(), n, cb, &frame));
+    frame.set_dict_version(saved.dict->version());
+    if (mapl_) codec_.PackTokenIds(token_ids, n, &frame);
+    if (rvq_) codebooks_->Observe(z.data(), n);
+  }
+  if (mapl_) SaveH(h, &saved);  // kept only for G_up = h^T gzq
+  FrameCodec::Seal(&frame);
+  const uint64_t bytes = FrameWireBytes(frame);
+  stats_.set_frames_sent(stats_.frames_sent() + 1);
+  stats_.set_raw_bytes_sent(stats_.raw_bytes_sent() + uint64_t(n) * d_ * sizeof(bf16_t));
+  stats_.set_payload_bytes_sent(stats_.payload_bytes_sent() + bytes);
+  payload_bytes_this_step_ += bytes;
+  pending_.Insert({step, microbatch}, std::move(saved));
+  out.push_back(Wrap(std::move(frame)));
+  return out;
+}
+
+void UpstreamEngine::SaveH(const ConstTensor& h, SavedForward* saved) {
+  const int64_t n = h.rows;
+  saved->dtype = h.dtype;
+  if (h.dtype == DType::kF32) {
+    if (!spare_h_f32_.empty()) {
+      saved->h_f32.swap(spare_h_f32_.back());
+      spare_h_f32_.pop_back();
+    }
+    saved->h_f32.assign(h.f32(), h.f32() + n * d_);
+  } else {
+    if (!spare_h_bf16_.empty()) {
+      saved->h_bf16.swap(spare_h_bf16_.back());
+      spare_h_bf16_.pop_back();
+    }
+    saved->h_bf16.assign(h.bf16(), h.bf16() + n * d_);
+  }
+}
+
+ConstTensor UpstreamEngine::SavedForward::h() const {
+  return dtype == DType::kF32 ? ConstTensor::F32(h_f32.data(), rows, h_f32.size() / rows)
+                              : ConstTensor::BF16(h_bf16.data(), rows, h_bf16.size() / rows);
+}
+
+absl::Status UpstreamEngine::DecodeBackward(const v1::Frame& frame, const Tensor& dh) {
+  absl::Status s = DecodeBackwardImpl(frame, dh);
+  if (!s.ok()) stats_.set_frames_rejected(stats_.frames_rejected() + 1);
+  return s;
+}
+
+absl::Status UpstreamEngine::DecodeBackwardImpl(const v1::Frame& frame, const Tensor& dh) {
+  SavedForward* saved = pending_.Find({frame.step(), frame.microbatch()});
+  if (saved == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(FrameName(frame), ": no forward of it is pending here"));
+  }
+  MAPL_RETURN_IF_ERROR(codec_.Check(frame, v1::DIRECTION_BACKWARD, saved->rows, dh));
+  const int64_t n = saved->rows;
+  if (!projected_) {
+    MAPL_RETURN_IF_ERROR(codec_.DecodeDense(frame, dh));
+  } else {
+    if (frame.dict_version() != saved->dict->version()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(FrameName(frame), ": dict_version ", frame.dict_version(),
+                       ", but its forward was encoded with version ", saved->dict->version()));
+    }
+    std::vector<float> gzq(n * k_);
+    MAPL_RETURN_IF_ERROR(codec_.DecodeProjected(frame, nullptr, gzq.data()));
+    const ConstTensor gz = ConstTensor::F32(gzq.data(), n, k_);
+    MAPL_RETURN_IF_ERROR(backend_->Lift(gz, saved->dict->tensor(0), dh));
+    if (mapl_) MAPL_RETURN_IF_ERROR(projector_->AccumulateUp(*backend_, saved->h(), gz));
+  }
+  stats_.set_frames_received(stats_.frames_received() + 1);
+  stats_.set_raw_bytes_received(stats_.raw_bytes_received() + uint64_t(n) * d_ * sizeof(bf16_t));
+  stats_.set_payload_bytes_received(stats_.payload_bytes_received() + FrameWireBytes(frame));
+  // Keep a few buffers for the next microbatches (a pipeline has that many in flight).
+  constexpr size_t kSpares = 8;
+  if (!saved->h_f32.empty() && spare_h_f32_.size() < kSpares) {
+    spare_h_f32_.push_back(std::move(saved->h_f32));
+  }
+  if (!saved->h_bf16.empty() && spare_h_bf16_.size() < kSpares) {
+    spare_h_bf16_.push_back(std::move(saved->h_bf16));
+  }
+  pending_.Erase({frame.step(), frame.microbatch()});
+  return absl::OkStatus();
+}
+
+absl::Status UpstreamEngine::HandleLearningSignal(const v1::LearningSignal& signal) {
+  const std::string name = absl::StrCat("learning signal (step ", signal.step(), ")");
+  auto bad = [&](const auto&... msg) {
+    return absl::InvalidArgumentError(absl::StrCat(name, ": ", msg...));
+  };
+  if (!mapl_) return bad(v1::Method_Name(config_.method()), " learns no projector");
+  if (signal.boundary() != config_.id()) {
+    return bad("boundary ", signal.boundary(), ", this is boundary ", config_.id());
+  }
+  if (signal.rows() != d_ || signal.cols() != k_) {
+    return bad("shape (", signal.rows(), ", ", signal.cols(), "), expected (", d_, ", ", k_, ")");
+  }
+  if (static_cast<int64_t>(signal.g_down().size()) != d_ * k_ * 4) {
+    return bad("g_down has ", signal.g_down().size(), " bytes, expected ", d_ * k_ * 4);
+  }
+  if (last_step_.has_value() && signal.step() <= *last_step_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(name, ": step already closed (last closed: ", *last_step_, ")"));
+  }
+  if (signals_.count(signal.step()) != 0) {
+    return absl::AlreadyExistsError(absl::StrCat(name, ": already received"));
+  }
+  if (signals_.size() >= kMaxPendingSignals) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(name, ": ", signals_.size(), " signals already wait for their Step()"));
+  }
+  std::vector<float> g(d_ * k_);
+  MAPL_RETURN_IF_ERROR(DecodeDenseValues(signal.g_down(), v1::PRECISION_F32, d_ * k_, k_,
+                                         name + " g_down", g.data()));
+  signals_.emplace(signal.step(), std::move(g));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::HandleSnapshotRequest(
+    const v1::SnapshotRequest& request) {
+  if (request.boundary() != config_.id() || request.direction() != v1::DIRECTION_FORWARD) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("snapshot request for boundary ", request.boundary(), " ",
+                     v1::Direction_Name(request.direction()), "; this side owns boundary ",
+                     config_.id(), " DIRECTION_FORWARD"));
+  }
+  if (!projected_) {
+    return absl::InvalidArgumentError("snapshot request: METHOD_DENSE has no dictionary");
+  }
+  std::vector<v1::PeerMessage> out;
+  if (owner_.has_value()) out.push_back(SnapshotMessage());
+  return out;
+}
+
+absl::Status UpstreamEngine::Decode(const v1::Frame& frame, const Tensor& out,
+                                    std::vector<v1::PeerMessage>*) {
+  return DecodeBackward(frame, out);
+}
+
+absl::Status UpstreamEngine::Handle(const v1::PeerMessage& message,
+                                    std::vector<v1::PeerMessage>* replies) {
+  absl::Status s;
+  switch (message.body_case()) {
+    case v1::PeerMessage::kLearningSignal:
+      s = HandleLearningSignal(message.learning_signal());
+      break;
+    case v1::PeerMessage::kSnapshotRequest: {
+      absl::StatusOr<std::vector<v1::PeerMessage>> out =
+          HandleSnapshotRequest(message.snapshot_request());
+      if (out.ok()) {
+        for (v1::PeerMessage& m : *out) replies->push_back(std::move(m));
+      }
+      s = out.status();
+      break;
+    }
+    default:
+      s = absl::InvalidArgumentError(absl::StrCat(
+          "the upstream of boundary ", config_.id(), " takes no ",
+          message.GetDescriptor()->FindFieldByNumber(message.body_case())->name(),
+          " message from its downstream"));
+  }
+  if (!s.ok()) stats_.set_bad_peer_messages(stats_.bad_peer_messages() + 1);
+  return s;
+}
+
+absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::Step(uint64_t step) {
+  if (last_step_.has_value() && step <= *last_step_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Step(", step, "): step already closed; steps must increase, the last closed was ",
+        *last_step_));
+  }
+  std::vector<v1::PeerMessage> out;
+  auto signal = signals_.end();
+  if (mapl_) {
+    signal = signals_.find(step);
+    if (signal == signals_.end()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("Step(", step, "): the downstream's learning signal has not arrived"));
+    }
+  }
+  if (projected_ && owner_.has_value()) {
+    int64_t extra_budget = 0;
+    if (mapl_) {
+      // G = G_up + G_down: one SPEL step of the learner U (the published copy follows by delta).
+      if (projector_->Step(*backend_, owner_->mutable_learner(0), signal->second)) {
+        stats_.set_projector_lr(projector_->last_lr());
+      } else {
+        stats_.set_learner_updates_skipped(stats_.learner_updates_skipped() + 1);
+      }
+    }
+    if (rvq_) {
+      const CodebookLearner::StepResult r = codebooks_->Step(*backend_);
+      if (r.skipped) stats_.set_learner_updates_skipped(stats_.learner_updates_skipped() + 1);
+      if (r.updated) stats_.set_rvq_relative_mse(r.relative_mse);
+      // The first codebooks are published whole, outside the budget: RVQ frames need them.
+      if (r.fitted_now) {
+        extra_budget = int64_t{config_.rvq_levels()} * kMaxCodebookSize * owner_->RowBytes(1);
+      }
+      if (codebooks_->fitted()) {
+        const std::vector<float>& c = codebooks_->centroids();
+        std::copy(c.begin(), c.end(), owner_->mutable_learner(1));
+      }
+    }
+    if (mapl_ || rvq_) {
+      int64_t row_bytes = owner_->RowBytes(0);
+      if (rvq_) row_bytes = std::max(row_bytes, owner_->RowBytes(1));
+      const int64_t budget =
+          std::max(static_cast<int64_t>(config_.dictionary_budget_fraction() *
+                                        static_cast<double>(payload_bytes_this_step_)),
+                   row_bytes) +
+          extra_budget;
+      MAPL_ASSIGN_OR_RETURN(v1::DictionaryDelta delta, owner_->MakeDelta(budget));
+      stats_.set_dictionary_bytes_sent(stats_.dictionary_bytes_sent() + delta.ByteSizeLong());
+      v1::PeerMessage m;
+      *m.mutable_dictionary_delta() = std::move(delta);
+      out.push_back(std::move(m));
+    }
+  }
+  if (projector_.has_value()) projector_->ClearGradient();
+  payload_bytes_this_step_ = 0;
+  signals_.erase(signals_.begin(), signals_.upper_bound(step));
+  pending_.DropThrough(step);
+  last_step_ = step;
+  stats_.set_steps(stats_.steps() + 1);
+  return out;
+}
+
+v1::BoundaryStats UpstreamEngine::stats() const {
+  v1::BoundaryStats s = stats_;
+  s.set_dropped_microbatches(pending_.dropped());
+  if (owner_.has_value()) {
+    gauges_.Fill(*owner_->published(), d_, k_, &s);
+  }
+  return s;
+}
+
+}  // namespace mapl
