@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/types/span.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/rvq_distance.h"
 
@@ -117,7 +118,8 @@ void RvqEncode(benchmark::State& state, int beam, cpu::DistanceKernel kernel) {
   auto old = cpu::SetDistanceKernelForTesting(kernel);
   state.SetLabel(cpu::DistanceKernelName(kernel));
   for (auto _ : state) {
-    if (!be->RvqEncode(f.cb, ConstTensor::F32(f.x.data(), n, 64), beam, codes.data(), nullptr).ok())
+    if (!be->RvqEncode(f.cb, ConstTensor::F32(f.x.data(), n, 64), beam, absl::MakeSpan(codes), {})
+             .ok())
       state.SkipWithError("encode failed");
   }
   cpu::SetDistanceKernelForTesting(old);
@@ -139,10 +141,11 @@ void BM_RvqDecode(benchmark::State& state) {
   RvqFixture& f = Rvq();
   std::vector<uint8_t> codes(65536 * 4);
   std::vector<float> y(65536 * 64);
-  if (!be->RvqEncode(f.cb, ConstTensor::F32(f.x.data(), 65536, 64), 1, codes.data(), nullptr).ok())
+  if (!be->RvqEncode(f.cb, ConstTensor::F32(f.x.data(), 65536, 64), 1, absl::MakeSpan(codes), {})
+           .ok())
     state.SkipWithError("encode failed");
   for (auto _ : state) {
-    if (!be->RvqDecode(f.cb, codes.data(), nullptr, Tensor::F32(y.data(), 65536, 64)).ok())
+    if (!be->RvqDecode(f.cb, codes, {}, Tensor::F32(y.data(), 65536, 64)).ok())
       state.SkipWithError("decode failed");
   }
   state.SetItemsProcessed(state.iterations() * 65536);
@@ -154,7 +157,9 @@ void BM_Int8Encode(benchmark::State& state) {
   std::vector<float> z = Gaussian(kN, kK, 4, false), scales(kN);
   std::vector<int8_t> q(kN * kK);
   for (auto _ : state) {
-    if (!be->Int8Encode(ConstTensor::F32(z.data(), kN, kK), q.data(), scales.data()).ok())
+    if (!be->Int8Encode(ConstTensor::F32(z.data(), kN, kK), absl::MakeSpan(q),
+                        absl::MakeSpan(scales))
+             .ok())
       state.SkipWithError("int8 failed");
   }
   state.SetItemsProcessed(state.iterations() * kN);

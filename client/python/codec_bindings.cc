@@ -10,8 +10,11 @@
 #include <string>
 #include <utility>
 
+#include "absl/types/span.h"
+#include "common/check.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/rvq_distance.h"
+#include "kernels/registry.h"
 
 namespace py = pybind11;
 
@@ -67,8 +70,15 @@ ConstTensor View(const F32Array& a) {
 F32Array NewMatrix(int64_t rows, int64_t cols) { return F32Array({rows, cols}); }
 Tensor MutView(F32Array& a) { return Tensor::F32(a.mutable_data(), a.shape(0), a.shape(1)); }
 
-Backend& Cpu() {
-  static std::unique_ptr<Backend> backend = MakeCpuBackend();
+// The codec's backend, from the registry. "cpu" is registered in every build, so failing to make
+// it is a broken build, not a user error. Backend methods are const and thread-safe, so one
+// instance serves every Python thread.
+const Backend& Cpu() {
+  static const std::unique_ptr<const Backend> backend = [] {
+    absl::StatusOr<std::unique_ptr<Backend>> be = MakeBackend("cpu");
+    MAPL_CHECK(be.ok(), be.status().ToString());
+    return std::unique_ptr<const Backend>(*std::move(be));
+  }();
   return *backend;
 }
 
@@ -119,8 +129,9 @@ class PyRvq {
     {
       py::gil_scoped_release release;
       std::shared_lock lock(mu_);
-      s = Cpu().RvqEncode(learner_.codebooks, View(x), beam, codes.mutable_data(),
-                          gain_shape() ? norms.mutable_data() : nullptr);
+      s = Cpu().RvqEncode(
+          learner_.codebooks, View(x), beam, absl::MakeSpan(codes.mutable_data(), codes.size()),
+          gain_shape() ? absl::MakeSpan(norms.mutable_data(), norms.size()) : absl::Span<float>());
     }
     ThrowIfError(s);
     return {codes, gain_shape() ? py::object(norms) : py::none()};
@@ -146,7 +157,9 @@ class PyRvq {
     {
       py::gil_scoped_release release;
       std::shared_lock lock(mu_);
-      s = Cpu().RvqDecode(learner_.codebooks, codes.data(), gain_shape() ? norms.data() : nullptr,
+      s = Cpu().RvqDecode(learner_.codebooks, absl::MakeConstSpan(codes.data(), codes.size()),
+                          gain_shape() ? absl::MakeConstSpan(norms.data(), norms.size())
+                                       : absl::Span<const float>(),
                           MutView(out));
     }
     ThrowIfError(s);
@@ -237,7 +250,8 @@ std::pair<py::array, F32Array> Int8Encode(const py::handle& xo) {
   absl::Status s;
   {
     py::gil_scoped_release release;
-    s = Cpu().Int8Encode(View(x), q.mutable_data(), scales.mutable_data());
+    s = Cpu().Int8Encode(View(x), absl::MakeSpan(q.mutable_data(), q.size()),
+                         absl::MakeSpan(scales.mutable_data(), scales.size()));
   }
   ThrowIfError(s);
   return {q, scales};
@@ -254,7 +268,8 @@ F32Array Int8Decode(const py::handle& qo, const py::handle& so) {
   absl::Status s;
   {
     py::gil_scoped_release release;
-    s = Cpu().Int8Decode(q.data(), scales.data(), MutView(out));
+    s = Cpu().Int8Decode(absl::MakeConstSpan(q.data(), q.size()),
+                         absl::MakeConstSpan(scales.data(), scales.size()), MutView(out));
   }
   ThrowIfError(s);
   return out;

@@ -1,6 +1,7 @@
-// Tests of the CPU backend's anchor ops (kernels/cpu/anchors.cc) against naive double-precision
-// references: lookup, accumulating gradients with repeated tokens, and AdamW; and that bad token
-// ids or gradients are refused before any learner state is written.
+// Tests of every backend's anchor ops (kernels/cpu/anchors.cc on the CPU) against naive
+// double-precision references: lookup, accumulating gradients with repeated tokens, and AdamW; and
+// that bad token ids, token lists of the wrong length, or bad gradients are refused before any
+// learner state is written.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -10,9 +11,12 @@
 #include <string>
 #include <vector>
 
+#include "absl/types/span.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "kernels/registry.h"
 #include "kernels/tensor.h"
+#include "tests/kernels/backend_test.h"
 #include "tests/kernels/reference.h"
 
 namespace mapl {
@@ -27,10 +31,12 @@ bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
-class AnchorsTest : public ::testing::Test {
+class AnchorsTest : public BackendTest {
  protected:
   // Repeats token 3 several times, and leaves most of the vocabulary unused.
   void SetUp() override {
+    BackendTest::SetUp();
+    if (!BackendReady()) return;
     std::mt19937 rng(1);
     p_ = Gaussian(rng, static_cast<size_t>(kV) * kR);
     q_ = Gaussian(rng, static_cast<size_t>(kR) * kD, 0.1f);
@@ -42,15 +48,14 @@ class AnchorsTest : public ::testing::Test {
   }
 
   static constexpr int kV = 50, kR = 8, kD = 32, kN = 40;
-  std::unique_ptr<Backend> be_ = MakeCpuBackend();
   std::vector<float> p_, q_;
   std::vector<int32_t> tokens_;
 };
 
-TEST_F(AnchorsTest, LookupMatchesReference) {
+TEST_P(AnchorsTest, LookupMatchesReference) {
   std::vector<float> a(static_cast<size_t>(kN) * kD, 123.f);
   ASSERT_TRUE(be_->AnchorLookup(ConstTensor::F32(p_.data(), kV, kR),
-                                ConstTensor::F32(q_.data(), kR, kD), tokens_.data(),
+                                ConstTensor::F32(q_.data(), kR, kD), tokens_,
                                 Tensor::F32(a.data(), kN, kD))
                   .ok());
   std::vector<double> ref(a.size(), 0.0);
@@ -64,20 +69,20 @@ TEST_F(AnchorsTest, LookupMatchesReference) {
   EXPECT_LE(MaxRelDiff(a, ref), 1e-6);
 }
 
-TEST_F(AnchorsTest, LookupOfZeroTableIsZero) {
+TEST_P(AnchorsTest, LookupOfZeroTableIsZero) {
   // The initialization P = 0 makes every anchor start at zero.
   std::vector<float> p(static_cast<size_t>(kV) * kR, 0.f), a(static_cast<size_t>(kN) * kD, 1.f);
   ASSERT_TRUE(be_->AnchorLookup(ConstTensor::F32(p.data(), kV, kR),
-                                ConstTensor::F32(q_.data(), kR, kD), tokens_.data(),
+                                ConstTensor::F32(q_.data(), kR, kD), tokens_,
                                 Tensor::F32(a.data(), kN, kD))
                   .ok());
   for (float v : a) EXPECT_EQ(v, 0.f);
 }
 
-TEST_F(AnchorsTest, LookupRejectsBadTokensAndShapes) {
+TEST_P(AnchorsTest, LookupRejectsBadTokensAndShapes) {
   std::vector<float> a(static_cast<size_t>(kN) * kD, 5.f);
   const std::vector<float> a0 = a;
-  auto lookup = [&](const int32_t* t, int64_t q_rows, int64_t a_cols) {
+  auto lookup = [&](absl::Span<const int32_t> t, int64_t q_rows, int64_t a_cols) {
     return be_->AnchorLookup(ConstTensor::F32(p_.data(), kV, kR),
                              ConstTensor::F32(q_.data(), q_rows, kD), t,
                              Tensor::F32(a.data(), kN, a_cols));
@@ -85,30 +90,30 @@ TEST_F(AnchorsTest, LookupRejectsBadTokensAndShapes) {
   for (int32_t bad : {kV, -1, 1 << 30}) {
     std::vector<int32_t> t = tokens_;
     t[5] = bad;
-    const absl::Status s = lookup(t.data(), kR, kD);
+    const absl::Status s = lookup(t, kR, kD);
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(s.message().find("tokens[5] = " + std::to_string(bad)), std::string::npos) << s;
     EXPECT_TRUE(SameBits(a, a0));
   }
-  EXPECT_EQ(lookup(nullptr, kR, kD).code(), absl::StatusCode::kInvalidArgument);
-  absl::Status s = lookup(tokens_.data(), kR + 1, kD);
+  EXPECT_EQ(lookup({}, kR, kD).code(), absl::StatusCode::kInvalidArgument);
+  absl::Status s = lookup(tokens_, kR + 1, kD);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("q"), std::string::npos) << s;
   EXPECT_EQ(
       be_->AnchorLookup(ConstTensor::F32(p_.data(), kV, kR), ConstTensor::F32(q_.data(), kR, kD),
-                        tokens_.data(), Tensor::F32(a.data(), kN, kD - 1))
+                        tokens_, Tensor::F32(a.data(), kN, kD - 1))
           .code(),
       absl::StatusCode::kInvalidArgument);
   std::vector<bf16_t> pb(p_.size());
   EXPECT_EQ(
       be_->AnchorLookup(ConstTensor::BF16(pb.data(), kV, kR), ConstTensor::F32(q_.data(), kR, kD),
-                        tokens_.data(), Tensor::F32(a.data(), kN, kD))
+                        tokens_, Tensor::F32(a.data(), kN, kD))
           .code(),
       absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(SameBits(a, a0));
 }
 
-TEST_F(AnchorsTest, GradAccumulatesWithScatterAdd) {
+TEST_P(AnchorsTest, GradAccumulatesWithScatterAdd) {
   std::mt19937 rng(2);
   const std::vector<float> g = Gaussian(rng, static_cast<size_t>(kN) * kD);
   // Start from non-zero accumulators: the op adds, it does not overwrite.
@@ -117,7 +122,7 @@ TEST_F(AnchorsTest, GradAccumulatesWithScatterAdd) {
   const std::vector<float> dp0 = dp;
   for (int rep = 0; rep < 2; ++rep) {  // two microbatches
     ASSERT_TRUE(be_->AnchorGrad(ConstTensor::F32(p_.data(), kV, kR),
-                                ConstTensor::F32(q_.data(), kR, kD), tokens_.data(),
+                                ConstTensor::F32(q_.data(), kR, kD), tokens_,
                                 ConstTensor::F32(g.data(), kN, kD), Tensor::F32(dp.data(), kV, kR),
                                 Tensor::F32(dq.data(), kR, kD))
                     .ok());
@@ -140,32 +145,32 @@ TEST_F(AnchorsTest, GradAccumulatesWithScatterAdd) {
   }
 }
 
-TEST_F(AnchorsTest, GradRejectsBadInputAndLeavesAccumulators) {
+TEST_P(AnchorsTest, GradRejectsBadInputAndLeavesAccumulators) {
   std::mt19937 rng(3);
   std::vector<float> g = Gaussian(rng, static_cast<size_t>(kN) * kD);
   std::vector<float> dp = Gaussian(rng, p_.size()), dq = Gaussian(rng, q_.size());
   const std::vector<float> dp0 = dp, dq0 = dq;
-  auto grad = [&](const int32_t* t, const std::vector<float>& gp, int64_t dq_rows) {
+  auto grad = [&](absl::Span<const int32_t> t, const std::vector<float>& gp, int64_t dq_rows) {
     return be_->AnchorGrad(ConstTensor::F32(p_.data(), kV, kR), ConstTensor::F32(q_.data(), kR, kD),
                            t, ConstTensor::F32(gp.data(), kN, kD), Tensor::F32(dp.data(), kV, kR),
                            Tensor::F32(dq.data(), dq_rows, kD));
   };
   std::vector<int32_t> t = tokens_;
   t[kN - 1] = kV;
-  absl::Status s = grad(t.data(), g, kR);
+  absl::Status s = grad(t, g, kR);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("tokens[39] = 50"), std::string::npos) << s;
 
   g[4 * kD + 6] = std::nanf("");
-  s = grad(tokens_.data(), g, kR);
+  s = grad(tokens_, g, kR);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("g_perp"), std::string::npos) << s;
   g[4 * kD + 6] = 0.f;
 
-  s = grad(tokens_.data(), g, kR - 1);
+  s = grad(tokens_, g, kR - 1);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("dq"), std::string::npos) << s;
-  EXPECT_EQ(grad(nullptr, g, kR).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(grad({}, g, kR).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(SameBits(dp, dp0));
   EXPECT_TRUE(SameBits(dq, dq0));
 }
@@ -183,7 +188,7 @@ void AdamRef(std::vector<double>& p, const std::vector<float>& g, std::vector<do
   }
 }
 
-TEST_F(AnchorsTest, AdamStepMatchesReference) {
+TEST_P(AnchorsTest, AdamStepMatchesReference) {
   std::mt19937 rng(4);
   const int rows = 17, cols = 9;
   const size_t count = static_cast<size_t>(rows) * cols;
@@ -206,7 +211,7 @@ TEST_F(AnchorsTest, AdamStepMatchesReference) {
   EXPECT_LE(MaxRelDiff(v, v_ref), 1e-6);
 }
 
-TEST_F(AnchorsTest, AdamFirstStepMovesByLearningRate) {
+TEST_P(AnchorsTest, AdamFirstStepMovesByLearningRate) {
   // Bias correction makes the first update lr * g / (|g| + eps): about lr * sign(g), whatever the
   // gradient's scale.
   std::mt19937 rng(5);
@@ -223,7 +228,7 @@ TEST_F(AnchorsTest, AdamFirstStepMovesByLearningRate) {
   }
 }
 
-TEST_F(AnchorsTest, AdamRejectsBadInputAndLeavesState) {
+TEST_P(AnchorsTest, AdamRejectsBadInputAndLeavesState) {
   std::mt19937 rng(6);
   const int rows = 4, cols = 5;
   const size_t count = static_cast<size_t>(rows) * cols;
@@ -275,6 +280,38 @@ TEST_F(AnchorsTest, AdamRejectsBadInputAndLeavesState) {
   expect_untouched();
   EXPECT_TRUE(step(AdamOptions{}).ok());
 }
+
+// tokens must hold exactly one id per row (of a for the lookup, of g_perp for the gradients): one
+// id short or over is an INVALID_ARGUMENT naming tokens, and nothing is written.
+TEST_P(AnchorsTest, WrongTokenCountIsInvalidArgument) {
+  std::mt19937 rng(7);
+  std::vector<int32_t> tokens = tokens_;
+  tokens.push_back(2);  // room for kN + 1 ids, all valid
+  std::vector<float> a(static_cast<size_t>(kN) * kD, 5.f);
+  const std::vector<float> g = Gaussian(rng, static_cast<size_t>(kN) * kD);
+  std::vector<float> dp = Gaussian(rng, p_.size()), dq = Gaussian(rng, q_.size());
+  const std::vector<float> a0 = a, dp0 = dp, dq0 = dq;
+  for (int delta : {-1, 1}) {
+    SCOPED_TRACE(testing::Message() << "delta " << delta);
+    const absl::Span<const int32_t> t = absl::MakeConstSpan(tokens.data(), kN + delta);
+    absl::Status s =
+        be_->AnchorLookup(ConstTensor::F32(p_.data(), kV, kR), ConstTensor::F32(q_.data(), kR, kD),
+                          t, Tensor::F32(a.data(), kN, kD));
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_EQ(s.message().rfind("tokens: expected 40 elements", 0), 0u) << s;
+    s = be_->AnchorGrad(ConstTensor::F32(p_.data(), kV, kR), ConstTensor::F32(q_.data(), kR, kD), t,
+                        ConstTensor::F32(g.data(), kN, kD), Tensor::F32(dp.data(), kV, kR),
+                        Tensor::F32(dq.data(), kR, kD));
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_EQ(s.message().rfind("tokens: expected 40 elements", 0), 0u) << s;
+  }
+  EXPECT_TRUE(SameBits(a, a0));
+  EXPECT_TRUE(SameBits(dp, dp0));
+  EXPECT_TRUE(SameBits(dq, dq0));
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, AnchorsTest, ::testing::ValuesIn(BackendNames()),
+                         BackendTestName);
 
 }  // namespace
 }  // namespace mapl

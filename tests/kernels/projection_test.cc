@@ -1,11 +1,13 @@
-// Projection, lift and the anchored reconstruction against naive double-precision loops, in
-// fp32 and bf16, plus the shape checks.
+// Projection, lift and the anchored reconstruction of every backend against naive double-precision
+// loops, in fp32 and bf16, plus the shape checks.
 #include <cmath>
 #include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "kernels/registry.h"
+#include "tests/kernels/backend_test.h"
 
 namespace mapl {
 namespace {
@@ -32,14 +34,13 @@ std::vector<double> Naive(const std::vector<float>& a, const std::vector<float>&
   return c;
 }
 
-class ProjectionTest : public ::testing::Test {
+class ProjectionTest : public BackendTest {
  protected:
-  std::unique_ptr<Backend> be_ = MakeCpuBackend();
   const int n_ = 37, d_ = 96, k_ = 12;
   std::vector<float> h_ = Random(n_ * d_, 1), u_ = Random(d_ * k_, 2);
 };
 
-TEST_F(ProjectionTest, ProjectAndLiftMatchNaive) {
+TEST_P(ProjectionTest, ProjectAndLiftMatchNaive) {
   std::vector<float> z(n_ * k_), h(n_ * d_);
   ASSERT_TRUE(be_->Project(ConstTensor::F32(h_.data(), n_, d_), ConstTensor::F32(u_.data(), d_, k_),
                            Tensor::F32(z.data(), n_, k_))
@@ -53,7 +54,7 @@ TEST_F(ProjectionTest, ProjectAndLiftMatchNaive) {
   for (size_t i = 0; i < h.size(); ++i) EXPECT_NEAR(h[i], want[i], 1e-4 * (1 + std::fabs(want[i])));
 }
 
-TEST_F(ProjectionTest, Bf16InAndOut) {
+TEST_P(ProjectionTest, Bf16InAndOut) {
   // 300 rows: more than one staging block.
   const int n = 300;
   std::vector<float> hf = Random(n * d_, 3);
@@ -70,7 +71,7 @@ TEST_F(ProjectionTest, Bf16InAndOut) {
   }
 }
 
-TEST_F(ProjectionTest, LiftWithAnchorMatchesFormula) {
+TEST_P(ProjectionTest, LiftWithAnchorMatchesFormula) {
   std::vector<float> zq = Random(n_ * k_, 4), a = Random(n_ * d_, 5), h(n_ * d_);
   ASSERT_TRUE(be_->LiftWithAnchor(ConstTensor::F32(zq.data(), n_, k_),
                                   ConstTensor::F32(u_.data(), d_, k_),
@@ -87,7 +88,7 @@ TEST_F(ProjectionTest, LiftWithAnchorMatchesFormula) {
   }
 }
 
-TEST_F(ProjectionTest, LiftToBf16AndAnchoredLiftInPlace) {
+TEST_P(ProjectionTest, LiftToBf16AndAnchoredLiftInPlace) {
   std::vector<float> z = Random(n_ * k_, 6);
   std::vector<bf16_t> hb(n_ * d_);
   ASSERT_TRUE(be_->Lift(ConstTensor::F32(z.data(), n_, k_), ConstTensor::F32(u_.data(), d_, k_),
@@ -110,7 +111,7 @@ TEST_F(ProjectionTest, LiftToBf16AndAnchoredLiftInPlace) {
   EXPECT_EQ(a, h);
 }
 
-TEST_F(ProjectionTest, RejectsBadShapesWithNamedArgument) {
+TEST_P(ProjectionTest, RejectsBadShapesWithNamedArgument) {
   std::vector<float> z(n_ * k_);
   absl::Status s = be_->Project(ConstTensor::F32(h_.data(), n_, d_ - 1),
                                 ConstTensor::F32(u_.data(), d_, k_), Tensor::F32(z.data(), n_, k_));
@@ -143,6 +144,9 @@ TEST_F(ProjectionTest, RejectsBadShapesWithNamedArgument) {
                            Tensor::F32(z.data(), 0, k_))
                   .ok());
 }
+
+INSTANTIATE_TEST_SUITE_P(Backends, ProjectionTest, ::testing::ValuesIn(BackendNames()),
+                         BackendTestName);
 
 }  // namespace
 }  // namespace mapl

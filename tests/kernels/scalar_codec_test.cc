@@ -1,5 +1,6 @@
-// Tests of the CPU backend's per-token int8 codec (kernels/cpu/scalar_codec.cc): codes against a
-// naive double-precision reference, the round-trip bound, bf16 edges, and untrusted input.
+// Tests of every backend's per-token int8 codec (kernels/cpu/scalar_codec.cc on the CPU): codes
+// against a naive double-precision reference, the round-trip bound, bf16 edges, untrusted input,
+// and buffers of the wrong size.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -9,17 +10,17 @@
 #include <string>
 #include <vector>
 
+#include "absl/types/span.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "kernels/registry.h"
 #include "kernels/tensor.h"
+#include "tests/kernels/backend_test.h"
 
 namespace mapl {
 namespace {
 
-class ScalarCodecTest : public ::testing::Test {
- protected:
-  std::unique_ptr<Backend> be_ = MakeCpuBackend();
-};
+class ScalarCodecTest : public BackendTest {};
 
 // Rows of very different magnitudes, one of them all zero and one with a single non-zero.
 std::vector<float> TestRows(std::mt19937& rng, int n, int k) {
@@ -35,14 +36,16 @@ std::vector<float> TestRows(std::mt19937& rng, int n, int k) {
   return x;
 }
 
-TEST_F(ScalarCodecTest, EncodeMatchesReferenceAndRoundTripsWithinHalfScale) {
+TEST_P(ScalarCodecTest, EncodeMatchesReferenceAndRoundTripsWithinHalfScale) {
   std::mt19937 rng(1);
   const int n = 37, k = 24;
   const std::vector<float> x = TestRows(rng, n, k);
   std::vector<int8_t> q(x.size());
   std::vector<float> scales(n), out(x.size());
-  ASSERT_TRUE(be_->Int8Encode(ConstTensor::F32(x.data(), n, k), q.data(), scales.data()).ok());
-  ASSERT_TRUE(be_->Int8Decode(q.data(), scales.data(), Tensor::F32(out.data(), n, k)).ok());
+  ASSERT_TRUE(
+      be_->Int8Encode(ConstTensor::F32(x.data(), n, k), absl::MakeSpan(q), absl::MakeSpan(scales))
+          .ok());
+  ASSERT_TRUE(be_->Int8Decode(q, scales, Tensor::F32(out.data(), n, k)).ok());
 
   for (int i = 0; i < n; ++i) {
     double max_abs = 0.0;
@@ -74,7 +77,7 @@ TEST_F(ScalarCodecTest, EncodeMatchesReferenceAndRoundTripsWithinHalfScale) {
   EXPECT_LE(q[3 * k + 5], -126);
 }
 
-TEST_F(ScalarCodecTest, ExtremeMagnitudes) {
+TEST_P(ScalarCodecTest, ExtremeMagnitudes) {
   const int k = 4;
   // FLT_MAX does not overflow; subnormals too small for a non-zero scale give codes 0, not Inf.
   const std::vector<float> x = {FLT_MAX, -FLT_MAX / 2, 1.f, 0.f,      // large
@@ -83,8 +86,10 @@ TEST_F(ScalarCodecTest, ExtremeMagnitudes) {
   const int n = 3;
   std::vector<int8_t> q(x.size());
   std::vector<float> scales(n), out(x.size());
-  ASSERT_TRUE(be_->Int8Encode(ConstTensor::F32(x.data(), n, k), q.data(), scales.data()).ok());
-  ASSERT_TRUE(be_->Int8Decode(q.data(), scales.data(), Tensor::F32(out.data(), n, k)).ok());
+  ASSERT_TRUE(
+      be_->Int8Encode(ConstTensor::F32(x.data(), n, k), absl::MakeSpan(q), absl::MakeSpan(scales))
+          .ok());
+  ASSERT_TRUE(be_->Int8Decode(q, scales, Tensor::F32(out.data(), n, k)).ok());
   EXPECT_GE(q[0], 126);
   EXPECT_NEAR(q[1], -64, 1);
   EXPECT_TRUE(std::isfinite(out[0]));  // q * scale may round past FLT_MAX: clamped, not Inf
@@ -101,7 +106,7 @@ TEST_F(ScalarCodecTest, ExtremeMagnitudes) {
   }
 }
 
-TEST_F(ScalarCodecTest, Bf16InputAndOutput) {
+TEST_P(ScalarCodecTest, Bf16InputAndOutput) {
   std::mt19937 rng(2);
   const int n = 9, k = 16;
   const std::vector<float> x = TestRows(rng, n, k);
@@ -112,15 +117,19 @@ TEST_F(ScalarCodecTest, Bf16InputAndOutput) {
 
   std::vector<int8_t> q_b(x.size()), q_f(x.size());
   std::vector<float> s_b(n), s_f(n);
-  ASSERT_TRUE(be_->Int8Encode(ConstTensor::BF16(xb.data(), n, k), q_b.data(), s_b.data()).ok());
-  ASSERT_TRUE(be_->Int8Encode(ConstTensor::F32(xr.data(), n, k), q_f.data(), s_f.data()).ok());
+  ASSERT_TRUE(
+      be_->Int8Encode(ConstTensor::BF16(xb.data(), n, k), absl::MakeSpan(q_b), absl::MakeSpan(s_b))
+          .ok());
+  ASSERT_TRUE(
+      be_->Int8Encode(ConstTensor::F32(xr.data(), n, k), absl::MakeSpan(q_f), absl::MakeSpan(s_f))
+          .ok());
   EXPECT_EQ(q_b, q_f);
   EXPECT_EQ(s_b, s_f);
 
   std::vector<bf16_t> out_b(x.size());
   std::vector<float> out_f(x.size());
-  ASSERT_TRUE(be_->Int8Decode(q_b.data(), s_b.data(), Tensor::BF16(out_b.data(), n, k)).ok());
-  ASSERT_TRUE(be_->Int8Decode(q_b.data(), s_b.data(), Tensor::F32(out_f.data(), n, k)).ok());
+  ASSERT_TRUE(be_->Int8Decode(q_b, s_b, Tensor::BF16(out_b.data(), n, k)).ok());
+  ASSERT_TRUE(be_->Int8Decode(q_b, s_b, Tensor::F32(out_f.data(), n, k)).ok());
   for (size_t i = 0; i < x.size(); ++i) {
     EXPECT_EQ(out_b[i], FloatToBf16(out_f[i])) << i;
     // bf16 adds at most half a bf16 ulp (2^-9 relative) to the int8 bound.
@@ -130,64 +139,119 @@ TEST_F(ScalarCodecTest, Bf16InputAndOutput) {
   }
 }
 
-TEST_F(ScalarCodecTest, EmptyIsFine) {
+TEST_P(ScalarCodecTest, EmptyIsFine) {
   float scale = -1.f;
-  EXPECT_TRUE(be_->Int8Encode(ConstTensor::F32(nullptr, 0, 8), nullptr, nullptr).ok());
-  EXPECT_TRUE(be_->Int8Decode(nullptr, nullptr, Tensor::F32(nullptr, 0, 8)).ok());
+  EXPECT_TRUE(be_->Int8Encode(ConstTensor::F32(nullptr, 0, 8), {}, {}).ok());
+  EXPECT_TRUE(be_->Int8Decode({}, {}, Tensor::F32(nullptr, 0, 8)).ok());
   // k == 0: one scale per token and no codes.
-  EXPECT_TRUE(be_->Int8Encode(ConstTensor::F32(nullptr, 1, 0), nullptr, &scale).ok());
+  EXPECT_TRUE(be_->Int8Encode(ConstTensor::F32(nullptr, 1, 0), {}, absl::MakeSpan(&scale, 1)).ok());
   EXPECT_EQ(scale, 0.f);
 }
 
-TEST_F(ScalarCodecTest, EncodeRejectsBadInput) {
+TEST_P(ScalarCodecTest, EncodeRejectsBadInput) {
   const int n = 3, k = 5;
   std::vector<float> x(n * k, 1.f), scales(n, 9.f);
   std::vector<int8_t> q(n * k, 9);
   x[1 * k + 3] = std::nanf("");
-  absl::Status s = be_->Int8Encode(ConstTensor::F32(x.data(), n, k), q.data(), scales.data());
+  absl::Status s =
+      be_->Int8Encode(ConstTensor::F32(x.data(), n, k), absl::MakeSpan(q), absl::MakeSpan(scales));
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("(1, 3)"), std::string::npos) << s;
   x[1 * k + 3] = -INFINITY;
-  EXPECT_EQ(be_->Int8Encode(ConstTensor::F32(x.data(), n, k), q.data(), scales.data()).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      be_->Int8Encode(ConstTensor::F32(x.data(), n, k), absl::MakeSpan(q), absl::MakeSpan(scales))
+          .code(),
+      absl::StatusCode::kInvalidArgument);
   for (int8_t v : q) EXPECT_EQ(v, 9);  // nothing written
   for (float v : scales) EXPECT_EQ(v, 9.f);
 
   x[1 * k + 3] = 1.f;
-  EXPECT_EQ(be_->Int8Encode(ConstTensor::F32(x.data(), n, k), nullptr, scales.data()).code(),
+  // Missing outputs: empty spans, or null data for a non-empty span.
+  EXPECT_EQ(be_->Int8Encode(ConstTensor::F32(x.data(), n, k), {}, absl::MakeSpan(scales)).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(be_->Int8Encode(ConstTensor::F32(x.data(), n, k), q.data(), nullptr).code(),
+  EXPECT_EQ(be_->Int8Encode(ConstTensor::F32(x.data(), n, k), absl::MakeSpan(q), {}).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(be_->Int8Encode(ConstTensor::F32(x.data(), -1, k), q.data(), scales.data()).code(),
+  EXPECT_EQ(be_->Int8Encode(ConstTensor::F32(x.data(), n, k), absl::Span<int8_t>(nullptr, n * k),
+                            absl::MakeSpan(scales))
+                .code(),
             absl::StatusCode::kInvalidArgument);
-  s = be_->Int8Encode(ConstTensor::F32(nullptr, n, k), q.data(), scales.data());
+  EXPECT_EQ(
+      be_->Int8Encode(ConstTensor::F32(x.data(), -1, k), absl::MakeSpan(q), absl::MakeSpan(scales))
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+  s = be_->Int8Encode(ConstTensor::F32(nullptr, n, k), absl::MakeSpan(q), absl::MakeSpan(scales));
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("x"), std::string::npos) << s;
 }
 
-TEST_F(ScalarCodecTest, DecodeRejectsCorruptScales) {
+TEST_P(ScalarCodecTest, DecodeRejectsCorruptScales) {
   const int n = 3, k = 4;
   std::vector<int8_t> q(n * k, -128);  // -128 is never produced, but must decode safely
   std::vector<float> out(n * k, 7.f);
   std::vector<float> scales = {1.f, 0.5f, 2.f};
-  ASSERT_TRUE(be_->Int8Decode(q.data(), scales.data(), Tensor::F32(out.data(), n, k)).ok());
+  ASSERT_TRUE(be_->Int8Decode(q, scales, Tensor::F32(out.data(), n, k)).ok());
   EXPECT_EQ(out[0], -128.f);
   for (float bad : {std::nanf(""), INFINITY, -1.f}) {
     scales[2] = bad;
     std::fill(out.begin(), out.end(), 7.f);
-    const absl::Status s = be_->Int8Decode(q.data(), scales.data(), Tensor::F32(out.data(), n, k));
+    const absl::Status s = be_->Int8Decode(q, scales, Tensor::F32(out.data(), n, k));
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
     EXPECT_NE(s.message().find("row 2"), std::string::npos) << s;
     for (float v : out) EXPECT_EQ(v, 7.f);
   }
   scales[2] = 1.f;
-  EXPECT_EQ(be_->Int8Decode(nullptr, scales.data(), Tensor::F32(out.data(), n, k)).code(),
+  EXPECT_EQ(be_->Int8Decode({}, scales, Tensor::F32(out.data(), n, k)).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(be_->Int8Decode(q.data(), nullptr, Tensor::F32(out.data(), n, k)).code(),
+  EXPECT_EQ(be_->Int8Decode(q, {}, Tensor::F32(out.data(), n, k)).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(be_->Int8Decode(q.data(), scales.data(), Tensor::F32(nullptr, n, k)).code(),
+  EXPECT_EQ(be_->Int8Decode(q, scales, Tensor::F32(nullptr, n, k)).code(),
             absl::StatusCode::kInvalidArgument);
 }
+
+// q must hold exactly n * k codes and scales exactly n values: one element short or over is an
+// INVALID_ARGUMENT naming the buffer, and nothing is written.
+TEST_P(ScalarCodecTest, WrongSpanSizeIsInvalidArgument) {
+  std::mt19937 rng(3);
+  const int n = 6, k = 10;
+  const std::vector<float> x = TestRows(rng, n, k);
+  std::vector<int8_t> q(n * k + 1, 9);
+  std::vector<float> scales(n + 1, 9.f);
+  const ConstTensor xt = ConstTensor::F32(x.data(), n, k);
+  auto expect_invalid = [](const absl::Status& s, const std::string& name) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_EQ(s.message().rfind(name + ": expected ", 0), 0u) << s;
+  };
+  for (int delta : {-1, 1}) {
+    SCOPED_TRACE(testing::Message() << "delta " << delta);
+    expect_invalid(be_->Int8Encode(xt, absl::MakeSpan(q.data(), n * k + delta),
+                                   absl::MakeSpan(scales.data(), n)),
+                   "q");
+    expect_invalid(be_->Int8Encode(xt, absl::MakeSpan(q.data(), n * k),
+                                   absl::MakeSpan(scales.data(), n + delta)),
+                   "scales");
+  }
+  for (int8_t v : q) EXPECT_EQ(v, 9);
+  for (float v : scales) EXPECT_EQ(v, 9.f);
+
+  ASSERT_TRUE(
+      be_->Int8Encode(xt, absl::MakeSpan(q.data(), n * k), absl::MakeSpan(scales.data(), n)).ok());
+  std::vector<float> out(n * k, 7.f);
+  for (int delta : {-1, 1}) {
+    SCOPED_TRACE(testing::Message() << "delta " << delta);
+    expect_invalid(
+        be_->Int8Decode(absl::MakeConstSpan(q.data(), n * k + delta),
+                        absl::MakeConstSpan(scales.data(), n), Tensor::F32(out.data(), n, k)),
+        "q");
+    expect_invalid(be_->Int8Decode(absl::MakeConstSpan(q.data(), n * k),
+                                   absl::MakeConstSpan(scales.data(), n + delta),
+                                   Tensor::F32(out.data(), n, k)),
+                   "scales");
+  }
+  for (float v : out) EXPECT_EQ(v, 7.f);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, ScalarCodecTest, ::testing::ValuesIn(BackendNames()),
+                         BackendTestName);
 
 }  // namespace
 }  // namespace mapl

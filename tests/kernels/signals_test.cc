@@ -1,4 +1,4 @@
-// Tests of the CPU backend's learning signals (kernels/cpu/signals.cc) against naive
+// Tests of every backend's learning signals (kernels/cpu/signals.cc on the CPU) against naive
 // double-precision references, that G_down is the gradient of the decoder's reconstruction with
 // respect to U, and that bad input never reaches the accumulated signals.
 #include <algorithm>
@@ -12,7 +12,9 @@
 
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "kernels/registry.h"
 #include "kernels/tensor.h"
+#include "tests/kernels/backend_test.h"
 #include "tests/kernels/reference.h"
 
 namespace mapl {
@@ -25,20 +27,9 @@ using reference::MaxRelDiff;
 
 constexpr int kN = 37, kD = 48, kK = 6;
 
-// An orthonormal (d, k) matrix by modified Gram-Schmidt in double.
+// An orthonormal (d, k) matrix by Gram-Schmidt in double, rounded to fp32.
 std::vector<float> Orthonormal(std::mt19937& rng, int d, int k) {
-  const std::vector<float> g = Gaussian(rng, static_cast<size_t>(d) * k);
-  std::vector<double> u(g.begin(), g.end());
-  for (int j = 0; j < k; ++j) {
-    for (int p = 0; p < j; ++p) {
-      double dot = 0.0;
-      for (int i = 0; i < d; ++i) dot += u[i * k + j] * u[i * k + p];
-      for (int i = 0; i < d; ++i) u[i * k + j] -= dot * u[i * k + p];
-    }
-    double norm = 0.0;
-    for (int i = 0; i < d; ++i) norm += u[i * k + j] * u[i * k + j];
-    for (int i = 0; i < d; ++i) u[i * k + j] /= std::sqrt(norm);
-  }
+  const std::vector<double> u = reference::RandomOrthonormal(rng, d, k);
   return {u.begin(), u.end()};
 }
 
@@ -64,9 +55,11 @@ std::vector<double> GradDownRef(const std::vector<float>& g, const std::vector<f
   return r;
 }
 
-class SignalsTest : public ::testing::Test {
+class SignalsTest : public BackendTest {
  protected:
   void SetUp() override {
+    BackendTest::SetUp();
+    if (!BackendReady()) return;
     std::mt19937 rng(1);
     h_ = Gaussian(rng, static_cast<size_t>(kN) * kD);
     g_ = Gaussian(rng, static_cast<size_t>(kN) * kD);
@@ -76,11 +69,10 @@ class SignalsTest : public ::testing::Test {
     u_ = Orthonormal(rng, kD, kK);
   }
 
-  std::unique_ptr<Backend> be_ = MakeCpuBackend();
   std::vector<float> h_, g_, a_, zq_, gzq_, u_;
 };
 
-TEST_F(SignalsTest, GradUpMatchesReferenceAndAccumulates) {
+TEST_P(SignalsTest, GradUpMatchesReferenceAndAccumulates) {
   const std::vector<double> ref = AtB(D(h_), D(gzq_), kN, kD, kK);
   // accumulate = false overwrites whatever was there, NaN included.
   std::vector<float> out(static_cast<size_t>(kD) * kK, std::nanf(""));
@@ -113,7 +105,7 @@ TEST_F(SignalsTest, GradUpMatchesReferenceAndAccumulates) {
   for (float v : out) EXPECT_EQ(v, 0.f);
 }
 
-TEST_F(SignalsTest, GradDownMatchesReference) {
+TEST_P(SignalsTest, GradDownMatchesReference) {
   std::vector<float> out(static_cast<size_t>(kD) * kK, std::nanf(""));
   // With an anchor.
   ASSERT_TRUE(
@@ -146,7 +138,7 @@ TEST_F(SignalsTest, GradDownMatchesReference) {
 
 // G_down is d/dU of <g, h_hat(U)> with h_hat = zq U^T + a - (a U) U^T (zq, a, g held fixed). That
 // function is quadratic in U, so a central difference gives the directional derivative exactly.
-TEST_F(SignalsTest, GradDownIsTheGradientOfTheReconstruction) {
+TEST_P(SignalsTest, GradDownIsTheGradientOfTheReconstruction) {
   std::vector<float> out(static_cast<size_t>(kD) * kK);
   ASSERT_TRUE(
       be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
@@ -183,7 +175,7 @@ TEST_F(SignalsTest, GradDownIsTheGradientOfTheReconstruction) {
   }
 }
 
-TEST_F(SignalsTest, OrthogonalComplementMatchesReference) {
+TEST_P(SignalsTest, OrthogonalComplementMatchesReference) {
   std::vector<float> out(g_.size(), std::nanf(""));
   ASSERT_TRUE(be_->OrthogonalComplement(ConstTensor::F32(g_.data(), kN, kD),
                                         ConstTensor::F32(u_.data(), kD, kK),
@@ -224,7 +216,7 @@ TEST_F(SignalsTest, OrthogonalComplementMatchesReference) {
   EXPECT_EQ(out, out_f);
 }
 
-TEST_F(SignalsTest, RejectBadShapesAndDtypes) {
+TEST_P(SignalsTest, RejectBadShapesAndDtypes) {
   std::vector<float> out(static_cast<size_t>(kD) * kK);
   std::vector<bf16_t> ub(u_.size());
   auto expect_invalid = [](const absl::Status& s, const char* name) {
@@ -265,7 +257,7 @@ TEST_F(SignalsTest, RejectBadShapesAndDtypes) {
       "g_perp");
 }
 
-TEST_F(SignalsTest, NonFiniteInputLeavesAccumulatedSignalsUnchanged) {
+TEST_P(SignalsTest, NonFiniteInputLeavesAccumulatedSignalsUnchanged) {
   std::vector<float> up(static_cast<size_t>(kD) * kK, 1.f), down(up.size(), 2.f);
   std::vector<float> h = h_, g = g_;
   h[5 * kD + 7] = std::nanf("");
@@ -282,6 +274,9 @@ TEST_F(SignalsTest, NonFiniteInputLeavesAccumulatedSignalsUnchanged) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   for (float v : down) EXPECT_EQ(v, 2.f);
 }
+
+INSTANTIATE_TEST_SUITE_P(Backends, SignalsTest, ::testing::ValuesIn(BackendNames()),
+                         BackendTestName);
 
 }  // namespace
 }  // namespace mapl
