@@ -39,6 +39,7 @@ TEST(Config, MissingFieldsTakeTheirDefaults) {
   EXPECT_EQ(c->peer_listen(), "127.0.0.1:0");
   EXPECT_EQ(c->client_buffers(), 8u);
   EXPECT_EQ(c->recv_timeout_ms(), 60000u);
+  EXPECT_EQ(c->backend(), "cpu");
   const v1::BoundaryConfig& b = c->boundaries(0);
   EXPECT_EQ(b.k(), 32u);  // d / 16
   EXPECT_EQ(b.method(), v1::METHOD_MAPL);
@@ -87,6 +88,9 @@ TEST(Config, InvalidFieldsStopStartupNamingTheField) {
   ExpectError(Finalized("stage: 1 auth_token: \"t\""), "boundaries");
   ExpectError(Finalized(kStage1, {"client_buffer_bytes=1000000"}), "client_buffer_bytes");
   ExpectError(Finalized("stage: 1\nauth_token: \"t\"\nboundaries { d: -3 }"), "line 3");
+  // An unknown backend names the ones this build has.
+  ExpectError(Finalized(kStage1, {"backend=tpu"}), "backend: 'tpu' is not a backend");
+  ExpectError(Finalized(kStage1, {"backend=tpu"}), "(it has: cpu)");
 }
 
 TEST(Config, LoadConfigNamesAMissingFile) {

@@ -1,0 +1,248 @@
+// Tests for server/frame_codec.h: the checksum against XXH3 of the concatenated fields, each
+// encoding's round trip against its definition, token id packing, and every check of an incoming
+// frame.
+#include "server/frame_codec.h"
+
+#include <xxhash.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "gtest/gtest.h"
+#include "kernels/registry.h"
+#include "server/config.h"
+
+namespace mapl {
+namespace {
+
+constexpr int64_t kD = 64, kK = 16, kN = 5;
+
+v1::BoundaryConfig MakeConfig(v1::Method method, v1::Codec forward, uint32_t vocab = 1000) {
+  v1::BoundaryConfig c;
+  c.set_id(3);
+  c.set_role(v1::ROLE_DOWNSTREAM);
+  c.set_d(kD);
+  c.set_k(kK);
+  c.set_method(method);
+  if (method != v1::METHOD_DENSE) c.set_forward_codec(forward);
+  c.set_vocab(vocab);
+  c.set_max_tokens(8);
+  absl::StatusOr<v1::BoundaryConfig> full = BoundaryConfigWithDefaults(c);
+  EXPECT_TRUE(full.ok()) << full.status();
+  return *full;
+}
+
+std::vector<float> Random(int64_t n, uint32_t seed, float scale = 1.f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+class FrameCodecTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<Backend> backend_ = *MakeBackend("cpu");
+};
+
+TEST_F(FrameCodecTest, ChecksumIsXxh3OfPayloadScalesAndTokenIds) {
+  v1::Frame f;
+  f.set_payload("payload-bytes");
+  f.set_scales("sc");
+  f.set_token_ids("ids!");
+  const std::string all = "payload-bytes" "sc" "ids!";
+  EXPECT_EQ(FrameChecksum(f), XXH3_64bits(all.data(), all.size()));
+  EXPECT_EQ(FrameWireBytes(f), all.size());
+  FrameCodec::Seal(&f);
+  EXPECT_EQ(f.checksum(), XXH3_64bits(all.data(), all.size()));
+}
+
+TEST_F(FrameCodecTest, Bf16AndInt8RoundTripWithinTheirRounding) {
+  const v1::BoundaryConfig c = MakeConfig(v1::METHOD_FIXED, v1::CODEC_INT8);
+  FrameCodec codec(c, backend_.get());
+  const std::vector<float> x = Random(kN * kK, 1);
+  std::vector<float> out(kN * kK);
+  for (v1::Codec kind : {v1::CODEC_BF16, v1::CODEC_INT8}) {
+    v1::Frame f = codec.NewFrame(v1::DIRECTION_BACKWARD, 1, 0, kN);
+    ASSERT_TRUE(codec.EncodeProjected(kind, x.data(), kN, nullptr, &f).ok());
+    ASSERT_TRUE(codec.DecodeProjected(f, nullptr, out.data()).ok());
+    for (int64_t i = 0; i < kN; ++i) {
+      float max_abs = 0.f;
+      for (int64_t j = 0; j < kK; ++j) max_abs = std::max(max_abs, std::fabs(x[i * kK + j]));
+      for (int64_t j = 0; j < kK; ++j) {
+        const float v = x[i * kK + j];
+        // bf16 keeps 8 significant bits (relative error <= 2^-8 after rounding to nearest);
+        // int8 codes are within half a step of max|x| / 127, the step rounded up to bf16.
+        const float bound = kind == v1::CODEC_BF16 ? std::fabs(v) * 0x1p-8f
+                                                   : 0.5f * max_abs / 127.f * (1.f + 0x1p-7f);
+        EXPECT_LE(std::fabs(out[i * kK + j] - v), bound) << v1::Codec_Name(kind);
+      }
+    }
+    EXPECT_EQ(f.payload().size(), size_t(kind == v1::CODEC_BF16 ? kN * kK * 2 : kN * kK));
+    EXPECT_EQ(f.scales().size(), size_t(kind == v1::CODEC_BF16 ? 0 : kN * 2));
+  }
+}
+
+TEST_F(FrameCodecTest, RvqCodesDecodeToTheirCentroidSums) {
+  const v1::BoundaryConfig c = MakeConfig(v1::METHOD_FIXED, v1::CODEC_RVQ);
+  FrameCodec codec(c, backend_.get());
+  const std::vector<float> train = Random(1024 * kK, 2);
+  RvqFitOptions options;
+  options.levels = static_cast<int32_t>(c.rvq_levels());
+  absl::StatusOr<RvqCodebooks> cb = backend_->RvqFit(ConstTensor::F32(train.data(), 1024, kK),
+                                                     options);
+  ASSERT_TRUE(cb.ok()) << cb.status();
+  const std::vector<float> x = Random(kN * kK, 3);
+  v1::Frame f = codec.NewFrame(v1::DIRECTION_FORWARD, 1, 0, kN);
+  ASSERT_TRUE(codec.EncodeProjected(v1::CODEC_RVQ, x.data(), kN, &*cb, &f).ok());
+  ASSERT_EQ(f.payload().size(), size_t(kN * c.rvq_levels()));
+  EXPECT_EQ(f.levels(), c.rvq_levels());
+  std::vector<float> out(kN * kK);
+  ASSERT_TRUE(codec.DecodeProjected(f, &*cb, out.data()).ok());
+  // Decoding is the sum over levels of the coded centroids, computed here from the codes.
+  for (int64_t i = 0; i < kN; ++i) {
+    for (int64_t j = 0; j < kK; ++j) {
+      double sum = 0.0;
+      for (uint32_t l = 0; l < c.rvq_levels(); ++l) {
+        const uint8_t code = static_cast<uint8_t>(f.payload()[i * c.rvq_levels() + l]);
+        sum += cb->centroids[(l * cb->codebook_size + code) * kK + j];
+      }
+      EXPECT_NEAR(out[i * kK + j], sum, 1e-5);
+    }
+  }
+}
+
+TEST_F(FrameCodecTest, DenseCarriesBf16ValuesAndRejectsNonFinite) {
+  const v1::BoundaryConfig c = MakeConfig(v1::METHOD_DENSE, v1::CODEC_UNSPECIFIED);
+  FrameCodec codec(c, backend_.get());
+  const std::vector<float> h = Random(kN * kD, 4);
+  v1::Frame f = codec.NewFrame(v1::DIRECTION_FORWARD, 2, 1, kN);
+  codec.EncodeDense(ConstTensor::F32(h.data(), kN, kD), &f);
+  FrameCodec::Seal(&f);
+  std::vector<float> out(kN * kD);
+  const Tensor t = Tensor::F32(out.data(), kN, kD);
+  ASSERT_TRUE(codec.Check(f, v1::DIRECTION_FORWARD, -1, t).ok());
+  ASSERT_TRUE(codec.DecodeDense(f, t).ok());
+  for (int64_t i = 0; i < kN * kD; ++i) EXPECT_LE(std::fabs(out[i] - h[i]), std::fabs(h[i]) * 0x1p-8f);
+  // A NaN on the wire (bf16 0x7fc0) is refused, naming where it is.
+  f.mutable_payload()->replace(2 * (kD + 3), 2, std::string("\xc0\x7f", 2));
+  const absl::Status s = codec.DecodeDense(f, t);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "(1, 3)")) << s;
+}
+
+TEST_F(FrameCodecTest, TokenIdsTravelInTwoOrFourBytes) {
+  for (uint32_t vocab : {65536u, 65537u}) {
+    const v1::BoundaryConfig c = MakeConfig(v1::METHOD_MAPL, v1::CODEC_INT8, vocab);
+    FrameCodec codec(c, backend_.get());
+    const std::vector<int32_t> ids = {0, 1, 65535, static_cast<int32_t>(vocab - 1), 7};
+    v1::Frame f;
+    f.set_tokens(kN);
+    codec.PackTokenIds(ids.data(), kN, &f);
+    EXPECT_EQ(f.token_id_bytes(), vocab <= 65536 ? 2u : 4u);
+    EXPECT_EQ(f.token_ids().size(), kN * f.token_id_bytes());
+    std::vector<int32_t> back;
+    ASSERT_TRUE(codec.UnpackTokenIds(f, &back).ok());
+    EXPECT_EQ(back, ids);
+  }
+  // An id at or above vocab from the peer is refused.
+  const v1::BoundaryConfig c = MakeConfig(v1::METHOD_MAPL, v1::CODEC_INT8, 1000);
+  FrameCodec codec(c, backend_.get());
+  const std::vector<int32_t> ids = {0, 1, 1000, 3, 4};
+  v1::Frame f;
+  f.set_tokens(kN);
+  codec.PackTokenIds(ids.data(), kN, &f);
+  std::vector<int32_t> back;
+  const absl::Status s = codec.UnpackTokenIds(f, &back);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "token_ids[2] = 1000")) << s;
+}
+
+// Every field Check() looks at, broken one at a time.
+TEST_F(FrameCodecTest, CheckRejectsEachInconsistencyByName) {
+  const v1::BoundaryConfig c = MakeConfig(v1::METHOD_MAPL, v1::CODEC_INT8);
+  FrameCodec codec(c, backend_.get());
+  const std::vector<float> z = Random(kN * kK, 5);
+  const std::vector<int32_t> ids = {1, 2, 3, 4, 5};
+  v1::Frame good = codec.NewFrame(v1::DIRECTION_FORWARD, 1, 0, kN);
+  ASSERT_TRUE(codec.EncodeProjected(v1::CODEC_INT8, z.data(), kN, nullptr, &good).ok());
+  codec.PackTokenIds(ids.data(), kN, &good);
+  FrameCodec::Seal(&good);
+  std::vector<float> out(kN * kD);
+  const Tensor t = Tensor::F32(out.data(), kN, kD);
+  ASSERT_TRUE(codec.Check(good, v1::DIRECTION_FORWARD, -1, t).ok());
+  ASSERT_TRUE(codec.Check(good, v1::DIRECTION_FORWARD, kN, t).ok());
+
+  struct Case {
+    const char* field;
+    std::function<void(v1::Frame*)> breaks;
+  };
+  const std::vector<Case> cases = {
+      {"boundary", [](v1::Frame* f) { f->set_boundary(4); }},
+      {"direction", [](v1::Frame* f) { f->set_direction(v1::DIRECTION_BACKWARD); }},
+      {"tokens must be", [](v1::Frame* f) { f->set_tokens(0); }},
+      {"tokens must be", [](v1::Frame* f) { f->set_tokens(9); }},
+      {"codec", [](v1::Frame* f) { f->set_codec(v1::CODEC_RVQ); }},
+      {"dim", [](v1::Frame* f) { f->set_dim(kK + 1); }},
+      {"payload has", [](v1::Frame* f) { f->mutable_payload()->pop_back(); }},
+      {"scales has", [](v1::Frame* f) { f->mutable_scales()->append("xx"); }},
+      {"token_id_bytes", [](v1::Frame* f) { f->set_token_id_bytes(3); }},
+      {"token_ids has", [](v1::Frame* f) { f->mutable_token_ids()->pop_back(); }},
+  };
+  for (const Case& k : cases) {
+    v1::Frame f = good;
+    k.breaks(&f);
+    FrameCodec::Seal(&f);  // a consistent checksum: the field check must catch it
+    const absl::Status s = codec.Check(f, v1::DIRECTION_FORWARD, -1, t);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << k.field;
+    EXPECT_TRUE(absl::StrContains(s.message(), k.field)) << k.field << ": " << s;
+  }
+  // The backward's token count must match its forward's; the output must be (n, d).
+  EXPECT_TRUE(absl::StrContains(codec.Check(good, v1::DIRECTION_FORWARD, kN + 1, t).message(),
+                                "its forward had"));
+  EXPECT_EQ(codec.Check(good, v1::DIRECTION_FORWARD, -1, Tensor::F32(out.data(), kN, kD - 1))
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  // A flipped payload bit with the old checksum is DATA_LOSS.
+  v1::Frame corrupt = good;
+  (*corrupt.mutable_payload())[0] ^= 1;
+  const absl::Status s = codec.Check(corrupt, v1::DIRECTION_FORWARD, -1, t);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "checksum mismatch")) << s;
+}
+
+TEST_F(FrameCodecTest, CodebookCacheFollowsTheDictionaryVersion) {
+  const v1::BoundaryConfig c = MakeConfig(v1::METHOD_FIXED, v1::CODEC_RVQ);
+  std::vector<DictionaryTableSpec> specs = {{"U", kD, kK},
+                                            {"rvq", int64_t{c.rvq_levels()} * 256, kK}};
+  std::vector<std::vector<float>> tables = {Random(kD * kK, 6),
+                                            Random(c.rvq_levels() * 256 * kK, 7)};
+  auto v0 = PublishedDictionary::Create(specs, tables, v1::PRECISION_F32, 0);
+  ASSERT_TRUE(v0.ok());
+  auto d0 = std::make_shared<const PublishedDictionary>(*std::move(v0));
+  tables[1][0] += 1.f;
+  auto v1d = PublishedDictionary::Create(specs, tables, v1::PRECISION_F32, 1);
+  ASSERT_TRUE(v1d.ok());
+  auto d1 = std::make_shared<const PublishedDictionary>(*std::move(v1d));
+  CodebookCache cache(kK, c.rvq_levels());
+  absl::StatusOr<const RvqCodebooks*> a = cache.Get(d0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ((*a)->centroids[0], d0->table(1)[0]);
+  absl::StatusOr<const RvqCodebooks*> b = cache.Get(d1);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ((*b)->centroids[0], d1->table(1)[0]);
+  EXPECT_NE((*b)->centroids[0], d0->table(1)[0]);
+  // A dictionary without an "rvq" table cannot give codebooks.
+  auto plain = PublishedDictionary::Create({{"U", kD, kK}}, {tables[0]}, v1::PRECISION_F32, 0);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(cache.Get(std::make_shared<const PublishedDictionary>(*std::move(plain)))
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace mapl
