@@ -163,7 +163,6 @@ class BoundaryWorker {
   std::optional<uint64_t> closed_step_ ABSL_GUARDED_BY(mu_);  // the last step closed here
   std::deque<v1::PeerMessage> incoming_ ABSL_GUARDED_BY(mu_);
   int64_t incoming_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  bool decoding_ ABSL_GUARDED_BY(mu_) = false;  // the decoder holds a message
   uint64_t signals_ ABSL_GUARDED_BY(mu_) = 0;   // learning signals handled (wakes Step)
   std::map<Key, Received> inbox_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
