@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs, from Debian 12's archive, everything mapl's build, tests, benchmarks and demo need.
+# Installs, from Debian 12's archive, everything mapl's build, tests, benchmarks and demo need
+# (clang-14: the thread-safety build, CMake preset "tsa").
 # Idempotent: packages already present are skipped, and apt is not touched when nothing is missing.
 set -euo pipefail
 
 PACKAGES=(
   build-essential cmake ninja-build pkg-config git
+  clang-14
   libabsl-dev libopenblas-dev libxxhash-dev
   libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
   libgtest-dev libgmock-dev libbenchmark-dev

@@ -1,27 +1,67 @@
 #!/usr/bin/env bash
-# All tests on a fresh Debian 12 machine: install what is missing, build, then run
-#   1. the C++ kernel and server tests under AddressSanitizer + UndefinedBehaviorSanitizer
+# All tests on a fresh Debian 12 machine: install what is missing, build, then
+#   1. compile every C++ library, mapld and the C++ tests with clang 14's thread-safety analysis
+#      (build-tsa/, the CMake preset "tsa"): a lock annotation the code breaks fails the run here,
+#   2. run the C++ kernel and server tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #      (build-asan/, the CMake preset "asan"), and
-#   2. the whole suite (C++ and Python) in the normal build, whose ctest summary ends the output.
-# GPU tests carry the ctest label "gpu" and skip where there is no device.
+#   3. run the whole suite (C++ and Python) in the normal build, whose ctest summary line
+#      ("N% tests passed, ...") is the last line of the output.
+# GPU tests carry the ctest label "gpu" and skip where there is no device; each ctest run lists the
+# tests that did not run (skipped) just above its summary line.
+# CI=true in the environment (.ci/run sets it) reaches every test unchanged: the Python tests then
+# fail instead of skipping on a missing dependency. Without it, the tests skip as on a laptop.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 bash deploy/install-deps.sh || exit 1
 jobs=$(nproc)
+if [ "${CI:-}" = true ]; then
+  echo "CI=true: a test whose dependency is missing fails instead of skipping"
+fi
+
+# run_ctest DIR [NOTE]: runs ctest in DIR and returns its exit status. ctest prints its summary
+# line first and then the label times, the tests that did not run and the failed ones; this holds
+# everything from the summary line on and prints it with the summary line last (NOTE, if given,
+# just before it), so that the verdict is what a reader, or CI, sees at the end.
+run_ctest() {
+  local dir=$1 note=${2:-}
+  ctest --test-dir "$dir" -j "$jobs" --output-on-failure 2>&1 | awk -v note="$note" '
+    !held && /^[0-9]+% tests passed, / { held = 1; summary = $0; next }
+    held && n == 0 && $0 == "" { next }
+    held { tail[n++] = $0; next }
+    { print; fflush() }
+    END {
+      for (i = 0; i < n; i++) print tail[i]
+      if (note != "") print "\n" note
+      if (held) print "\n" summary
+    }'
+  return "${PIPESTATUS[0]}"
+}
+
+echo "== thread safety: build-tsa (clang 14, -Werror=thread-safety: Abseil lock annotations) =="
+start=$SECONDS
+# -k 0: one run lists every file that breaks an annotation, not just the first.
+if ! { cmake --preset tsa >/dev/null && ninja -C build-tsa -j "$jobs" -k 0; }; then
+  echo "thread-safety build failed: a [-Wthread-safety-*] error above is code that touches a"
+  echo "ABSL_GUARDED_BY member or calls an ABSL_EXCLUSIVE_LOCKS_REQUIRED function without the"
+  echo "mutex it names (or an annotation that is wrong): take the lock or correct the annotation"
+  exit 1
+fi
+echo "build-tsa: no thread-safety warnings ($((SECONDS - start)) s)"
 
 echo "== sanitizers: build-asan (address, undefined) =="
 cmake --preset asan >/dev/null && ninja -C build-asan -j "$jobs" || exit 1
 # Abort on the first report; OpenBLAS's threads are not ours to leak-check.
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  OPENBLAS_NUM_THREADS=1 ctest --test-dir build-asan -j "$jobs" --output-on-failure
+  OPENBLAS_NUM_THREADS=1 run_ctest build-asan
 asan_rc=$?
 
 echo "== build/ (RelWithDebInfo): all tests =="
 bash deploy/build.sh || exit 1
-OPENBLAS_NUM_THREADS=1 ctest --test-dir build -j "$jobs" --output-on-failure
-main_rc=$?
+note=""
 if [ "$asan_rc" -ne 0 ]; then
-  echo "sanitizer run failed (exit $asan_rc): see the output above"
-  exit "$asan_rc"
+  note="sanitizer run failed (exit $asan_rc): see its failures above, under '== sanitizers'"
 fi
+OPENBLAS_NUM_THREADS=1 run_ctest build "$note"
+main_rc=$?
+if [ "$asan_rc" -ne 0 ]; then exit "$asan_rc"; fi
 exit "$main_rc"
