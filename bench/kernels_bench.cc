@@ -1,5 +1,5 @@
 // Kernel throughput of the CPU backend (Google Benchmark), plus the projection-vs-sgemm ratio the
-// foundation issue sets as a target (projection of n=4096, d=2048, k=64 in fp32 at >= 70% of a
+// project sets as a target (projection of n=4096, d=2048, k=64 in fp32 at >= 70% of a
 // bare OpenBLAS sgemm of the same shape, measured in the same run).
 //
 //   OPENBLAS_NUM_THREADS=1 build/bench/kernels_bench
@@ -94,7 +94,7 @@ void BM_LiftF32(benchmark::State& state) {
 }
 BENCHMARK(BM_LiftF32)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-// RVQ on the issue's data: 65,536 vectors of dimension 64, decaying spectrum, 4 x 256.
+// RVQ on the reference data of bench/README.md: 65,536 vectors of dimension 64, decaying spectrum, 4 x 256.
 struct RvqFixture {
   RvqFixture() : x(Gaussian(65536, 64, 3, true)) {
     RvqFitOptions opt;

@@ -1,4 +1,4 @@
-// The codec math of DESIGN.md section 2 behind one interface, so CPU (BLAS) and CUDA backends are
+// The codec math of docs/METHOD.md section 2 behind one interface, so CPU (BLAS) and CUDA backends are
 // interchangeable and testable against each other. All math is fp32; tensors marked "f32/bf16"
 // may be either dtype. Every matrix is row-major. Shapes use n tokens, hidden size d, rank k,
 // vocabulary V, anchor rank r, L RVQ levels of K centroids.
@@ -99,7 +99,7 @@ class Backend {
                              const MsignOptions& options) const = 0;
   // Polar retraction: u <- u (u^T u)^(-1/2), exactly, through the k x k Gram matrix.
   virtual absl::Status Retract(const Tensor& u) const = 0;
-  // One SPEL step (DESIGN section 2): M = beta M + G; xi = M - U sym(U^T M); D = msign(xi);
+  // One SPEL step (docs/METHOD.md section 2): M = beta M + G; xi = M - U sym(U^T M); D = msign(xi);
   // U <- msign(U - lr D).  u, grad, momentum: (d, k) f32; u and momentum are updated in place.
   // grad is the loss gradient dL/dU (G_up + G_down): the step descends it. D has unit singular
   // values, so lr is a step length on the manifold whatever the scale of grad.

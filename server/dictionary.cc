@@ -1,4 +1,4 @@
-// Dictionary synchronization (DESIGN.md section 3): published states, their checksum and wire
+// Dictionary synchronization (docs/METHOD.md section 3): published states, their checksum and wire
 // encoding, the owner's budgeted deltas and the replica's checked application of them.
 #include "server/dictionary.h"
 

@@ -1,4 +1,4 @@
-// The dictionary of one boundary direction (DESIGN.md section 3): the float tables a decoder needs
+// The dictionary of one boundary direction (docs/METHOD.md section 3): the float tables a decoder needs
 // besides the codes (U, RVQ codebooks), and their synchronization from the owner to the decoder
 // through versioned, checksummed deltas under a byte budget.
 //

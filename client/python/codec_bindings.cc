@@ -168,7 +168,7 @@ class PyRvq {
 
   py::dict Update(const py::handle& xo, float decay, float dead_fraction) {
     F32Array x = Typed<float>(xo, "x", 2);
-    if (!fitted_) {  // DESIGN section 2: codebooks are initialised from the first batch.
+    if (!fitted_) {  // docs/METHOD.md section 2: codebooks are initialised from the first batch.
       Fit(xo, 20, 2);
     }
     RvqUpdateOptions opt;

@@ -369,7 +369,7 @@ absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const 
   if (learner == nullptr) return absl::InvalidArgumentError("rvq update: learner is null");
   MAPL_RETURN_IF_ERROR(CheckCodebooksAndInput(learner->codebooks, x));
   // Work on a copy and commit only a finite result: huge but finite input can overflow the EMA
-  // sums, and learner state must never be poisoned (DESIGN.md section 6).
+  // sums, and learner state must never be poisoned (docs/ARCHITECTURE.md).
   RvqLearner next = *learner;
   RvqCodebooks& cb = next.codebooks;
   const int64_t n = x.rows, dim = cb.dim, k = cb.codebook_size, nl = cb.levels;

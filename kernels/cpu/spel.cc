@@ -1,4 +1,4 @@
-// SPEL on the Stiefel manifold (DESIGN.md section 2): msign by Newton-Schulz iterations on the tall
+// SPEL on the Stiefel manifold (docs/METHOD.md section 2): msign by Newton-Schulz iterations on the tall
 // d x k matrix, the exact polar retraction through the k x k Gram matrix, and the momentum step
 // that combines them. Everything that touches the learner state (U, M) validates first and writes
 // last, so a bad gradient leaves the state as it was.
@@ -223,7 +223,7 @@ absl::Status CpuBackend::SpelStep(const Tensor& u, const ConstTensor& grad, cons
   NewtonSchulz(xi.data(), d, k, options.msign, xi.data());
 
   // U <- polar(U - lr D), in double so that orthonormality does not drift over many steps. G is
-  // the loss gradient dL/dU = G_up + G_down (DESIGN.md section 2), so the step descends it.
+  // the loss gradient dL/dU = G_up + G_down (docs/METHOD.md section 2), so the step descends it.
   std::vector<double> y(dk);
   for (size_t i = 0; i < dk; ++i) {
     y[i] = static_cast<double>(uf[i]) - static_cast<double>(options.lr) * xi[i];

@@ -1,4 +1,4 @@
-// The gRPC peer link (DESIGN.md sections 4 and 6), the first Transport (transport.h): one
+// The gRPC peer link (docs/ARCHITECTURE.md, "The transport"), the first Transport (transport.h): one
 // bidirectional gRPC stream (Peer.Link, peer.proto) per pipeline boundary between the two mapld
 // processes on either side of it. It knows nothing about codecs: it numbers, orders, acknowledges,
 // retains and resends PeerMessages, authenticates the peer, and measures liveness and round-trip

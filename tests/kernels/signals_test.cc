@@ -43,7 +43,7 @@ std::vector<float> RoundTripBf16(const std::vector<float>& v, std::vector<bf16_t
   return r;
 }
 
-// G_down = g^T zq - a^T (g U) - g^T (a U), exactly as DESIGN.md writes it.
+// G_down = g^T zq - a^T (g U) - g^T (a U), exactly as docs/METHOD.md section 2.3 writes it.
 std::vector<double> GradDownRef(const std::vector<float>& g, const std::vector<float>& zq,
                                 const std::vector<float>* a, const std::vector<float>& u) {
   std::vector<double> r = AtB(D(g), D(zq), kN, kD, kK);
