@@ -385,6 +385,11 @@ class Sidecar:
         return list(self._arena.sizes)
 
     @property
+    def buffer_names(self) -> List[str]:
+        """POSIX shared-memory names of the attached buffers (``/dev/shm/<name>`` on Linux)."""
+        return [self._client.buffer_name(i) for i in range(len(self._arena.sizes))]
+
+    @property
     def shared_bytes_free(self) -> int:
         return self._arena.free_bytes()
 
