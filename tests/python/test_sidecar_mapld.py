@@ -50,7 +50,11 @@ class Pair:
                     "seed": 7}
         if method != "METHOD_DENSE":  # DENSE sends bf16 both ways and takes no codec option
             boundary.update(forward_codec="CODEC_BF16", backward_codec="CODEC_INT8")
-        self.up_proc, self.down_proc = start_pair(self.dir, boundary)
+        try:
+            self.up_proc, self.down_proc = start_pair(self.dir, boundary)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self.up = self.up_proc.connect("stage0")
         self.down = self.down_proc.connect("stage1")
         self.pool = ThreadPoolExecutor(2)
