@@ -1,5 +1,6 @@
 // The local-API client: gRPC on a Unix socket, POSIX shared memory for the tensors. gRPC
-// statuses are turned into mapl::client::Status here and nowhere else.
+// statuses become mapl::client::Status here and nowhere else, through the one gRPC <-> absl
+// conversion (common/grpc_status.h).
 #include "client/mapl_client.h"
 
 #include <fcntl.h>
@@ -16,6 +17,8 @@
 #include <thread>
 #include <utility>
 
+#include "absl/status/status.h"
+#include "common/grpc_status.h"
 #include "proto/mapl/v1/local.grpc.pb.h"
 #include "proto/mapl/v1/local.pb.h"
 
@@ -25,6 +28,14 @@ namespace {
 
 namespace v1 = ::mapl::v1;
 using Clock = std::chrono::system_clock;
+
+// The public header spells the codes as plain ints (it does not include Abseil); they are
+// google.rpc.Code, as absl::StatusCode is.
+static_assert(kInvalidArgument == static_cast<int>(absl::StatusCode::kInvalidArgument));
+static_assert(kDeadlineExceeded == static_cast<int>(absl::StatusCode::kDeadlineExceeded));
+static_assert(kFailedPrecondition == static_cast<int>(absl::StatusCode::kFailedPrecondition));
+static_assert(kInternal == static_cast<int>(absl::StatusCode::kInternal));
+static_assert(kUnavailable == static_cast<int>(absl::StatusCode::kUnavailable));
 
 constexpr uint32_t kDefaultConnectTimeoutMs = 10000;
 // Recv and Step carry their own timeout to the daemon; the client's deadline is later by this
@@ -58,22 +69,6 @@ void ToProto(const TensorRef& in, v1::TensorRef* out) {
   out->set_rows(in.rows);
   out->set_cols(in.cols);
   out->set_dtype(ToProto(in.dtype));
-}
-
-BoundaryStats FromProto(const v1::BoundaryStats& p) {
-  BoundaryStats s;
-  s.id = p.id();
-  s.role = p.role();
-  s.dictionary_version = p.dictionary_version();
-  s.dictionary_checksum = p.dictionary_checksum();
-  s.orthogonality_error = p.orthogonality_error();
-  s.raw_bytes = p.raw_bytes_sent() + p.raw_bytes_received();
-  s.wire_payload_bytes = p.payload_bytes_sent() + p.payload_bytes_received();
-  s.wire_dictionary_bytes = p.dictionary_bytes_sent() + p.dictionary_bytes_received();
-  s.frames_sent = p.frames_sent();
-  s.frames_received = p.frames_received();
-  s.last_step_relative_error = p.rvq_relative_mse();
-  return s;
 }
 
 struct Mapping {
@@ -189,12 +184,14 @@ struct Client::Impl {
   // A gRPC status as the caller sees it: the daemon's code and message, with the socket named
   // when the daemon itself is gone.
   Status FromGrpc(const grpc::Status& s) const {
-    const int code = static_cast<int>(s.error_code());
-    if (code == kUnavailable && channel->GetState(false) != GRPC_CHANNEL_READY) {
-      return MakeStatus(code, "lost mapld at unix:" + socket_path + " (" + s.error_message() +
-                                  "); is it still running?");
+    const absl::Status status = ::mapl::FromGrpcStatus(s);
+    const int code = static_cast<int>(status.code());
+    std::string message(status.message());
+    if (status.code() == absl::StatusCode::kUnavailable &&
+        channel->GetState(false) != GRPC_CHANNEL_READY) {
+      message = "lost mapld at unix:" + socket_path + " (" + message + "); is it still running?";
     }
-    return MakeStatus(code, s.error_message());
+    return MakeStatus(code, std::move(message));
   }
 
   // FAILED_PRECONDITION after Close(), the stream's end status after the daemon ended it.
@@ -384,11 +381,7 @@ Status Client::Step(uint64_t step, uint32_t timeout_ms, StepResult* result) {
   grpc::ClientContext ctx;
   const grpc::Status s = impl_->stub->Step(impl_->WithTimeout(&ctx, timeout_ms), req, &reply);
   if (!s.ok()) return impl_->FromGrpc(s);
-  if (result != nullptr) {
-    result->boundaries.clear();
-    for (const v1::BoundaryStats& b : reply.boundaries())
-      result->boundaries.push_back(FromProto(b));
-  }
+  if (result != nullptr) *result = std::move(reply);
   return Status{};
 }
 
@@ -401,12 +394,7 @@ Status Client::Stats(StatsResult* result) {
   grpc::ClientContext ctx;
   const grpc::Status s = impl_->stub->Stats(&ctx, req, &reply);
   if (!s.ok()) return impl_->FromGrpc(s);
-  if (result != nullptr) {
-    result->stage = reply.stage();
-    result->boundaries.clear();
-    for (const v1::BoundaryStats& b : reply.boundaries())
-      result->boundaries.push_back(FromProto(b));
-  }
+  if (result != nullptr) *result = std::move(reply);
   return Status{};
 }
 

@@ -1,7 +1,12 @@
 // The trainer-side client of mapld's local API (proto/mapl/v1/local.proto): it attaches to the
 // stage's daemon over its Unix socket, maps the shared-memory buffers the daemon hands out, and
-// names tensors in those buffers in Send/Recv/Step/Stats calls. The header uses standard types
-// only (STYLE rule 7): gRPC and protobuf stay in mapl_client.cc.
+// names tensors in those buffers in Send/Recv/Step/Stats calls.
+//
+// Dependencies: protobuf is a PUBLIC dependency of mapl_client. Step and Stats hand back the
+// daemon's statistics records themselves (mapl::v1::StepReply / StatsReply, whose
+// mapl::v1::BoundaryStats is the one declaration of every statistic, in local.proto), so a new
+// statistic reaches callers without a change here. gRPC stays private (mapl_client.cc); calls
+// report errors with the small Status below.
 //
 //   std::unique_ptr<mapl::client::Client> c;
 //   mapl::client::Status s = mapl::client::Client::Connect(
@@ -11,6 +16,8 @@
 //   mapl::client::TensorRef ref{0, 0, n, d, mapl::client::DType::kF32};
 //   mapl::client::SendResult r;
 //   s = c->Send(/*boundary=*/0, mapl::client::Direction::kForward, step, mb, ref, ids_ref, &r);
+//   mapl::client::StatsResult st;                      // mapl::v1::StatsReply
+//   s = c->Stats(&st);                                 // st.boundaries(0).frames_sent(), ...
 //
 // A Client may be used from several threads at once (a Recv blocking on one thread while another
 // Sends). Its background thread keeps reading the Attach stream: that open stream is what keeps
@@ -24,6 +31,8 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "proto/mapl/v1/local.pb.h"
 
 namespace mapl {
 namespace client {
@@ -85,28 +94,12 @@ struct RecvResult {
   uint32_t cols = 0;  // d.
 };
 
-struct BoundaryStats {
-  uint32_t id = 0;
-  std::string role;
-  uint64_t dictionary_version = 0;
-  uint64_t dictionary_checksum = 0;
-  double orthogonality_error = 0;  // max |U^T U - I| of the published U.
-  uint64_t raw_bytes = 0;
-  uint64_t wire_payload_bytes = 0;
-  uint64_t wire_dictionary_bytes = 0;
-  uint64_t frames_sent = 0;
-  uint64_t frames_received = 0;
-  double last_step_relative_error = 0;
-};
-
-struct StepResult {
-  std::vector<BoundaryStats> boundaries;
-};
-
-struct StatsResult {
-  uint32_t stage = 0;
-  std::vector<BoundaryStats> boundaries;
-};
+// The statistics record of one boundary (local.proto BoundaryStats), as the daemon sent it.
+using BoundaryStats = ::mapl::v1::BoundaryStats;
+// Step's result: the record of each boundary of this stage after the step.
+using StepResult = ::mapl::v1::StepReply;
+// Stats' result: the stage and the record of each of its boundaries.
+using StatsResult = ::mapl::v1::StatsReply;
 
 class Client {
  public:
@@ -157,9 +150,11 @@ class Client {
   Status Recv(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
               const TensorRef& into, uint32_t timeout_ms, RecvResult* result);
 
-  // Tells the daemon the optimizer finished `step`, so the compressors run their own update.
+  // Tells the daemon the optimizer finished `step`, so the compressors run their own update;
+  // `result` (may be null) gets every boundary's record after it.
   Status Step(uint64_t step, uint32_t timeout_ms, StepResult* result);
 
+  // The stage and every boundary's record, as of now.
   Status Stats(StatsResult* result);
 
  private:

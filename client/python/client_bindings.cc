@@ -1,7 +1,9 @@
 // pybind11 bindings of the local-API client (module mapl._client). The Python-facing API is
 // client/python/mapl/sidecar.py; this layer stays thin: plain tuples and dicts in and out, the GIL
 // released around every call that waits on the daemon, and each mapl::client::Status turned into
-// the matching mapl.errors exception here, at the language edge.
+// the matching mapl.errors exception here, at the language edge. Step and Stats return the
+// daemon's reply records as dicts by protobuf reflection (proto_dict.h): no per-field code, so a
+// statistic added to local.proto reaches Python unchanged.
 //
 // Shared memory reaches Python as Region objects, which export a writable byte buffer (the buffer
 // protocol) and hold the Client, so memory that torch.frombuffer wraps stays mapped as long as any
@@ -17,6 +19,7 @@
 #include <utility>
 
 #include "client/mapl_client.h"
+#include "client/python/proto_dict.h"
 
 namespace py = pybind11;
 
@@ -52,28 +55,6 @@ Direction ToDirection(int v) {
 TensorRef ToRef(const RefTuple& t) {
   return TensorRef{std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t),
                    ToDType(std::get<4>(t))};
-}
-
-py::dict ToDict(const BoundaryStats& b) {
-  py::dict d;
-  d["id"] = b.id;
-  d["role"] = b.role;
-  d["dictionary_version"] = b.dictionary_version;
-  d["dictionary_checksum"] = b.dictionary_checksum;
-  d["orthogonality_error"] = b.orthogonality_error;
-  d["raw_bytes"] = b.raw_bytes;
-  d["wire_payload_bytes"] = b.wire_payload_bytes;
-  d["wire_dictionary_bytes"] = b.wire_dictionary_bytes;
-  d["frames_sent"] = b.frames_sent;
-  d["frames_received"] = b.frames_received;
-  d["last_step_relative_error"] = b.last_step_relative_error;
-  return d;
-}
-
-py::list ToList(const std::vector<BoundaryStats>& v) {
-  py::list out;
-  for (const BoundaryStats& b : v) out.append(ToDict(b));
-  return out;
 }
 
 // A byte range of one mapped buffer, exported through the buffer protocol.
@@ -221,7 +202,7 @@ void BindModule(py::module_& m) {
               s = c.Step(step, timeout_ms, &r);
             }
             ThrowIfError(s);
-            return ToList(r.boundaries);
+            return MessageToDict(r);  // {"boundaries": [record, ...]}
           },
           py::arg("step"), py::arg("timeout_ms"))
       .def("stats",
@@ -233,7 +214,7 @@ void BindModule(py::module_& m) {
                s = c.Stats(&r);
              }
              ThrowIfError(s);
-             return std::make_tuple(r.stage, ToList(r.boundaries));
+             return MessageToDict(r);  // {"stage": ..., "boundaries": [record, ...]}
            })
       .def("close", [](Client& c) {
         py::gil_scoped_release nogil;

@@ -271,6 +271,65 @@ TEST_F(TwoDaemonsTest, SendForAClosedStepIsRefusedAtOnce) {
   EXPECT_TRUE(up_client_->Send(0, Direction::kForward, 2, 0, h, ids, &sent).ok());
 }
 
+// Step and Stats hand back the daemon's records (local.proto BoundaryStats) as they are: one
+// forward microbatch and its gradient show on both sides, each counted once.
+TEST_F(TwoDaemonsTest, StepAndStatsReturnTheDaemonsRecords) {
+  constexpr uint32_t kRows = 10;
+  SendResult sent;
+  auto [h, ids] = Fill(up_client_.get(), kRows);
+  ASSERT_TRUE(up_client_->Send(0, Direction::kForward, 1, 0, h, ids, &sent).ok());
+  RecvResult r;
+  ASSERT_TRUE(
+      down_client_
+          ->Recv(0, Direction::kForward, 1, 0, TensorRef{0, 0, kMaxTokens, kD, DType::kF32}, 0, &r)
+          .ok());
+  ASSERT_TRUE(down_client_
+                  ->Send(0, Direction::kBackward, 1, 0, TensorRef{0, 0, r.rows, kD, DType::kF32},
+                         std::nullopt, &sent)
+                  .ok());
+  ASSERT_TRUE(
+      up_client_
+          ->Recv(0, Direction::kBackward, 1, 0, TensorRef{1, 0, kMaxTokens, kD, DType::kF32}, 0, &r)
+          .ok());
+  StepResult down_step, up_step;
+  ASSERT_TRUE(down_client_->Step(1, 5000, &down_step).ok());
+  Status s = up_client_->Step(1, 5000, &up_step);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_EQ(up_step.boundaries_size(), 1);
+  ASSERT_EQ(down_step.boundaries_size(), 1);
+  EXPECT_EQ(up_step.boundaries(0).role(), "upstream");
+  EXPECT_EQ(down_step.boundaries(0).role(), "downstream");
+
+  StatsResult up, down;
+  ASSERT_TRUE(up_client_->Stats(&up).ok());
+  ASSERT_TRUE(down_client_->Stats(&down).ok());
+  EXPECT_EQ(up.stage(), 0u);
+  EXPECT_EQ(down.stage(), 1u);
+  ASSERT_EQ(up.boundaries_size(), 1);
+  ASSERT_EQ(down.boundaries_size(), 1);
+  const BoundaryStats& u = up.boundaries(0);
+  const BoundaryStats& d = down.boundaries(0);
+  EXPECT_EQ(u.id(), 0u);
+  EXPECT_EQ(u.role(), "upstream");
+  // Raw bytes count the tensor as dense bf16: rows x d x 2, each way.
+  constexpr uint64_t kRaw = kRows * kD * 2;
+  EXPECT_EQ(u.raw_bytes_sent(), kRaw);
+  EXPECT_EQ(u.raw_bytes_received(), kRaw);
+  EXPECT_EQ(d.raw_bytes_received(), kRaw);
+  EXPECT_EQ(d.raw_bytes_sent(), kRaw);
+  EXPECT_EQ(u.frames_sent(), 1u);
+  EXPECT_EQ(u.frames_received(), 1u);
+  EXPECT_EQ(d.frames_sent(), 1u);
+  EXPECT_EQ(d.frames_received(), 1u);
+  // What one side put on the wire is what the other took off it.
+  EXPECT_GT(u.payload_bytes_sent(), 0u);
+  EXPECT_EQ(u.payload_bytes_sent(), d.payload_bytes_received());
+  EXPECT_EQ(d.payload_bytes_sent(), u.payload_bytes_received());
+  // The step's record and the later Stats agree on what the step left behind.
+  EXPECT_EQ(up_step.boundaries(0).frames_sent(), u.frames_sent());
+  EXPECT_EQ(up_step.boundaries(0).raw_bytes_sent(), u.raw_bytes_sent());
+}
+
 // grpc.health.v1.Health/Check with service "" (an empty request message) on both servers of the
 // downstream daemon; the reply HealthCheckResponse{status: SERVING} serializes to 08 01.
 TEST_F(TwoDaemonsTest, BothServersAnswerTheStandardHealthCheck) {

@@ -1,10 +1,12 @@
 """The Python codec API (mapl.codec) on numpy: round trips, properties, and error messages."""
 
-import numpy as np
 import pytest
 
-import mapl
-from mapl import codec
+from conftest import need_module
+
+np = need_module("numpy")
+mapl = need_module("mapl")
+codec = need_module("mapl.codec")
 
 
 def decaying(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -85,7 +87,7 @@ def test_bf16_codec():
     with pytest.raises(ValueError, match="non-finite"):
         codec.Bf16Codec().decode(np.full((2, 2), 0x7fc0, np.uint16))  # a NaN off the wire
     # Bit-exact against torch's bfloat16 rounding.
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     want = torch.from_numpy(x).to(torch.bfloat16).to(torch.float32).numpy()
     np.testing.assert_array_equal(y, want)
 

@@ -1,17 +1,22 @@
 """mapl.Sidecar without a daemon: the error for a missing mapld, the socket path default, the
-exception classes and the shared-memory allocator."""
+exception classes, the shared-memory allocator and the stats view (BoundaryStats)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import pickle
 import time
 from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import need_module, proto_fields
 
-import mapl  # noqa: E402
-from mapl import errors, sidecar  # noqa: E402
+torch = need_module("torch")
+mapl = need_module("mapl")
+errors = need_module("mapl.errors")
+sidecar = need_module("mapl.sidecar")
 
 
 def test_connect_without_daemon_is_unavailable_and_says_what_to_do(short_tmp: Path):
@@ -71,3 +76,65 @@ def test_arena_first_fit_alignment_and_coalescing():
     assert a.free_bytes() == 4096 + 1024 and a.used == 0
     with pytest.raises(mapl.ResourceExhausted, match="client_buffer_bytes"):
         a.alloc(5000)
+
+
+def a_record() -> dict:
+    """A BoundaryStats record shaped as mapl._client returns it: every field local.proto declares
+    (distinct values), the nested LinkStats with its maps of Traffic."""
+    traffic = lambda m, b: dict(zip(proto_fields("Traffic"), (m, b)))  # noqa: E731
+    link = {name: 100 + i for i, name in enumerate(proto_fields("LinkStats"))}
+    link.update(connected=True, last_rtt_seconds=0.25,
+                sent={"frame": traffic(3, 3000), "ack": traffic(2, 20)},
+                received={"delta": traffic(1, 77)})
+    record = {name: 1 + i for i, name in enumerate(proto_fields("BoundaryStats"))}
+    record.update(role="upstream", orthogonality_error=1e-7, rvq_relative_mse=0.125,
+                  has_dictionary=True, link=link)
+    return record
+
+
+def test_boundary_stats_reads_every_field_of_the_record_and_derives_the_old_names():
+    record = a_record()
+    b = sidecar.BoundaryStats.from_record(record)
+    assert isinstance(b, sidecar.BoundaryStats)
+    for name, value in record.items():
+        assert getattr(b, name) == value, name
+    assert b.link.connected is True and b.link.last_rtt_seconds == 0.25
+    assert b.link.sent["frame"].bytes == 3000 and b.link.sent.ack.messages == 2
+    assert b.link.received["delta"]["bytes"] == 77
+    r = record
+    assert b.raw_bytes == r["raw_bytes_sent"] + r["raw_bytes_received"]
+    assert b.wire_payload_bytes == r["payload_bytes_sent"] + r["payload_bytes_received"]
+    assert b.wire_dictionary_bytes == r["dictionary_bytes_sent"] + r["dictionary_bytes_received"]
+    assert b.wire_bytes == b.wire_payload_bytes + b.wire_dictionary_bytes
+    assert b.last_step_relative_error == 0.125
+    assert b.record() == record
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.frames_sent = 0
+    with pytest.raises(AttributeError, match="no field 'frames_snet'.*frames_sent"):
+        b.frames_snet  # noqa: B018
+    with pytest.raises(AttributeError, match="no such field"):
+        b.link.conected  # noqa: B018
+
+
+def test_boundary_stats_as_the_examples_use_it():
+    """examples/llama_pipeline/stage.py sends dataclasses.asdict(stats) as JSON, and run.py reads
+    the old names from it."""
+    b = sidecar.BoundaryStats.from_record(a_record())
+    d = json.loads(json.dumps(dataclasses.asdict(b)))
+    for name in ("raw_bytes", "wire_payload_bytes", "wire_dictionary_bytes", "frames_sent",
+                 "frames_received", "dictionary_version", "dictionary_checksum", "id", "role"):
+        assert d[name] == getattr(b, name), name
+    assert d["link"]["sent"]["frame"]["bytes"] == 3000
+    stats = sidecar.Stats(1, [b])
+    assert stats.boundary(b.id) is b
+    assert json.loads(json.dumps(dataclasses.asdict(stats)))["boundaries"][0] == d
+    assert pickle.loads(pickle.dumps(b)) == b
+
+
+def test_a_new_statistic_needs_no_client_change():
+    record = dict(a_record(), brand_new_counter=41)
+    b = sidecar.BoundaryStats.from_record(record)
+    assert b.brand_new_counter == 41
+    assert dataclasses.asdict(b)["brand_new_counter"] == 41
+    # A record field of a derived name wins: the record is the truth.
+    assert sidecar.BoundaryStats.from_record(dict(record, raw_bytes=5)).raw_bytes == 5

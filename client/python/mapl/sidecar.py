@@ -20,20 +20,23 @@ Errors are :class:`mapl.MaplError` subclasses carrying the daemon's message.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 import os
 import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 
 import torch
 
 from . import _client
 from .errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
 
-__all__ = ["Sidecar", "BoundaryInfo", "BoundaryStats", "Stats", "SendResult",
+__all__ = ["Sidecar", "BoundaryInfo", "BoundaryStats", "Record", "Stats", "SendResult",
            "default_socket_path", "FORWARD", "BACKWARD"]
 
 FORWARD = 1   # mapl.v1.Direction: activations, upstream -> downstream
@@ -70,25 +73,95 @@ class BoundaryInfo:
     max_tokens: int    # most rows of one microbatch tensor
 
 
-@dataclass(frozen=True)
-class BoundaryStats:
-    """Counters and dictionary state of one boundary (local.proto BoundaryStats)."""
-    id: int
-    role: str
-    dictionary_version: int
-    dictionary_checksum: int
-    orthogonality_error: float      # max |U^T U - I| of the published U
-    raw_bytes: int                  # tensor bytes handed in or out, both directions
-    wire_payload_bytes: int
-    wire_dictionary_bytes: int
-    frames_sent: int
-    frames_received: int
-    last_step_relative_error: float
+class Record(dict):
+    """A protobuf message as mapld sent it: a dict of every field of the message by name (unset
+    fields at their defaults), whose fields also read as attributes: ``link.connected`` is
+    ``link["connected"]``. Nested messages and map values are Records; repeated fields are lists;
+    maps are Records keyed by the map's keys. A field named like a dict method (``items``) reads
+    only by key."""
 
-    @property
-    def wire_bytes(self) -> int:
-        """Payload and dictionary bytes together."""
-        return self.wire_payload_bytes + self.wire_dictionary_bytes
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"{name!r}: no such field (the fields: {', '.join(self)})") \
+                from None
+
+    @classmethod
+    def wrap(cls, value: Any) -> Any:
+        """``value`` with every dict in it (at any depth) made a Record."""
+        if isinstance(value, dict):
+            return cls((k, cls.wrap(v)) for k, v in value.items())
+        if isinstance(value, list):
+            return [cls.wrap(v) for v in value]
+        return value
+
+
+# Conveniences that callers read besides the record's own fields: their names and how each is
+# derived from the record.
+_DERIVED: Dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    # Tensor bytes (as dense bf16) handed in or out, both directions.
+    "raw_bytes": lambda r: r["raw_bytes_sent"] + r["raw_bytes_received"],
+    # Frame bytes (payload, scales, token ids) and dictionary bytes on the link, both directions.
+    "wire_payload_bytes": lambda r: r["payload_bytes_sent"] + r["payload_bytes_received"],
+    "wire_dictionary_bytes": lambda r: r["dictionary_bytes_sent"] + r["dictionary_bytes_received"],
+    "wire_bytes": lambda r: (r["payload_bytes_sent"] + r["payload_bytes_received"]
+                             + r["dictionary_bytes_sent"] + r["dictionary_bytes_received"]),
+    # The name this statistic had before the record was local.proto's.
+    "last_step_relative_error": lambda r: r["rvq_relative_mse"],
+}
+
+
+class BoundaryStats:
+    """One boundary's statistics: the record local.proto's BoundaryStats declares, as mapld sent
+    it. Every field of the proto is an attribute (``frames_sent``, ``dictionary_version``,
+    ``link.connected``, ``link.sent["frame"].bytes``); this class lists none of them, so a
+    statistic added to the proto appears here as it is. Derived conveniences: ``raw_bytes``,
+    ``wire_payload_bytes``, ``wire_dictionary_bytes`` (each sent + received), ``wire_bytes``
+    (payload and dictionary) and ``last_step_relative_error`` (= ``rvq_relative_mse``).
+
+    Instances are frozen dataclasses, so ``dataclasses.asdict`` gives a JSON-ready dict of the
+    fields and the conveniences. Make them with :meth:`from_record`.
+    """
+
+    __slots__ = ()
+
+    @staticmethod
+    def from_record(record: Mapping[str, Any]) -> "BoundaryStats":
+        """The view of ``record``, a dict of the proto's fields (what ``mapl._client`` returns)."""
+        fields = {name: Record.wrap(value) for name, value in record.items()}
+        proto_names = tuple(fields)
+        # A proto field of a derived name would win: the record is the truth.
+        fields.update({name: derive(fields) for name, derive in _DERIVED.items()
+                       if name not in fields})
+        return _stats_class(proto_names, tuple(fields))(**fields)
+
+    def record(self) -> Dict[str, Any]:
+        """The proto fields alone, without the derived conveniences."""
+        return {name: getattr(self, name) for name in self._proto_names}
+
+    def __reduce__(self):  # the class is made at run time: pickle through the record
+        return (BoundaryStats.from_record, (self.record(),))
+
+    def __getattr__(self, name: str) -> Any:  # only called for names that are not fields
+        fields = ", ".join(f.name for f in dataclasses.fields(self)) \
+            if dataclasses.is_dataclass(self) else ""
+        raise AttributeError(f"BoundaryStats has no field {name!r} (local.proto declares the "
+                             f"record; its fields here: {fields})")
+
+
+@functools.lru_cache(maxsize=None)
+def _stats_class(proto_names: Tuple[str, ...], names: Tuple[str, ...]) -> type:
+    """The frozen dataclass of a record with these proto fields and, after them, the derived
+    ones (one class per build of the proto, in practice)."""
+    cls = dataclasses.make_dataclass("BoundaryStats", [(n, Any) for n in names],
+                                     bases=(BoundaryStats,), frozen=True,
+                                     namespace={"_proto_names": proto_names})
+    cls.__module__ = __name__
+    cls.__doc__ = BoundaryStats.__doc__
+    return cls
 
 
 @dataclass(frozen=True)
@@ -312,6 +385,11 @@ class Sidecar:
         return list(self._arena.sizes)
 
     @property
+    def buffer_names(self) -> List[str]:
+        """POSIX shared-memory names of the attached buffers (``/dev/shm/<name>`` on Linux)."""
+        return [self._client.buffer_name(i) for i in range(len(self._arena.sizes))]
+
+    @property
     def shared_bytes_free(self) -> int:
         return self._arena.free_bytes()
 
@@ -391,14 +469,15 @@ class Sidecar:
         """Report that the optimizer finished ``step``; the compressors run their own update.
         Returns the boundaries' stats after it."""
         self._check_open()
-        rows = self._client.step(step, _timeout_ms(timeout))
-        return Stats(self.stage, [BoundaryStats(**b) for b in rows])
+        reply = self._client.step(step, _timeout_ms(timeout))  # local.proto StepReply
+        return Stats(self.stage, [BoundaryStats.from_record(b) for b in reply["boundaries"]])
 
     def stats(self) -> Stats:
         """Counters and dictionary state of every boundary of this stage."""
         self._check_open()
-        stage, rows = self._client.stats()
-        return Stats(stage, [BoundaryStats(**b) for b in rows])
+        reply = self._client.stats()  # local.proto StatsReply
+        return Stats(reply["stage"],
+                     [BoundaryStats.from_record(b) for b in reply["boundaries"]])
 
     # ---- internals ----
 
