@@ -50,6 +50,7 @@ struct Status {
 inline constexpr int kOk = 0;
 inline constexpr int kInvalidArgument = 3;
 inline constexpr int kDeadlineExceeded = 4;
+inline constexpr int kAlreadyExists = 6;
 inline constexpr int kFailedPrecondition = 9;
 inline constexpr int kInternal = 13;
 inline constexpr int kUnavailable = 14;

@@ -29,6 +29,10 @@ double NumericValue(const Message& m, const FieldDescriptor* f) {
     case FieldDescriptor::CPPTYPE_BOOL:
       return r->GetBool(m, f) ? 1.0 : 0.0;
     case FieldDescriptor::CPPTYPE_UINT64:
+      // A fixed64 is a hash or an id: its low 53 bits are exact in a double, all 64 are not.
+      if (f->type() == FieldDescriptor::TYPE_FIXED64) {
+        return static_cast<double>(r->GetUInt64(m, f) & ((uint64_t{1} << 53) - 1));
+      }
       return static_cast<double>(r->GetUInt64(m, f));
     case FieldDescriptor::CPPTYPE_UINT32:
       return r->GetUInt32(m, f);

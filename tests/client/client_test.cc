@@ -230,7 +230,7 @@ TEST_F(TwoDaemonsTest, BadInputIsRejectedClearlyAndTheDaemonKeepsServing) {
   // After all that the daemon serves, and a second Send of the same microbatch is refused.
   ASSERT_TRUE(up_client_->Send(0, Direction::kForward, 1, 0, h, ids, &sent).ok());
   s = up_client_->Send(0, Direction::kForward, 1, 0, h, ids, &sent);
-  EXPECT_EQ(s.code, kFailedPrecondition) << s.message;
+  EXPECT_EQ(s.code, kAlreadyExists) << s.message;
   EXPECT_NE(s.message.find("already sent"), std::string::npos) << s.message;
   RecvResult r;
   ASSERT_TRUE(

@@ -5,7 +5,7 @@ Synthetic activations h = (rank-32 signal in d = 512, unit variance per directio
 offset from a rank-8 table over 256 token ids, about a quarter of the signal's norm) + noise of
 1% of the signal's norm; k = 32; 4 microbatches of 256 tokens a
 step; the downstream trainer's gradient is that of L = |h_hat - h|^2 / 2, i.e. g = h_hat - h.
-The figures each run prints are quoted in the issue's closing note:
+Each run prints its figures (relative error, dictionary version) as it goes; to see them:
 
     PYTHONPATH=build/python OPENBLAS_NUM_THREADS=1 /usr/bin/python3 -m pytest -s \\
         tests/python/test_boundary_learning.py

@@ -58,10 +58,11 @@ def sample(samples: Series, name: str, **labels: str) -> float:
     return found[0]
 
 
-# The exporter's names today (server/metrics.cc). The exporter is being redone to derive its
-# series from the stats record; when the names change, they change here.
-RAW, WIRE, FRAMES = "mapl_raw_bytes_total", "mapl_wire_bytes_total", "mapl_frames_total"
-CODEC_SECONDS, GAUGES = "mapl_codec_seconds", "mapl_boundary"
+# The exporter derives its series from the stats record (server/metrics.cc): every field of
+# BoundaryStats with a (metric) option is mapl_boundary_<field>, every such field of its LinkStats
+# mapl_link_<field>, counters with _total.
+def boundary(field: str) -> str:
+    return f"mapl_boundary_{field}"
 
 
 def test_metrics_agree_with_the_stats_record(short_tmp: Path):
@@ -77,33 +78,35 @@ def test_metrics_agree_with_the_stats_record(short_tmp: Path):
         down.step(1, timeout=10)
         up.step(1, timeout=10)
         for proc, sc, role in ((up_proc, up, "upstream"), (down_proc, down, "downstream")):
-            b = sc.stats().boundary(0)  # also refreshes the dictionary gauges
+            b = sc.stats().boundary(0)
             m = scrape(proc.ready()["metrics_port"])
             where = {"stage": str(sc.stage), "boundary": "0", "role": role}
-            # The direction this side sends in, and the one it receives.
-            out, inn = ("forward", "backward") if role == "upstream" else ("backward", "forward")
             assert b.frames_sent == b.frames_received == 1
-            assert sample(m, FRAMES, direction=out, event="sent", **where) == b.frames_sent
-            assert sample(m, FRAMES, direction=inn, event="received", **where) == b.frames_received
-            assert sample(m, FRAMES, direction=out, event="received", **where) == 0
-            assert sample(m, RAW, direction=out, **where) == b.raw_bytes_sent > 0
-            assert sample(m, RAW, direction=inn, **where) == b.raw_bytes_received > 0
-            assert sample(m, WIRE, direction=out, kind="payload", **where) == b.payload_bytes_sent
-            assert (sample(m, WIRE, direction=inn, kind="payload", **where)
-                    == b.payload_bytes_received > 0)
-            assert sample(m, WIRE, kind="dictionary", **where) == b.wire_dictionary_bytes
-            for op, direction, frames in (("encode", out, 1), ("decode", inn, 1),
-                                          ("encode", inn, 0), ("decode", out, 0)):
-                assert sample(m, CODEC_SECONDS + "_count", op=op, direction=direction,
-                              **where) == frames
-            assert (sample(m, GAUGES, metric="dictionary_version", **where)
-                    == b.dictionary_version)
-            assert (sample(m, GAUGES, metric="orthogonality_error", **where)
+            for counter in ("frames_sent", "frames_received", "raw_bytes_sent",
+                            "raw_bytes_received", "payload_bytes_sent", "payload_bytes_received",
+                            "dictionary_bytes_sent", "dictionary_bytes_received", "steps",
+                            "frames_rejected", "bad_peer_messages"):
+                assert sample(m, boundary(counter) + "_total", **where) == getattr(b, counter)
+            assert b.raw_bytes_sent > 0 and b.payload_bytes_received > 0 and b.steps == 1
+            assert (sample(m, boundary("dictionary_version"), **where)
+                    == b.dictionary_version > 0)
+            assert sample(m, boundary("has_dictionary"), **where) == 1
+            assert (sample(m, boundary("orthogonality_error"), **where)
                     == pytest.approx(b.orthogonality_error, rel=1e-12, abs=0))
             # Prometheus values are doubles: the checksum is exported as its low 53 bits.
-            assert (sample(m, GAUGES, metric="dictionary_checksum", **where)
+            assert (sample(m, boundary("dictionary_checksum"), **where)
                     == b.dictionary_checksum & ((1 << 53) - 1))
-        assert up.stats().boundary(0).wire_dictionary_bytes > 0  # the Step published a delta
+            # The link's record: what this side wrote, per message type and in all.
+            assert sample(m, "mapl_link_connected", **where) == 1
+            assert (sample(m, "mapl_link_messages_sent_total", **where)
+                    == b.link.messages_sent > 0)
+            assert sample(m, "mapl_link_bytes_sent_total", **where) == b.link.bytes_sent > 0
+            assert (sample(m, "mapl_link_sent_messages_total", body="frame", **where)
+                    == b.link.sent["frame"].messages >= 1)
+            # One encode and one decode each side.
+            for op in ("encode", "decode"):
+                assert sample(m, "mapl_codec_seconds_count", op=op, **where) == 1
+        assert up.stats().boundary(0).dictionary_bytes_sent > 0  # the Step published a delta
         up.close()
         down.close()
     finally:

@@ -42,6 +42,7 @@ def test_default_socket_path_matches_the_daemon(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize("code,cls,builtin", [
     (3, mapl.InvalidArgument, ValueError),
+    (6, mapl.AlreadyExists, ValueError),
     (9, mapl.FailedPrecondition, ValueError),
     (11, mapl.OutOfRange, ValueError),
     (4, mapl.DeadlineExceeded, TimeoutError),

@@ -22,11 +22,11 @@ daemon are ``mapl.MaplError`` subclasses carrying its message.
 from typing import Any
 
 from . import codec
-from .errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, MaplError,
-                     OutOfRange, ResourceExhausted, Unavailable)
+from .errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument,
+                     MaplError, OutOfRange, ResourceExhausted, Unavailable)
 
 __all__ = ["codec", "Sidecar", "default_socket_path", "torch_pipeline", "MaplError",
-           "InvalidArgument", "FailedPrecondition", "OutOfRange", "DeadlineExceeded",
+           "InvalidArgument", "AlreadyExists", "FailedPrecondition", "OutOfRange", "DeadlineExceeded",
            "Unavailable", "ResourceExhausted"]
 __version__ = "0.1.0"
 

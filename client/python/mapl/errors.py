@@ -8,7 +8,7 @@ subclasses also derive from the matching built-in exception, so generic handlers
         h = sidecar.recv_activation(0, step, mb, timeout=5.0)
     except TimeoutError:          # mapl.DeadlineExceeded
         ...
-    except ValueError as e:       # mapl.InvalidArgument, FailedPrecondition, OutOfRange
+    except ValueError as e:       # mapl.InvalidArgument, AlreadyExists, FailedPrecondition, OutOfRange
         print(e.code_name, e)
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Dict, Type
 
 __all__ = ["MaplError", "Cancelled", "InvalidArgument", "DeadlineExceeded", "NotFound",
-           "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Internal",
-           "Unavailable", "DataLoss", "error_from_status"]
+           "AlreadyExists", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange",
+           "Internal", "Unavailable", "DataLoss", "error_from_status"]
 
 _CODE_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
                "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
@@ -71,6 +71,11 @@ class NotFound(MaplError, LookupError):
     code = 5
 
 
+class AlreadyExists(MaplError, ValueError):
+    """The tensor of this (step, microbatch) was already sent; each is sent once."""
+    code = 6
+
+
 class ResourceExhausted(MaplError):
     """Out of shared memory (or another resource) on the client or the daemon."""
     code = 8
@@ -104,7 +109,7 @@ class DataLoss(MaplError):
 
 _BY_CODE: Dict[int, Type[MaplError]] = {
     cls.code: cls for cls in (Cancelled, InvalidArgument, DeadlineExceeded, NotFound,
-                              ResourceExhausted, FailedPrecondition, Aborted, OutOfRange,
+                              AlreadyExists, ResourceExhausted, FailedPrecondition, Aborted, OutOfRange,
                               Internal, Unavailable, DataLoss)
 }
 
