@@ -1,200 +1,52 @@
-// Tests of the peer link (server/peer_link.h) over loopback: ordering and exactly-once delivery,
-// large messages, authentication and rejection statuses, late servers, drain, heartbeats, close,
-// reconnect with resend, stream replacement and protocol violations.
+// Tests of the gRPC peer link (server/transport/peer_link.h) over loopback: ordering and
+// exactly-once delivery, large messages, the send-rate cap, late servers, drain, backpressure,
+// heartbeats, close, reconnect with resend, and the LinkStats record. Refusals, protocol
+// violations and the health service are in peer_server_test.cc.
 #include "server/transport/peer_link.h"
 
-#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <functional>
+#include <initializer_list>
 #include <iostream>
 #include <memory>
-#include <random>
 #include <string>
 #include <thread>
 #include <utility>
-#include <vector>
 
-#include "absl/random/random.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
-#include "grpc/grpc.h"
 #include "gtest/gtest.h"
+#include "server/transport/peer_server.h"
+#include "tests/server/transport/peer_test_util.h"
 
 namespace mapl {
 namespace {
 
 using ::testing::HasSubstr;
+using testing_peer::Connect;
+using testing_peer::DialerSide;
+using testing_peer::Ignore;
+using testing_peer::kWait;
+using testing_peer::MakeFrame;
+using testing_peer::MakeServer;
+using testing_peer::Pair;
+using testing_peer::RandomBytes;
+using testing_peer::Recorder;
+using testing_peer::SendFrames;
+using testing_peer::ServerSide;
+using testing_peer::UnusedPort;
+using testing_peer::WireBytes;
 
-// Keeps the gRPC library initialized for the whole binary. Otherwise the last gRPC object of each
-// test shuts the library down (grpc_shutdown in ~Server), which can wait seconds for gRPC's
-// executor threads once a health service has been enabled.
-class GrpcEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override { grpc_init(); }
-};
-[[maybe_unused]] ::testing::Environment* const kGrpcEnvironment =
-    ::testing::AddGlobalTestEnvironment(new GrpcEnvironment);
-
-constexpr uint32_t kBoundary = 3;
-constexpr char kToken[] = "correct horse battery staple";
-constexpr absl::Duration kWait = absl::Seconds(10);
-
-PeerLinkOptions ServerSide() {
-  PeerLinkOptions o;
-  o.boundary = kBoundary;
-  o.stage = kBoundary + 1;
-  o.auth_token = kToken;
-  o.heartbeat_interval = absl::Milliseconds(200);
-  return o;
+uint64_t Messages(const google::protobuf::Map<std::string, v1::Traffic>& by_body,
+                  const std::string& body) {
+  auto it = by_body.find(body);
+  return it == by_body.end() ? 0 : it->second.messages();
 }
 
-PeerLinkOptions DialerSide(int port) {
-  PeerLinkOptions o;
-  o.boundary = kBoundary;
-  o.stage = kBoundary;
-  o.address = absl::StrCat("127.0.0.1:", port);
-  o.auth_token = kToken;
-  o.connect_timeout = absl::Seconds(10);
-  o.initial_backoff = absl::Milliseconds(10);
-  o.max_backoff = absl::Milliseconds(100);
-  o.heartbeat_interval = absl::Milliseconds(200);
-  return o;
-}
-
-std::unique_ptr<PeerServer> StartServer(int port = 0) {
-  PeerServerOptions o;
-  o.listen_address = absl::StrCat("127.0.0.1:", port);
-  absl::StatusOr<std::unique_ptr<PeerServer>> server = PeerServer::Create(o);
-  EXPECT_TRUE(server.ok()) << server.status();
-  return std::move(server).value();
-}
-
-// A port nothing listens on (a server bound it and went away).
-int UnusedPort() {
-  std::unique_ptr<PeerServer> server = StartServer();
-  EXPECT_TRUE(server->Start().ok());
-  return server->port();
-}
-
-// Frame `index` carries pool[offset, offset + size) with the offset in `microbatch`, so the
-// receiver can check every byte.
-v1::PeerMessage MakeFrame(uint64_t index, size_t size, size_t offset, const std::string& pool) {
-  v1::PeerMessage m;
-  v1::Frame* f = m.mutable_frame();
-  f->set_boundary(kBoundary);
-  f->set_direction(v1::DIRECTION_FORWARD);
-  f->set_step(index);
-  f->set_microbatch(static_cast<uint32_t>(offset));
-  f->set_payload(pool.substr(offset, size));
-  return m;
-}
-
-std::string RandomBytes(size_t n, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::string s(n, '\0');
-  for (size_t i = 0; i + 8 <= n; i += 8) {
-    const uint64_t v = gen();
-    std::memcpy(&s[i], &v, 8);
-  }
-  return s;
-}
-
-// Checks what a link's handler sees: frames 0, 1, 2, ... with seq 1, 2, 3, ... and intact payloads.
-class Recorder {
- public:
-  Recorder(int64_t expected, const std::string* pool) : expected_(expected), pool_(pool) {}
-
-  PeerLink::Handler handler() {
-    return [this](const v1::PeerMessage& m) { Receive(m); };
-  }
-  bool WaitDone() { return done_.WaitForNotificationWithTimeout(kWait); }
-  int64_t received() const {
-    absl::MutexLock lock(&mu_);
-    return received_;
-  }
-  std::string errors() const {
-    absl::MutexLock lock(&mu_);
-    return errors_;
-  }
-  // Runs on the reader thread with message number `n` (0-based) before it is counted.
-  std::function<void(int64_t)> on_message;
-
- private:
-  void Receive(const v1::PeerMessage& m) {
-    int64_t n;
-    {
-      absl::MutexLock lock(&mu_);
-      n = received_;
-      std::string error;
-      if (m.seq() != static_cast<uint64_t>(n) + 1) {
-        error = absl::StrCat("message ", n, " has seq ", m.seq());
-      } else if (!m.has_frame() || m.frame().step() != static_cast<uint64_t>(n)) {
-        error = absl::StrCat("message ", n, " is not frame ", n);
-      } else if (m.frame().payload() !=
-                 pool_->substr(m.frame().microbatch(), m.frame().payload().size())) {
-        error = absl::StrCat("message ", n, ": payload corrupt");
-      }
-      if (!error.empty() && errors_.size() < 1000) absl::StrAppend(&errors_, error, "; ");
-    }
-    if (on_message) on_message(n);
-    absl::MutexLock lock(&mu_);
-    if (++received_ == expected_) done_.Notify();
-  }
-
-  const int64_t expected_;
-  const std::string* const pool_;
-  mutable absl::Mutex mu_;
-  int64_t received_ ABSL_GUARDED_BY(mu_) = 0;
-  std::string errors_ ABSL_GUARDED_BY(mu_);
-  absl::Notification done_;
-};
-
-// Sends `count` frames of random size in [0, max_size], keeping at most `window` bytes
-// unacknowledged (a stand-in for the daemon's backpressure, to bound the test's memory).
-void SendFrames(PeerLink* link, int64_t count, size_t max_size, const std::string& pool,
-                uint64_t seed, int64_t window = 32 << 20) {
-  absl::BitGen gen(std::seed_seq{seed});
-  for (int64_t i = 0; i < count; ++i) {
-    ASSERT_TRUE(link->AwaitStats(
-        [window](const PeerLinkStats& s) { return s.queued_bytes < window; }, kWait));
-    const size_t size = absl::Uniform<size_t>(absl::IntervalClosed, gen, 0, max_size);
-    const size_t offset = absl::Uniform<size_t>(absl::IntervalClosed, gen, 0, pool.size() - size);
-    ASSERT_TRUE(link->Send(MakeFrame(static_cast<uint64_t>(i), size, offset, pool)).ok());
-  }
-}
-
-// A connected pair: server side (downstream) and dialer (upstream).
-struct Pair {
-  std::unique_ptr<PeerServer> server;
-  PeerLink* down = nullptr;
-  std::unique_ptr<PeerLink> up;
-};
-
-Pair Connect(PeerLink::Handler down_handler, PeerLink::Handler up_handler,
-             PeerLinkOptions down_options = ServerSide(), int up_heartbeat_ms = 200) {
-  Pair p;
-  p.server = StartServer();
-  absl::StatusOr<PeerLink*> down = p.server->RegisterBoundary(down_options, down_handler);
-  EXPECT_TRUE(down.ok()) << down.status();
-  p.down = *down;
-  EXPECT_TRUE(p.server->Start().ok());
-  PeerLinkOptions up_options = DialerSide(p.server->port());
-  up_options.heartbeat_interval = absl::Milliseconds(up_heartbeat_ms);
-  absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(up_options, up_handler);
-  EXPECT_TRUE(up.ok()) << up.status();
-  p.up = std::move(up).value();
-  EXPECT_TRUE(p.up->WaitConnected(kWait).ok()) << p.up->status();
-  EXPECT_TRUE(p.down->WaitConnected(kWait).ok()) << p.down->status();
-  return p;
-}
-
-void Ignore(const v1::PeerMessage&) {}
-
-TEST(PeerLinkTest, TenThousandMessagesEachWayArriveOnceAndInOrder) {
+TEST(PeerLinkTest, TenThousandRandomFramesEachWayArriveOnceAndInOrder) {
   constexpr int64_t kCount = 10000;
   const std::string pool = RandomBytes(256 << 10, 1);
   Recorder at_down(kCount, &pool);
@@ -215,24 +67,24 @@ TEST(PeerLinkTest, TenThousandMessagesEachWayArriveOnceAndInOrder) {
   EXPECT_EQ(at_down.errors(), "");
   EXPECT_EQ(at_up.errors(), "");
   for (PeerLink* link : {p.up.get(), p.down}) {
-    const PeerLinkStats s = link->stats();
-    EXPECT_EQ(s.sent.at(v1::PeerMessage::kFrame).messages, kCount);
-    EXPECT_EQ(s.received.at(v1::PeerMessage::kFrame).messages, kCount);
-    EXPECT_EQ(s.duplicates_dropped, 0);
-    EXPECT_EQ(s.resent, 0);
-    EXPECT_EQ(s.queued_messages, 0);
-    EXPECT_EQ(s.queued_bytes, 0);
-    EXPECT_EQ(s.last_acked_seq, static_cast<uint64_t>(kCount));
-    EXPECT_EQ(s.last_applied_seq, static_cast<uint64_t>(kCount));
-    EXPECT_GT(s.acks_received, 0);
-    EXPECT_EQ(s.connections, 1);
-    std::cout << "boundary link: " << s.sent_total.bytes / 1e6 << " MB sent in "
-              << s.sent_total.messages << " messages, " << s.acks_sent << " acks, "
-              << absl::FormatDuration(took) << " for both directions\n";
+    const v1::LinkStats s = link->stats();
+    EXPECT_EQ(Messages(s.sent(), "frame"), static_cast<uint64_t>(kCount));
+    EXPECT_EQ(Messages(s.received(), "frame"), static_cast<uint64_t>(kCount));
+    EXPECT_EQ(s.duplicates_dropped(), 0u);
+    EXPECT_EQ(s.resent(), 0u);
+    EXPECT_EQ(s.queued_messages(), 0u);
+    EXPECT_EQ(s.queued_bytes(), 0u);
+    EXPECT_EQ(s.last_acked_seq(), static_cast<uint64_t>(kCount));
+    EXPECT_EQ(s.last_applied_seq(), static_cast<uint64_t>(kCount));
+    EXPECT_GT(s.acks_received(), 0u);
+    EXPECT_EQ(s.connections(), 1u);
+    std::cout << "boundary link: " << s.bytes_sent() / 1e6 << " MB sent in " << s.messages_sent()
+              << " messages, " << s.acks_sent() << " acks, " << absl::FormatDuration(took)
+              << " for both directions\n";
   }
 }
 
-TEST(PeerLinkTest, LargeMessageEachWay) {
+TEST(PeerLinkTest, EightMebibyteFrameEachWayArrivesIntact) {
   const std::string pool = RandomBytes(8 << 20, 2);
   Recorder at_down(1, &pool);
   Recorder at_up(1, &pool);
@@ -244,65 +96,46 @@ TEST(PeerLinkTest, LargeMessageEachWay) {
   EXPECT_EQ(at_down.errors(), "");
   EXPECT_EQ(at_up.errors(), "");
   EXPECT_TRUE(p.up->Drain(kWait).ok());
-  EXPECT_GT(p.up->stats().received_total.bytes, 8 << 20);
+  EXPECT_GT(p.up->stats().bytes_received(), 8u << 20);
 }
 
-// The cap is a lower bound on time: 1 MB at 2 MB/s with a 64 KiB burst cannot arrive in less
-// than (1 MB - 64 KiB) / 2 MB/s = 0.47 s, however fast or slow the machine (no upper bound here:
-// speed belongs in benchmarks).
-TEST(PeerLinkTest, SendRateCapHoldsTheAverageRate) {
+// The cap from both sides, over ~3 s of frames. A bucket of rate R and burst b lets out at most
+// b + R t bytes by time t, so the rate achieved beyond the burst, (B - b) / t for the B bytes the
+// capped side wrote until the last frame arrived, cannot exceed R; and a writer that never idles
+// while frames queue keeps up with R (the bucket makes up for late wake-ups of up to b / R =
+// 33 ms). So a cap 20 % off in either direction fails. Spread over 5 runs next to 4 busy builders
+// on 2 cores (see the report of issue 8): 0.994 to 0.997 of R.
+TEST(PeerLinkTest, RateCappedLinkAchievesItsCapWithinFivePercentOverThreeSeconds) {
+  constexpr double kRate = 2e6;
+  constexpr int64_t kBurst = 64 << 10;
+  constexpr int kFrames = 240;
+  constexpr size_t kPayload = 25000;
   const std::string pool = RandomBytes(64 << 10, 13);
-  constexpr int kFrames = 40, kBytes = 25000;
   Recorder at_up(kFrames, &pool);
   PeerLinkOptions down = ServerSide();
-  down.send_rate_bytes_per_second = 2e6;
-  down.send_burst_bytes = 64 << 10;
+  down.send_rate_bytes_per_second = kRate;
+  down.send_burst_bytes = kBurst;
   Pair p = Connect(Ignore, at_up.handler(), down);
+  // Let the connection's first heartbeats go by, so the bucket is full at the start.
+  ASSERT_TRUE(p.down->AwaitStats([](const v1::LinkStats& s) { return s.heartbeats_sent() >= 2; },
+                                 kWait));
+  absl::SleepFor(absl::Milliseconds(100));
+  const uint64_t bytes_before = p.down->stats().bytes_sent();
+
   const absl::Time start = absl::Now();
-  for (int i = 0; i < kFrames; ++i) ASSERT_TRUE(p.down->Send(MakeFrame(i, kBytes, 0, pool)).ok());
+  for (int i = 0; i < kFrames; ++i) {
+    ASSERT_TRUE(p.down->Send(MakeFrame(i, kPayload, 0, pool)).ok());
+  }
   ASSERT_TRUE(at_up.WaitDone()) << at_up.received();
-  const absl::Duration took = absl::Now() - start;
+  const absl::Duration took = at_up.done_at() - start;
   EXPECT_EQ(at_up.errors(), "");
-  const double bytes = static_cast<double>(p.down->stats().sent_total.bytes);
-  EXPECT_GT(bytes, kFrames * kBytes);
-  EXPECT_GE(absl::ToDoubleSeconds(took), (bytes - (64 << 10)) / 2e6 * 0.95)
-      << "sent " << bytes << " bytes in " << absl::FormatDuration(took);
+  const double bytes = static_cast<double>(p.down->stats().bytes_sent() - bytes_before);
+  EXPECT_GT(bytes, static_cast<double>(kFrames * kPayload));
+  const double achieved = (bytes - kBurst) / absl::ToDoubleSeconds(took);
+  EXPECT_GE(achieved, 0.95 * kRate) << bytes << " bytes in " << absl::FormatDuration(took);
+  EXPECT_LE(achieved, 1.05 * kRate) << bytes << " bytes in " << absl::FormatDuration(took);
   std::cout << "rate-capped link: " << bytes / 1e6 << " MB in " << absl::FormatDuration(took)
-            << " at a 2 MB/s cap\n";
-}
-
-TEST(PeerLinkTest, WrongAuthTokenIsRejected) {
-  std::unique_ptr<PeerServer> server = StartServer();
-  absl::StatusOr<PeerLink*> down = server->RegisterBoundary(ServerSide(), Ignore);
-  ASSERT_TRUE(down.ok());
-  ASSERT_TRUE(server->Start().ok());
-  PeerLinkOptions o = DialerSide(server->port());
-  o.auth_token = "wrong";
-  absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(o, Ignore);
-  ASSERT_TRUE(up.ok());
-
-  const absl::Status connected = (*up)->WaitConnected(kWait);
-  EXPECT_EQ(connected.code(), absl::StatusCode::kUnauthenticated) << connected;
-  EXPECT_THAT(connected.message(), HasSubstr("auth token does not match"));
-  EXPECT_THAT(connected.message(), HasSubstr("boundary 3"));
-  EXPECT_EQ((*up)->Send(MakeFrame(0, 0, 0, "")).code(), absl::StatusCode::kUnauthenticated);
-  EXPECT_FALSE((*down)->connected());
-  EXPECT_EQ((*down)->stats().handshakes_rejected, 1);
-  EXPECT_EQ((*down)->status().code(), absl::StatusCode::kUnauthenticated);
-}
-
-TEST(PeerLinkTest, UnknownBoundaryIsNotFound) {
-  std::unique_ptr<PeerServer> server = StartServer();
-  ASSERT_TRUE(server->RegisterBoundary(ServerSide(), Ignore).ok());
-  ASSERT_TRUE(server->Start().ok());
-  PeerLinkOptions o = DialerSide(server->port());
-  o.boundary = 7;
-  o.stage = 7;
-  absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(o, Ignore);
-  ASSERT_TRUE(up.ok());
-  const absl::Status connected = (*up)->WaitConnected(kWait);
-  EXPECT_EQ(connected.code(), absl::StatusCode::kNotFound) << connected;
-  EXPECT_THAT(connected.message(), HasSubstr("boundary 7 is not served here (serving: 3)"));
+            << ", " << achieved / kRate << " of the 2 MB/s cap beyond the burst\n";
 }
 
 TEST(PeerLinkTest, DialerStartedBeforeTheServerConnectsWhenItAppears) {
@@ -316,7 +149,7 @@ TEST(PeerLinkTest, DialerStartedBeforeTheServerConnectsWhenItAppears) {
   for (int i = 0; i < 5; ++i) ASSERT_TRUE((*up)->Send(MakeFrame(i, 100, i, pool)).ok());
 
   Recorder at_down(5, &pool);
-  std::unique_ptr<PeerServer> server = StartServer(port);
+  std::unique_ptr<PeerServer> server = MakeServer(port);
   ASSERT_TRUE(server->RegisterBoundary(ServerSide(), at_down.handler()).ok());
   ASSERT_TRUE(server->Start().ok());
   EXPECT_TRUE((*up)->WaitConnected(kWait).ok()) << (*up)->status();
@@ -333,6 +166,7 @@ TEST(PeerLinkTest, DialerGivesUpAfterConnectTimeout) {
   const absl::Status connected = (*up)->WaitConnected(kWait);
   EXPECT_EQ(connected.code(), absl::StatusCode::kUnavailable) << connected;
   EXPECT_THAT(connected.message(), HasSubstr("could not connect"));
+  EXPECT_EQ((*up)->Send(MakeFrame(0, 0, 0, "")).code(), absl::StatusCode::kUnavailable);
 }
 
 TEST(PeerLinkTest, DrainReturnsOnceEverythingIsAcknowledged) {
@@ -341,9 +175,9 @@ TEST(PeerLinkTest, DrainReturnsOnceEverythingIsAcknowledged) {
   Pair p = Connect(at_down.handler(), Ignore);
   for (int i = 0; i < 1000; ++i) ASSERT_TRUE(p.up->Send(MakeFrame(i, 64, i, pool)).ok());
   ASSERT_TRUE(p.up->Drain(kWait).ok());
-  const PeerLinkStats s = p.up->stats();
-  EXPECT_EQ(s.queued_messages, 0);
-  EXPECT_EQ(s.last_acked_seq, 1000u);
+  const v1::LinkStats s = p.up->stats();
+  EXPECT_EQ(s.queued_messages(), 0u);
+  EXPECT_EQ(s.last_acked_seq(), 1000u);
   EXPECT_EQ(at_down.received(), 1000);  // Acknowledged means applied.
 }
 
@@ -357,17 +191,46 @@ TEST(PeerLinkTest, DrainTimesOutNamingWhatIsLeft) {
   EXPECT_THAT(drained.message(), HasSubstr("3 message(s) unacknowledged"));
 }
 
+TEST(PeerLinkTest, WaitQueueBelowFollowsTheUnacknowledgedBytes) {
+  const std::string pool = RandomBytes(4096, 8);
+  const int port = UnusedPort();
+  absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(DialerSide(port), Ignore);
+  ASSERT_TRUE(up.ok());
+  EXPECT_TRUE((*up)->WaitQueueBelow(1, absl::ZeroDuration()));  // Empty.
+  int64_t bytes = 0;
+  for (int i = 0; i < 4; ++i) {
+    v1::PeerMessage frame = MakeFrame(i, 1000, 0, pool);
+    bytes += WireBytes(frame, i + 1);
+    ASSERT_TRUE((*up)->Send(std::move(frame)).ok());
+  }
+  EXPECT_EQ((*up)->stats().queued_bytes(), static_cast<uint64_t>(bytes));
+  // Nobody acknowledges yet: below bytes + 1 holds, below bytes does not (it waits the timeout).
+  EXPECT_TRUE((*up)->WaitQueueBelow(bytes + 1, absl::ZeroDuration()));
+  const absl::Time before = absl::Now();
+  EXPECT_FALSE((*up)->WaitQueueBelow(bytes, absl::Milliseconds(100)));
+  EXPECT_GE(absl::Now() - before, absl::Milliseconds(100));
+  // A server appears and acknowledges everything: the queue empties.
+  Recorder at_down(4, &pool);
+  std::unique_ptr<PeerServer> server = MakeServer(port);
+  ASSERT_TRUE(server->RegisterBoundary(ServerSide(), at_down.handler()).ok());
+  ASSERT_TRUE(server->Start().ok());
+  EXPECT_TRUE((*up)->WaitQueueBelow(1, kWait));
+  EXPECT_EQ(at_down.received(), 4);
+}
+
 TEST(PeerLinkTest, HeartbeatsMeasureRoundTripTime) {
   PeerLinkOptions down = ServerSide();
   down.heartbeat_interval = absl::Milliseconds(20);
-  Pair p = Connect(Ignore, Ignore, down, /*up_heartbeat_ms=*/20);
+  PeerLinkOptions up = DialerSide();
+  up.heartbeat_interval = absl::Milliseconds(20);
+  Pair p = Connect(Ignore, Ignore, down, up);
   for (PeerLink* link : {p.up.get(), p.down}) {
     EXPECT_TRUE(link->AwaitStats(
-        [](const PeerLinkStats& s) {
-          return s.heartbeats_received >= 6 && s.last_rtt > absl::ZeroDuration();
+        [](const v1::LinkStats& s) {
+          return s.heartbeats_received() >= 6 && s.last_rtt_seconds() > 0;
         },
         kWait));
-    EXPECT_LT(link->stats().last_rtt, absl::Seconds(1));
+    EXPECT_LT(link->stats().last_rtt_seconds(), 1.0);
   }
 }
 
@@ -375,8 +238,10 @@ TEST(PeerLinkTest, ClosingTheDialerIsSeenByTheServerSide) {
   Pair p = Connect(Ignore, Ignore);
   p.up->Close();
   EXPECT_FALSE(p.up->connected());
+  EXPECT_FALSE(p.up->stats().connected());
   EXPECT_EQ(p.up->Send(MakeFrame(0, 0, 0, "")).code(), absl::StatusCode::kFailedPrecondition);
-  ASSERT_TRUE(p.down->AwaitStats([](const PeerLinkStats& s) { return s.disconnects == 1; }, kWait));
+  ASSERT_TRUE(
+      p.down->AwaitStats([](const v1::LinkStats& s) { return s.disconnects() == 1; }, kWait));
   EXPECT_FALSE(p.down->connected());
   EXPECT_THAT(p.down->status().message(), HasSubstr("the upstream closed the link"));
 }
@@ -386,18 +251,17 @@ TEST(PeerLinkTest, ClosingTheServerSideIsSeenByTheDialer) {
   p.down->Close();
   EXPECT_FALSE(p.down->connected());
   // The dialer loses the stream, redials, and is told the link is closed: it gives up.
-  ASSERT_TRUE(p.up->AwaitStats([](const PeerLinkStats& s) { return s.disconnects == 1; }, kWait));
+  ASSERT_TRUE(p.up->AwaitStats([](const v1::LinkStats& s) { return s.disconnects() == 1; }, kWait));
   const absl::Status connected = p.up->WaitConnected(kWait);
   EXPECT_EQ(connected.code(), absl::StatusCode::kFailedPrecondition) << connected;
   EXPECT_THAT(connected.message(), HasSubstr("is closed"));
 }
 
-TEST(PeerLinkTest, BrokenConnectionsLoseAndDuplicateNothing) {
+TEST(PeerLinkTest, ThreeBrokenConnectionsUnderLoadLoseAndDuplicateNothing) {
   constexpr int64_t kCount = 3000;
   const std::string pool = RandomBytes(64 << 10, 6);
   Recorder at_down(kCount, &pool);
   Recorder at_up(kCount, &pool);
-  Pair p;
   PeerLink* down = nullptr;
   PeerLink* up = nullptr;
   // Break the connection from either side while both directions are busy.
@@ -407,7 +271,7 @@ TEST(PeerLinkTest, BrokenConnectionsLoseAndDuplicateNothing) {
   at_up.on_message = [&up](int64_t n) {
     if (n == 1400) up->BreakConnectionForTesting();
   };
-  p = Connect(at_down.handler(), at_up.handler());
+  Pair p = Connect(at_down.handler(), at_up.handler());
   down = p.down;
   up = p.up.get();
   std::thread up_sender([&] { SendFrames(up, kCount, 4096, pool, 21, 1 << 20); });
@@ -421,156 +285,160 @@ TEST(PeerLinkTest, BrokenConnectionsLoseAndDuplicateNothing) {
   EXPECT_EQ(at_down.errors(), "");
   EXPECT_EQ(at_up.errors(), "");
   // Three breaks; two can hit the same connection.
-  EXPECT_GE(up->stats().reconnects, 2);
-  EXPECT_EQ(up->stats().peer_restarts, 0);
-  std::cout << "resent up/down: " << up->stats().resent << "/" << down->stats().resent
-            << ", duplicates dropped: " << up->stats().duplicates_dropped << "/"
-            << down->stats().duplicates_dropped << "\n";
+  EXPECT_GE(up->stats().reconnects(), 2u);
+  EXPECT_EQ(up->stats().peer_restarts(), 0u);
+  std::cout << "resent up/down: " << up->stats().resent() << "/" << down->stats().resent()
+            << ", duplicates dropped: " << up->stats().duplicates_dropped() << "/"
+            << down->stats().duplicates_dropped() << "\n";
 }
 
-// A hand-driven client for the Peer service, to play a misbehaving or second peer.
-class RawPeer {
- public:
-  explicit RawPeer(int port)
-      : stub_(v1::Peer::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
-                                                    grpc::InsecureChannelCredentials()))),
-        stream_(stub_->Link(&context_)) {}
-  ~RawPeer() {
-    if (finished_) return;
-    context_.TryCancel();
-    stream_->Finish();
-  }
+// Options for exact counts: one heartbeat each way per connection (the first, sent on connecting;
+// the next would be an hour later), and acks only every 10 applied messages.
+PeerLinkOptions Quiet(PeerLinkOptions o) {
+  o.heartbeat_interval = absl::Hours(1);
+  o.peer_timeout = absl::InfiniteDuration();
+  o.ack_every = 10;
+  o.ack_delay = absl::Hours(1);
+  return o;
+}
 
-  static v1::PeerMessage Hello(absl::string_view token = kToken, uint32_t version = 1) {
-    v1::PeerMessage m;
-    m.set_protocol_version(version);
-    v1::Hello* h = m.mutable_hello();
-    h->set_protocol_version(version);
-    h->set_stage(kBoundary);
-    h->set_boundary(kBoundary);
-    h->set_auth_token(std::string(token));
-    h->set_instance_id(42);
-    h->set_resume_from_seq(1);
-    return m;
+int64_t FrameBytes(const std::string& pool, int first_seq, int last_seq) {
+  int64_t sum = 0;
+  for (int seq = first_seq; seq <= last_seq; ++seq) {
+    sum += WireBytes(MakeFrame(seq - 1, 100 + seq, seq, pool), seq);
   }
-  bool Write(const v1::PeerMessage& m) { return stream_->Write(m); }
-  bool Read(v1::PeerMessage* m) { return stream_->Read(m); }
-  // Reads until the server ends the stream; returns its status.
-  grpc::Status Finish() {
-    v1::PeerMessage ignored;
-    while (stream_->Read(&ignored)) {
-    }
-    finished_ = true;
-    return stream_->Finish();
-  }
+  return sum;
+}
 
- private:
-  grpc::ClientContext context_;
-  std::unique_ptr<v1::Peer::Stub> stub_;
-  std::unique_ptr<grpc::ClientReaderWriter<v1::PeerMessage, v1::PeerMessage>> stream_;
-  bool finished_ = false;
-};
-
-TEST(PeerLinkTest, ProtocolViolationsEndTheStreamWithAClearStatus) {
-  std::unique_ptr<PeerServer> server = StartServer();
-  absl::StatusOr<PeerLink*> down = server->RegisterBoundary(ServerSide(), Ignore);
-  ASSERT_TRUE(down.ok());
-  ASSERT_TRUE(server->Start().ok());
-  {
-    RawPeer peer(server->port());
+int64_t AckBytes(std::initializer_list<uint64_t> seqs) {
+  int64_t sum = 0;
+  for (uint64_t seq : seqs) {
     v1::PeerMessage ack;
-    ack.set_protocol_version(1);
-    ack.mutable_ack()->set_seq(1);
-    ASSERT_TRUE(peer.Write(ack));
-    const grpc::Status s = peer.Finish();
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
-    EXPECT_THAT(s.error_message(), HasSubstr("must be a Hello"));
+    ack.mutable_ack()->set_seq(seq);
+    sum += WireBytes(ack, 0);
   }
-  {
-    RawPeer peer(server->port());
-    ASSERT_TRUE(peer.Write(RawPeer::Hello(kToken, /*version=*/2)));
-    const grpc::Status s = peer.Finish();
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
-    EXPECT_THAT(s.error_message(), HasSubstr("protocol version 2"));
-  }
-  {
-    // A gap in the sequence is a corrupt stream.
-    RawPeer peer(server->port());
-    ASSERT_TRUE(peer.Write(RawPeer::Hello()));
-    v1::PeerMessage reply;
-    ASSERT_TRUE(peer.Read(&reply));
-    ASSERT_TRUE(reply.has_hello());
-    EXPECT_EQ(reply.hello().resume_from_seq(), 1u);
-    v1::PeerMessage frame = MakeFrame(0, 0, 0, "");
-    frame.set_protocol_version(1);
-    frame.set_seq(5);
-    ASSERT_TRUE(peer.Write(frame));
-    const grpc::Status s = peer.Finish();
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::DATA_LOSS);
-    EXPECT_THAT(s.error_message(), HasSubstr("expected seq 1, received 5"));
-  }
-  {
-    // Acknowledging what was never sent.
-    RawPeer peer(server->port());
-    ASSERT_TRUE(peer.Write(RawPeer::Hello()));
-    v1::PeerMessage reply;
-    ASSERT_TRUE(peer.Read(&reply));
-    v1::PeerMessage ack;
-    ack.set_protocol_version(1);
-    ack.mutable_ack()->set_seq(9);
-    ASSERT_TRUE(peer.Write(ack));
-    const grpc::Status s = peer.Finish();
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  }
-  EXPECT_EQ((*down)->stats().connections, 2);
+  return sum;
 }
 
-TEST(PeerLinkTest, SecondStreamReplacesTheFirst) {
-  Pair p = Connect(Ignore, Ignore);
-  {
-    RawPeer second(p.server->port());
-    ASSERT_TRUE(second.Write(RawPeer::Hello()));
-    v1::PeerMessage reply;
-    ASSERT_TRUE(second.Read(&reply));  // Attached: the dialer's stream was cancelled.
-    ASSERT_TRUE(reply.has_hello());
-    EXPECT_TRUE(p.up->AwaitStats([](const PeerLinkStats& s) { return s.disconnects >= 1; }, kWait));
-    EXPECT_TRUE(
-        p.down->AwaitStats([](const PeerLinkStats& s) { return s.connections >= 2; }, kWait));
+// Every LinkStats counter against what the traffic implies: 25 frames upstream -> downstream, a
+// break while frames 22 to 25 are written but not applied (the downstream's handler holds frame
+// 21), a reconnect that resends exactly those four, and 6 more frames.
+TEST(PeerLinkTest, StatsCountExactlyTheTrafficAcrossABreakAndResend) {
+  const std::string pool = RandomBytes(4096, 7);
+  Recorder at_down(31, &pool);
+  absl::Notification holding, release;
+  at_down.on_message = [&holding, &release](int64_t n) {
+    if (n != 20) return;
+    holding.Notify();  // Frame 21 (seq 21) waits in the handler.
+    release.WaitForNotification();
+  };
+  Pair p = Connect(at_down.handler(), Ignore, Quiet(ServerSide()), Quiet(DialerSide()));
+  // A failed ASSERT must not leave the handler waiting: closing the link waits for it.
+  absl::Cleanup release_on_exit = [&release] {
+    if (!release.HasBeenNotified()) release.Notify();
+  };
+  auto heartbeats_received = [](uint64_t n) {
+    return [n](const v1::LinkStats& s) { return s.heartbeats_received() == n; };
+  };
+  // Each side's first heartbeat and the echo of it: two each way.
+  ASSERT_TRUE(p.up->AwaitStats(heartbeats_received(2), kWait));
+  ASSERT_TRUE(p.down->AwaitStats(heartbeats_received(2), kWait));
+
+  // Acks are cumulative: a writer that wakes late acknowledges 20 frames at once. Sending in
+  // tens and waiting for each ack makes them exactly two (for 10 and for 20).
+  auto acks_received = [](uint64_t n) {
+    return [n](const v1::LinkStats& s) { return s.acks_received() == n; };
+  };
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(p.up->Send(MakeFrame(i, 101 + i, i + 1, pool)).ok());
+  ASSERT_TRUE(p.up->AwaitStats(acks_received(1), kWait));
+  for (int i = 10; i < 20; ++i) ASSERT_TRUE(p.up->Send(MakeFrame(i, 101 + i, i + 1, pool)).ok());
+  ASSERT_TRUE(p.up->AwaitStats(acks_received(2), kWait));
+  for (int i = 20; i < 25; ++i) ASSERT_TRUE(p.up->Send(MakeFrame(i, 101 + i, i + 1, pool)).ok());
+  // All 25 written; frame 21 held in the handler, 22 to 25 not applied.
+  ASSERT_TRUE(p.up->AwaitStats(
+      [](const v1::LinkStats& s) { return Messages(s.sent(), "frame") == 25; }, kWait));
+  ASSERT_TRUE(holding.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(p.up->stats().last_acked_seq(), 20u);
+  EXPECT_EQ(p.up->stats().queued_messages(), 5u);
+  EXPECT_EQ(static_cast<int64_t>(p.up->stats().queued_bytes()), FrameBytes(pool, 21, 25));
+  p.down->BreakConnectionForTesting();
+  release.Notify();  // Frame 21 is applied; the broken stream delivers nothing after it.
+
+  // The upstream redials; the downstream asks to resume from 22, so 22 to 25 are written again.
+  ASSERT_TRUE(p.up->AwaitStats([](const v1::LinkStats& s) { return s.connections() == 2; }, kWait));
+  ASSERT_TRUE(p.up->WaitConnected(kWait).ok());
+  ASSERT_TRUE(p.up->AwaitStats(heartbeats_received(4), kWait));
+  ASSERT_TRUE(p.down->AwaitStats(heartbeats_received(4), kWait));
+  for (int i = 25; i < 31; ++i) ASSERT_TRUE(p.up->Send(MakeFrame(i, 101 + i, i + 1, pool)).ok());
+  ASSERT_TRUE(p.up->Drain(kWait).ok());  // Frames 22..31 applied: the ack for 31.
+  ASSERT_TRUE(at_down.WaitDone());
+  EXPECT_EQ(at_down.errors(), "");
+
+  // A writer counts a message once its write returned, which can be after the peer read it: wait
+  // until the writers' counts reach what the test expects (a count short of it fails here, one
+  // beyond it below).
+  ASSERT_TRUE(p.up->AwaitStats(
+      [](const v1::LinkStats& s) {
+        return Messages(s.sent(), "frame") >= 35 && s.heartbeats_sent() >= 4;
+      },
+      kWait));
+  ASSERT_TRUE(p.down->AwaitStats(
+      [](const v1::LinkStats& s) { return s.acks_sent() >= 3 && s.heartbeats_sent() >= 4; },
+      kWait));
+  const v1::LinkStats up = p.up->stats();
+  const v1::LinkStats down = p.down->stats();
+  for (const v1::LinkStats* s : {&up, &down}) {
+    EXPECT_TRUE(s->connected());
+    EXPECT_EQ(s->connections(), 2u);
+    EXPECT_EQ(s->reconnects(), 1u);
+    EXPECT_EQ(s->disconnects(), 1u);
+    EXPECT_EQ(s->heartbeats_sent(), 4u);  // Per connection: its own first one and one echo.
+    EXPECT_EQ(s->heartbeats_received(), 4u);
+    EXPECT_GT(s->last_rtt_seconds(), 0);
+    EXPECT_EQ(s->handshakes_rejected(), 0u);
+    EXPECT_EQ(s->peer_restarts(), 0u);
+    EXPECT_EQ(s->duplicates_dropped(), 0u);
+    EXPECT_EQ(s->queued_messages(), 0u);
+    EXPECT_EQ(s->queued_bytes(), 0u);
+    uint64_t messages = 0, bytes = 0;
+    for (const auto& [body, t] : s->sent()) messages += t.messages(), bytes += t.bytes();
+    EXPECT_EQ(s->messages_sent(), messages);
+    EXPECT_EQ(s->bytes_sent(), bytes);
+    messages = bytes = 0;
+    for (const auto& [body, t] : s->received()) messages += t.messages(), bytes += t.bytes();
+    EXPECT_EQ(s->messages_received(), messages);
+    EXPECT_EQ(s->bytes_received(), bytes);
   }
-  // The dialer comes back (and in turn replaces the raw peer if it is still attached).
-  EXPECT_TRUE(p.up->AwaitStats([](const PeerLinkStats& s) { return s.connections >= 2; }, kWait));
-  EXPECT_TRUE(p.up->WaitConnected(kWait).ok());
-}
-
-TEST(PeerLinkTest, InvalidUseIsRejected) {
-  PeerLinkOptions o = DialerSide(1);
-  o.auth_token.clear();
-  EXPECT_EQ(PeerLink::Dial(o, Ignore).status().code(), absl::StatusCode::kInvalidArgument);
-  o = DialerSide(1);
-  o.stage = kBoundary + 1;
-  EXPECT_EQ(PeerLink::Dial(o, Ignore).status().code(), absl::StatusCode::kInvalidArgument);
-
-  std::unique_ptr<PeerServer> server = StartServer();
-  ASSERT_TRUE(server->RegisterBoundary(ServerSide(), Ignore).ok());
-  EXPECT_EQ(server->RegisterBoundary(ServerSide(), Ignore).status().code(),
-            absl::StatusCode::kAlreadyExists);
-  absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(DialerSide(1), Ignore);
-  ASSERT_TRUE(up.ok());
-  v1::PeerMessage ack;
-  ack.mutable_ack()->set_seq(1);
-  EXPECT_EQ((*up)->Send(ack).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ((*up)->Send(v1::PeerMessage()).code(), absl::StatusCode::kInvalidArgument);
-}
-
-TEST(PeerLinkTest, HealthServiceCanBeEnabled) {
-  PeerServerOptions o;
-  o.listen_address = "127.0.0.1:0";
-  o.enable_health_service = true;
-  absl::StatusOr<std::unique_ptr<PeerServer>> server = PeerServer::Create(o);
-  ASSERT_TRUE(server.ok());
-  ASSERT_TRUE((*server)->Start().ok());
-  ASSERT_NE((*server)->health_check_service(), nullptr);
-  (*server)->health_check_service()->SetServingStatus(true);
+  // Upstream: 31 frames and 4 resent; 3 acks back (10, 20, 31).
+  ASSERT_THAT(up.sent(), ::testing::SizeIs(2));
+  EXPECT_EQ(up.sent().at("frame").messages(), 35u);
+  EXPECT_EQ(static_cast<int64_t>(up.sent().at("frame").bytes()),
+            FrameBytes(pool, 1, 31) + FrameBytes(pool, 22, 25));
+  EXPECT_EQ(up.resent(), 4u);
+  EXPECT_EQ(up.acks_sent(), 0u);
+  EXPECT_EQ(up.acks_received(), 3u);
+  EXPECT_EQ(up.received().at("ack").messages(), 3u);
+  EXPECT_EQ(static_cast<int64_t>(up.received().at("ack").bytes()), AckBytes({10, 20, 31}));
+  EXPECT_EQ(up.last_seq(), 31u);
+  EXPECT_EQ(up.last_acked_seq(), 31u);
+  EXPECT_EQ(up.last_applied_seq(), 0u);
+  // Downstream: each of the 31 frames read once (the resent four were never read before).
+  ASSERT_THAT(down.received(), ::testing::SizeIs(2));
+  EXPECT_EQ(down.received().at("frame").messages(), 31u);
+  EXPECT_EQ(static_cast<int64_t>(down.received().at("frame").bytes()), FrameBytes(pool, 1, 31));
+  EXPECT_EQ(down.resent(), 0u);
+  EXPECT_EQ(down.acks_sent(), 3u);
+  EXPECT_EQ(down.acks_received(), 0u);
+  EXPECT_EQ(down.sent().at("ack").messages(), 3u);
+  EXPECT_EQ(static_cast<int64_t>(down.sent().at("ack").bytes()), AckBytes({10, 20, 31}));
+  EXPECT_EQ(down.last_seq(), 0u);
+  EXPECT_EQ(down.last_applied_seq(), 31u);
+  // Heartbeats: what one side wrote, the other read, byte for byte.
+  EXPECT_EQ(up.sent().at("heartbeat").messages(), 4u);
+  EXPECT_EQ(up.sent().at("heartbeat").bytes(), down.received().at("heartbeat").bytes());
+  EXPECT_EQ(down.sent().at("heartbeat").bytes(), up.received().at("heartbeat").bytes());
+  EXPECT_THAT(up.received(), ::testing::SizeIs(2));
+  EXPECT_THAT(down.sent(), ::testing::SizeIs(2));
 }
 
 }  // namespace

@@ -1,0 +1,311 @@
+// Tests of the downstream's PeerServer (server/transport/peer_server.h) and of how both ends
+// refuse what they must: wrong tokens, unknown boundaries, invalid options, protocol violations
+// from a hand-driven peer, a second stream for a served boundary, and the standard health service.
+#include "server/transport/peer_server.h"
+
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "server/transport/peer_link.h"
+#include "tests/server/transport/health.grpc.pb.h"
+#include "tests/server/transport/peer_test_util.h"
+
+namespace mapl {
+namespace {
+
+using ::grpc::health::v1::HealthCheckRequest;
+using ::grpc::health::v1::HealthCheckResponse;
+using ::testing::HasSubstr;
+using testing_peer::Connect;
+using testing_peer::DialerSide;
+using testing_peer::Ignore;
+using testing_peer::kBoundary;
+using testing_peer::kToken;
+using testing_peer::kWait;
+using testing_peer::MakeFrame;
+using testing_peer::MakeServer;
+using testing_peer::Pair;
+using testing_peer::ServerSide;
+
+TEST(PeerServerTest, WrongAuthTokenIsRejected) {
+  std::unique_ptr<PeerServer> server = MakeServer();
+  absl::StatusOr<PeerLink*> down = server->RegisterBoundary(ServerSide(), Ignore);
+  ASSERT_TRUE(down.ok());
+  ASSERT_TRUE(server->Start().ok());
+  PeerLinkOptions o = DialerSide(server->port());
+  o.auth_token = "wrong";
+  absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(o, Ignore);
+  ASSERT_TRUE(up.ok());
+
+  const absl::Status connected = (*up)->WaitConnected(kWait);
+  EXPECT_EQ(connected.code(), absl::StatusCode::kUnauthenticated) << connected;
+  EXPECT_THAT(connected.message(), HasSubstr("auth token does not match"));
+  EXPECT_THAT(connected.message(), HasSubstr("boundary 3"));
+  EXPECT_EQ((*up)->Send(MakeFrame(0, 0, 0, "")).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_FALSE((*down)->connected());
+  EXPECT_EQ((*down)->stats().handshakes_rejected(), 1u);
+  EXPECT_EQ((*down)->stats().connections(), 0u);
+  EXPECT_EQ((*down)->status().code(), absl::StatusCode::kUnauthenticated);
+}
+
+TEST(PeerServerTest, UnknownBoundaryIsNotFound) {
+  std::unique_ptr<PeerServer> server = MakeServer();
+  ASSERT_TRUE(server->RegisterBoundary(ServerSide(), Ignore).ok());
+  ASSERT_TRUE(server->Start().ok());
+  PeerLinkOptions o = DialerSide(server->port());
+  o.boundary = 7;
+  o.stage = 7;
+  absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(o, Ignore);
+  ASSERT_TRUE(up.ok());
+  const absl::Status connected = (*up)->WaitConnected(kWait);
+  EXPECT_EQ(connected.code(), absl::StatusCode::kNotFound) << connected;
+  EXPECT_THAT(connected.message(), HasSubstr("boundary 7 is not served here (serving: 3)"));
+}
+
+TEST(PeerServerTest, InvalidUseIsRejected) {
+  PeerLinkOptions o = DialerSide(1);
+  o.auth_token.clear();
+  EXPECT_EQ(PeerLink::Dial(o, Ignore).status().code(), absl::StatusCode::kInvalidArgument);
+  o = DialerSide(1);
+  o.stage = kBoundary + 1;
+  const absl::Status wrong_stage = PeerLink::Dial(o, Ignore).status();
+  EXPECT_EQ(wrong_stage.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(wrong_stage.message(), HasSubstr("must be stage 3, not 4"));
+  EXPECT_EQ(PeerLink::Dial(DialerSide(1), nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  std::unique_ptr<PeerServer> server = MakeServer();
+  PeerLinkOptions upstream_stage = ServerSide();
+  upstream_stage.stage = kBoundary;
+  EXPECT_EQ(server->RegisterBoundary(upstream_stage, Ignore).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(server->RegisterBoundary(ServerSide(), Ignore).ok());
+  EXPECT_EQ(server->RegisterBoundary(ServerSide(), Ignore).status().code(),
+            absl::StatusCode::kAlreadyExists);
+  absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(DialerSide(1), Ignore);
+  ASSERT_TRUE(up.ok());
+  v1::PeerMessage ack;
+  ack.mutable_ack()->set_seq(1);
+  EXPECT_EQ((*up)->Send(ack).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*up)->Send(v1::PeerMessage()).code(), absl::StatusCode::kInvalidArgument);
+  PeerLinkOptions small = DialerSide(1);
+  small.max_message_bytes = 1000;
+  absl::StatusOr<std::unique_ptr<PeerLink>> small_up = PeerLink::Dial(small, Ignore);
+  ASSERT_TRUE(small_up.ok());
+  const absl::Status too_big = (*small_up)->Send(MakeFrame(0, 1000, 0, std::string(1000, 'x')));
+  EXPECT_EQ(too_big.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(too_big.message(), HasSubstr("exceeds max_message_bytes 1000"));
+  EXPECT_EQ((*small_up)->stats().queued_messages(), 0u);
+}
+
+// A hand-driven client for the Peer service, to play a misbehaving or second peer.
+class RawPeer {
+ public:
+  explicit RawPeer(int port)
+      : stub_(v1::Peer::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
+                                                    grpc::InsecureChannelCredentials()))),
+        stream_(stub_->Link(&context_)) {}
+  ~RawPeer() {
+    if (finished_) return;
+    context_.TryCancel();
+    stream_->Finish();
+  }
+
+  static v1::PeerMessage Hello(absl::string_view token = kToken, uint32_t version = 1) {
+    v1::PeerMessage m;
+    m.set_protocol_version(version);
+    v1::Hello* h = m.mutable_hello();
+    h->set_protocol_version(version);
+    h->set_stage(kBoundary);
+    h->set_boundary(kBoundary);
+    h->set_auth_token(std::string(token));
+    h->set_instance_id(42);
+    h->set_resume_from_seq(1);
+    return m;
+  }
+  bool Write(const v1::PeerMessage& m) { return stream_->Write(m); }
+  bool Read(v1::PeerMessage* m) { return stream_->Read(m); }
+  // Reads until the server ends the stream; returns its status.
+  grpc::Status Finish() {
+    v1::PeerMessage ignored;
+    while (stream_->Read(&ignored)) {
+    }
+    finished_ = true;
+    return stream_->Finish();
+  }
+
+ private:
+  grpc::ClientContext context_;
+  std::unique_ptr<v1::Peer::Stub> stub_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::PeerMessage, v1::PeerMessage>> stream_;
+  bool finished_ = false;
+};
+
+TEST(PeerServerTest, ProtocolViolationsEndTheStreamWithAClearStatus) {
+  std::unique_ptr<PeerServer> server = MakeServer();
+  absl::StatusOr<PeerLink*> down = server->RegisterBoundary(ServerSide(), Ignore);
+  ASSERT_TRUE(down.ok());
+  ASSERT_TRUE(server->Start().ok());
+  {
+    RawPeer peer(server->port());
+    v1::PeerMessage ack;
+    ack.set_protocol_version(1);
+    ack.mutable_ack()->set_seq(1);
+    ASSERT_TRUE(peer.Write(ack));
+    const grpc::Status s = peer.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(s.error_message(), HasSubstr("must be a Hello"));
+  }
+  {
+    RawPeer peer(server->port());
+    ASSERT_TRUE(peer.Write(RawPeer::Hello(kToken, /*version=*/2)));
+    const grpc::Status s = peer.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(s.error_message(), HasSubstr("protocol version 2"));
+  }
+  {
+    // A gap in the sequence is a corrupt stream.
+    RawPeer peer(server->port());
+    ASSERT_TRUE(peer.Write(RawPeer::Hello()));
+    v1::PeerMessage reply;
+    ASSERT_TRUE(peer.Read(&reply));
+    ASSERT_TRUE(reply.has_hello());
+    EXPECT_EQ(reply.hello().resume_from_seq(), 1u);
+    v1::PeerMessage frame = MakeFrame(0, 0, 0, "");
+    frame.set_protocol_version(1);
+    frame.set_seq(5);
+    ASSERT_TRUE(peer.Write(frame));
+    const grpc::Status s = peer.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::DATA_LOSS);
+    EXPECT_THAT(s.error_message(), HasSubstr("expected seq 1, received 5"));
+  }
+  {
+    // Acknowledging what was never sent.
+    RawPeer peer(server->port());
+    ASSERT_TRUE(peer.Write(RawPeer::Hello()));
+    v1::PeerMessage reply;
+    ASSERT_TRUE(peer.Read(&reply));
+    v1::PeerMessage ack;
+    ack.set_protocol_version(1);
+    ack.mutable_ack()->set_seq(9);
+    ASSERT_TRUE(peer.Write(ack));
+    const grpc::Status s = peer.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("acknowledged seq 9 but only seqs up to 0"));
+  }
+  {
+    // A connection-level message after the handshake.
+    RawPeer peer(server->port());
+    ASSERT_TRUE(peer.Write(RawPeer::Hello()));
+    v1::PeerMessage reply;
+    ASSERT_TRUE(peer.Read(&reply));
+    ASSERT_TRUE(peer.Write(RawPeer::Hello()));
+    const grpc::Status s = peer.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("unexpected 'hello'"));
+  }
+  EXPECT_EQ((*down)->stats().connections(), 3u);
+  {
+    // The upstream's stage of another boundary.
+    RawPeer peer(server->port());
+    v1::PeerMessage hello = RawPeer::Hello();
+    hello.mutable_hello()->set_stage(kBoundary + 1);
+    ASSERT_TRUE(peer.Write(hello));
+    const grpc::Status s = peer.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(s.error_message(), HasSubstr("says stage 4, expected 3"));
+  }
+  {
+    RawPeer peer(server->port());
+    v1::PeerMessage hello = RawPeer::Hello();
+    hello.mutable_hello()->set_instance_id(0);
+    ASSERT_TRUE(peer.Write(hello));
+    const grpc::Status s = peer.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("Hello has no instance_id"));
+  }
+  EXPECT_EQ((*down)->stats().connections(), 3u);
+  EXPECT_EQ((*down)->stats().handshakes_rejected(), 2u);
+}
+
+TEST(PeerServerTest, SecondStreamReplacesTheFirst) {
+  Pair p = Connect(Ignore, Ignore);
+  {
+    RawPeer second(p.server->port());
+    ASSERT_TRUE(second.Write(RawPeer::Hello()));
+    v1::PeerMessage reply;
+    ASSERT_TRUE(second.Read(&reply));  // Attached: the dialer's stream was cancelled.
+    ASSERT_TRUE(reply.has_hello());
+    EXPECT_TRUE(p.up->AwaitStats([](const v1::LinkStats& s) { return s.disconnects() >= 1; }, kWait));
+    EXPECT_TRUE(
+        p.down->AwaitStats([](const v1::LinkStats& s) { return s.connections() >= 2; }, kWait));
+  }
+  // The dialer comes back (and in turn replaces the raw peer if it is still attached).
+  EXPECT_TRUE(p.up->AwaitStats([](const v1::LinkStats& s) { return s.connections() >= 2; }, kWait));
+  EXPECT_TRUE(p.up->WaitConnected(kWait).ok());
+}
+
+// Calls grpc.health.v1.Health/Check for `service` on 127.0.0.1:port.
+grpc::Status CheckHealth(int port, const std::string& service, HealthCheckResponse* response) {
+  std::unique_ptr<grpc::health::v1::Health::Stub> stub = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kWait));
+  HealthCheckRequest request;
+  request.set_service(service);
+  return stub->Check(&context, request, response);
+}
+
+TEST(PeerServerTest, HealthServiceAnswersChecksAndFollowsSetServingStatus) {
+  PeerServerOptions o;
+  o.listen_address = "127.0.0.1:0";
+  o.enable_health_service = true;
+  absl::StatusOr<std::unique_ptr<PeerServer>> server = PeerServer::Create(o);
+  ASSERT_TRUE(server.ok());
+  ASSERT_TRUE((*server)->Start().ok());
+  grpc::HealthCheckServiceInterface* health = (*server)->health_check_service();
+  ASSERT_NE(health, nullptr);
+  const int port = (*server)->port();
+
+  HealthCheckResponse response;
+  grpc::Status s = CheckHealth(port, "", &response);
+  ASSERT_TRUE(s.ok()) << s.error_code() << " " << s.error_message();
+  EXPECT_EQ(response.status(), HealthCheckResponse::SERVING);
+
+  health->SetServingStatus(false);  // As a draining daemon would.
+  s = CheckHealth(port, "", &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(response.status(), HealthCheckResponse::NOT_SERVING);
+  health->SetServingStatus(true);
+  s = CheckHealth(port, "", &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(response.status(), HealthCheckResponse::SERVING);
+
+  // Per service: unknown until set, then what was set.
+  EXPECT_EQ(CheckHealth(port, "mapl.v1.Peer", &response).error_code(), grpc::StatusCode::NOT_FOUND);
+  health->SetServingStatus("mapl.v1.Peer", false);
+  s = CheckHealth(port, "mapl.v1.Peer", &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(response.status(), HealthCheckResponse::NOT_SERVING);
+}
+
+TEST(PeerServerTest, HealthServiceIsAbsentUnlessEnabled) {
+  // The daemon enables the default health service process-wide for its local server; a peer
+  // server without enable_health_service must still not serve it.
+  grpc::EnableDefaultHealthCheckService(true);
+  std::unique_ptr<PeerServer> server = MakeServer();
+  ASSERT_TRUE(server->Start().ok());
+  EXPECT_EQ(server->health_check_service(), nullptr);
+  HealthCheckResponse response;
+  const grpc::Status s = CheckHealth(server->port(), "", &response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED) << s.error_message();
+}
+
+}  // namespace
+}  // namespace mapl
