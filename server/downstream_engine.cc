@@ -219,7 +219,8 @@ absl::Status DownstreamEngine::HandleSnapshot(const v1::DictionarySnapshot& snap
   return absl::OkStatus();
 }
 
-std::optional<v1::PeerMessage> DownstreamEngine::SnapshotRequest(const absl::Status& why) {
+std::optional<v1::PeerMessage> DownstreamEngine::SnapshotRequest(v1::SnapshotReason reason,
+                                                                 const absl::Status& why) {
   const uint64_t have = replica_.has_value() ? replica_->version() : 0;
   if (snapshot_asked_at_ == have) return std::nullopt;
   snapshot_asked_at_ = have;
@@ -228,6 +229,7 @@ std::optional<v1::PeerMessage> DownstreamEngine::SnapshotRequest(const absl::Sta
   r->set_boundary(config_.id());
   r->set_direction(v1::DIRECTION_FORWARD);
   r->set_have_version(have);
+  r->set_reason(replica_.has_value() ? reason : v1::SNAPSHOT_REASON_NO_STATE);
   r->set_detail(std::string(why.message()));
   stats_.set_snapshot_requests_sent(stats_.snapshot_requests_sent() + 1);
   Log(LogLevel::kWarning, "requesting dictionary snapshot",
@@ -240,7 +242,9 @@ absl::Status DownstreamEngine::Decode(const v1::Frame& frame, const Tensor& out,
   absl::Status s = DecodeForward(frame, out);
   if (s.code() == absl::StatusCode::kFailedPrecondition && projected_ &&
       (!replica_.has_value() || replica_->Find(frame.dict_version()) == nullptr)) {
-    if (std::optional<v1::PeerMessage> m = SnapshotRequest(s)) replies->push_back(*std::move(m));
+    if (std::optional<v1::PeerMessage> m = SnapshotRequest(v1::SNAPSHOT_REASON_UNKNOWN_VERSION, s)) {
+      replies->push_back(*std::move(m));
+    }
   }
   return s;
 }
@@ -252,7 +256,11 @@ absl::Status DownstreamEngine::Handle(const v1::PeerMessage& message,
     case v1::PeerMessage::kDictionaryDelta:
       s = HandleDelta(message.dictionary_delta());
       if (!s.ok() && projected_) {
-        if (std::optional<v1::PeerMessage> m = SnapshotRequest(s)) {
+        const v1::SnapshotReason reason =
+            s.code() == absl::StatusCode::kFailedPrecondition ? v1::SNAPSHOT_REASON_BASE_VERSION_MISMATCH
+            : s.code() == absl::StatusCode::kDataLoss        ? v1::SNAPSHOT_REASON_CHECKSUM_MISMATCH
+                                                             : v1::SNAPSHOT_REASON_INVALID_DELTA;
+        if (std::optional<v1::PeerMessage> m = SnapshotRequest(reason, s)) {
           replies->push_back(*std::move(m));
         }
       }

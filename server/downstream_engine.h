@@ -41,7 +41,8 @@ class DownstreamEngine : public Engine {
   // A SnapshotRequest for `why`, or nothing when one was already sent while holding the current
   // version: a burst of frames naming a version we lack must not become a burst of snapshots on
   // a slow link. A snapshot that applies allows the next request.
-  std::optional<v1::PeerMessage> SnapshotRequest(const absl::Status& why);
+  std::optional<v1::PeerMessage> SnapshotRequest(v1::SnapshotReason reason,
+                                                 const absl::Status& why);
 
   // ---- Engine ----
   const v1::BoundaryConfig& config() const override { return config_; }

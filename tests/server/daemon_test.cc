@@ -625,6 +625,8 @@ TEST(DaemonSnapshotTest, ALostDeltaAsksForOneSnapshotAndTheReplicaFollowsTheOneI
   }
   EXPECT_EQ(requests[0].have_version(), 0u);
   EXPECT_EQ(requests[1].have_version(), 1u);
+  EXPECT_EQ(requests[0].reason(), v1::SNAPSHOT_REASON_BASE_VERSION_MISMATCH);
+  EXPECT_EQ(requests[1].reason(), v1::SNAPSHOT_REASON_BASE_VERSION_MISMATCH);
   s = BoundaryOf(*down, 0);
   EXPECT_EQ(s.snapshot_requests_sent(), 2u);
   EXPECT_EQ(s.bad_peer_messages(), 3u);
@@ -672,6 +674,7 @@ TEST(DaemonSnapshotTest, ALostDeltaAsksForOneSnapshotAndTheReplicaFollowsTheOneI
   ASSERT_TRUE(PollUntil([&] { return up.requests().size() >= 3; }, absl::Seconds(10)));
   const v1::SnapshotRequest third = up.requests()[2];
   EXPECT_EQ(third.have_version(), 2u);
+  EXPECT_EQ(third.reason(), v1::SNAPSHOT_REASON_UNKNOWN_VERSION);
   EXPECT_NE(third.detail().find("version 9"), std::string::npos) << third.detail();
   EXPECT_EQ(BoundaryOf(*down, 0).snapshot_requests_sent(), 3u);
   // The trainer's Recv of such a frame says why at once.
@@ -948,7 +951,7 @@ TEST_F(ThreeStagesTest, AStepRetriedOnTheMiddleStageAfterATimeoutSucceeds) {
   ASSERT_TRUE(s.ok()) << s.message;
   s = clients_[1]->Step(2, 10000, &out);
   ASSERT_TRUE(s.ok()) << s.message;
-  ASSERT_EQ(out.boundaries.size(), 2u);
+  ASSERT_EQ(out.boundaries_size(), 2);
   s = clients_[0]->Step(2, 10000, &out);
   ASSERT_TRUE(s.ok()) << s.message;
   // Boundary 0 was closed once on the middle stage, not twice.

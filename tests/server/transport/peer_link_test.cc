@@ -104,7 +104,7 @@ TEST(PeerLinkTest, EightMebibyteFrameEachWayArrivesIntact) {
 // capped side wrote until the last frame arrived, cannot exceed R; and a writer that never idles
 // while frames queue keeps up with R (the bucket makes up for late wake-ups of up to b / R =
 // 33 ms). So a cap 20 % off in either direction fails. Spread over 5 runs next to 4 busy builders
-// on 2 cores (see the report of issue 8): 0.994 to 0.997 of R.
+// on 2 cores: 0.994 to 0.997 of R; under ASan and UBSan 0.987 to 0.999.
 TEST(PeerLinkTest, RateCappedLinkAchievesItsCapWithinFivePercentOverThreeSeconds) {
   constexpr double kRate = 2e6;
   constexpr int64_t kBurst = 64 << 10;
@@ -129,6 +129,12 @@ TEST(PeerLinkTest, RateCappedLinkAchievesItsCapWithinFivePercentOverThreeSeconds
   ASSERT_TRUE(at_up.WaitDone()) << at_up.received();
   const absl::Duration took = at_up.done_at() - start;
   EXPECT_EQ(at_up.errors(), "");
+  // The writer counts a message once its write returns, which can be after the peer read it.
+  ASSERT_TRUE(p.down->AwaitStats(
+      [&](const v1::LinkStats& s) {
+        return s.bytes_sent() - bytes_before >= uint64_t{kFrames} * kPayload;
+      },
+      kWait));
   const double bytes = static_cast<double>(p.down->stats().bytes_sent() - bytes_before);
   EXPECT_GT(bytes, static_cast<double>(kFrames * kPayload));
   const double achieved = (bytes - kBurst) / absl::ToDoubleSeconds(took);
