@@ -101,9 +101,7 @@ absl::Status DownstreamEngine::DecodeForwardImpl(const v1::Frame& frame, const T
       MAPL_RETURN_IF_ERROR(backend_->Lift(zq, saved.dict->tensor(0), h_hat));
     }
   }
-  stats_.set_frames_received(stats_.frames_received() + 1);
-  stats_.set_raw_bytes_received(stats_.raw_bytes_received() + uint64_t(n) * d_ * sizeof(bf16_t));
-  stats_.set_payload_bytes_received(stats_.payload_bytes_received() + FrameWireBytes(frame));
+  CountFrameReceived(frame, d_, &stats_);
   pending_.Insert(key, std::move(saved));
   return absl::OkStatus();
 }
@@ -135,9 +133,7 @@ absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step,
     if (mapl_) MAPL_RETURN_IF_ERROR(AccumulateLearning(*saved, g));
   }
   FrameCodec::Seal(&frame);
-  stats_.set_frames_sent(stats_.frames_sent() + 1);
-  stats_.set_raw_bytes_sent(stats_.raw_bytes_sent() + uint64_t(n) * d_ * sizeof(bf16_t));
-  stats_.set_payload_bytes_sent(stats_.payload_bytes_sent() + FrameWireBytes(frame));
+  CountFrameSent(frame, d_, &stats_);
   pending_.Erase({step, microbatch});
   v1::PeerMessage m;
   *m.mutable_frame() = std::move(frame);
@@ -269,21 +265,14 @@ absl::Status DownstreamEngine::Handle(const v1::PeerMessage& message,
       s = HandleSnapshot(message.dictionary_snapshot());
       break;
     default:
-      s = absl::InvalidArgumentError(absl::StrCat(
-          "the downstream of boundary ", config_.id(), " takes no ",
-          message.GetDescriptor()->FindFieldByNumber(message.body_case())->name(),
-          " message from its upstream"));
+      s = UnexpectedPeerMessage(config_, message);
   }
   if (!s.ok()) stats_.set_bad_peer_messages(stats_.bad_peer_messages() + 1);
   return s;
 }
 
 absl::StatusOr<std::vector<v1::PeerMessage>> DownstreamEngine::Step(uint64_t step) {
-  if (last_step_.has_value() && step <= *last_step_) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "Step(", step, "): step already closed; steps must increase, the last closed was ",
-        *last_step_));
-  }
+  MAPL_RETURN_IF_ERROR(CheckStepIncreases(last_step_, step));
   std::vector<v1::PeerMessage> out;
   if (mapl_) {
     v1::PeerMessage m;

@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 
+#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/config.h"
 #include "server/dictionary.h"
+#include "server/frame_codec.h"
 #include "server/downstream_engine.h"
 #include "server/upstream_engine.h"
 
@@ -23,6 +25,38 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const v1::BoundaryConfig&
   MAPL_ASSIGN_OR_RETURN(std::unique_ptr<DownstreamEngine> e,
                         DownstreamEngine::Create(full, backend));
   return std::unique_ptr<Engine>(std::move(e));
+}
+
+void CountFrameSent(const v1::Frame& frame, int64_t d, v1::BoundaryStats* stats) {
+  stats->set_frames_sent(stats->frames_sent() + 1);
+  stats->set_raw_bytes_sent(stats->raw_bytes_sent() + uint64_t{frame.tokens()} * d * 2);
+  stats->set_payload_bytes_sent(stats->payload_bytes_sent() + FrameWireBytes(frame));
+}
+
+void CountFrameReceived(const v1::Frame& frame, int64_t d, v1::BoundaryStats* stats) {
+  stats->set_frames_received(stats->frames_received() + 1);
+  stats->set_raw_bytes_received(stats->raw_bytes_received() + uint64_t{frame.tokens()} * d * 2);
+  stats->set_payload_bytes_received(stats->payload_bytes_received() + FrameWireBytes(frame));
+}
+
+absl::Status CheckStepIncreases(const std::optional<uint64_t>& last_closed, uint64_t step) {
+  if (last_closed.has_value() && step <= *last_closed) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Step(", step, "): step already closed; steps must increase, the last closed was ",
+        *last_closed));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status UnexpectedPeerMessage(const v1::BoundaryConfig& config,
+                                   const v1::PeerMessage& message) {
+  const bool up = config.role() == v1::ROLE_UPSTREAM;
+  const google::protobuf::FieldDescriptor* body =
+      message.GetDescriptor()->FindFieldByNumber(message.body_case());
+  return absl::InvalidArgumentError(absl::StrCat(
+      "the ", up ? "upstream" : "downstream", " of boundary ", config.id(), " takes no ",
+      body != nullptr ? body->name() : "empty", " message from its ",
+      up ? "downstream" : "upstream"));
 }
 
 double OrthogonalityError(const float* u, int64_t d, int64_t k) {

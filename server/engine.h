@@ -123,6 +123,18 @@ class PendingMicrobatches {
   uint64_t dropped_ = 0;
 };
 
+// Counts a frame this side sent or decoded in `stats`: frames, raw bytes (tokens x d as dense
+// bf16, the reference of compression ratios) and the bytes the frame carries.
+void CountFrameSent(const v1::Frame& frame, int64_t d, v1::BoundaryStats* stats);
+void CountFrameReceived(const v1::Frame& frame, int64_t d, v1::BoundaryStats* stats);
+
+// FAILED_PRECONDITION unless `step` is after the last step closed.
+absl::Status CheckStepIncreases(const std::optional<uint64_t>& last_closed, uint64_t step);
+// INVALID_ARGUMENT for a peer message this side never takes ("the upstream of boundary 3 takes no
+// frame message from its downstream").
+absl::Status UnexpectedPeerMessage(const v1::BoundaryConfig& config,
+                                   const v1::PeerMessage& message);
+
 // The orthogonality error max |U^T U - I| of u (d, k).
 double OrthogonalityError(const float* u, int64_t d, int64_t k);
 

@@ -158,11 +158,8 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
   }
   if (mapl_) SaveH(h, &saved);  // kept only for G_up = h^T gzq
   FrameCodec::Seal(&frame);
-  const uint64_t bytes = FrameWireBytes(frame);
-  stats_.set_frames_sent(stats_.frames_sent() + 1);
-  stats_.set_raw_bytes_sent(stats_.raw_bytes_sent() + uint64_t(n) * d_ * sizeof(bf16_t));
-  stats_.set_payload_bytes_sent(stats_.payload_bytes_sent() + bytes);
-  payload_bytes_this_step_ += bytes;
+  CountFrameSent(frame, d_, &stats_);
+  payload_bytes_this_step_ += FrameWireBytes(frame);
   pending_.Insert({step, microbatch}, std::move(saved));
   out.push_back(Wrap(std::move(frame)));
   return out;
@@ -219,9 +216,7 @@ absl::Status UpstreamEngine::DecodeBackwardImpl(const v1::Frame& frame, const Te
     MAPL_RETURN_IF_ERROR(backend_->Lift(gz, saved->dict->tensor(0), dh));
     if (mapl_) MAPL_RETURN_IF_ERROR(projector_->AccumulateUp(*backend_, saved->h(), gz));
   }
-  stats_.set_frames_received(stats_.frames_received() + 1);
-  stats_.set_raw_bytes_received(stats_.raw_bytes_received() + uint64_t(n) * d_ * sizeof(bf16_t));
-  stats_.set_payload_bytes_received(stats_.payload_bytes_received() + FrameWireBytes(frame));
+  CountFrameReceived(frame, d_, &stats_);
   // Keep a few buffers for the next microbatches (a pipeline has that many in flight).
   constexpr size_t kSpares = 8;
   if (!saved->h_f32.empty() && spare_h_f32_.size() < kSpares) {
@@ -305,21 +300,14 @@ absl::Status UpstreamEngine::Handle(const v1::PeerMessage& message,
       break;
     }
     default:
-      s = absl::InvalidArgumentError(absl::StrCat(
-          "the upstream of boundary ", config_.id(), " takes no ",
-          message.GetDescriptor()->FindFieldByNumber(message.body_case())->name(),
-          " message from its downstream"));
+      s = UnexpectedPeerMessage(config_, message);
   }
   if (!s.ok()) stats_.set_bad_peer_messages(stats_.bad_peer_messages() + 1);
   return s;
 }
 
 absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::Step(uint64_t step) {
-  if (last_step_.has_value() && step <= *last_step_) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "Step(", step, "): step already closed; steps must increase, the last closed was ",
-        *last_step_));
-  }
+  MAPL_RETURN_IF_ERROR(CheckStepIncreases(last_step_, step));
   std::vector<v1::PeerMessage> out;
   auto signal = signals_.end();
   if (mapl_) {

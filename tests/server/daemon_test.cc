@@ -40,6 +40,7 @@
 #include "absl/time/time.h"
 #include "client/mapl_client.h"
 #include "gtest/gtest.h"
+#include "tests/server/http_get.h"
 #include "kernels/registry.h"
 #include "server/config.h"
 #include "server/dictionary.h"
@@ -179,33 +180,7 @@ std::pair<mc::TensorRef, mc::TensorRef> FillActivation(mc::Client* c, uint32_t b
 
 // GET http://127.0.0.1:<port>/metrics: the body of a 200 reply, or an error.
 absl::StatusOr<std::string> HttpGetMetrics(int port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return absl::InternalError("socket() failed");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    ::close(fd);
-    return absl::UnavailableError(absl::StrCat("cannot connect to 127.0.0.1:", port));
-  }
-  // HTTP/1.0 without Accept-Encoding: a plain body, ended by the server closing.
-  const std::string request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-  if (::write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
-    ::close(fd);
-    return absl::InternalError("short write");
-  }
-  std::string reply;
-  char buf[65536];
-  for (ssize_t n; (n = ::read(fd, buf, sizeof(buf))) > 0;) reply.append(buf, n);
-  ::close(fd);
-  const size_t head_end = reply.find("\r\n\r\n");
-  if (head_end == std::string::npos) return absl::DataLossError("no HTTP header: " + reply);
-  const std::string status_line = reply.substr(0, reply.find("\r\n"));
-  if (status_line.find(" 200 ") == std::string::npos) {
-    return absl::UnavailableError("HTTP status: " + status_line);
-  }
-  return reply.substr(head_end + 4);
+  return testing_internal::HttpGet(port, "/metrics");
 }
 
 struct Sample {
