@@ -19,11 +19,11 @@ namespace mapl {
 
 }  // namespace mapl
 
-#define MAPL_CHECK(condition, details)                                    \
-  do {                                                                    \
-    if (!(condition)) {                                                   \
-      ::mapl::CheckFailed(#condition, __FILE__, __LINE__, (details));     \
-    }                                                                     \
+#define MAPL_CHECK(condition, details)                                \
+  do {                                                                \
+    if (!(condition)) {                                               \
+      ::mapl::CheckFailed(#condition, __FILE__, __LINE__, (details)); \
+    }                                                                 \
   } while (0)
 
 #endif  // MAPL_COMMON_CHECK_H_

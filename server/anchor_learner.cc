@@ -16,10 +16,7 @@ constexpr uint64_t kSaltAnchors = 0x0a7c4e9d31b25f60ull;
 }  // namespace
 
 AnchorLearner::AnchorLearner(const v1::BoundaryConfig& config)
-    : vocab_(config.vocab()),
-      rank_(config.anchor_rank()),
-      d_(config.d()),
-      lr_(config.anchor_lr()) {
+    : vocab_(config.vocab()), rank_(config.anchor_rank()), d_(config.d()), lr_(config.anchor_lr()) {
   p_.assign(vocab_ * rank_, 0.f);
   dp_ = p_m_ = p_v_ = p_;
   q_.resize(rank_ * d_);
@@ -53,8 +50,7 @@ absl::Status AnchorLearner::Step(const Backend& backend) {
     options.step = adam_steps_ + 1;
     MAPL_RETURN_IF_ERROR(backend.AdamStep(
         Tensor::F32(p_.data(), vocab_, rank_), ConstTensor::F32(dp_.data(), vocab_, rank_),
-        Tensor::F32(p_m_.data(), vocab_, rank_), Tensor::F32(p_v_.data(), vocab_, rank_),
-        options));
+        Tensor::F32(p_m_.data(), vocab_, rank_), Tensor::F32(p_v_.data(), vocab_, rank_), options));
     MAPL_RETURN_IF_ERROR(backend.AdamStep(
         Tensor::F32(q_.data(), rank_, d_), ConstTensor::F32(dq_.data(), rank_, d_),
         Tensor::F32(q_m_.data(), rank_, d_), Tensor::F32(q_v_.data(), rank_, d_), options));

@@ -25,40 +25,39 @@ BoundaryWorker::BoundaryWorker(std::unique_ptr<Engine> engine, const WorkerOptio
     : config_(engine->config()),
       options_(options),
       timers_(timers),
-      receives_(engine->sends() == v1::DIRECTION_FORWARD ? v1::DIRECTION_BACKWARD
-                                                         : v1::DIRECTION_FORWARD),
+      sends_(engine->sends()),
+      receives_(sends_ == v1::DIRECTION_FORWARD ? v1::DIRECTION_BACKWARD : v1::DIRECTION_FORWARD),
       engine_(std::move(engine)) {}
 
 BoundaryWorker::~BoundaryWorker() { Stop(absl::InfinitePast()); }
 
 void BoundaryWorker::Start(Transport* transport) {
-  MAPL_CHECK(transport_ == nullptr && transport != nullptr, "Start is called once, with a transport");
+  MAPL_CHECK(transport_ == nullptr && transport != nullptr,
+             "Start is called once, with a transport");
   transport_ = transport;
   encoder_ = std::thread([this] { EncodeLoop(); });
   decoder_ = std::thread([this] { DecodeLoop(); });
 }
 
 std::string BoundaryWorker::Describe(int direction, uint64_t step, uint32_t microbatch) const {
-  return absl::StrCat("boundary ", config_.id(), ": ", DirName(direction), " tensor of step ",
-                      step, " microbatch ", microbatch);
+  return absl::StrCat("boundary ", config_.id(), ": ", DirName(direction), " tensor of step ", step,
+                      " microbatch ", microbatch);
 }
 
 // ---- sending ----
 
 absl::StatusOr<v1::SendReply> BoundaryWorker::Send(uint64_t step, uint32_t microbatch,
-                                                   const ConstTensor& t,
-                                                   const int32_t* token_ids, bool wait_encoded) {
-  const int sends = receives_ == v1::DIRECTION_FORWARD ? v1::DIRECTION_BACKWARD
-                                                       : v1::DIRECTION_FORWARD;
-  const std::string what = Describe(sends, step, microbatch);
-  const bool mapl_forward =
-      sends == v1::DIRECTION_FORWARD && config_.method() == v1::METHOD_MAPL;
+                                                   const ConstTensor& t, const int32_t* token_ids,
+                                                   bool wait_encoded) {
+  const std::string what = Describe(sends_, step, microbatch);
+  const bool mapl_forward = sends_ == v1::DIRECTION_FORWARD && config_.method() == v1::METHOD_MAPL;
   if (mapl_forward && token_ids == nullptr) {
     return absl::InvalidArgumentError(
         absl::StrCat("token_ids: boundary ", config_.id(),
                      " runs METHOD_MAPL, whose anchors need the token ids of every forward "
                      "microbatch"));
   }
+  MAPL_CHECK(t.cols == config_.d(), "the daemon checked the tensor's columns against d");
   const Key key{step, microbatch};
   const size_t elem = t.dtype == DType::kF32 ? 4 : 2;
   const size_t bytes = static_cast<size_t>(t.size()) * elem;
@@ -69,19 +68,24 @@ absl::StatusOr<v1::SendReply> BoundaryWorker::Send(uint64_t step, uint32_t micro
   job.rows = t.rows;
   {
     absl::MutexLock l(&mu_);
-    if (stop_) return absl::UnavailableError("mapld is shutting down; tensor not taken");
-    if (closed_step_.has_value() && step <= *closed_step_) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(what, ": step ", step, " was already closed by Step(", *closed_step_,
-                       "); steps only move forward"));
+    // The checks run before the wait (a caller's mistake is reported at once) and again after
+    // it, under the same lock as the reservation: meanwhile a concurrent Send of the same key
+    // may have taken it, or Step closed the step.
+    for (bool waited : {false, true}) {
+      if (stop_) return absl::UnavailableError("mapld is shutting down; tensor not taken");
+      if (closed_step_.has_value() && step <= *closed_step_) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(what, ": step ", step, " was already closed by Step(", *closed_step_,
+                         "); steps only move forward"));
+      }
+      if (sent_.count(key) != 0) {
+        return absl::AlreadyExistsError(
+            absl::StrCat(what, " was already sent; each (step, microbatch) is sent once"));
+      }
+      if (waited) break;
+      // Backpressure: a trainer far ahead of the encoder waits here instead of filling memory.
+      while (jobs_.size() + reserved_ >= options_.max_queued_jobs && !stop_) cv_.Wait(&mu_);
     }
-    if (sent_.count(key) != 0) {
-      return absl::AlreadyExistsError(
-          absl::StrCat(what, " was already sent; each (step, microbatch) is sent once"));
-    }
-    // Backpressure: a trainer far ahead of the encoder waits here instead of filling memory.
-    while (jobs_.size() + reserved_ >= options_.max_queued_jobs && !stop_) cv_.Wait(&mu_);
-    if (stop_) return absl::UnavailableError("mapld is shutting down; tensor not taken");
     sent_.insert(key);  // reserved now, so a concurrent duplicate fails too
     ++reserved_;        // a queue slot, and Flush waits for it
     if (!spare_tensors_.empty()) {
@@ -93,16 +97,18 @@ absl::StatusOr<v1::SendReply> BoundaryWorker::Send(uint64_t step, uint32_t micro
   // the copies, so a trainer changing its buffer meanwhile cannot slip anything past them.
   job.tensor.resize(bytes);
   absl::Status taken;
+  bool nonfinite_checked = true;  // false: the tensor was refused for NaN or Inf
   if (!CopyAndCheckFinite(t, absl::MakeSpan(job.tensor))) {
     taken = CheckFinite(ConstTensor{job.tensor.data(), t.rows, t.cols, t.dtype}, "tensor");
+    nonfinite_checked = taken.ok();
   }
   if (taken.ok() && mapl_forward) {
     job.token_ids.assign(token_ids, token_ids + t.rows);
     for (int64_t i = 0; i < t.rows && taken.ok(); ++i) {
       if (job.token_ids[i] < 0 || static_cast<uint32_t>(job.token_ids[i]) >= config_.vocab()) {
         taken = absl::InvalidArgumentError(absl::StrCat("token_ids[", i, "] = ", job.token_ids[i],
-                                                        ": must be in [0, vocab=",
-                                                        config_.vocab(), ")"));
+                                                        ": must be in [0, vocab=", config_.vocab(),
+                                                        ")"));
       }
     }
   }
@@ -113,6 +119,7 @@ absl::StatusOr<v1::SendReply> BoundaryWorker::Send(uint64_t step, uint32_t micro
   absl::MutexLock l(&mu_);
   --reserved_;
   if (!taken.ok() || stop_) {
+    if (!nonfinite_checked) ++nonfinite_refused_;
     sent_.erase(key);
     spare_tensors_.push_back(std::move(job.tensor));
     cv_.SignalAll();
@@ -153,7 +160,7 @@ void BoundaryWorker::EncodeLoop() {
 void BoundaryWorker::Encode(EncodeJob& job) {
   // Backpressure from the transport: with a slow link its queue would otherwise grow without
   // bound while the trainer keeps sending.
-  while (!transport_->WaitQueueBelow(options_.max_transport_queue_bytes, absl::Seconds(1))) {
+  while (!transport_->WaitQueueBelow(options_.max_transport_queue_bytes, absl::Milliseconds(100))) {
     absl::MutexLock l(&mu_);
     if (stop_) break;
   }
@@ -180,8 +187,7 @@ void BoundaryWorker::Encode(EncodeJob& job) {
     // The request was checked when it was taken; this is the engine's verdict (for example a
     // backward whose forward was evicted). The frame is not sent; the peer's Recv will say so by
     // its deadline, and this log line (or the waiting Send) says why.
-    status = absl::Status(status.code(), absl::StrCat(Describe(receives_ == v1::DIRECTION_FORWARD ? v1::DIRECTION_BACKWARD : v1::DIRECTION_FORWARD, job.step,
-                                                               job.microbatch),
+    status = absl::Status(status.code(), absl::StrCat(Describe(sends_, job.step, job.microbatch),
                                                       ": ", status.message()));
     Log(LogLevel::kError, "encode failed", {{"error", std::string(status.message())}});
   }
@@ -281,8 +287,8 @@ void BoundaryWorker::OnFrame(const v1::Frame& f) {
   r.rows = f.tokens();
   absl::Status s;
   if (f.tokens() == 0 || f.tokens() > config_.max_tokens()) {
-    s = absl::InvalidArgumentError(absl::StrCat("frame of ", f.tokens(), " tokens (max_tokens ",
-                                                config_.max_tokens(), ")"));
+    s = absl::InvalidArgumentError(
+        absl::StrCat("frame of ", f.tokens(), " tokens (max_tokens ", config_.max_tokens(), ")"));
   } else {
     {
       absl::MutexLock l(&mu_);
@@ -305,7 +311,8 @@ void BoundaryWorker::OnFrame(const v1::Frame& f) {
   if (!s.ok()) {
     Log(LogLevel::kError, "frame rejected", {{"what", what}, {"error", std::string(s.message())}});
     // The trainer's Recv gets the reason at once instead of waiting for its deadline.
-    r.status = absl::Status(s.code(), absl::StrCat(what, ": the frame was rejected: ", s.message()));
+    r.status =
+        absl::Status(s.code(), absl::StrCat(what, ": the frame was rejected: ", s.message()));
     r.data = {};  // an error entry holds no tensor
   }
   absl::MutexLock l(&mu_);
@@ -331,9 +338,8 @@ absl::StatusOr<v1::RecvReply> BoundaryWorker::Recv(uint64_t step, uint32_t micro
       if (cv_.WaitWithDeadline(&mu_, deadline) && inbox_.count(key) == 0) {
         return absl::DeadlineExceededError(absl::StrCat(
             what, " did not arrive within ", absl::FormatDuration(timeout),
-            transport_ != nullptr && !transport_->connected()
-                ? " (the peer link is not connected)"
-                : ""));
+            transport_ != nullptr && !transport_->connected() ? " (the peer link is not connected)"
+                                                              : ""));
       }
     }
     auto it = inbox_.find(key);
@@ -381,8 +387,9 @@ absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Dura
   }
   // Everything the trainer sent in this step is encoded before the step closes.
   if (!Flush(deadline)) {
-    return absl::DeadlineExceededError(absl::StrCat(
-        where, "tensors sent in this step were not encoded within ", absl::FormatDuration(timeout)));
+    return absl::DeadlineExceededError(
+        absl::StrCat(where, "tensors sent in this step were not encoded within ",
+                     absl::FormatDuration(timeout)));
   }
   for (;;) {
     uint64_t seen;
@@ -405,10 +412,10 @@ absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Dura
     absl::MutexLock l(&mu_);
     while (signals_ == seen && !stop_) {
       if (cv_.WaitWithDeadline(&mu_, deadline) && signals_ == seen) {
-        return absl::DeadlineExceededError(absl::StrCat(
-            where, "the downstream's learning signal did not arrive within ",
-            absl::FormatDuration(timeout), " (has the downstream trainer called Step(", step,
-            ")?)"));
+        return absl::DeadlineExceededError(
+            absl::StrCat(where, "the downstream's learning signal did not arrive within ",
+                         absl::FormatDuration(timeout), " (has the downstream trainer called Step(",
+                         step, ")?)"));
       }
     }
     if (stop_) return absl::UnavailableError("mapld is shutting down");
@@ -464,6 +471,11 @@ v1::BoundaryStats BoundaryWorker::stats() const {
   {
     absl::MutexLock el(&engine_mu_);
     s = engine_->stats();
+  }
+  {
+    // The engine counts what reached it; NaN and Inf are refused here first.
+    absl::MutexLock l(&mu_);
+    s.set_nonfinite_inputs(s.nonfinite_inputs() + nonfinite_refused_);
   }
   s.set_id(config_.id());
   s.set_role(config_.role() == v1::ROLE_UPSTREAM ? "upstream" : "downstream");

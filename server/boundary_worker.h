@@ -148,6 +148,7 @@ class BoundaryWorker {
   const v1::BoundaryConfig config_;
   const WorkerOptions options_;
   const CodecTimers timers_;
+  const v1::Direction sends_;  // FORWARD upstream, BACKWARD downstream
   const v1::Direction receives_;
   Transport* transport_ = nullptr;  // set by Start, before the threads
 
@@ -163,7 +164,8 @@ class BoundaryWorker {
   std::optional<uint64_t> closed_step_ ABSL_GUARDED_BY(mu_);  // the last step closed here
   std::deque<v1::PeerMessage> incoming_ ABSL_GUARDED_BY(mu_);
   int64_t incoming_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t signals_ ABSL_GUARDED_BY(mu_) = 0;   // learning signals handled (wakes Step)
+  uint64_t signals_ ABSL_GUARDED_BY(mu_) = 0;            // learning signals handled (wakes Step)
+  uint64_t nonfinite_refused_ ABSL_GUARDED_BY(mu_) = 0;  // Sends refused for NaN or Inf
   std::map<Key, Received> inbox_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   // Reused buffers: fresh 32 MiB allocations cost more in page faults than the copy itself.

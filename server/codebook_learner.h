@@ -30,9 +30,9 @@ class CodebookLearner {
   void Observe(const float* z, int64_t rows);
 
   struct StepResult {
-    bool fitted_now = false;  // the first fit happened in this step
-    bool skipped = false;     // the backend refused the fit or update (learner unchanged)
-    bool updated = false;     // a streaming update ran
+    bool fitted_now = false;    // the first fit happened in this step
+    bool skipped = false;       // the backend refused the fit or update (learner unchanged)
+    bool updated = false;       // a streaming update ran
     double relative_mse = 0.0;  // of that update
   };
   // Fits (once enough rows were seen) or updates on the rows observed since the last Step.

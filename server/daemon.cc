@@ -100,8 +100,8 @@ absl::Status Daemon::Init() {
   if (config_.metrics_address() != "off") {
     MAPL_RETURN_IF_ERROR(metrics_->Serve(config_.metrics_address()));
     Log(LogLevel::kInfo, "metrics",
-        {{"url", absl::StrCat("http://", HostOf(config_.metrics_address()), ":",
-                              metrics_->port(), "/metrics")}});
+        {{"url", absl::StrCat("http://", HostOf(config_.metrics_address()), ":", metrics_->port(),
+                              "/metrics")}});
   }
   MAPL_RETURN_IF_ERROR(StartTransports());
   for (auto& [id, w] : workers_) w->Start(transports_.at(id));
@@ -123,10 +123,10 @@ absl::Status Daemon::StartTransports() {
     for (auto& [id, w] : workers_) {
       if (w->config().role() != v1::ROLE_DOWNSTREAM) continue;
       BoundaryWorker* worker = w.get();
-      MAPL_ASSIGN_OR_RETURN(
-          PeerLink * link,
-          peer_server_->RegisterBoundary(
-              LinkOptions(id), [worker](v1::PeerMessage m) { worker->OnPeerMessage(std::move(m)); }));
+      MAPL_ASSIGN_OR_RETURN(PeerLink * link, peer_server_->RegisterBoundary(
+                                                 LinkOptions(id), [worker](v1::PeerMessage m) {
+                                                   worker->OnPeerMessage(std::move(m));
+                                                 }));
       transports_[id] = link;
     }
     MAPL_RETURN_IF_ERROR(peer_server_->Start());
@@ -141,10 +141,10 @@ absl::Status Daemon::StartTransports() {
     options.address = w->config().peer_address();
     options.connect_timeout = absl::Milliseconds(config_.peer_connect_timeout_ms());
     BoundaryWorker* worker = w.get();
-    MAPL_ASSIGN_OR_RETURN(
-        std::unique_ptr<PeerLink> link,
-        PeerLink::Dial(options,
-                       [worker](v1::PeerMessage m) { worker->OnPeerMessage(std::move(m)); }));
+    MAPL_ASSIGN_OR_RETURN(std::unique_ptr<PeerLink> link,
+                          PeerLink::Dial(options, [worker](v1::PeerMessage m) {
+                            worker->OnPeerMessage(std::move(m));
+                          }));
     transports_[id] = link.get();
     dialed_.push_back(std::move(link));
     Log(LogLevel::kInfo, "dialing peer",

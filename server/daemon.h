@@ -83,8 +83,7 @@ class Daemon {
   absl::Status Init();
   absl::Status StartTransports();
   absl::Status StartLocalServer();
-  absl::StatusOr<BoundaryWorker*> FindBoundary(uint32_t id, v1::Direction direction,
-                                               bool sending);
+  absl::StatusOr<BoundaryWorker*> FindBoundary(uint32_t id, v1::Direction direction, bool sending);
   std::vector<v1::BoundaryStats> AllStats() const;
   absl::Duration Timeout(uint32_t request_ms) const;
   PeerLinkOptions LinkOptions(uint32_t boundary) const;

@@ -1,6 +1,6 @@
-// The dictionary of one boundary direction (docs/METHOD.md section 3): the float tables a decoder needs
-// besides the codes (U, RVQ codebooks), and their synchronization from the owner to the decoder
-// through versioned, checksummed deltas under a byte budget.
+// The dictionary of one boundary direction (docs/METHOD.md section 3): the float tables a decoder
+// needs besides the codes (U, RVQ codebooks), and their synchronization from the owner to the
+// decoder through versioned, checksummed deltas under a byte budget.
 //
 //   // Both sides start from the same version 0 (e.g. from a shared seed).
 //   std::vector<mapl::DictionaryTableSpec> specs = {{"U", d, k}, {"rvq", L * 256, k}};

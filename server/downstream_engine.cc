@@ -36,10 +36,10 @@ absl::StatusOr<std::unique_ptr<DownstreamEngine>> DownstreamEngine::Create(
   // With a seeded projector both sides build version 0 themselves; with PCA it arrives as the
   // owner's snapshot before the first frame.
   if (e->projected_ && config.projector_init() == v1::PROJECTOR_INIT_RANDOM) {
-    MAPL_ASSIGN_OR_RETURN(PublishedDictionary v0,
-                          PublishedDictionary::Create(DictionaryTables(e->config_),
-                                                      SeededDictionary(e->config_),
-                                                      config.dictionary_precision(), 0));
+    MAPL_ASSIGN_OR_RETURN(
+        PublishedDictionary v0,
+        PublishedDictionary::Create(DictionaryTables(e->config_), SeededDictionary(e->config_),
+                                    config.dictionary_precision(), 0));
     MAPL_ASSIGN_OR_RETURN(
         DictionaryReplica replica,
         DictionaryReplica::Create({config.id(), v1::DIRECTION_FORWARD}, std::move(v0)));
@@ -106,8 +106,7 @@ absl::Status DownstreamEngine::DecodeForwardImpl(const v1::Frame& frame, const T
   return absl::OkStatus();
 }
 
-absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step,
-                                                                 uint32_t microbatch,
+absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step, uint32_t microbatch,
                                                                  const ConstTensor& g) {
   SavedForward* saved = pending_.Find({step, microbatch});
   if (saved == nullptr) {
@@ -140,8 +139,7 @@ absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step,
   return m;
 }
 
-absl::Status DownstreamEngine::AccumulateLearning(const SavedForward& saved,
-                                                  const ConstTensor& g) {
+absl::Status DownstreamEngine::AccumulateLearning(const SavedForward& saved, const ConstTensor& g) {
   // The anchor is recomputed rather than kept from the forward (n x d floats a microbatch);
   // P and Q change only in Step(), so it is the one the forward used.
   const int64_t n = saved.rows;
@@ -238,7 +236,8 @@ absl::Status DownstreamEngine::Decode(const v1::Frame& frame, const Tensor& out,
   absl::Status s = DecodeForward(frame, out);
   if (s.code() == absl::StatusCode::kFailedPrecondition && projected_ &&
       (!replica_.has_value() || replica_->Find(frame.dict_version()) == nullptr)) {
-    if (std::optional<v1::PeerMessage> m = SnapshotRequest(v1::SNAPSHOT_REASON_UNKNOWN_VERSION, s)) {
+    if (std::optional<v1::PeerMessage> m =
+            SnapshotRequest(v1::SNAPSHOT_REASON_UNKNOWN_VERSION, s)) {
       replies->push_back(*std::move(m));
     }
   }
@@ -252,10 +251,11 @@ absl::Status DownstreamEngine::Handle(const v1::PeerMessage& message,
     case v1::PeerMessage::kDictionaryDelta:
       s = HandleDelta(message.dictionary_delta());
       if (!s.ok() && projected_) {
-        const v1::SnapshotReason reason =
-            s.code() == absl::StatusCode::kFailedPrecondition ? v1::SNAPSHOT_REASON_BASE_VERSION_MISMATCH
-            : s.code() == absl::StatusCode::kDataLoss        ? v1::SNAPSHOT_REASON_CHECKSUM_MISMATCH
-                                                             : v1::SNAPSHOT_REASON_INVALID_DELTA;
+        const v1::SnapshotReason reason = s.code() == absl::StatusCode::kFailedPrecondition
+                                              ? v1::SNAPSHOT_REASON_BASE_VERSION_MISMATCH
+                                          : s.code() == absl::StatusCode::kDataLoss
+                                              ? v1::SNAPSHOT_REASON_CHECKSUM_MISMATCH
+                                              : v1::SNAPSHOT_REASON_INVALID_DELTA;
         if (std::optional<v1::PeerMessage> m = SnapshotRequest(reason, s)) {
           replies->push_back(*std::move(m));
         }

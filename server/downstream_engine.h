@@ -23,8 +23,8 @@ namespace mapl {
 class DownstreamEngine : public Engine {
  public:
   // `config`: role ROLE_DOWNSTREAM, defaults filled in. `backend` is borrowed.
-  static absl::StatusOr<std::unique_ptr<DownstreamEngine>> Create(
-      const v1::BoundaryConfig& config, const Backend* backend);
+  static absl::StatusOr<std::unique_ptr<DownstreamEngine>> Create(const v1::BoundaryConfig& config,
+                                                                  const Backend* backend);
 
   // Checks and decodes a forward frame into h_hat: (n, d) f32/bf16. METHOD_MAPL:
   // h_hat = zq U^T + a - (a U) U^T with a = P[t] Q; METHOD_FIXED: zq U^T; METHOD_DENSE: the

@@ -7,8 +7,8 @@
 #include "common/status_macros.h"
 #include "server/config.h"
 #include "server/dictionary.h"
-#include "server/frame_codec.h"
 #include "server/downstream_engine.h"
+#include "server/frame_codec.h"
 #include "server/upstream_engine.h"
 
 namespace mapl {
@@ -18,8 +18,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const v1::BoundaryConfig&
   if (backend == nullptr) return absl::InvalidArgumentError("backend: null");
   MAPL_ASSIGN_OR_RETURN(v1::BoundaryConfig full, BoundaryConfigWithDefaults(config));
   if (full.role() == v1::ROLE_UPSTREAM) {
-    MAPL_ASSIGN_OR_RETURN(std::unique_ptr<UpstreamEngine> e,
-                          UpstreamEngine::Create(full, backend));
+    MAPL_ASSIGN_OR_RETURN(std::unique_ptr<UpstreamEngine> e, UpstreamEngine::Create(full, backend));
     return std::unique_ptr<Engine>(std::move(e));
   }
   MAPL_ASSIGN_OR_RETURN(std::unique_ptr<DownstreamEngine> e,
@@ -53,10 +52,10 @@ absl::Status UnexpectedPeerMessage(const v1::BoundaryConfig& config,
   const bool up = config.role() == v1::ROLE_UPSTREAM;
   const google::protobuf::FieldDescriptor* body =
       message.GetDescriptor()->FindFieldByNumber(message.body_case());
-  return absl::InvalidArgumentError(absl::StrCat(
-      "the ", up ? "upstream" : "downstream", " of boundary ", config.id(), " takes no ",
-      body != nullptr ? body->name() : "empty", " message from its ",
-      up ? "downstream" : "upstream"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("the ", up ? "upstream" : "downstream", " of boundary ", config.id(),
+                   " takes no ", body != nullptr ? body->name() : "empty", " message from its ",
+                   up ? "downstream" : "upstream"));
 }
 
 double OrthogonalityError(const float* u, int64_t d, int64_t k) {

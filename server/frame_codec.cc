@@ -137,7 +137,8 @@ absl::Status FrameCodec::EncodeProjected(v1::Codec codec, const float* x, int64_
           absl::MakeSpan(reinterpret_cast<uint8_t*>(payload->data()), payload->size()), {});
     }
     default:
-      MAPL_CHECK(false, absl::StrCat("EncodeProjected: codec ", codec, " is not a projected "
+      MAPL_CHECK(false, absl::StrCat("EncodeProjected: codec ", codec,
+                                     " is not a projected "
                                      "codec; config validation admits only BF16, INT8 and RVQ"));
   }
   return absl::OkStatus();
@@ -198,17 +199,16 @@ absl::Status FrameCodec::UnpackTokenIds(const v1::Frame& frame, std::vector<int3
     uint32_t t = 0;
     std::memcpy(&t, frame.token_ids().data() + i * bytes, bytes);
     if (t >= config_.vocab()) {
-      return absl::InvalidArgumentError(absl::StrCat(FrameName(frame), ": token_ids[", i,
-                                                     "] = ", t, " is not below vocab = ",
-                                                     config_.vocab()));
+      return absl::InvalidArgumentError(absl::StrCat(FrameName(frame), ": token_ids[", i, "] = ", t,
+                                                     " is not below vocab = ", config_.vocab()));
     }
     (*ids)[i] = static_cast<int32_t>(t);
   }
   return absl::OkStatus();
 }
 
-absl::Status FrameCodec::Check(const v1::Frame& f, v1::Direction direction,
-                               int64_t tokens_expected, const Tensor& out) const {
+absl::Status FrameCodec::Check(const v1::Frame& f, v1::Direction direction, int64_t tokens_expected,
+                               const Tensor& out) const {
   const std::string name = FrameName(f);
   auto bad = [&](const auto&... msg) {
     return absl::InvalidArgumentError(absl::StrCat(name, ": ", msg...));

@@ -123,9 +123,8 @@ std::vector<prometheus::MetricFamily> StatsFamilies(const std::vector<v1::Bounda
                                                     uint32_t stage) {
   FamilyBuilder builder;
   for (const v1::BoundaryStats& s : records) {
-    const Labels labels = {{"stage", absl::StrCat(stage)},
-                           {"boundary", absl::StrCat(s.id())},
-                           {"role", s.role()}};
+    const Labels labels = {
+        {"stage", absl::StrCat(stage)}, {"boundary", absl::StrCat(s.id())}, {"role", s.role()}};
     builder.AddRecord(s, "mapl_boundary", labels);
   }
   return builder.Take();

@@ -63,8 +63,8 @@ absl::StatusOr<std::vector<float>> PrincipalSubspace(const Backend& backend, con
   std::vector<float> u = SeededOrthonormal(d, k, seed);
   std::vector<float> z(h.rows * k), y(d * k);
   for (int it = 0; it < iterations; ++it) {
-    MAPL_RETURN_IF_ERROR(backend.Project(h, ConstTensor::F32(u.data(), d, k),
-                                         Tensor::F32(z.data(), h.rows, k)));
+    MAPL_RETURN_IF_ERROR(
+        backend.Project(h, ConstTensor::F32(u.data(), d, k), Tensor::F32(z.data(), h.rows, k)));
     MAPL_RETURN_IF_ERROR(backend.GradUp(h, ConstTensor::F32(z.data(), h.rows, k),
                                         Tensor::F32(y.data(), d, k), /*accumulate=*/false));
     double norm2 = 0.0;

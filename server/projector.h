@@ -29,8 +29,7 @@ std::vector<float> SeededOrthonormal(int64_t d, int64_t k, uint64_t seed);
 // PROJECTOR_INIT_PCA: the top-k principal subspace of h (n, d), by `iterations` subspace
 // iterations starting from SeededOrthonormal(d, k, seed).
 absl::StatusOr<std::vector<float>> PrincipalSubspace(const Backend& backend, const ConstTensor& h,
-                                                     int64_t k, uint64_t seed,
-                                                     int iterations = 40);
+                                                     int64_t k, uint64_t seed, int iterations = 40);
 
 // The upstream's SPEL learner of U (METHOD_MAPL): the gradient G_up accumulated over a step's
 // backward microbatches, the momentum, and the step-length schedule.

@@ -132,8 +132,8 @@ absl::StatusOr<Tensor> BoundaryTensorView(const Session& s, const v1::TensorRef&
 absl::StatusOr<const int32_t*> TokenIdsView(const Session& s, const v1::TensorRef& ref,
                                             int64_t rows) {
   if (ref.dtype() != v1::DTYPE_I32 || ref.cols() != 1 || ref.rows() != rows) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "token_ids: expected (", rows, ", 1) DTYPE_I32, one id per row of the tensor"));
+    return absl::InvalidArgumentError(absl::StrCat("token_ids: expected (", rows,
+                                                   ", 1) DTYPE_I32, one id per row of the tensor"));
   }
   MAPL_ASSIGN_OR_RETURN(char* p, ResolveTensorRef(s, ref, "token_ids"));
   return reinterpret_cast<const int32_t*>(p);

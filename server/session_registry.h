@@ -42,8 +42,7 @@ class SessionRegistry {
 
   // A new session with its buffers; fills the event's session id and buffers.
   absl::StatusOr<std::shared_ptr<Session>> Attach(const v1::AttachRequest& request,
-                                                  v1::AttachEvent* event)
-      ABSL_LOCKS_EXCLUDED(mu_);
+                                                  v1::AttachEvent* event) ABSL_LOCKS_EXCLUDED(mu_);
   // Forgets the session (its buffers go when the last user lets go). Unknown ids are ignored.
   void Detach(uint64_t id) ABSL_LOCKS_EXCLUDED(mu_);
   // FAILED_PRECONDITION for a session that is not attached.

@@ -66,10 +66,10 @@ absl::StatusOr<std::unique_ptr<UpstreamEngine>> UpstreamEngine::Create(
 }
 
 absl::Status UpstreamEngine::CreateOwner(std::vector<std::vector<float>> tables) {
-  MAPL_ASSIGN_OR_RETURN(DictionaryOwner owner,
-                        DictionaryOwner::Create({config_.id(), v1::DIRECTION_FORWARD},
-                                                DictionaryTables(config_), std::move(tables),
-                                                config_.dictionary_precision()));
+  MAPL_ASSIGN_OR_RETURN(
+      DictionaryOwner owner,
+      DictionaryOwner::Create({config_.id(), v1::DIRECTION_FORWARD}, DictionaryTables(config_),
+                              std::move(tables), config_.dictionary_precision()));
   owner_.emplace(std::move(owner));
   return absl::OkStatus();
 }
@@ -140,8 +140,7 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
   } else {
     saved.dict = owner_->published();
     std::vector<float> z(n * k_);
-    MAPL_RETURN_IF_ERROR(
-        backend_->Project(h, saved.dict->tensor(0), Tensor::F32(z.data(), n, k_)));
+    MAPL_RETURN_IF_ERROR(backend_->Project(h, saved.dict->tensor(0), Tensor::F32(z.data(), n, k_)));
     const RvqCodebooks* cb = nullptr;
     v1::Codec codec = config_.forward_codec();
     if (rvq_) {

@@ -104,8 +104,8 @@ class UpstreamEngine : public Engine {
   v1::BoundaryStats stats_;
   std::optional<uint64_t> last_step_;  // the last step closed by Step()
   std::optional<DictionaryOwner> owner_;
-  std::optional<ProjectorLearner> projector_;   // METHOD_MAPL
-  std::optional<CodebookLearner> codebooks_;    // CODEC_RVQ
+  std::optional<ProjectorLearner> projector_;  // METHOD_MAPL
+  std::optional<CodebookLearner> codebooks_;   // CODEC_RVQ
   CodebookCache codebook_cache_;
   DictionaryGauges gauges_;
   uint64_t payload_bytes_this_step_ = 0;

@@ -220,11 +220,10 @@ absl::Status PeerLink::Drain(absl::Duration timeout) {
       absl::StrCat(left, " message(s) unacknowledged, ", unwritten, " of them not yet written");
   if (failed_) return absl::Status(status_.code(), absl::StrCat(status_.message(), "; ", counts));
   if (closing_) return absl::FailedPreconditionError(absl::StrCat(Describe(), " closed; ", counts));
-  return absl::DeadlineExceededError(
-      absl::StrCat(Describe(), ": drain timed out after ", absl::FormatDuration(timeout), " with ",
-                   counts,
-                   stats_.connected() ? std::string()
-                                      : absl::StrCat(" (not connected: ", status_.ToString(), ")")));
+  return absl::DeadlineExceededError(absl::StrCat(
+      Describe(), ": drain timed out after ", absl::FormatDuration(timeout), " with ", counts,
+      stats_.connected() ? std::string()
+                         : absl::StrCat(" (not connected: ", status_.ToString(), ")")));
 }
 
 v1::LinkStats PeerLink::stats() const {
@@ -357,10 +356,10 @@ v1::PeerMessage PeerLink::MakeHello(bool peer_instance_known) {
 void PeerLink::DropRetainedThrough(uint64_t seq) {
   while (!retained_.empty() && retained_.front().msg->seq() <= seq) {
     const uint64_t bytes = static_cast<uint64_t>(retained_.front().bytes);
-    MAPL_CHECK(stats_.queued_messages() >= 1 && stats_.queued_bytes() >= bytes,
-               absl::StrCat(Describe(), ": queue counters (", stats_.queued_messages(),
-                            " messages, ", stats_.queued_bytes(),
-                            " bytes) fell behind the retained messages"));
+    MAPL_CHECK(
+        stats_.queued_messages() >= 1 && stats_.queued_bytes() >= bytes,
+        absl::StrCat(Describe(), ": queue counters (", stats_.queued_messages(), " messages, ",
+                     stats_.queued_bytes(), " bytes) fell behind the retained messages"));
     stats_.set_queued_messages(stats_.queued_messages() - 1);
     stats_.set_queued_bytes(stats_.queued_bytes() - bytes);
     retained_.pop_front();
@@ -630,8 +629,8 @@ absl::Status PeerLink::HandleIncoming(v1::PeerMessage msg) {
           control_.push_back(std::move(echo));
         }
       } else if (msg.heartbeat().echo_time_ns() <= now_ns) {
-        stats_.set_last_rtt_seconds(
-            static_cast<double>(now_ns - msg.heartbeat().echo_time_ns()) * 1e-9);
+        stats_.set_last_rtt_seconds(static_cast<double>(now_ns - msg.heartbeat().echo_time_ns()) *
+                                    1e-9);
       }
       return absl::OkStatus();
     }

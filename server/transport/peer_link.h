@@ -1,5 +1,5 @@
-// The gRPC peer link (docs/ARCHITECTURE.md, "The transport"), the first Transport (transport.h): one
-// bidirectional gRPC stream (Peer.Link, peer.proto) per pipeline boundary between the two mapld
+// The gRPC peer link (docs/ARCHITECTURE.md, "The transport"), the first Transport (transport.h):
+// one bidirectional gRPC stream (Peer.Link, peer.proto) per pipeline boundary between the two mapld
 // processes on either side of it. It knows nothing about codecs: it numbers, orders, acknowledges,
 // retains and resends PeerMessages, authenticates the peer, and measures liveness and round-trip
 // time.
@@ -206,10 +206,10 @@ class PeerLink final : public Transport {
  private:
   friend class PeerServer;
   enum class Role { kDialer, kServer };
-  class Stream;  // peer_link_internal.h
+  class Stream;        // peer_link_internal.h
   class ClientStream;  // peer_dialer.cc
   class ServerStream;  // peer_server.cc
-  struct Session;  // peer_link_internal.h
+  struct Session;      // peer_link_internal.h
   struct Outgoing {
     std::shared_ptr<v1::PeerMessage> msg;  // Shared with a writer that writes it unlocked.
     int64_t bytes = 0;

@@ -44,8 +44,8 @@ TEST(EngineAcceptance, MaplWithRvq) {
   // learner; PCA init (the right start for a model that is already trained, docs/METHOD.md
   // section 2.4) needs little U traffic.
   constexpr int kSteps = 150;
-  const Curve fixed = RunScenario(Config(v1::ROLE_UPSTREAM, v1::METHOD_FIXED, v1::CODEC_RVQ),
-                                  kSteps, "fixed rvq");
+  const Curve fixed =
+      RunScenario(Config(v1::ROLE_UPSTREAM, v1::METHOD_FIXED, v1::CODEC_RVQ), kSteps, "fixed rvq");
   ASSERT_EQ(fixed.error.size(), size_t{kSteps});
 
   v1::BoundaryConfig config = Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_RVQ);

@@ -3,11 +3,6 @@
 #ifndef MAPL_TESTS_SERVER_ENGINE_PAIR_H_
 #define MAPL_TESTS_SERVER_ENGINE_PAIR_H_
 
-#include "kernels/registry.h"
-#include "server/config.h"
-#include "server/downstream_engine.h"
-#include "server/projector.h"
-#include "server/upstream_engine.h"
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -16,8 +11,14 @@
 #include <random>
 #include <string>
 #include <vector>
+
 #include "absl/strings/match.h"
 #include "gtest/gtest.h"
+#include "kernels/registry.h"
+#include "server/config.h"
+#include "server/downstream_engine.h"
+#include "server/projector.h"
+#include "server/upstream_engine.h"
 
 namespace mapl {
 namespace testing_internal {

@@ -342,8 +342,7 @@ TEST(BoundaryConfigTest, DefaultsAndValidation) {
   EXPECT_TRUE(absl::StrContains(BoundaryConfigWithDefaults(c).status().message(), "vocab"));
   c.set_vocab(10);
   c.set_projector_lr(-1.f);
-  EXPECT_TRUE(
-      absl::StrContains(BoundaryConfigWithDefaults(c).status().message(), "projector_lr"));
+  EXPECT_TRUE(absl::StrContains(BoundaryConfigWithDefaults(c).status().message(), "projector_lr"));
   c.set_projector_lr(0.f);
   c.set_backward_codec(v1::CODEC_RVQ);
   EXPECT_TRUE(

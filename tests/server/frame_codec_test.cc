@@ -53,7 +53,10 @@ TEST_F(FrameCodecTest, ChecksumIsXxh3OfPayloadScalesAndTokenIds) {
   f.set_payload("payload-bytes");
   f.set_scales("sc");
   f.set_token_ids("ids!");
-  const std::string all = "payload-bytes" "sc" "ids!";
+  const std::string all =
+      "payload-bytes"
+      "sc"
+      "ids!";
   EXPECT_EQ(FrameChecksum(f), XXH3_64bits(all.data(), all.size()));
   EXPECT_EQ(FrameWireBytes(f), all.size());
   FrameCodec::Seal(&f);
@@ -92,8 +95,8 @@ TEST_F(FrameCodecTest, RvqCodesDecodeToTheirCentroidSums) {
   const std::vector<float> train = Random(1024 * kK, 2);
   RvqFitOptions options;
   options.levels = static_cast<int32_t>(c.rvq_levels());
-  absl::StatusOr<RvqCodebooks> cb = backend_->RvqFit(ConstTensor::F32(train.data(), 1024, kK),
-                                                     options);
+  absl::StatusOr<RvqCodebooks> cb =
+      backend_->RvqFit(ConstTensor::F32(train.data(), 1024, kK), options);
   ASSERT_TRUE(cb.ok()) << cb.status();
   const std::vector<float> x = Random(kN * kK, 3);
   v1::Frame f = codec.NewFrame(v1::DIRECTION_FORWARD, 1, 0, kN);
@@ -126,7 +129,8 @@ TEST_F(FrameCodecTest, DenseCarriesBf16ValuesAndRejectsNonFinite) {
   const Tensor t = Tensor::F32(out.data(), kN, kD);
   ASSERT_TRUE(codec.Check(f, v1::DIRECTION_FORWARD, -1, t).ok());
   ASSERT_TRUE(codec.DecodeDense(f, t).ok());
-  for (int64_t i = 0; i < kN * kD; ++i) EXPECT_LE(std::fabs(out[i] - h[i]), std::fabs(h[i]) * 0x1p-8f);
+  for (int64_t i = 0; i < kN * kD; ++i)
+    EXPECT_LE(std::fabs(out[i] - h[i]), std::fabs(h[i]) * 0x1p-8f);
   // A NaN on the wire (bf16 0x7fc0) is refused, naming where it is.
   f.mutable_payload()->replace(2 * (kD + 3), 2, std::string("\xc0\x7f", 2));
   const absl::Status s = codec.DecodeDense(f, t);
@@ -203,9 +207,9 @@ TEST_F(FrameCodecTest, CheckRejectsEachInconsistencyByName) {
   // The backward's token count must match its forward's; the output must be (n, d).
   EXPECT_TRUE(absl::StrContains(codec.Check(good, v1::DIRECTION_FORWARD, kN + 1, t).message(),
                                 "its forward had"));
-  EXPECT_EQ(codec.Check(good, v1::DIRECTION_FORWARD, -1, Tensor::F32(out.data(), kN, kD - 1))
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      codec.Check(good, v1::DIRECTION_FORWARD, -1, Tensor::F32(out.data(), kN, kD - 1)).code(),
+      absl::StatusCode::kInvalidArgument);
   // A flipped payload bit with the old checksum is DATA_LOSS.
   v1::Frame corrupt = good;
   (*corrupt.mutable_payload())[0] ^= 1;
@@ -238,10 +242,9 @@ TEST_F(FrameCodecTest, CodebookCacheFollowsTheDictionaryVersion) {
   // A dictionary without an "rvq" table cannot give codebooks.
   auto plain = PublishedDictionary::Create({{"U", kD, kK}}, {tables[0]}, v1::PRECISION_F32, 0);
   ASSERT_TRUE(plain.ok());
-  EXPECT_EQ(cache.Get(std::make_shared<const PublishedDictionary>(*std::move(plain)))
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      cache.Get(std::make_shared<const PublishedDictionary>(*std::move(plain))).status().code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -104,8 +104,9 @@ TEST_F(LearnersTest, ProjectorStepsDescendTheReconstructionLoss) {
   std::vector<float> u = SeededOrthonormal(d, k, 99);
   auto captured = [&] {
     std::vector<float> z(n * k);
-    EXPECT_TRUE(backend_->Project(ConstTensor::F32(h.data(), n, d),
-                                  ConstTensor::F32(u.data(), d, k), Tensor::F32(z.data(), n, k))
+    EXPECT_TRUE(backend_
+                    ->Project(ConstTensor::F32(h.data(), n, d), ConstTensor::F32(u.data(), d, k),
+                              Tensor::F32(z.data(), n, k))
                     .ok());
     double e = 0.0;
     for (float v : z) e += double{v} * v;
@@ -115,8 +116,9 @@ TEST_F(LearnersTest, ProjectorStepsDescendTheReconstructionLoss) {
   for (int step = 0; step < 60; ++step) {
     // dL/dU for L = -|h U|^2 / 2 is -h^T (h U): upstream's G_up = h^T gzq with gzq = -(h U).
     std::vector<float> z(n * k);
-    ASSERT_TRUE(backend_->Project(ConstTensor::F32(h.data(), n, d),
-                                  ConstTensor::F32(u.data(), d, k), Tensor::F32(z.data(), n, k))
+    ASSERT_TRUE(backend_
+                    ->Project(ConstTensor::F32(h.data(), n, d), ConstTensor::F32(u.data(), d, k),
+                              Tensor::F32(z.data(), n, k))
                     .ok());
     for (float& v : z) v = -v;
     ASSERT_TRUE(learner
