@@ -25,12 +25,14 @@ fi
 run_ctest() {
   local dir=$1 note=${2:-}
   ctest --test-dir "$dir" -j "$jobs" --output-on-failure 2>&1 | awk -v note="$note" '
+    /^The following tests did not run:/ { skipped = 1 }
     !held && /^[0-9]+% tests passed, / { held = 1; summary = $0; next }
     held && n == 0 && $0 == "" { next }
     held { tail[n++] = $0; next }
     { print; fflush() }
     END {
       for (i = 0; i < n; i++) print tail[i]
+      if (held && !skipped) print "\nskipped tests: none"
       if (note != "") print "\n" note
       if (held) print "\n" summary
     }'

@@ -368,6 +368,7 @@ v1::BoundaryStats UpstreamEngine::stats() const {
   s.set_dropped_microbatches(pending_.dropped());
   if (owner_.has_value()) {
     gauges_.Fill(*owner_->published(), d_, k_, &s);
+    s.set_dictionary_rows_skipped(owner_->nonfinite_rows_skipped());
   }
   return s;
 }
