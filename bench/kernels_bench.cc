@@ -94,7 +94,8 @@ void BM_LiftF32(benchmark::State& state) {
 }
 BENCHMARK(BM_LiftF32)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-// RVQ on the data of bench/rvq_vs_faiss.py: 65,536 vectors of dimension 64, decaying spectrum, 4 x 256.
+// RVQ on the data of bench/rvq_vs_faiss.py: 65,536 vectors of dimension 64, decaying spectrum, 4 x
+// 256.
 struct RvqFixture {
   RvqFixture() : x(Gaussian(65536, 64, 3, true)) {
     RvqFitOptions opt;

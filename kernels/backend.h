@@ -1,5 +1,5 @@
-// The codec math of docs/METHOD.md section 2 behind one interface, so CPU (BLAS) and CUDA backends are
-// interchangeable and testable against each other. All math is fp32; tensors marked "f32/bf16"
+// The codec math of docs/METHOD.md section 2 behind one interface, so CPU (BLAS) and CUDA backends
+// are interchangeable and testable against each other. All math is fp32; tensors marked "f32/bf16"
 // may be either dtype. Every matrix is row-major. Shapes use n tokens, hidden size d, rank k,
 // vocabulary V, anchor rank r, L RVQ levels of K centroids.
 //

@@ -101,8 +101,8 @@ absl::Status CheckF32Matrix(const ConstTensor& t, const char* what, int64_t rows
 absl::Status CheckTallF32(const ConstTensor& t, const char* what);
 
 // out = result (accumulate: out += result) unless a value would be NaN or Inf, in which case
-// INVALID_ARGUMENT and `out` is left unchanged: learner state is never poisoned (docs/ARCHITECTURE.md).
-// result must hold out.size() values; it is modified.
+// INVALID_ARGUMENT and `out` is left unchanged: learner state is never poisoned
+// (docs/ARCHITECTURE.md). result must hold out.size() values; it is modified.
 absl::Status CommitFinite(std::vector<float>& result, const Tensor& out, bool accumulate,
                           const char* what);
 

@@ -13,9 +13,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/status_macros.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
-#include "common/status_macros.h"
 #include "kernels/registry.h"
 #include "kernels/rvq.h"
 
@@ -43,7 +43,6 @@ constexpr float kDefaultBudgetFraction = 0.25f;
 constexpr uint32_t kDefaultMaxTokens = 4096;
 constexpr float kDefaultRvqDecay = 0.99f;
 
-
 using google::protobuf::FieldDescriptor;
 using google::protobuf::Message;
 using google::protobuf::Reflection;
@@ -64,9 +63,9 @@ class CollectErrors : public google::protobuf::io::ErrorCollector {
 absl::Status CheckBackendName(const std::string& name) {
   const std::vector<std::string> names = BackendNames();
   if (std::find(names.begin(), names.end(), name) != names.end()) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("backend: '", name,
-                                                 "' is not a backend of this build (it has: ",
-                                                 absl::StrJoin(names, ", "), ")"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("backend: '", name,
+                   "' is not a backend of this build (it has: ", absl::StrJoin(names, ", "), ")"));
 }
 
 // Validates a host:port address (host may be a name, an IPv4 address or [IPv6]).
@@ -238,7 +237,7 @@ absl::Status ApplyOverride(const std::string& assignment, v1::DaemonConfig* conf
 }
 
 absl::StatusOr<v1::BoundaryConfig> BoundaryConfigWithDefaults(const v1::BoundaryConfig& in,
-                                                      absl::string_view path) {
+                                                              absl::string_view path) {
   v1::BoundaryConfig c = in;
   const std::string prefix = path.empty() ? std::string() : absl::StrCat(path, ".");
   auto bad = [&](absl::string_view field, const auto&... msg) {

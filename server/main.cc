@@ -15,9 +15,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "common/log.h"
 #include "server/config.h"
 #include "server/daemon.h"
-#include "common/log.h"
 
 ABSL_FLAG(std::string, config, "", "Text-format mapl.v1.DaemonConfig (proto/mapl/v1/config.proto)");
 ABSL_FLAG(std::vector<std::string>, set, {},

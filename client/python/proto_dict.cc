@@ -43,8 +43,8 @@ py::object FieldValue(const Message& m, const FieldDescriptor* field, int index)
     case FieldDescriptor::CPPTYPE_BOOL:
       return py::bool_(repeated ? r.GetRepeatedBool(m, field, index) : r.GetBool(m, field));
     case FieldDescriptor::CPPTYPE_ENUM:
-      return EnumValue(field, repeated ? r.GetRepeatedEnumValue(m, field, index)
-                                       : r.GetEnumValue(m, field));
+      return EnumValue(
+          field, repeated ? r.GetRepeatedEnumValue(m, field, index) : r.GetEnumValue(m, field));
     case FieldDescriptor::CPPTYPE_STRING: {
       std::string scratch;
       const std::string& s = repeated ? r.GetRepeatedStringReference(m, field, index, &scratch)
@@ -57,8 +57,8 @@ py::object FieldValue(const Message& m, const FieldDescriptor* field, int index)
       return MessageToDict(repeated ? r.GetRepeatedMessage(m, field, index)
                                     : r.GetMessage(m, field));
   }
-  MAPL_CHECK(false, "a protobuf field of a C++ type this converter does not know: " +
-                        field->full_name());
+  MAPL_CHECK(false,
+             "a protobuf field of a C++ type this converter does not know: " + field->full_name());
   return py::none();
 }
 

@@ -1,5 +1,5 @@
-// Factorized anchor embeddings a(t) = P[t] Q (docs/METHOD.md section 2): lookup, their gradients, and
-// the AdamW step that learns them. The gradient and optimizer ops write learner state, so they
+// Factorized anchor embeddings a(t) = P[t] Q (docs/METHOD.md section 2): lookup, their gradients,
+// and the AdamW step that learns them. The gradient and optimizer ops write learner state, so they
 // check everything (token ids, finiteness) before the first write.
 #include <cblas.h>
 

@@ -1,5 +1,5 @@
-// Per-token symmetric int8: the default codec of the backward wire (docs/METHOD.md section 2), k bytes
-// of codes plus one scale per token. The scale is rounded *up* to a bfloat16 value before the
+// Per-token symmetric int8: the default codec of the backward wire (docs/METHOD.md section 2), k
+// bytes of codes plus one scale per token. The scale is rounded *up* to a bfloat16 value before the
 // codes are computed, so the wire carries it in 2 bytes (k + 2 bytes a token) and the decoder
 // sees exactly the scale the encoder divided by.
 #include <algorithm>

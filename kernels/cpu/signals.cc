@@ -1,7 +1,7 @@
-// The learning signals of docs/METHOD.md section 2: the upstream and downstream gradients with respect
-// to U, and the part of the loss gradient outside span(U) that trains the anchors. The d x k
-// signals accumulate over the microbatches of a step, so each is formed in scratch and checked for
-// finiteness before it is added: one bad microbatch does not spoil the step's sum.
+// The learning signals of docs/METHOD.md section 2: the upstream and downstream gradients with
+// respect to U, and the part of the loss gradient outside span(U) that trains the anchors. The d x
+// k signals accumulate over the microbatches of a step, so each is formed in scratch and checked
+// for finiteness before it is added: one bad microbatch does not spoil the step's sum.
 #include <cblas.h>
 
 #include <algorithm>

@@ -1,7 +1,7 @@
-// SPEL on the Stiefel manifold (docs/METHOD.md section 2): msign by Newton-Schulz iterations on the tall
-// d x k matrix, the exact polar retraction through the k x k Gram matrix, and the momentum step
-// that combines them. Everything that touches the learner state (U, M) validates first and writes
-// last, so a bad gradient leaves the state as it was.
+// SPEL on the Stiefel manifold (docs/METHOD.md section 2): msign by Newton-Schulz iterations on the
+// tall d x k matrix, the exact polar retraction through the k x k Gram matrix, and the momentum
+// step that combines them. Everything that touches the learner state (U, M) validates first and
+// writes last, so a bad gradient leaves the state as it was.
 #include <cblas.h>
 
 #include <algorithm>

@@ -62,7 +62,7 @@ TEST(ProtoDictTest, ScalarsNestedRecordsAndMapsKeepTheirValuesAndTypes) {
   s.set_id(3);
   s.set_role("upstream");
   s.set_dictionary_version(uint64_t{1} << 63 | 5);  // Above 2^53: must stay exact.
-  s.set_dictionary_checksum(~uint64_t{0});           // fixed64
+  s.set_dictionary_checksum(~uint64_t{0});          // fixed64
   s.set_orthogonality_error(1.25e-7);
   s.set_raw_bytes_sent(1000);
   s.set_has_dictionary(true);

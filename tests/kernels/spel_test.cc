@@ -262,8 +262,8 @@ TEST_P(SpelTest, RetractRejectsRankDeficientAndNonFinite) {
   EXPECT_EQ(be_->Retract(Tensor::BF16(ub.data(), d, k)).code(), absl::StatusCode::kInvalidArgument);
 }
 
-// One SPEL step exactly as docs/METHOD.md section 2 writes it (U <- msign(U - lr D), descending G), in
-// double with exact polar factors (Jacobi SVD).
+// One SPEL step exactly as docs/METHOD.md section 2 writes it (U <- msign(U - lr D), descending G),
+// in double with exact polar factors (Jacobi SVD).
 void SpelStepRef(std::vector<double>& u, const std::vector<double>& g, std::vector<double>& m,
                  int d, int k, double lr, double beta) {
   for (size_t i = 0; i < m.size(); ++i) m[i] = beta * m[i] + g[i];

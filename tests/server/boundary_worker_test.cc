@@ -23,24 +23,18 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "grpc/grpc.h"
 #include "gtest/gtest.h"
 #include "kernels/registry.h"
 #include "server/engine.h"
 #include "server/transport/peer_link.h"
 #include "server/transport/peer_server.h"
+#include "tests/server/transport/peer_test_util.h"
 
 namespace mapl {
 namespace {
 
-// Keeps the gRPC library initialized for the whole binary (as in peer_link_test.cc): otherwise the
-// last gRPC object of each test shuts the library down, which can take seconds.
-class GrpcEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override { grpc_init(); }
-};
-[[maybe_unused]] ::testing::Environment* const kGrpcEnvironment =
-    ::testing::AddGlobalTestEnvironment(new GrpcEnvironment);
+// peer_test_util keeps the gRPC library initialized for the whole binary and finds free ports.
+using testing_peer::UnusedPort;
 
 constexpr uint32_t kBoundary = 7;
 constexpr int kD = 64;
@@ -117,17 +111,6 @@ bool PollUntil(const std::function<bool()>& done, absl::Duration timeout) {
     absl::SleepFor(absl::Milliseconds(5));
   }
   return true;
-}
-
-// A port nothing listens on (a server bound it and went away), for a peer that starts later.
-int UnusedPort() {
-  PeerServerOptions o;
-  o.listen_address = "127.0.0.1:0";
-  absl::StatusOr<std::unique_ptr<PeerServer>> server = PeerServer::Create(o);
-  EXPECT_TRUE(server.ok()) << server.status();
-  if (!server.ok()) return 0;
-  EXPECT_TRUE((*server)->Start().ok());
-  return (*server)->port();
 }
 
 // Runs `fn` on its own thread; Wait and done say whether it returned.

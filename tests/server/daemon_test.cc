@@ -40,13 +40,13 @@
 #include "absl/time/time.h"
 #include "client/mapl_client.h"
 #include "gtest/gtest.h"
-#include "tests/server/http_get.h"
 #include "kernels/registry.h"
 #include "server/config.h"
 #include "server/dictionary.h"
 #include "server/engine.h"
 #include "server/transport/peer_link.h"
 #include "server/upstream_engine.h"
+#include "tests/server/http_get.h"
 
 #ifndef MAPL_SOURCE_DIR
 #error "MAPL_SOURCE_DIR must name the repository root (tests/server/CMakeLists.txt sets it)"

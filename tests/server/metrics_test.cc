@@ -23,9 +23,9 @@
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/reflection.h"
 #include "gtest/gtest.h"
-#include "tests/server/http_get.h"
 #include "prometheus/check_names.h"
 #include "prometheus/histogram.h"
+#include "tests/server/http_get.h"
 
 namespace mapl {
 namespace {
@@ -339,7 +339,6 @@ TEST(StatsFamiliesTest, NoRecordsNoFamiliesAndEmptyMapsNoBodySeries) {
 // ---- the endpoint, over HTTP ----
 
 using testing_internal::HttpGet;
-
 
 // Finds the sample line `series` (name{labels} exactly as the text format writes them) and reads
 // its value; false if there is no such line.

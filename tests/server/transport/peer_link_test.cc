@@ -117,8 +117,8 @@ TEST(PeerLinkTest, RateCappedLinkAchievesItsCapWithinFivePercentOverThreeSeconds
   down.send_burst_bytes = kBurst;
   Pair p = Connect(Ignore, at_up.handler(), down);
   // Let the connection's first heartbeats go by, so the bucket is full at the start.
-  ASSERT_TRUE(p.down->AwaitStats([](const v1::LinkStats& s) { return s.heartbeats_sent() >= 2; },
-                                 kWait));
+  ASSERT_TRUE(
+      p.down->AwaitStats([](const v1::LinkStats& s) { return s.heartbeats_sent() >= 2; }, kWait));
   absl::SleepFor(absl::Milliseconds(100));
   const uint64_t bytes_before = p.down->stats().bytes_sent();
 

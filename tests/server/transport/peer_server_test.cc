@@ -242,7 +242,8 @@ TEST(PeerServerTest, SecondStreamReplacesTheFirst) {
     v1::PeerMessage reply;
     ASSERT_TRUE(second.Read(&reply));  // Attached: the dialer's stream was cancelled.
     ASSERT_TRUE(reply.has_hello());
-    EXPECT_TRUE(p.up->AwaitStats([](const v1::LinkStats& s) { return s.disconnects() >= 1; }, kWait));
+    EXPECT_TRUE(
+        p.up->AwaitStats([](const v1::LinkStats& s) { return s.disconnects() >= 1; }, kWait));
     EXPECT_TRUE(
         p.down->AwaitStats([](const v1::LinkStats& s) { return s.connections() >= 2; }, kWait));
   }

@@ -151,8 +151,7 @@ Pair Connect(Transport::Handler down_handler, Transport::Handler up_handler,
   if (up_options.address.empty()) {
     up_options.address = absl::StrCat("127.0.0.1:", p.server->port());
   }
-  absl::StatusOr<std::unique_ptr<PeerLink>> up =
-      PeerLink::Dial(up_options, std::move(up_handler));
+  absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(up_options, std::move(up_handler));
   EXPECT_TRUE(up.ok()) << up.status();
   p.up = std::move(up).value();
   EXPECT_TRUE(p.up->WaitConnected(kWait).ok()) << p.up->status();

@@ -11,8 +11,8 @@
 namespace mapl {
 namespace {
 
-constexpr double kRate = 1 << 20;      // Bytes a second.
-constexpr int64_t kBurst = 1 << 16;    // 1/16 s of the rate.
+constexpr double kRate = 1 << 20;    // Bytes a second.
+constexpr int64_t kBurst = 1 << 16;  // 1/16 s of the rate.
 const absl::Time kT0 = absl::FromUnixSeconds(1000000);
 
 TEST(TokenBucketTest, AFullBucketLetsTheBurstGoAtOnce) {
