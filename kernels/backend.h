@@ -40,6 +40,15 @@ struct SpelOptions {
   MsignOptions msign;  // for the direction D = msign(xi)
 };
 
+// The anchor a = P[t] Q of n tokens (docs/METHOD.md section 2), given by its factors. The ops that
+// take it never form a as an n x d matrix: a has rank r, so a U = P[t] (Q U) costs n r k, and
+// the decoder's reconstruction and the learning signals need one n x d GEMM each instead of three.
+struct LowRankAnchor {
+  ConstTensor p;                     // (V, r) f32
+  ConstTensor q;                     // (r, d) f32
+  absl::Span<const int32_t> tokens;  // exactly n ids in [0, V), one per row
+};
+
 struct AdamOptions {
   float lr = 1e-3f;
   float beta1 = 0.9f;
@@ -61,9 +70,9 @@ class Backend {
   // h = z U^T.  z: (n, k) f32/bf16; u: (d, k) f32; h: (n, d) f32/bf16.
   virtual absl::Status Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) const = 0;
   // h = zq U^T + a - (a U) U^T: the decoder's reconstruction with the anchor a = P[t] Q.
-  // zq: (n, k) f32; u: (d, k) f32; a: (n, d) f32; h: (n, d) f32/bf16.
+  // zq: (n, k) f32; u: (d, k) f32; a: n tokens, q (r, d); h: (n, d) f32/bf16.
   virtual absl::Status LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u,
-                                      const ConstTensor& a, const Tensor& h) const = 0;
+                                      const LowRankAnchor& a, const Tensor& h) const = 0;
 
   // ---- residual vector quantization (kernels/cpu/rvq.cc) ----
   // Level-by-level k-means on the residuals of x: (n, dim) f32/bf16, n >= K.
@@ -110,12 +119,15 @@ class Backend {
   // a = P[t] Q.  p: (V, r); q: (r, d); tokens: exactly n ids in [0, V); a: (n, d) f32.
   virtual absl::Status AnchorLookup(const ConstTensor& p, const ConstTensor& q,
                                     absl::Span<const int32_t> tokens, const Tensor& a) const = 0;
-  // Accumulates the anchor gradients for the loss gradient g_perp (n, d) f32 of tokens (exactly
-  // n ids in [0, V)):  dp[t_i] += g_perp_i Q^T;  dq += sum_i P[t_i]^T g_perp_i.  dp: (V, r);
-  // dq: (r, d).
+  // Accumulates the anchor gradients for the part of the loss gradient outside span(U),
+  // g_perp = g - gu U^T, without forming it:  dp[t_i] += g_perp_i Q^T;
+  // dq += sum_i P[t_i]^T g_perp_i.  g: (n, d) f32/bf16; gu: (n, k) f32, g U as the caller
+  // computed it (the backward frame's projection); u: (d, k) f32; tokens: exactly n ids in
+  // [0, V); dp: (V, r); dq: (r, d).
   virtual absl::Status AnchorGrad(const ConstTensor& p, const ConstTensor& q,
-                                  absl::Span<const int32_t> tokens, const ConstTensor& g_perp,
-                                  const Tensor& dp, const Tensor& dq) const = 0;
+                                  absl::Span<const int32_t> tokens, const ConstTensor& g,
+                                  const ConstTensor& gu, const ConstTensor& u, const Tensor& dp,
+                                  const Tensor& dq) const = 0;
   // One Adam(W) step that *descends* grad: param, m, v updated in place, all the same shape f32.
   virtual absl::Status AdamStep(const Tensor& param, const ConstTensor& grad, const Tensor& m,
                                 const Tensor& v, const AdamOptions& options) const = 0;
@@ -124,14 +136,12 @@ class Backend {
   // g_up (+)= h^T gzq.  h: (n, d) f32/bf16; gzq: (n, k) f32; g_up: (d, k) f32.
   virtual absl::Status GradUp(const ConstTensor& h, const ConstTensor& gzq, const Tensor& g_up,
                               bool accumulate) const = 0;
-  // g_down (+)= g^T zq - a^T (g U) - g^T (a U).  g: (n, d) f32/bf16; zq: (n, k) f32;
-  // a: (n, d) f32 (may have rows == 0: no anchor); u: (d, k); g_down: (d, k) f32.
-  virtual absl::Status GradDown(const ConstTensor& g, const ConstTensor& zq, const ConstTensor& a,
-                                const ConstTensor& u, const Tensor& g_down,
+  // g_down (+)= g^T zq - a^T (g U) - g^T (a U).  g: (n, d) f32/bf16; gu: (n, k) f32, g U as the
+  // caller computed it (the backward frame's projection); zq: (n, k) f32; u: (d, k) f32;
+  // a: null for no anchor; g_down: (d, k) f32.
+  virtual absl::Status GradDown(const ConstTensor& g, const ConstTensor& gu, const ConstTensor& zq,
+                                const ConstTensor& u, const LowRankAnchor* a, const Tensor& g_down,
                                 bool accumulate) const = 0;
-  // g_perp = g - (g U) U^T.  g: (n, d) f32/bf16; u: (d, k); g_perp: (n, d) f32.
-  virtual absl::Status OrthogonalComplement(const ConstTensor& g, const ConstTensor& u,
-                                            const Tensor& g_perp) const = 0;
 };
 
 // The BLAS (OpenBLAS) backend, also registered as "cpu" (kernels/registry.h). BLAS threading

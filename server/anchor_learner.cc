@@ -27,16 +27,11 @@ AnchorLearner::AnchorLearner(const v1::BoundaryConfig& config)
   q_m_ = q_v_ = dq_;
 }
 
-absl::Status AnchorLearner::Lookup(const Backend& backend, const std::vector<int32_t>& tokens,
-                                   const Tensor& a) const {
-  return backend.AnchorLookup(p(), q(), tokens, a);
-}
-
 absl::Status AnchorLearner::AccumulateGrad(const Backend& backend,
-                                           const std::vector<int32_t>& tokens,
-                                           const ConstTensor& g_perp) {
+                                           absl::Span<const int32_t> tokens, const ConstTensor& g,
+                                           const ConstTensor& gu, const ConstTensor& u) {
   // Validates before it accumulates.
-  MAPL_RETURN_IF_ERROR(backend.AnchorGrad(p(), q(), tokens, g_perp,
+  MAPL_RETURN_IF_ERROR(backend.AnchorGrad(p(), q(), tokens, g, gu, u,
                                           Tensor::F32(dp_.data(), vocab_, rank_),
                                           Tensor::F32(dq_.data(), rank_, d_)));
   has_grad_ = true;

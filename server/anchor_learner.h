@@ -1,10 +1,10 @@
 // The downstream's per-token anchors a = P[t] Q (docs/METHOD.md section 2): the tables, their
 // gradients accumulated over a step's microbatches, and the Adam step that learns them.
 //
-//   AnchorLearner anchors(config);                            // METHOD_MAPL, downstream
-//   MAPL_RETURN_IF_ERROR(anchors.Lookup(backend, tokens, a)); // a = P[t] Q
-//   MAPL_RETURN_IF_ERROR(anchors.AccumulateGrad(backend, tokens, g_perp));
-//   MAPL_RETURN_IF_ERROR(anchors.Step(backend));              // at the optimizer step
+//   AnchorLearner anchors(config);                     // METHOD_MAPL, downstream
+//   backend.LiftWithAnchor(zq, u, anchors.Anchor(tokens), h_hat);   // a = P[t] Q, never formed
+//   MAPL_RETURN_IF_ERROR(anchors.AccumulateGrad(backend, tokens, g, gu, u));
+//   MAPL_RETURN_IF_ERROR(anchors.Step(backend));       // at the optimizer step
 #ifndef MAPL_SERVER_ANCHOR_LEARNER_H_
 #define MAPL_SERVER_ANCHOR_LEARNER_H_
 
@@ -23,12 +23,13 @@ class AnchorLearner {
   // P (vocab, r) starts at zero and Q (r, d) small and seeded, so the anchor starts at exactly 0.
   explicit AnchorLearner(const v1::BoundaryConfig& config);
 
-  // a = P[t] Q.  tokens: a.rows ids in [0, vocab); a: (n, d) f32.
-  absl::Status Lookup(const Backend& backend, const std::vector<int32_t>& tokens,
-                      const Tensor& a) const;
-  // dP[t_i] += g_perp_i Q^T;  dQ += sum_i P[t_i]^T g_perp_i.  g_perp: (n, d) f32.
-  absl::Status AccumulateGrad(const Backend& backend, const std::vector<int32_t>& tokens,
-                              const ConstTensor& g_perp);
+  // The anchor a = P[t] Q of `tokens` (ids in [0, vocab)), as its factors. It borrows `tokens`
+  // and this learner's tables: use it before the next Step().
+  LowRankAnchor Anchor(absl::Span<const int32_t> tokens) const { return {p(), q(), tokens}; }
+  // With g_perp = g - gu U^T (never formed): dP[t_i] += g_perp_i Q^T; dQ += sum_i P[t_i]^T
+  // g_perp_i.  g: (n, d) f32/bf16; gu: (n, k) f32 = g U; u: (d, k).
+  absl::Status AccumulateGrad(const Backend& backend, absl::Span<const int32_t> tokens,
+                              const ConstTensor& g, const ConstTensor& gu, const ConstTensor& u);
   // One Adam step on P and Q when gradients were accumulated since the last Step; clears them.
   absl::Status Step(const Backend& backend);
 

@@ -42,6 +42,7 @@ constexpr float kDefaultAnchorLr = 0.01f;
 constexpr float kDefaultBudgetFraction = 0.25f;
 constexpr uint32_t kDefaultMaxTokens = 4096;
 constexpr float kDefaultRvqDecay = 0.99f;
+constexpr uint32_t kDefaultLearnerRows = 1024;
 
 using google::protobuf::FieldDescriptor;
 using google::protobuf::Message;
@@ -340,6 +341,7 @@ absl::StatusOr<v1::BoundaryConfig> BoundaryConfigWithDefaults(const v1::Boundary
   if (!(c.rvq_decay() > 0.f && c.rvq_decay() < 1.f)) {
     return bad("rvq_decay", "must be in (0, 1), got ", c.rvq_decay());
   }
+  if (c.learner_rows() == 0) c.set_learner_rows(kDefaultLearnerRows);
   return c;
 }
 

@@ -93,10 +93,8 @@ absl::Status DownstreamEngine::DecodeForwardImpl(const v1::Frame& frame, const T
     MAPL_RETURN_IF_ERROR(codec_.DecodeProjected(frame, cb, saved.zq.data()));
     const ConstTensor zq = ConstTensor::F32(saved.zq.data(), n, k_);
     if (mapl_) {
-      std::vector<float> a(n * d_);
-      MAPL_RETURN_IF_ERROR(anchors_->Lookup(*backend_, saved.tokens, Tensor::F32(a.data(), n, d_)));
       MAPL_RETURN_IF_ERROR(backend_->LiftWithAnchor(zq, saved.dict->tensor(0),
-                                                    ConstTensor::F32(a.data(), n, d_), h_hat));
+                                                    anchors_->Anchor(saved.tokens), h_hat));
     } else {
       MAPL_RETURN_IF_ERROR(backend_->Lift(zq, saved.dict->tensor(0), h_hat));
     }
@@ -129,7 +127,11 @@ absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step, 
     MAPL_RETURN_IF_ERROR(
         codec_.EncodeProjected(config_.backward_codec(), gz.data(), n, nullptr, &frame));
     frame.set_dict_version(saved->dict->version());
-    if (mapl_) MAPL_RETURN_IF_ERROR(AccumulateLearning(*saved, g));
+    if (mapl_) {
+      MAPL_RETURN_IF_ERROR(AccumulateLearning(*saved, g, ConstTensor::F32(gz.data(), n, k_),
+                                              SampleLearnerRows(n, config_.learner_rows(), step,
+                                                                microbatch)));
+    }
   }
   FrameCodec::Seal(&frame);
   CountFrameSent(frame, d_, &stats_);
@@ -139,20 +141,34 @@ absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step, 
   return m;
 }
 
-absl::Status DownstreamEngine::AccumulateLearning(const SavedForward& saved, const ConstTensor& g) {
-  // The anchor is recomputed rather than kept from the forward (n x d floats a microbatch);
-  // P and Q change only in Step(), so it is the one the forward used.
-  const int64_t n = saved.rows;
+absl::Status DownstreamEngine::AccumulateLearning(const SavedForward& saved, const ConstTensor& g,
+                                                  const ConstTensor& gu,
+                                                  const LearnerSample& sample) {
+  // P and Q change only in Step(), so the anchor is the one the forward used. On a sample, g and
+  // gu are scaled to the whole microbatch (both signals are linear in them).
   const ConstTensor u = saved.dict->tensor(0);
-  std::vector<float> a(n * d_), g_perp(n * d_), g_down(d_ * k_);
-  MAPL_RETURN_IF_ERROR(anchors_->Lookup(*backend_, saved.tokens, Tensor::F32(a.data(), n, d_)));
-  MAPL_RETURN_IF_ERROR(backend_->GradDown(g, ConstTensor::F32(saved.zq.data(), n, k_),
-                                          ConstTensor::F32(a.data(), n, d_), u,
-                                          Tensor::F32(g_down.data(), d_, k_), false));
-  MAPL_RETURN_IF_ERROR(backend_->OrthogonalComplement(g, u, Tensor::F32(g_perp.data(), n, d_)));
-  // Validates before it accumulates, and its inputs were all checked above.
-  MAPL_RETURN_IF_ERROR(
-      anchors_->AccumulateGrad(*backend_, saved.tokens, ConstTensor::F32(g_perp.data(), n, d_)));
+  std::vector<float> g_down(d_ * k_);
+  if (sample.all()) {
+    const LowRankAnchor a = anchors_->Anchor(saved.tokens);
+    MAPL_RETURN_IF_ERROR(backend_->GradDown(g, gu, ConstTensor::F32(saved.zq.data(), saved.rows, k_),
+                                            u, &a, Tensor::F32(g_down.data(), d_, k_), false));
+    // Validates before it accumulates, and its inputs were all checked above.
+    MAPL_RETURN_IF_ERROR(anchors_->AccumulateGrad(*backend_, saved.tokens, g, gu, u));
+  } else {
+    const int64_t s = static_cast<int64_t>(sample.rows.size());
+    const std::vector<float> gs = GatherRows(g, sample.rows, sample.scale);
+    const std::vector<float> gus = GatherRows(gu, sample.rows, sample.scale);
+    const std::vector<float> zqs =
+        GatherRows(ConstTensor::F32(saved.zq.data(), saved.rows, k_), sample.rows, 1.f);
+    std::vector<int32_t> tokens(s);
+    for (int64_t i = 0; i < s; ++i) tokens[i] = saved.tokens[sample.rows[i]];
+    const ConstTensor g_s = ConstTensor::F32(gs.data(), s, d_);
+    const ConstTensor gu_s = ConstTensor::F32(gus.data(), s, k_);
+    const LowRankAnchor a = anchors_->Anchor(tokens);
+    MAPL_RETURN_IF_ERROR(backend_->GradDown(g_s, gu_s, ConstTensor::F32(zqs.data(), s, k_), u, &a,
+                                            Tensor::F32(g_down.data(), d_, k_), false));
+    MAPL_RETURN_IF_ERROR(anchors_->AccumulateGrad(*backend_, tokens, g_s, gu_s, u));
+  }
   for (size_t i = 0; i < g_down.size(); ++i) g_down_[i] += g_down[i];
   ++microbatches_;
   return absl::OkStatus();

@@ -73,7 +73,10 @@ class DownstreamEngine : public Engine {
 
   DownstreamEngine(const v1::BoundaryConfig& config, const Backend* backend);
   absl::Status DecodeForwardImpl(const v1::Frame& frame, const Tensor& h_hat);
-  absl::Status AccumulateLearning(const SavedForward& saved, const ConstTensor& g);
+  // G_down and the anchors' gradients of one backward microbatch: g (n, d) and gu = g U (n, k),
+  // on the rows of `sample`.
+  absl::Status AccumulateLearning(const SavedForward& saved, const ConstTensor& g,
+                                  const ConstTensor& gu, const LearnerSample& sample);
 
   const v1::BoundaryConfig config_;
   const Backend* const backend_;

@@ -26,6 +26,39 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const v1::BoundaryConfig&
   return std::unique_ptr<Engine>(std::move(e));
 }
 
+LearnerSample SampleLearnerRows(int64_t n, int64_t max_rows, uint64_t step, uint32_t microbatch) {
+  LearnerSample sample;
+  if (max_rows <= 0 || n <= max_rows) return sample;
+  // A phase in [0, 1) from (step, microbatch): row i is floor((i + phase) n / max_rows), strictly
+  // increasing since n / max_rows > 1, and below n.
+  uint64_t x = step * 0x9e3779b97f4a7c15ull + microbatch + 1;
+  x = (x ^ (x >> 31)) * 0xbf58476d1ce4e5b9ull;
+  const double phase = static_cast<double>(x >> 11) * 0x1p-53;
+  const double stride = static_cast<double>(n) / static_cast<double>(max_rows);
+  sample.rows.resize(static_cast<size_t>(max_rows));
+  for (int64_t i = 0; i < max_rows; ++i) {
+    sample.rows[i] = std::min<int64_t>(n - 1, static_cast<int64_t>((i + phase) * stride));
+  }
+  sample.scale = static_cast<float>(stride);
+  return sample;
+}
+
+std::vector<float> GatherRows(const ConstTensor& t, const std::vector<int64_t>& rows, float scale) {
+  const int64_t cols = t.cols;
+  std::vector<float> out(rows.size() * cols);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    float* dst = out.data() + i * cols;
+    if (t.dtype == DType::kF32) {
+      const float* src = t.f32() + rows[i] * cols;
+      for (int64_t j = 0; j < cols; ++j) dst[j] = src[j] * scale;
+    } else {
+      Bf16ToFloat(t.bf16() + rows[i] * cols, dst, cols);
+      for (int64_t j = 0; j < cols; ++j) dst[j] *= scale;
+    }
+  }
+  return out;
+}
+
 void CountFrameSent(const v1::Frame& frame, int64_t d, v1::BoundaryStats* stats) {
   stats->set_frames_sent(stats->frames_sent() + 1);
   stats->set_raw_bytes_sent(stats->raw_bytes_sent() + uint64_t{frame.tokens()} * d * 2);

@@ -135,6 +135,19 @@ absl::Status CheckStepIncreases(const std::optional<uint64_t>& last_closed, uint
 absl::Status UnexpectedPeerMessage(const v1::BoundaryConfig& config,
                                    const v1::PeerMessage& message);
 
+// The rows of an n-row microbatch that the learners use (BoundaryConfig.learner_rows): every row
+// when n <= max_rows, else max_rows rows evenly strided, with an offset that moves with (step,
+// microbatch) so that every position of a sequence is sampled over time. Sorted and distinct.
+// Each sampled row stands for n / rows.size() rows (LearnerSample::scale).
+struct LearnerSample {
+  std::vector<int64_t> rows;  // empty: every row
+  float scale = 1.f;
+  bool all() const { return rows.empty(); }
+};
+LearnerSample SampleLearnerRows(int64_t n, int64_t max_rows, uint64_t step, uint32_t microbatch);
+// The sampled rows of t (any dtype) as f32, each multiplied by `scale`: (rows.size(), t.cols).
+std::vector<float> GatherRows(const ConstTensor& t, const std::vector<int64_t>& rows, float scale);
+
 // The orthogonality error max |U^T U - I| of u (d, k).
 double OrthogonalityError(const float* u, int64_t d, int64_t k);
 

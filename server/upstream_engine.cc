@@ -155,7 +155,10 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
     if (mapl_) codec_.PackTokenIds(token_ids, n, &frame);
     if (rvq_) codebooks_->Observe(z.data(), n);
   }
-  if (mapl_) SaveH(h, &saved);  // kept only for G_up = h^T gzq
+  if (mapl_) {  // kept only for G_up = h^T gzq
+    saved.sample = SampleLearnerRows(n, config_.learner_rows(), step, microbatch);
+    SaveH(h, &saved);
+  }
   FrameCodec::Seal(&frame);
   CountFrameSent(frame, d_, &stats_);
   payload_bytes_this_step_ += FrameWireBytes(frame);
@@ -165,26 +168,40 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
 }
 
 void UpstreamEngine::SaveH(const ConstTensor& h, SavedForward* saved) {
-  const int64_t n = h.rows;
+  const std::vector<int64_t>& rows = saved->sample.rows;
+  const int64_t kept = saved->sample.all() ? h.rows : static_cast<int64_t>(rows.size());
   saved->dtype = h.dtype;
+  // Copies row by row when sampled; a whole microbatch is one copy.
+  auto copy = [&](auto* dst, const auto* src) {
+    if (saved->sample.all()) {
+      std::copy(src, src + kept * d_, dst);
+      return;
+    }
+    for (int64_t i = 0; i < kept; ++i) {
+      std::copy(src + rows[i] * d_, src + (rows[i] + 1) * d_, dst + i * d_);
+    }
+  };
   if (h.dtype == DType::kF32) {
     if (!spare_h_f32_.empty()) {
       saved->h_f32.swap(spare_h_f32_.back());
       spare_h_f32_.pop_back();
     }
-    saved->h_f32.assign(h.f32(), h.f32() + n * d_);
+    saved->h_f32.resize(kept * d_);
+    copy(saved->h_f32.data(), h.f32());
   } else {
     if (!spare_h_bf16_.empty()) {
       saved->h_bf16.swap(spare_h_bf16_.back());
       spare_h_bf16_.pop_back();
     }
-    saved->h_bf16.assign(h.bf16(), h.bf16() + n * d_);
+    saved->h_bf16.resize(kept * d_);
+    copy(saved->h_bf16.data(), h.bf16());
   }
 }
 
 ConstTensor UpstreamEngine::SavedForward::h() const {
-  return dtype == DType::kF32 ? ConstTensor::F32(h_f32.data(), rows, h_f32.size() / rows)
-                              : ConstTensor::BF16(h_bf16.data(), rows, h_bf16.size() / rows);
+  const int64_t kept = sample.all() ? rows : static_cast<int64_t>(sample.rows.size());
+  return dtype == DType::kF32 ? ConstTensor::F32(h_f32.data(), kept, h_f32.size() / kept)
+                              : ConstTensor::BF16(h_bf16.data(), kept, h_bf16.size() / kept);
 }
 
 absl::Status UpstreamEngine::DecodeBackward(const v1::Frame& frame, const Tensor& dh) {
@@ -213,7 +230,15 @@ absl::Status UpstreamEngine::DecodeBackwardImpl(const v1::Frame& frame, const Te
     MAPL_RETURN_IF_ERROR(codec_.DecodeProjected(frame, nullptr, gzq.data()));
     const ConstTensor gz = ConstTensor::F32(gzq.data(), n, k_);
     MAPL_RETURN_IF_ERROR(backend_->Lift(gz, saved->dict->tensor(0), dh));
-    if (mapl_) MAPL_RETURN_IF_ERROR(projector_->AccumulateUp(*backend_, saved->h(), gz));
+    if (mapl_) {
+      if (saved->sample.all()) {
+        MAPL_RETURN_IF_ERROR(projector_->AccumulateUp(*backend_, saved->h(), gz));
+      } else {
+        const std::vector<float> gs = GatherRows(gz, saved->sample.rows, saved->sample.scale);
+        MAPL_RETURN_IF_ERROR(projector_->AccumulateUp(
+            *backend_, saved->h(), ConstTensor::F32(gs.data(), saved->h().rows, k_)));
+      }
+    }
   }
   CountFrameReceived(frame, d_, &stats_);
   // Keep a few buffers for the next microbatches (a pipeline has that many in flight).

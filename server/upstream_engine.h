@@ -79,7 +79,8 @@ class UpstreamEngine : public Engine {
     std::shared_ptr<const PublishedDictionary> dict;  // null for METHOD_DENSE
     DType dtype = DType::kF32;
     int64_t rows = 0;
-    std::vector<float> h_f32;    // (rows, d) when dtype is f32 (METHOD_MAPL only)
+    LearnerSample sample;        // the rows of h the projector learns from (METHOD_MAPL)
+    std::vector<float> h_f32;    // those rows of h, (sampled rows, d), when dtype is f32
     std::vector<bf16_t> h_bf16;  // when bf16
     ConstTensor h() const;
   };
@@ -88,7 +89,7 @@ class UpstreamEngine : public Engine {
   absl::Status CreateOwner(std::vector<std::vector<float>> tables);
   absl::Status CheckInput(uint64_t step, uint32_t microbatch, const ConstTensor& h,
                           const int32_t* token_ids);
-  void SaveH(const ConstTensor& h, SavedForward* saved);
+  void SaveH(const ConstTensor& h, SavedForward* saved);  // the sampled rows of h
   absl::Status DecodeBackwardImpl(const v1::Frame& frame, const Tensor& dh);
   v1::PeerMessage SnapshotMessage();
 

@@ -53,6 +53,30 @@ std::vector<float> Gather(const float* p, int64_t r, absl::Span<const int32_t> t
 
 }  // namespace
 
+namespace cpu {
+
+absl::StatusOr<AnchorFactors> FactorAnchor(const LowRankAnchor& a, int64_t n, const ConstTensor& u,
+                                           const char* what) {
+  MAPL_RETURN_IF_ERROR(CheckTables(a.p, a.q));
+  if (a.q.cols != u.rows) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": q has ", a.q.cols,
+                                                   " columns, u has ", u.rows, " rows"));
+  }
+  MAPL_RETURN_IF_ERROR(CheckTokens(a.tokens, n, a.p.rows, what));
+  AnchorFactors f;
+  f.r = a.p.cols;
+  f.pt = Gather(a.p.f32(), f.r, a.tokens);
+  const int64_t d = u.rows, k = u.cols;
+  f.qu.assign(static_cast<size_t>(f.r * k), 0.f);
+  if (f.r > 0 && k > 0 && d > 0) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, f.r, k, d, 1.f, a.q.f32(), d, u.f32(),
+                k, 0.f, f.qu.data(), k);
+  }
+  return f;
+}
+
+}  // namespace cpu
+
 absl::Status CpuBackend::AnchorLookup(const ConstTensor& p, const ConstTensor& q,
                                       absl::Span<const int32_t> tokens, const Tensor& a) const {
   MAPL_RETURN_IF_ERROR(CheckTables(p, q));
@@ -75,26 +99,36 @@ absl::Status CpuBackend::AnchorLookup(const ConstTensor& p, const ConstTensor& q
 }
 
 absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
-                                    absl::Span<const int32_t> tokens, const ConstTensor& g_perp,
-                                    const Tensor& dp, const Tensor& dq) const {
-  MAPL_RETURN_IF_ERROR(CheckTables(p, q));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_perp, "g_perp", -1, q.cols));
+                                    absl::Span<const int32_t> tokens, const ConstTensor& g,
+                                    const ConstTensor& gu, const ConstTensor& u, const Tensor& dp,
+                                    const Tensor& dq) const {
+  MAPL_RETURN_IF_ERROR(CheckShape(g, "g", -1, q.cols));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(dp, "dp", p.rows, p.cols));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(dq, "dq", q.rows, q.cols));
-  const int64_t n = g_perp.rows;
-  const int r = static_cast<int>(p.cols);
-  const int d = static_cast<int>(q.cols);
-  MAPL_RETURN_IF_ERROR(CheckTokens(tokens, n, p.rows, "g_perp"));
+  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(gu, "gu", g.rows, u.cols));
+  const int64_t n = g.rows;
+  MAPL_ASSIGN_OR_RETURN(cpu::AnchorFactors f, cpu::FactorAnchor({p, q, tokens}, n, u, "anchor"));
   // dp and dq accumulate over microbatches: one bad microbatch must not spoil the others.
-  MAPL_RETURN_IF_ERROR(CheckFinite(g_perp, "g_perp"));
+  MAPL_RETURN_IF_ERROR(CheckFinite(g, "g"));
+  MAPL_RETURN_IF_ERROR(CheckFinite(gu, "gu"));
+  const int r = static_cast<int>(f.r);
+  const int d = static_cast<int>(q.cols);
+  const int k = static_cast<int>(u.cols);
   if (n == 0 || r == 0 || d == 0) return absl::OkStatus();
   const int ni = static_cast<int>(n);
+  F32View gv(g);
 
-  // dp[t_i] += g_perp_i Q^T: one GEMM, then a scatter-add (repeated tokens sum). New rows are
-  // built aside and checked before anything is written: an overflow must not reach dp or dq.
+  // g_perp Q^T = g Q^T - gu (Q U)^T: an n x d x r GEMM and an n x k x r one.
   std::vector<float> gq(static_cast<size_t>(n) * r);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, r, d, 1.f, g_perp.f32(), d, q.f32(), d,
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, r, d, 1.f, gv.data(), d, q.f32(), d,
               0.f, gq.data(), r);
+  if (k > 0) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, r, k, -1.f, gu.f32(), k,
+                f.qu.data(), k, 1.f, gq.data(), r);
+  }
+  // dp[t_i] += (g_perp Q^T)_i: a scatter-add (repeated tokens sum). New rows are built aside and
+  // checked before anything is written: an overflow must not reach dp or dq.
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
@@ -116,20 +150,56 @@ absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
     if (!std::isfinite(new_rows[i])) {
       return absl::InvalidArgumentError(
           absl::StrCat("dp: non-finite result for token ", rows[i / r],
-                       " (overflow; P, Q or g_perp too large); dp and dq left unchanged"));
+                       " (overflow; P, Q or g too large); dp and dq left unchanged"));
     }
   }
 
-  // dq += P[t]^T g_perp, into scratch first for the same reason.
-  const std::vector<float> pt = Gather(p.f32(), r, tokens);
+  // dq += P[t]^T g_perp = P[t]^T g - (P[t]^T gu) U^T, into scratch first for the same reason.
   std::vector<float> dq_new(static_cast<size_t>(r) * d);
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, d, ni, 1.f, pt.data(), r, g_perp.f32(), d,
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, d, ni, 1.f, f.pt.data(), r, gv.data(), d,
               0.f, dq_new.data(), d);
+  if (k > 0) {
+    std::vector<float> ptgu(static_cast<size_t>(r) * k);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, k, ni, 1.f, f.pt.data(), r, gu.f32(),
+                k, 0.f, ptgu.data(), k);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, r, d, k, -1.f, ptgu.data(), k, u.f32(), k,
+                1.f, dq_new.data(), d);
+  }
   MAPL_RETURN_IF_ERROR(CommitFinite(dq_new, dq, /*accumulate=*/true, "dq"));
   for (size_t i = 0; i < rows.size(); ++i) {
     std::copy(new_rows.begin() + i * r, new_rows.begin() + (i + 1) * r,
               dp.f32() + int64_t{rows[i]} * r);
   }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u,
+                                        const LowRankAnchor& a, const Tensor& h) const {
+  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(zq, "zq", -1, u.cols));
+  MAPL_RETURN_IF_ERROR(CheckShape(h, "h", zq.rows, u.rows));
+  const int64_t n = zq.rows, d = u.rows, k = u.cols;
+  MAPL_ASSIGN_OR_RETURN(cpu::AnchorFactors f, cpu::FactorAnchor(a, n, u, "a"));
+  if (n == 0 || d == 0) return absl::OkStatus();
+  const int64_t r = f.r;
+  // h = (zq - P[t] (Q U)) U^T + P[t] Q: an n x k correction, then n x d x (k + r) of GEMMs.
+  std::vector<float> coef(zq.f32(), zq.f32() + n * k);
+  if (r > 0 && k > 0) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, k, r, -1.f, f.pt.data(), r,
+                f.qu.data(), k, 1.f, coef.data(), k);
+  }
+  F32Output out(h);
+  if (k > 0) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, k, 1.f, coef.data(), k, u.f32(), k,
+                0.f, out.data(), d);
+  } else {
+    std::fill(out.data(), out.data() + n * d, 0.f);
+  }
+  if (r > 0) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, r, 1.f, f.pt.data(), r,
+                a.q.f32(), d, 1.f, out.data(), d);
+  }
+  out.Commit();
   return absl::OkStatus();
 }
 

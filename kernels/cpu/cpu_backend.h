@@ -4,6 +4,8 @@
 #ifndef MAPL_KERNELS_CPU_CPU_BACKEND_H_
 #define MAPL_KERNELS_CPU_CPU_BACKEND_H_
 
+#include <vector>
+
 #include "kernels/backend.h"
 
 namespace mapl {
@@ -14,7 +16,7 @@ class CpuBackend final : public Backend {
 
   absl::Status Project(const ConstTensor& h, const ConstTensor& u, const Tensor& z) const override;
   absl::Status Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) const override;
-  absl::Status LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u, const ConstTensor& a,
+  absl::Status LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u, const LowRankAnchor& a,
                               const Tensor& h) const override;
 
   absl::StatusOr<RvqCodebooks> RvqFit(const ConstTensor& x,
@@ -40,19 +42,34 @@ class CpuBackend final : public Backend {
   absl::Status AnchorLookup(const ConstTensor& p, const ConstTensor& q,
                             absl::Span<const int32_t> tokens, const Tensor& a) const override;
   absl::Status AnchorGrad(const ConstTensor& p, const ConstTensor& q,
-                          absl::Span<const int32_t> tokens, const ConstTensor& g_perp,
-                          const Tensor& dp, const Tensor& dq) const override;
+                          absl::Span<const int32_t> tokens, const ConstTensor& g,
+                          const ConstTensor& gu, const ConstTensor& u, const Tensor& dp,
+                          const Tensor& dq) const override;
   absl::Status AdamStep(const Tensor& param, const ConstTensor& grad, const Tensor& m,
                         const Tensor& v, const AdamOptions& options) const override;
 
   absl::Status GradUp(const ConstTensor& h, const ConstTensor& gzq, const Tensor& g_up,
                       bool accumulate) const override;
-  absl::Status GradDown(const ConstTensor& g, const ConstTensor& zq, const ConstTensor& a,
-                        const ConstTensor& u, const Tensor& g_down, bool accumulate) const override;
-  absl::Status OrthogonalComplement(const ConstTensor& g, const ConstTensor& u,
-                                    const Tensor& g_perp) const override;
+  absl::Status GradDown(const ConstTensor& g, const ConstTensor& gu, const ConstTensor& zq,
+                        const ConstTensor& u, const LowRankAnchor* a, const Tensor& g_down,
+                        bool accumulate) const override;
 };
 
+// Shared by the ops that take a LowRankAnchor (kernels/cpu/anchors.cc).
+namespace cpu {
+
+// The anchor's factors for n tokens and the projector u (d, k): pt = P[t] (n, r) and
+// qu = Q U (r, k). Checks p, q (r, d), the n token ids and u's shape against them; `what` names
+// the anchor in errors.
+struct AnchorFactors {
+  int64_t r = 0;
+  std::vector<float> pt;  // (n, r)
+  std::vector<float> qu;  // (r, k)
+};
+absl::StatusOr<AnchorFactors> FactorAnchor(const LowRankAnchor& a, int64_t n, const ConstTensor& u,
+                                           const char* what);
+
+}  // namespace cpu
 }  // namespace mapl
 
 #endif  // MAPL_KERNELS_CPU_CPU_BACKEND_H_

@@ -1,4 +1,5 @@
-// Projection z = h U, lift h = z U^T, and the anchored reconstruction, on CBLAS sgemm.
+// Projection z = h U and lift h = z U^T on CBLAS sgemm (the anchored lift is with the anchors,
+// kernels/cpu/anchors.cc).
 // bf16 operands are converted in row blocks so the staging buffer stays cache-sized and the
 // GEMM sees fp32 (BLAS has no bf16 GEMM on CPU).
 #include <cblas.h>
@@ -60,27 +61,6 @@ absl::Status CpuBackend::Lift(const ConstTensor& z, const ConstTensor& u, const 
   MAPL_RETURN_IF_ERROR(CheckShape(z, "z", -1, u.cols));
   MAPL_RETURN_IF_ERROR(CheckShape(h, "h", z.rows, u.rows));
   BlockedProduct(z, /*trans_b=*/true, u.f32(), u.rows, h);
-  return absl::OkStatus();
-}
-
-absl::Status CpuBackend::LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u,
-                                        const ConstTensor& a, const Tensor& h) const {
-  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(zq, "zq", -1, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(a, "a", zq.rows, u.rows));
-  MAPL_RETURN_IF_ERROR(CheckShape(h, "h", zq.rows, u.rows));
-  const int64_t n = zq.rows, d = u.rows, k = u.cols;
-  // h = (zq - a U) U^T + a: one n x k correction, then a single lift GEMM accumulating onto a.
-  std::vector<float> coef(n * k);
-  std::copy(zq.f32(), zq.f32() + n * k, coef.begin());
-  if (n > 0) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, k, d, -1.f, a.f32(), d, u.f32(), k,
-                1.f, coef.data(), k);
-  }
-  F32Output out(h);
-  if (out.data() != a.f32()) std::copy(a.f32(), a.f32() + n * d, out.data());
-  Gemm(/*trans_b=*/true, n, d, k, coef.data(), u.f32(), 1.f, out.data());
-  out.Commit();
   return absl::OkStatus();
 }
 

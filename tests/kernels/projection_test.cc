@@ -71,24 +71,50 @@ TEST_P(ProjectionTest, Bf16InAndOut) {
   }
 }
 
+// An anchor table pair and token ids (repeated, and not all of the vocabulary) for n_ rows.
+struct AnchorData {
+  static constexpr int kV = 20, kR = 5;
+  std::vector<float> p, q;
+  std::vector<int32_t> tokens;
+  std::vector<float> a;  // P[t] Q, (n, d), for the reference
+  LowRankAnchor anchor(int d) const {
+    return {ConstTensor::F32(p.data(), kV, kR), ConstTensor::F32(q.data(), kR, d), tokens};
+  }
+};
+
+AnchorData MakeAnchor(int n, int d, uint64_t seed) {
+  AnchorData x;
+  x.p = Random(AnchorData::kV * AnchorData::kR, seed);
+  x.q = Random(AnchorData::kR * d, seed + 1);
+  for (int i = 0; i < n; ++i) x.tokens.push_back((i * 7) % (AnchorData::kV - 3));
+  std::vector<float> pt;
+  for (int32_t t : x.tokens) {
+    pt.insert(pt.end(), x.p.begin() + t * AnchorData::kR, x.p.begin() + (t + 1) * AnchorData::kR);
+  }
+  const std::vector<double> a = Naive(pt, x.q, n, d, AnchorData::kR, false);
+  x.a.assign(a.begin(), a.end());
+  return x;
+}
+
 TEST_P(ProjectionTest, LiftWithAnchorMatchesFormula) {
-  std::vector<float> zq = Random(n_ * k_, 4), a = Random(n_ * d_, 5), h(n_ * d_);
+  std::vector<float> zq = Random(n_ * k_, 4), h(n_ * d_);
+  const AnchorData x = MakeAnchor(n_, d_, 5);
   ASSERT_TRUE(be_->LiftWithAnchor(ConstTensor::F32(zq.data(), n_, k_),
-                                  ConstTensor::F32(u_.data(), d_, k_),
-                                  ConstTensor::F32(a.data(), n_, d_), Tensor::F32(h.data(), n_, d_))
+                                  ConstTensor::F32(u_.data(), d_, k_), x.anchor(d_),
+                                  Tensor::F32(h.data(), n_, d_))
                   .ok());
   // h = zq U^T + a - (a U) U^T
   std::vector<double> lift = Naive(zq, u_, n_, d_, k_, true);
-  std::vector<double> au = Naive(a, u_, n_, k_, d_, false);
+  std::vector<double> au = Naive(x.a, u_, n_, k_, d_, false);
   std::vector<float> auf(au.begin(), au.end());
   std::vector<double> auut = Naive(auf, u_, n_, d_, k_, true);
   for (size_t i = 0; i < h.size(); ++i) {
-    const double want = lift[i] + a[i] - auut[i];
+    const double want = lift[i] + x.a[i] - auut[i];
     EXPECT_NEAR(h[i], want, 1e-3 * (1 + std::fabs(want)));
   }
 }
 
-TEST_P(ProjectionTest, LiftToBf16AndAnchoredLiftInPlace) {
+TEST_P(ProjectionTest, LiftToBf16AndAnchoredLiftToBf16) {
   std::vector<float> z = Random(n_ * k_, 6);
   std::vector<bf16_t> hb(n_ * d_);
   ASSERT_TRUE(be_->Lift(ConstTensor::F32(z.data(), n_, k_), ConstTensor::F32(u_.data(), d_, k_),
@@ -98,17 +124,32 @@ TEST_P(ProjectionTest, LiftToBf16AndAnchoredLiftInPlace) {
   for (size_t i = 0; i < hb.size(); ++i) {
     EXPECT_NEAR(Bf16ToFloat(hb[i]), want[i], 8e-3 * (1 + std::fabs(want[i])));
   }
-  // h may alias a (the daemon reconstructs into the anchor buffer).
-  std::vector<float> a = Random(n_ * d_, 7), h(n_ * d_);
+  // The anchored lift into bf16 is the f32 one rounded.
+  const AnchorData x = MakeAnchor(n_, d_, 7);
+  std::vector<float> h(n_ * d_);
   ASSERT_TRUE(be_->LiftWithAnchor(ConstTensor::F32(z.data(), n_, k_),
-                                  ConstTensor::F32(u_.data(), d_, k_),
-                                  ConstTensor::F32(a.data(), n_, d_), Tensor::F32(h.data(), n_, d_))
+                                  ConstTensor::F32(u_.data(), d_, k_), x.anchor(d_),
+                                  Tensor::F32(h.data(), n_, d_))
                   .ok());
   ASSERT_TRUE(be_->LiftWithAnchor(ConstTensor::F32(z.data(), n_, k_),
-                                  ConstTensor::F32(u_.data(), d_, k_),
-                                  ConstTensor::F32(a.data(), n_, d_), Tensor::F32(a.data(), n_, d_))
+                                  ConstTensor::F32(u_.data(), d_, k_), x.anchor(d_),
+                                  Tensor::BF16(hb.data(), n_, d_))
                   .ok());
-  EXPECT_EQ(a, h);
+  for (size_t i = 0; i < hb.size(); ++i) EXPECT_EQ(hb[i], FloatToBf16(h[i])) << i;
+  // A bad anchor is refused, naming what is wrong.
+  std::vector<int32_t> bad = x.tokens;
+  bad[3] = AnchorData::kV;
+  LowRankAnchor a = x.anchor(d_);
+  a.tokens = bad;
+  absl::Status s = be_->LiftWithAnchor(ConstTensor::F32(z.data(), n_, k_),
+                                       ConstTensor::F32(u_.data(), d_, k_), a,
+                                       Tensor::F32(h.data(), n_, d_));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message()).find("tokens[3]"), std::string::npos) << s;
+  a = x.anchor(d_ - 1);
+  s = be_->LiftWithAnchor(ConstTensor::F32(z.data(), n_, k_), ConstTensor::F32(u_.data(), d_, k_),
+                          a, Tensor::F32(h.data(), n_, d_));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_P(ProjectionTest, RejectsBadShapesWithNamedArgument) {

@@ -1,6 +1,7 @@
 // Tests of every backend's learning signals (kernels/cpu/signals.cc on the CPU) against naive
-// double-precision references, that G_down is the gradient of the decoder's reconstruction with
-// respect to U, and that bad input never reaches the accumulated signals.
+// double-precision references (the anchor formed as an n x d matrix there, never in the backend),
+// that G_down is the gradient of the decoder's reconstruction with respect to U, and that bad
+// input never reaches the accumulated signals.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -63,13 +64,37 @@ class SignalsTest : public BackendTest {
     std::mt19937 rng(1);
     h_ = Gaussian(rng, static_cast<size_t>(kN) * kD);
     g_ = Gaussian(rng, static_cast<size_t>(kN) * kD);
-    a_ = Gaussian(rng, static_cast<size_t>(kN) * kD, 0.5f);
     zq_ = Gaussian(rng, static_cast<size_t>(kN) * kK);
     gzq_ = Gaussian(rng, static_cast<size_t>(kN) * kK);
     u_ = Orthonormal(rng, kD, kK);
+    // The anchor a = P[t] Q, with repeated tokens; a_ is it formed, for the references.
+    p_ = Gaussian(rng, static_cast<size_t>(kV) * kR, 0.5f);
+    q_ = Gaussian(rng, static_cast<size_t>(kR) * kD, 0.5f);
+    for (int i = 0; i < kN; ++i) tokens_.push_back((i * 5) % (kV - 2));
+    std::vector<double> pt;
+    for (int32_t t : tokens_) pt.insert(pt.end(), p_.begin() + t * kR, p_.begin() + (t + 1) * kR);
+    const std::vector<double> a = AB(pt, D(q_), kN, kR, kD);
+    a_.assign(a.begin(), a.end());
   }
 
-  std::vector<float> h_, g_, a_, zq_, gzq_, u_;
+  // g U as the engine computes it for the backward frame.
+  std::vector<float> Gu(const std::vector<float>& g) const {
+    const std::vector<double> gu = AB(D(g), D(u_), kN, kD, kK);
+    return {gu.begin(), gu.end()};
+  }
+  LowRankAnchor Anchor() const {
+    return {ConstTensor::F32(p_.data(), kV, kR), ConstTensor::F32(q_.data(), kR, kD), tokens_};
+  }
+  absl::Status Down(const ConstTensor& g, const std::vector<float>& gu, const LowRankAnchor* a,
+                    std::vector<float>* out, bool accumulate) const {
+    return be_->GradDown(g, ConstTensor::F32(gu.data(), kN, kK),
+                         ConstTensor::F32(zq_.data(), kN, kK), ConstTensor::F32(u_.data(), kD, kK),
+                         a, Tensor::F32(out->data(), kD, kK), accumulate);
+  }
+
+  static constexpr int kV = 11, kR = 3;
+  std::vector<float> h_, g_, a_, zq_, gzq_, u_, p_, q_;
+  std::vector<int32_t> tokens_;
 };
 
 TEST_P(SignalsTest, GradUpMatchesReferenceAndAccumulates) {
@@ -107,20 +132,14 @@ TEST_P(SignalsTest, GradUpMatchesReferenceAndAccumulates) {
 
 TEST_P(SignalsTest, GradDownMatchesReference) {
   std::vector<float> out(static_cast<size_t>(kD) * kK, std::nanf(""));
+  const LowRankAnchor anchor = Anchor();
+  const std::vector<float> gu = Gu(g_);
   // With an anchor.
-  ASSERT_TRUE(
-      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
-                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::F32(u_.data(), kD, kK),
-                    Tensor::F32(out.data(), kD, kK), false)
-          .ok());
+  ASSERT_TRUE(Down(ConstTensor::F32(g_.data(), kN, kD), gu, &anchor, &out, false).ok());
   const std::vector<double> ref = GradDownRef(g_, zq_, &a_, u_);
   EXPECT_LE(MaxRelDiff(out, ref), 4e-6);
   // Accumulating the no-anchor signal on top of it.
-  ASSERT_TRUE(be_->GradDown(ConstTensor::F32(g_.data(), kN, kD),
-                            ConstTensor::F32(zq_.data(), kN, kK), ConstTensor::F32(nullptr, 0, kD),
-                            ConstTensor::F32(u_.data(), kD, kK), Tensor::F32(out.data(), kD, kK),
-                            true)
-                  .ok());
+  ASSERT_TRUE(Down(ConstTensor::F32(g_.data(), kN, kD), gu, nullptr, &out, true).ok());
   std::vector<double> sum = GradDownRef(g_, zq_, nullptr, u_);
   for (size_t i = 0; i < sum.size(); ++i) sum[i] += ref[i];
   EXPECT_LE(MaxRelDiff(out, sum), 4e-6);
@@ -128,11 +147,7 @@ TEST_P(SignalsTest, GradDownMatchesReference) {
   // bf16 loss gradient.
   std::vector<bf16_t> gb;
   const std::vector<float> gr = RoundTripBf16(g_, &gb);
-  ASSERT_TRUE(
-      be_->GradDown(ConstTensor::BF16(gb.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
-                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::F32(u_.data(), kD, kK),
-                    Tensor::F32(out.data(), kD, kK), false)
-          .ok());
+  ASSERT_TRUE(Down(ConstTensor::BF16(gb.data(), kN, kD), Gu(gr), &anchor, &out, false).ok());
   EXPECT_LE(MaxRelDiff(out, GradDownRef(gr, zq_, &a_, u_)), 4e-6);
 }
 
@@ -140,11 +155,8 @@ TEST_P(SignalsTest, GradDownMatchesReference) {
 // function is quadratic in U, so a central difference gives the directional derivative exactly.
 TEST_P(SignalsTest, GradDownIsTheGradientOfTheReconstruction) {
   std::vector<float> out(static_cast<size_t>(kD) * kK);
-  ASSERT_TRUE(
-      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
-                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::F32(u_.data(), kD, kK),
-                    Tensor::F32(out.data(), kD, kK), false)
-          .ok());
+  const LowRankAnchor anchor = Anchor();
+  ASSERT_TRUE(Down(ConstTensor::F32(g_.data(), kN, kD), Gu(g_), &anchor, &out, false).ok());
   auto f = [&](const std::vector<double>& u) {
     std::vector<double> ut(u.size());
     for (int i = 0; i < kD; ++i) {
@@ -175,47 +187,6 @@ TEST_P(SignalsTest, GradDownIsTheGradientOfTheReconstruction) {
   }
 }
 
-TEST_P(SignalsTest, OrthogonalComplementMatchesReference) {
-  std::vector<float> out(g_.size(), std::nanf(""));
-  ASSERT_TRUE(be_->OrthogonalComplement(ConstTensor::F32(g_.data(), kN, kD),
-                                        ConstTensor::F32(u_.data(), kD, kK),
-                                        Tensor::F32(out.data(), kN, kD))
-                  .ok());
-  std::vector<double> ut(u_.size());
-  for (int i = 0; i < kD; ++i) {
-    for (int j = 0; j < kK; ++j) ut[j * kD + i] = u_[i * kK + j];
-  }
-  const std::vector<double> proj = AB(AB(D(g_), D(u_), kN, kD, kK), ut, kN, kK, kD);
-  std::vector<double> ref(g_.size());
-  for (size_t i = 0; i < ref.size(); ++i) ref[i] = g_[i] - proj[i];
-  EXPECT_LE(MaxRelDiff(out, ref), 2e-6);
-  // It has no component left in span(U).
-  const std::vector<double> left = AB(D(out), D(u_), kN, kD, kK);
-  for (double v : left) EXPECT_NEAR(v, 0.0, 2e-6);
-
-  // In place on an f32 gradient.
-  std::vector<float> inplace = g_;
-  ASSERT_TRUE(be_->OrthogonalComplement(ConstTensor::F32(inplace.data(), kN, kD),
-                                        ConstTensor::F32(u_.data(), kD, kK),
-                                        Tensor::F32(inplace.data(), kN, kD))
-                  .ok());
-  EXPECT_EQ(inplace, out);
-
-  // bf16 gradient.
-  std::vector<bf16_t> gb;
-  const std::vector<float> gr = RoundTripBf16(g_, &gb);
-  std::vector<float> out_f(g_.size());
-  ASSERT_TRUE(be_->OrthogonalComplement(ConstTensor::BF16(gb.data(), kN, kD),
-                                        ConstTensor::F32(u_.data(), kD, kK),
-                                        Tensor::F32(out.data(), kN, kD))
-                  .ok());
-  ASSERT_TRUE(be_->OrthogonalComplement(ConstTensor::F32(gr.data(), kN, kD),
-                                        ConstTensor::F32(u_.data(), kD, kK),
-                                        Tensor::F32(out_f.data(), kN, kD))
-                  .ok());
-  EXPECT_EQ(out, out_f);
-}
-
 TEST_P(SignalsTest, RejectBadShapesAndDtypes) {
   std::vector<float> out(static_cast<size_t>(kD) * kK);
   std::vector<bf16_t> ub(u_.size());
@@ -231,30 +202,30 @@ TEST_P(SignalsTest, RejectBadShapesAndDtypes) {
       be_->GradUp(ConstTensor::F32(h_.data(), kN, kD), ConstTensor::F32(gzq_.data(), kN, kK),
                   Tensor::F32(out.data(), kK, kD), false),
       "g_up");
+  const std::vector<float> gu = Gu(g_);
+  LowRankAnchor short_tokens = Anchor();
+  short_tokens.tokens = absl::MakeConstSpan(tokens_.data(), kN - 1);
+  expect_invalid(Down(ConstTensor::F32(g_.data(), kN, kD), gu, &short_tokens, &out, false),
+                 "tokens");
+  LowRankAnchor wide_q = Anchor();
+  wide_q.q = ConstTensor::F32(q_.data(), kR, kD - 1);
+  expect_invalid(Down(ConstTensor::F32(g_.data(), kN, kD), gu, &wide_q, &out, false), "q");
+  const LowRankAnchor anchor = Anchor();
   expect_invalid(
-      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
-                    ConstTensor::F32(a_.data(), kN - 1, kD), ConstTensor::F32(u_.data(), kD, kK),
-                    Tensor::F32(out.data(), kD, kK), false),
-      "a");
-  expect_invalid(
-      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
-                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::BF16(ub.data(), kD, kK),
-                    Tensor::F32(out.data(), kD, kK), false),
+      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(gu.data(), kN, kK),
+                    ConstTensor::F32(zq_.data(), kN, kK), ConstTensor::BF16(ub.data(), kD, kK),
+                    &anchor, Tensor::F32(out.data(), kD, kK), false),
       "u");
   expect_invalid(
-      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK - 1),
-                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::F32(u_.data(), kD, kK),
-                    Tensor::F32(out.data(), kD, kK), false),
+      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(gu.data(), kN, kK),
+                    ConstTensor::F32(zq_.data(), kN, kK - 1), ConstTensor::F32(u_.data(), kD, kK),
+                    &anchor, Tensor::F32(out.data(), kD, kK), false),
       "zq");
-  std::vector<float> gp(g_.size());
-  expect_invalid(be_->OrthogonalComplement(ConstTensor::F32(g_.data(), kN, kD),
-                                           ConstTensor::F32(u_.data(), kD + 1, kK),
-                                           Tensor::F32(gp.data(), kN, kD)),
-                 "u");
   expect_invalid(
-      be_->OrthogonalComplement(ConstTensor::F32(g_.data(), kN, kD),
-                                ConstTensor::F32(u_.data(), kD, kK), Tensor::F32(nullptr, kN, kD)),
-      "g_perp");
+      be_->GradDown(ConstTensor::F32(g_.data(), kN, kD), ConstTensor::F32(gu.data(), kN - 1, kK),
+                    ConstTensor::F32(zq_.data(), kN, kK), ConstTensor::F32(u_.data(), kD, kK),
+                    &anchor, Tensor::F32(out.data(), kD, kK), false),
+      "gu");
 }
 
 TEST_P(SignalsTest, NonFiniteInputLeavesAccumulatedSignalsUnchanged) {
@@ -268,9 +239,8 @@ TEST_P(SignalsTest, NonFiniteInputLeavesAccumulatedSignalsUnchanged) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_NE(s.message().find("g_up"), std::string::npos) << s;
   for (float v : up) EXPECT_EQ(v, 1.f);
-  s = be_->GradDown(ConstTensor::F32(g.data(), kN, kD), ConstTensor::F32(zq_.data(), kN, kK),
-                    ConstTensor::F32(a_.data(), kN, kD), ConstTensor::F32(u_.data(), kD, kK),
-                    Tensor::F32(down.data(), kD, kK), true);
+  const LowRankAnchor anchor = Anchor();
+  s = Down(ConstTensor::F32(g.data(), kN, kD), Gu(g_), &anchor, &down, true);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   for (float v : down) EXPECT_EQ(v, 2.f);
 }

@@ -32,6 +32,13 @@ TEST(EngineAcceptance, MaplLearnsWhatFixedCannot) {
       RunScenario(Config(v1::ROLE_UPSTREAM, v1::METHOD_FIXED, v1::CODEC_BF16), 200, "fixed bf16");
   ASSERT_EQ(fixed.error.size(), 200u);
   EXPECT_GT(fixed.error.back(), 0.3);
+
+  // The learners on a quarter of each microbatch's rows (64 of 256) learn the subspace too.
+  v1::BoundaryConfig sampled = Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_BF16);
+  sampled.set_learner_rows(64);
+  const Curve quarter = RunScenario(sampled, 200, "mapl bf16, learner rows 64");
+  ASSERT_EQ(quarter.error.size(), 200u);
+  EXPECT_LT(quarter.error.back(), 0.05);
 }
 
 TEST(EngineAcceptance, MaplWithRvq) {

@@ -316,6 +316,60 @@ TEST_F(EngineTest, BadDeltaThenSnapshotRecovers) {
   EXPECT_EQ(pair.down().stats().dictionary_checksum(), pair.up().stats().dictionary_checksum());
 }
 
+// The learners' sample of a microbatch (BoundaryConfig.learner_rows): every row up to the limit;
+// above it, that many distinct rows in order, spread over the microbatch, standing for
+// n / max_rows rows each, and moving with (step, microbatch) so that no position is never seen.
+TEST(LearnerSampleTest, StridedDistinctAndMoving) {
+  EXPECT_TRUE(SampleLearnerRows(1024, 1024, 1, 0).all());
+  EXPECT_TRUE(SampleLearnerRows(7, 1024, 1, 0).all());
+  EXPECT_EQ(SampleLearnerRows(7, 1024, 1, 0).scale, 1.f);
+  std::vector<int> seen(8, 0);  // how often each position mod 8 was sampled
+  for (uint64_t step = 1; step <= 8; ++step) {
+    for (uint32_t mb = 0; mb < 4; ++mb) {
+      const LearnerSample s = SampleLearnerRows(4096, 512, step, mb);
+      ASSERT_EQ(s.rows.size(), 512u);
+      EXPECT_EQ(s.scale, 8.f);
+      EXPECT_GE(s.rows.front(), 0);
+      EXPECT_LT(s.rows.back(), 4096);
+      for (size_t i = 1; i < s.rows.size(); ++i) {
+        ASSERT_GT(s.rows[i], s.rows[i - 1]);
+        ASSERT_LE(s.rows[i] - s.rows[i - 1], 9);  // spread: no gap wider than the stride + 1
+      }
+      ++seen[s.rows[0] % 8];
+    }
+  }
+  for (int r = 0; r < 8; ++r) EXPECT_GT(seen[r], 0) << "offset " << r << " never sampled";
+}
+
+// With every row of a microbatch the same, a sample of a quarter of them, scaled, gives the
+// downstream's learning signal of the whole microbatch.
+TEST_F(EngineTest, LearnerSampleOfIdenticalRowsGivesTheWholeSignal) {
+  std::vector<float> h(size_t(kN) * Stream::kD);
+  std::vector<int32_t> tokens(kN, tokens_[0]);
+  for (int i = 0; i < kN; ++i) std::copy(h_.begin(), h_.begin() + Stream::kD, h.begin() + i * Stream::kD);
+  std::vector<std::vector<float>> signals;
+  for (uint32_t rows : {uint32_t{kN}, uint32_t{kN / 4}}) {
+    v1::BoundaryConfig c = Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_BF16);
+    c.set_learner_rows(rows);
+    Pair pair(c);
+    double err2 = 0, norm2 = 0;
+    ASSERT_TRUE(pair.Microbatch(1, 0, h, tokens, &err2, &norm2).ok());
+    auto out = pair.down().Step(1);
+    ASSERT_TRUE(out.ok()) << out.status();
+    ASSERT_EQ(out->size(), 1u);
+    const std::string& bytes = (*out)[0].learning_signal().g_down();
+    signals.emplace_back(bytes.size() / 4);
+    std::memcpy(signals.back().data(), bytes.data(), bytes.size());
+  }
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < signals[0].size(); ++i) {
+    diff += std::pow(double{signals[0][i]} - signals[1][i], 2);
+    norm += std::pow(double{signals[0][i]}, 2);
+  }
+  ASSERT_GT(norm, 0.0);
+  EXPECT_LT(std::sqrt(diff / norm), 1e-4);
+}
+
 TEST(BoundaryConfigTest, DefaultsAndValidation) {
   v1::BoundaryConfig c;
   c.set_role(v1::ROLE_DOWNSTREAM);
@@ -328,6 +382,7 @@ TEST(BoundaryConfigTest, DefaultsAndValidation) {
   EXPECT_EQ(full->forward_codec(), v1::CODEC_RVQ);
   EXPECT_EQ(full->backward_codec(), v1::CODEC_INT8);
   EXPECT_EQ(full->rvq_levels(), 4u);
+  EXPECT_EQ(full->learner_rows(), 1024u);
   EXPECT_EQ(full->anchor_rank(), 16u);
   EXPECT_EQ(full->dictionary_precision(), v1::PRECISION_F32);
   EXPECT_EQ(full->max_tokens(), 4096u);

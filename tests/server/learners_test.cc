@@ -145,24 +145,36 @@ TEST_F(LearnersTest, ARefusedSpelStepLeavesUUnchanged) {
   EXPECT_EQ(learner.steps(), 0);
 }
 
-// The anchor of a token moves against the loss gradient it receives: after one step with
+// The anchor of a token moves against the loss gradient it receives: after steps with
 // g_perp = a_target-direction, a = P[t] Q for that token lowers <a, g_perp>; other tokens' rows of
 // P stay at zero.
 TEST_F(LearnersTest, AnchorsStartAtZeroAndDescendTheirGradient) {
   constexpr int64_t d = 16, n = 3;
   const v1::BoundaryConfig c = MakeConfig(d, 4);
   AnchorLearner anchors(c);
+  auto lookup = [&](const std::vector<int32_t>& t, std::vector<float>* a) {
+    const LowRankAnchor x = anchors.Anchor(t);
+    return backend_->AnchorLookup(x.p, x.q, t,
+                                  Tensor::F32(a->data(), static_cast<int64_t>(t.size()), d));
+  };
   const std::vector<int32_t> tokens = {5, 5, 9};
   std::vector<float> a(n * d, 1.f);
-  ASSERT_TRUE(anchors.Lookup(*backend_, tokens, Tensor::F32(a.data(), n, d)).ok());
+  ASSERT_TRUE(lookup(tokens, &a).ok());
   for (float v : a) EXPECT_EQ(v, 0.f);
   std::vector<float> g(n * d);
   for (int64_t i = 0; i < n * d; ++i) g[i] = (i % d) < 8 ? 1.f : -1.f;
+  constexpr int64_t k = 4;
+  const std::vector<float> u = SeededOrthonormal(d, k, 1);
+  const std::vector<float> gu(n * k, 0.f);
   for (int round = 0; round < 5; ++round) {
-    ASSERT_TRUE(anchors.AccumulateGrad(*backend_, tokens, ConstTensor::F32(g.data(), n, d)).ok());
+    // gu = 0: all of g is outside span(U), g_perp = g.
+    ASSERT_TRUE(anchors
+                    .AccumulateGrad(*backend_, tokens, ConstTensor::F32(g.data(), n, d),
+                                    ConstTensor::F32(gu.data(), n, k), ConstTensor::F32(u.data(), d, k))
+                    .ok());
     ASSERT_TRUE(anchors.Step(*backend_).ok());
   }
-  ASSERT_TRUE(anchors.Lookup(*backend_, tokens, Tensor::F32(a.data(), n, d)).ok());
+  ASSERT_TRUE(lookup(tokens, &a).ok());
   for (int64_t i = 0; i < n; ++i) {
     double dot = 0.0;
     for (int64_t j = 0; j < d; ++j) dot += double{a[i * d + j]} * g[i * d + j];
@@ -170,11 +182,11 @@ TEST_F(LearnersTest, AnchorsStartAtZeroAndDescendTheirGradient) {
   }
   const std::vector<int32_t> other = {6};
   std::vector<float> a6(d, 1.f);
-  ASSERT_TRUE(anchors.Lookup(*backend_, other, Tensor::F32(a6.data(), 1, d)).ok());
+  ASSERT_TRUE(lookup(other, &a6).ok());
   for (float v : a6) EXPECT_EQ(v, 0.f);  // P[6] never had a gradient
   // A token id out of range is refused, naming it.
   const std::vector<int32_t> bad = {50};
-  EXPECT_EQ(anchors.Lookup(*backend_, bad, Tensor::F32(a6.data(), 1, d)).code(),
+  EXPECT_EQ(lookup(bad, &a6).code(),
             absl::StatusCode::kInvalidArgument);
 }
 
