@@ -9,7 +9,9 @@ int8 backward):
     returns once the daemon has taken the tensor; encoding runs behind it), against a plain
     memcpy of the same tensor in this process. Target: Send <= 3 x memcpy + 0.5 ms;
   * and, for the whole way to the wire, Send with wait=True (returns once the frame is encoded
-    and queued on the peer link).
+    and queued on the peer link);
+  * the two daemons' own CPU time per microbatch (forward and backward, learners included): a
+    figure that other load on a shared machine inflates far less than the wall-clock rate.
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=build/python /usr/bin/python3 bench/e2e_loopback.py
 """
@@ -29,6 +31,13 @@ from pathlib import Path
 import torch
 
 from mapl import launch
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat): the sidecars' own work,
+    which other load on the machine does not inflate the way it inflates wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -89,7 +98,10 @@ def main() -> int:
         # Warm-up: the RVQ codebooks are fitted from the first steps' traffic.
         for _ in range(3):
             one_step(2)
+        pids = (up_proc.proc.pid, down_proc.proc.pid)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
         start, done = one_step(args.microbatches)
+        sidecar_cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         elapsed = done[-1] - start
         rate = args.microbatches * tensor_bytes / elapsed
 
@@ -122,6 +134,9 @@ def main() -> int:
     print(f"delivered: {args.microbatches} x {tensor_bytes / 2**20:.0f} MiB in {elapsed:.3f} s = "
           f"{rate / 2**30:.2f} GiB/s of raw float32 activations "
           f"({rate / 2 / 2**30:.2f} GiB/s counted as bf16)")
+    print(f"sidecars' CPU (both daemons, forward and backward, learners included): "
+          f"{sidecar_cpu:.2f} s for {args.microbatches} microbatches = "
+          f"{sidecar_cpu / args.microbatches * 1e3:.0f} ms a microbatch")
     print(f"wire: {stats.wire_payload_bytes / max(stats.frames_sent + stats.frames_received, 1):.0f}"
           f" payload bytes a frame on average; compression vs dense bf16 "
           f"{stats.raw_bytes / max(stats.wire_payload_bytes, 1):.0f}x (both directions)")

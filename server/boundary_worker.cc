@@ -169,6 +169,7 @@ void BoundaryWorker::Encode(EncodeJob& job) {
   uint64_t wire = 0;
   {
     absl::MutexLock el(&engine_mu_);
+    engine_->SetLinkBusy(transport_->stats().queued_bytes() > 0);
     const absl::Time start = absl::Now();
     absl::StatusOr<std::vector<v1::PeerMessage>> out = engine_->Encode(
         job.step, job.microbatch, t, job.token_ids.empty() ? nullptr : job.token_ids.data());

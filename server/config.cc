@@ -342,6 +342,14 @@ absl::StatusOr<v1::BoundaryConfig> BoundaryConfigWithDefaults(const v1::Boundary
     return bad("rvq_decay", "must be in (0, 1), got ", c.rvq_decay());
   }
   if (c.learner_rows() == 0) c.set_learner_rows(kDefaultLearnerRows);
+  if (!(c.forward_error_budget() >= 0.f && c.forward_error_budget() < 1e6f)) {
+    return bad("forward_error_budget", "must be >= 0 (0: no budget), got ",
+               c.forward_error_budget());
+  }
+  if (c.forward_error_budget() > 0.f && c.forward_codec() != v1::CODEC_RVQ) {
+    return bad("forward_error_budget", "applies to CODEC_RVQ forward codes only, got ",
+               v1::Codec_Name(c.forward_codec()));
+  }
   return c;
 }
 

@@ -84,6 +84,9 @@ class Engine {
 
   // This side's statistics (the record local.proto defines; id, role and link are the worker's).
   virtual v1::BoundaryStats stats() const = 0;
+  // Whether the peer link is the bottleneck now (its send queue is not empty), for codecs that
+  // adapt their size to the link (forward_error_budget). Engines that do not adapt ignore it.
+  virtual void SetLinkBusy(bool) {}
 };
 
 // What an engine keeps of a microbatch until its other direction comes back, keyed by

@@ -3,6 +3,7 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -144,6 +145,54 @@ absl::Status FrameCodec::EncodeProjected(v1::Codec codec, const float* x, int64_
   return absl::OkStatus();
 }
 
+absl::Status FrameCodec::RvqCodesWithErrors(const float* x, int64_t rows,
+                                            const RvqCodebooks& codebooks,
+                                            std::vector<uint8_t>* codes,
+                                            std::vector<double>* errors) const {
+  const int levels = codebooks.levels;
+  codes->resize(rows * levels);
+  MAPL_RETURN_IF_ERROR(backend_->RvqEncode(codebooks, ConstTensor::F32(x, rows, k_), /*beam=*/1,
+                                           absl::MakeSpan(*codes), {}));
+  // The residual after each level, row by row: rows x L x k multiply-adds, small next to the
+  // encode's rows x L x K x k.
+  std::vector<double> err2(levels, 0.0);
+  double norm2 = 0.0;
+  std::vector<float> residual(k_);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = x + i * k_;
+    std::copy(xi, xi + k_, residual.begin());
+    for (int64_t c = 0; c < k_; ++c) norm2 += double{xi[c]} * xi[c];
+    for (int l = 0; l < levels; ++l) {
+      const float* centroid =
+          codebooks.level(l).data() + int64_t{(*codes)[i * levels + l]} * k_;
+      double e = 0.0;
+      for (int64_t c = 0; c < k_; ++c) {
+        residual[c] -= centroid[c];
+        e += double{residual[c]} * residual[c];
+      }
+      err2[l] += e;
+    }
+  }
+  errors->resize(levels);
+  for (int l = 0; l < levels; ++l) (*errors)[l] = norm2 > 0.0 ? std::sqrt(err2[l] / norm2) : 0.0;
+  return absl::OkStatus();
+}
+
+void FrameCodec::SetRvqPayload(const std::vector<uint8_t>& codes, int64_t rows, int full_levels,
+                               int levels, v1::Frame* frame) const {
+  MAPL_CHECK(levels >= 1 && levels <= full_levels &&
+                 static_cast<int64_t>(codes.size()) == rows * full_levels,
+             "SetRvqPayload: levels within the codes' depth");
+  frame->set_codec(v1::CODEC_RVQ);
+  frame->set_dim(static_cast<uint32_t>(k_));
+  frame->set_levels(static_cast<uint32_t>(levels));
+  std::string* payload = frame->mutable_payload();
+  payload->resize(rows * levels);
+  for (int64_t i = 0; i < rows; ++i) {
+    std::memcpy(payload->data() + i * levels, codes.data() + i * full_levels, levels);
+  }
+}
+
 absl::Status FrameCodec::DecodeProjected(const v1::Frame& frame, const RvqCodebooks* codebooks,
                                          float* zq) const {
   const int64_t rows = frame.tokens();
@@ -166,13 +215,24 @@ absl::Status FrameCodec::DecodeProjected(const v1::Frame& frame, const RvqCodebo
       }
       return absl::OkStatus();
     }
-    case v1::CODEC_RVQ:
+    case v1::CODEC_RVQ: {
       MAPL_CHECK(codebooks != nullptr, "the caller fetched the frame's codebooks");
-      return backend_->RvqDecode(
-          *codebooks,
-          absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(frame.payload().data()),
-                              frame.payload().size()),
-          {}, out);
+      const absl::Span<const uint8_t> codes = absl::MakeConstSpan(
+          reinterpret_cast<const uint8_t*>(frame.payload().data()), frame.payload().size());
+      if (static_cast<int32_t>(frame.levels()) == codebooks->levels) {
+        return backend_->RvqDecode(*codebooks, codes, {}, out);
+      }
+      // Fewer levels (Check() bounds them): decode with the first ones.
+      RvqCodebooks prefix;
+      prefix.levels = static_cast<int32_t>(frame.levels());
+      prefix.codebook_size = codebooks->codebook_size;
+      prefix.dim = codebooks->dim;
+      prefix.gain_shape = codebooks->gain_shape;
+      prefix.centroids.assign(
+          codebooks->centroids.begin(),
+          codebooks->centroids.begin() + int64_t{prefix.levels} * prefix.codebook_size * prefix.dim);
+      return backend_->RvqDecode(prefix, codes, {}, out);
+    }
     default:
       MAPL_CHECK(false, absl::StrCat("DecodeProjected: codec ", frame.codec(),
                                      " passed Check(), which admits only projected codecs"));
@@ -239,9 +299,12 @@ absl::Status FrameCodec::Check(const v1::Frame& f, v1::Direction direction, int6
   } else {
     const v1::Codec want =
         direction == v1::DIRECTION_FORWARD ? config_.forward_codec() : config_.backward_codec();
-    // Forward frames travel as bf16 until the RVQ codebooks are fitted.
+    // Forward frames travel as bf16 until the RVQ codebooks are fitted, and as int8 when RVQ
+    // codes would exceed the error budget.
+    const bool forward_rvq = direction == v1::DIRECTION_FORWARD && want == v1::CODEC_RVQ;
     const bool ok =
-        f.codec() == want || (direction == v1::DIRECTION_FORWARD && f.codec() == v1::CODEC_BF16);
+        f.codec() == want || (direction == v1::DIRECTION_FORWARD && f.codec() == v1::CODEC_BF16) ||
+        (forward_rvq && f.codec() == v1::CODEC_INT8);
     if (!ok) return bad("codec ", v1::Codec_Name(want), " expected, got ", f.codec());
     if (f.dim() != k_) return bad("dim must be k = ", k_, ", got ", f.dim());
     switch (f.codec()) {
@@ -253,8 +316,8 @@ absl::Status FrameCodec::Check(const v1::Frame& f, v1::Direction direction, int6
         scales = n * 2;
         break;
       default:  // CODEC_RVQ
-        if (f.levels() != config_.rvq_levels()) {
-          return bad("levels must be ", config_.rvq_levels(), ", got ", f.levels());
+        if (f.levels() < 1 || f.levels() > config_.rvq_levels()) {
+          return bad("levels must be in [1, ", config_.rvq_levels(), "], got ", f.levels());
         }
         payload = n * f.levels();
         break;

@@ -64,7 +64,17 @@ class FrameCodec {
   // payload and scales.
   absl::Status EncodeProjected(v1::Codec codec, const float* x, int64_t rows,
                                const RvqCodebooks* codebooks, v1::Frame* frame) const;
-  // A checked frame's payload into zq (rows, k) f32. RVQ frames need `codebooks`.
+  // CODEC_RVQ at the codebooks' full depth L: the codes of x (rows, k) f32, row-major (rows, L),
+  // and the relative error ||x - xq||_F / ||x||_F after each number of levels (errors[l]: the
+  // first l + 1 levels). Residual codes are prefix codes: the first l levels of a row are its
+  // code at depth l.
+  absl::Status RvqCodesWithErrors(const float* x, int64_t rows, const RvqCodebooks& codebooks,
+                                  std::vector<uint8_t>* codes, std::vector<double>* errors) const;
+  // The frame's CODEC_RVQ payload: the first `levels` of each row's codes (rows, full_levels).
+  void SetRvqPayload(const std::vector<uint8_t>& codes, int64_t rows, int full_levels, int levels,
+                     v1::Frame* frame) const;
+  // A checked frame's payload into zq (rows, k) f32. RVQ frames need `codebooks` (a frame may
+  // carry fewer levels than they have; it is decoded with its first levels).
   absl::Status DecodeProjected(const v1::Frame& frame, const RvqCodebooks* codebooks,
                                float* zq) const;
 
@@ -75,7 +85,9 @@ class FrameCodec {
 
   // Every check of an incoming frame: boundary, direction, token count (and `tokens_expected`
   // when >= 0), the output's shape, codec, dim, levels, payload / scales / token id sizes
-  // (INVALID_ARGUMENT), then the checksum (DATA_LOSS).
+  // (INVALID_ARGUMENT), then the checksum (DATA_LOSS). Forward frames of a CODEC_RVQ boundary
+  // may also be CODEC_BF16 (before the codebooks exist) or CODEC_INT8 (codes that would exceed
+  // forward_error_budget), and may carry 1 to rvq_levels levels.
   absl::Status Check(const v1::Frame& frame, v1::Direction direction, int64_t tokens_expected,
                      const Tensor& out) const;
 

@@ -141,16 +141,24 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
     saved.dict = owner_->published();
     std::vector<float> z(n * k_);
     MAPL_RETURN_IF_ERROR(backend_->Project(h, saved.dict->tensor(0), Tensor::F32(z.data(), n, k_)));
-    const RvqCodebooks* cb = nullptr;
-    v1::Codec codec = config_.forward_codec();
-    if (rvq_) {
-      if (codebooks_->fitted()) {
-        MAPL_ASSIGN_OR_RETURN(cb, codebook_cache_.Get(saved.dict));
+    if (rvq_ && codebooks_->fitted()) {
+      MAPL_ASSIGN_OR_RETURN(const RvqCodebooks* cb, codebook_cache_.Get(saved.dict));
+      std::vector<uint8_t> codes;
+      std::vector<double> errors;
+      MAPL_RETURN_IF_ERROR(codec_.RvqCodesWithErrors(z.data(), n, *cb, &codes, &errors));
+      const int depth = ChooseRvqDepth(errors, config_.forward_error_budget(), link_busy_);
+      if (depth == 0) {
+        MAPL_RETURN_IF_ERROR(codec_.EncodeProjected(v1::CODEC_INT8, z.data(), n, nullptr, &frame));
+        stats_.set_forward_budget_fallbacks(stats_.forward_budget_fallbacks() + 1);
       } else {
-        codec = v1::CODEC_BF16;
+        codec_.SetRvqPayload(codes, n, cb->levels, depth, &frame);
+        stats_.set_forward_rvq_levels(static_cast<uint32_t>(depth));
       }
+    } else {
+      // Before the RVQ codebooks are fitted, forward frames travel as bf16.
+      const v1::Codec codec = rvq_ ? v1::CODEC_BF16 : config_.forward_codec();
+      MAPL_RETURN_IF_ERROR(codec_.EncodeProjected(codec, z.data(), n, nullptr, &frame));
     }
-    MAPL_RETURN_IF_ERROR(codec_.EncodeProjected(codec, z.data(), n, cb, &frame));
     frame.set_dict_version(saved.dict->version());
     if (mapl_) codec_.PackTokenIds(token_ids, n, &frame);
     if (rvq_) codebooks_->Observe(z.data(), n);
@@ -165,6 +173,17 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
   pending_.Insert({step, microbatch}, std::move(saved));
   out.push_back(Wrap(std::move(frame)));
   return out;
+}
+
+int UpstreamEngine::ChooseRvqDepth(const std::vector<double>& errors, double budget,
+                                   bool link_busy) {
+  const int levels = static_cast<int>(errors.size());
+  if (budget <= 0.0) return levels;
+  if (errors.empty() || errors.back() > budget) return 0;
+  if (!link_busy) return levels;
+  int depth = 1;
+  while (errors[depth - 1] > budget) ++depth;
+  return depth;
 }
 
 void UpstreamEngine::SaveH(const ConstTensor& h, SavedForward* saved) {

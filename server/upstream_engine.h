@@ -72,6 +72,12 @@ class UpstreamEngine : public Engine {
   bool ReadyToStep(uint64_t step) const override { return !mapl_ || signals_.count(step) != 0; }
   absl::StatusOr<std::vector<v1::PeerMessage>> Step(uint64_t step) override;
   v1::BoundaryStats stats() const override;
+  void SetLinkBusy(bool busy) override { link_busy_ = busy; }
+
+  // The forward codes' depth for a frame whose RVQ codes have relative error errors[l] at l + 1
+  // levels: every level without a budget; with one, the fewest levels within it while the link
+  // is busy, every level while it has room; 0 (int8) when every level exceeds it.
+  static int ChooseRvqDepth(const std::vector<double>& errors, double budget, bool link_busy);
 
  private:
   // What is kept of a forward until its backward.
@@ -110,6 +116,7 @@ class UpstreamEngine : public Engine {
   CodebookCache codebook_cache_;
   DictionaryGauges gauges_;
   uint64_t payload_bytes_this_step_ = 0;
+  bool link_busy_ = false;
   std::map<uint64_t, std::vector<float>> signals_;  // step -> G_down (d, k)
   PendingMicrobatches<SavedForward> pending_;
   // Buffers of released forwards, reused so that saving h does not page-fault fresh memory

@@ -370,6 +370,42 @@ TEST_F(EngineTest, LearnerSampleOfIdenticalRowsGivesTheWholeSignal) {
   EXPECT_LT(std::sqrt(diff / norm), 1e-4);
 }
 
+// forward_error_budget: codes over the budget travel as int8, and a busy link gets the fewest
+// levels within it; the downstream decodes both.
+TEST(ForwardErrorBudgetTest, Int8OverTheBudgetFewestLevelsOnABusyLink) {
+  for (float budget : {1e-6f, 10.f}) {
+    v1::BoundaryConfig c = Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_RVQ);
+    c.set_forward_error_budget(budget);
+    Pair pair(c);
+    Stream stream(3);
+    std::vector<float> h;
+    std::vector<int32_t> tokens;
+    double err2 = 0, norm2 = 0;
+    for (uint64_t step = 1; step <= 2; ++step) {  // step 1 fits the codebooks
+      pair.up().SetLinkBusy(step == 2);
+      for (uint32_t mb = 0; mb < 4; ++mb) {
+        stream.Next(256, &h, &tokens);
+        const absl::Status s = pair.Microbatch(step, mb, h, tokens, &err2, &norm2);
+        ASSERT_TRUE(s.ok()) << budget << ": " << s;
+      }
+      ASSERT_TRUE(pair.CloseStep(step).ok());
+    }
+    const v1::BoundaryStats up = pair.up().stats();
+    if (budget < 1.f) {
+      EXPECT_EQ(up.forward_budget_fallbacks(), 4u);
+      EXPECT_EQ(up.forward_rvq_levels(), 0u);
+    } else {
+      EXPECT_EQ(up.forward_budget_fallbacks(), 0u);
+      EXPECT_EQ(up.forward_rvq_levels(), 1u);
+    }
+    EXPECT_EQ(pair.down().stats().frames_rejected(), 0u);
+  }
+  v1::BoundaryConfig c = Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_INT8);
+  c.set_forward_error_budget(0.1f);
+  EXPECT_TRUE(absl::StrContains(BoundaryConfigWithDefaults(c).status().message(),
+                                "forward_error_budget"));
+}
+
 TEST(BoundaryConfigTest, DefaultsAndValidation) {
   v1::BoundaryConfig c;
   c.set_role(v1::ROLE_DOWNSTREAM);

@@ -14,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "kernels/registry.h"
 #include "server/config.h"
+#include "server/upstream_engine.h"
 
 namespace mapl {
 namespace {
@@ -166,6 +167,68 @@ TEST_F(FrameCodecTest, TokenIdsTravelInTwoOrFourBytes) {
 }
 
 // Every field Check() looks at, broken one at a time.
+// Residual codes are prefix codes: a frame may carry the first levels only, and decodes to the
+// sum of those levels' centroids; the errors reported per depth are those of the decoded prefixes.
+// Forward frames of an RVQ boundary may also travel as int8; levels outside [1, L] are refused.
+TEST_F(FrameCodecTest, RvqFramesCarryAPrefixOfLevelsOrInt8) {
+  const v1::BoundaryConfig c = MakeConfig(v1::METHOD_FIXED, v1::CODEC_RVQ);
+  FrameCodec codec(c, backend_.get());
+  const int levels = static_cast<int>(c.rvq_levels());
+  const std::vector<float> train = Random(1024 * kK, 2);
+  RvqFitOptions options;
+  options.levels = levels;
+  absl::StatusOr<RvqCodebooks> cb =
+      backend_->RvqFit(ConstTensor::F32(train.data(), 1024, kK), options);
+  ASSERT_TRUE(cb.ok()) << cb.status();
+  const std::vector<float> x = Random(kN * kK, 3);
+  std::vector<uint8_t> codes;
+  std::vector<double> errors;
+  ASSERT_TRUE(codec.RvqCodesWithErrors(x.data(), kN, *cb, &codes, &errors).ok());
+  ASSERT_EQ(errors.size(), size_t(levels));
+  EXPECT_LT(errors.back(), errors.front());
+  std::vector<float> out(kN * kD);
+  const Tensor t = Tensor::F32(out.data(), kN, kD);
+  double norm2 = 0.0;
+  for (float v : x) norm2 += double{v} * v;
+  for (int depth = 1; depth <= levels; ++depth) {
+    v1::Frame f = codec.NewFrame(v1::DIRECTION_FORWARD, 1, 0, kN);
+    codec.SetRvqPayload(codes, kN, levels, depth, &f);
+    FrameCodec::Seal(&f);
+    ASSERT_TRUE(codec.Check(f, v1::DIRECTION_FORWARD, -1, t).ok()) << depth;
+    std::vector<float> zq(kN * kK);
+    ASSERT_TRUE(codec.DecodeProjected(f, &*cb, zq.data()).ok());
+    double err2 = 0.0;
+    for (size_t i = 0; i < zq.size(); ++i) err2 += std::pow(double{zq[i]} - x[i], 2);
+    EXPECT_NEAR(std::sqrt(err2 / norm2), errors[depth - 1], 1e-5) << depth;
+  }
+  for (uint32_t bad : {0u, c.rvq_levels() + 1}) {
+    v1::Frame f = codec.NewFrame(v1::DIRECTION_FORWARD, 1, 0, kN);
+    f.set_dim(kK);
+    f.set_codec(v1::CODEC_RVQ);
+    f.set_levels(bad);
+    f.mutable_payload()->resize(kN * bad);
+    FrameCodec::Seal(&f);
+    EXPECT_TRUE(absl::StrContains(codec.Check(f, v1::DIRECTION_FORWARD, -1, t).message(),
+                                  "levels must be in [1, "))
+        << bad;
+  }
+  v1::Frame int8 = codec.NewFrame(v1::DIRECTION_FORWARD, 1, 0, kN);
+  ASSERT_TRUE(codec.EncodeProjected(v1::CODEC_INT8, x.data(), kN, nullptr, &int8).ok());
+  FrameCodec::Seal(&int8);
+  EXPECT_TRUE(codec.Check(int8, v1::DIRECTION_FORWARD, -1, t).ok());
+}
+
+// The depth policy of forward_error_budget.
+TEST(RvqDepthTest, FewestLevelsWithinBudgetWhileTheLinkIsBusy) {
+  const std::vector<double> errors = {0.5, 0.3, 0.2, 0.1};
+  EXPECT_EQ(UpstreamEngine::ChooseRvqDepth(errors, 0.0, true), 4);   // no budget
+  EXPECT_EQ(UpstreamEngine::ChooseRvqDepth(errors, 0.25, true), 3);  // busy: fewest within
+  EXPECT_EQ(UpstreamEngine::ChooseRvqDepth(errors, 0.3, true), 2);
+  EXPECT_EQ(UpstreamEngine::ChooseRvqDepth(errors, 0.25, false), 4);  // room: every level
+  EXPECT_EQ(UpstreamEngine::ChooseRvqDepth(errors, 0.05, true), 0);   // int8
+  EXPECT_EQ(UpstreamEngine::ChooseRvqDepth(errors, 0.05, false), 0);
+}
+
 TEST_F(FrameCodecTest, CheckRejectsEachInconsistencyByName) {
   const v1::BoundaryConfig c = MakeConfig(v1::METHOD_MAPL, v1::CODEC_INT8);
   FrameCodec codec(c, backend_.get());
