@@ -22,11 +22,11 @@ void CodebookLearner::Observe(const float* z, int64_t rows) {
   rows_.insert(rows_.end(), z, z + take * k_);
 }
 
-CodebookLearner::StepResult CodebookLearner::Step(const Backend& backend) {
+CodebookLearner::StepResult CodebookLearner::Step(const Backend& backend, bool refit) {
   StepResult result;
   const int64_t rows = static_cast<int64_t>(rows_.size()) / k_;
   const ConstTensor x = ConstTensor::F32(rows_.data(), rows, k_);
-  if (!learner_.has_value()) {
+  if (!learner_.has_value() || (refit && rows >= kMinFitRows)) {
     if (rows < kMinFitRows) return result;  // keep collecting
     RvqFitOptions options;
     options.levels = static_cast<int32_t>(levels_);

@@ -35,8 +35,11 @@ class CodebookLearner {
     bool updated = false;       // a streaming update ran
     double relative_mse = 0.0;  // of that update
   };
-  // Fits (once enough rows were seen) or updates on the rows observed since the last Step.
-  StepResult Step(const Backend& backend);
+  // Fits (once enough rows were seen) or updates on the rows observed since the last Step. With
+  // `refit`, fitted codebooks are fitted anew on those rows (when there are enough of them)
+  // instead of updated: the streaming update follows slow drift, a refit a distribution that
+  // moved away (early in training).
+  StepResult Step(const Backend& backend, bool refit = false);
   // The centroids, levels x kMaxCodebookSize x k, once fitted.
   const std::vector<float>& centroids() const { return learner_->codebooks.centroids; }
 

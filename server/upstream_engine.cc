@@ -147,6 +147,8 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
       std::vector<double> errors;
       MAPL_RETURN_IF_ERROR(codec_.RvqCodesWithErrors(z.data(), n, *cb, &codes, &errors));
       const int depth = ChooseRvqDepth(errors, config_.forward_error_budget(), link_busy_);
+      rvq_error_sum_ += errors.back();
+      ++rvq_error_frames_;
       if (depth == 0) {
         MAPL_RETURN_IF_ERROR(codec_.EncodeProjected(v1::CODEC_INT8, z.data(), n, nullptr, &frame));
         stats_.set_forward_budget_fallbacks(stats_.forward_budget_fallbacks() + 1);
@@ -371,10 +373,21 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::Step(uint64_t step)
       }
     }
     if (rvq_) {
-      const CodebookLearner::StepResult r = codebooks_->Step(*backend_);
+      const double budget = config_.forward_error_budget();
+      const bool refit = budget > 0.0 && rvq_error_frames_ > 0 &&
+                         rvq_error_sum_ / static_cast<double>(rvq_error_frames_) > budget &&
+                         step >= last_fit_step_ + kRefitInterval;
+      const CodebookLearner::StepResult r = codebooks_->Step(*backend_, refit);
+      if (r.fitted_now) {
+        last_fit_step_ = step;
+        if (refit) stats_.set_rvq_refits(stats_.rvq_refits() + 1);
+      }
+      rvq_error_sum_ = 0.0;
+      rvq_error_frames_ = 0;
       if (r.skipped) stats_.set_learner_updates_skipped(stats_.learner_updates_skipped() + 1);
       if (r.updated) stats_.set_rvq_relative_mse(r.relative_mse);
-      // The first codebooks are published whole, outside the budget: RVQ frames need them.
+      // Fitted codebooks (the first, or a refit) are published whole, outside the budget: RVQ
+      // frames need them.
       if (r.fitted_now) {
         extra_budget = int64_t{config_.rvq_levels()} * kMaxCodebookSize * owner_->RowBytes(1);
       }

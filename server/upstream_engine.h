@@ -117,6 +117,13 @@ class UpstreamEngine : public Engine {
   DictionaryGauges gauges_;
   uint64_t payload_bytes_this_step_ = 0;
   bool link_busy_ = false;
+  // forward_error_budget: the full-depth RVQ error of this step's frames (sum and count), and
+  // the step of the last fit. A step whose mean error exceeds the budget refits the codebooks,
+  // at most every kRefitInterval steps (each refit publishes them whole).
+  static constexpr uint64_t kRefitInterval = 10;
+  double rvq_error_sum_ = 0.0;
+  int64_t rvq_error_frames_ = 0;
+  uint64_t last_fit_step_ = 0;
   std::map<uint64_t, std::vector<float>> signals_;  // step -> G_down (d, k)
   PendingMicrobatches<SavedForward> pending_;
   // Buffers of released forwards, reused so that saving h does not page-fault fresh memory

@@ -370,8 +370,9 @@ TEST_F(EngineTest, LearnerSampleOfIdenticalRowsGivesTheWholeSignal) {
   EXPECT_LT(std::sqrt(diff / norm), 1e-4);
 }
 
-// forward_error_budget: codes over the budget travel as int8, and a busy link gets the fewest
-// levels within it; the downstream decodes both.
+// forward_error_budget: codes over the budget travel as int8 (and a step over it refits the
+// codebooks, at most every 10 steps), and a busy link gets the fewest levels within it; the
+// downstream decodes both.
 TEST(ForwardErrorBudgetTest, Int8OverTheBudgetFewestLevelsOnABusyLink) {
   for (float budget : {1e-6f, 10.f}) {
     v1::BoundaryConfig c = Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_RVQ);
@@ -381,8 +382,9 @@ TEST(ForwardErrorBudgetTest, Int8OverTheBudgetFewestLevelsOnABusyLink) {
     std::vector<float> h;
     std::vector<int32_t> tokens;
     double err2 = 0, norm2 = 0;
-    for (uint64_t step = 1; step <= 2; ++step) {  // step 1 fits the codebooks
-      pair.up().SetLinkBusy(step == 2);
+    const uint64_t steps = budget < 1.f ? 12 : 2;  // step 1 fits the codebooks
+    for (uint64_t step = 1; step <= steps; ++step) {
+      pair.up().SetLinkBusy(step > 1);
       for (uint32_t mb = 0; mb < 4; ++mb) {
         stream.Next(256, &h, &tokens);
         const absl::Status s = pair.Microbatch(step, mb, h, tokens, &err2, &norm2);
@@ -392,13 +394,16 @@ TEST(ForwardErrorBudgetTest, Int8OverTheBudgetFewestLevelsOnABusyLink) {
     }
     const v1::BoundaryStats up = pair.up().stats();
     if (budget < 1.f) {
-      EXPECT_EQ(up.forward_budget_fallbacks(), 4u);
+      EXPECT_EQ(up.forward_budget_fallbacks(), 44u);  // every frame after the fit
       EXPECT_EQ(up.forward_rvq_levels(), 0u);
+      EXPECT_EQ(up.rvq_refits(), 1u);  // at step 11
     } else {
       EXPECT_EQ(up.forward_budget_fallbacks(), 0u);
       EXPECT_EQ(up.forward_rvq_levels(), 1u);
+      EXPECT_EQ(up.rvq_refits(), 0u);
     }
     EXPECT_EQ(pair.down().stats().frames_rejected(), 0u);
+    EXPECT_EQ(up.dictionary_checksum(), pair.down().stats().dictionary_checksum());
   }
   v1::BoundaryConfig c = Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_INT8);
   c.set_forward_error_budget(0.1f);
