@@ -232,7 +232,9 @@ void BoundaryWorker::LinkMonitorLoop() {
     absl::MutexLock l(&link_mu_);
     // Nothing is handed over while link_mu_ is held: a queue still empty now ends the busy period.
     if (goodput_.busy() && transport_->WaitQueueBelow(1, absl::ZeroDuration())) {
-      goodput_.Drained(absl::Now());
+      const absl::Time now = absl::Now();
+      const absl::Duration rtt = absl::Seconds(transport_->stats().last_rtt_seconds());
+      goodput_.Drained(now, options_.peer_ack_delay + rtt);
     }
   }
 }

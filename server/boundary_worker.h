@@ -65,6 +65,10 @@ struct WorkerOptions {
   int64_t max_transport_queue_bytes = int64_t{256} << 20;
   // Received peer messages not yet decoded, in bytes, before the transport's reader waits.
   int64_t max_incoming_bytes = int64_t{256} << 20;
+  // How long the peer's transport may hold an acknowledgement back (PeerLinkOptions::ack_delay,
+  // whose default mapld keeps): with the link's round trip, the wait at the end of each busy
+  // period that the goodput does not count.
+  absl::Duration peer_ack_delay = absl::Milliseconds(5);
 };
 
 // Histograms of encode and decode time (may be null).

@@ -190,9 +190,9 @@ void LinkGoodput::Handed(absl::Time now, int64_t bytes) {
   step_handed_ += bytes;
 }
 
-void LinkGoodput::Drained(absl::Time now) {
+void LinkGoodput::Drained(absl::Time now, absl::Duration ack_latency) {
   if (!busy_) return;
-  step_busy_seconds_ += std::max(0.0, absl::ToDoubleSeconds(now - mark_));
+  step_busy_seconds_ += std::max(0.0, absl::ToDoubleSeconds(now - mark_ - ack_latency));
   step_delivered_ += queued_at_mark_ + handed_since_mark_;  // all of it is acknowledged now
   busy_ = false;
 }
@@ -210,7 +210,9 @@ LinkGoodput::Step LinkGoodput::EndStep(absl::Time now, int64_t queued_bytes) {
   }
   Step s;
   s.bytes_handed = step_handed_;
-  if (step_busy_seconds_ > 0.0) window_.emplace_back(step_delivered_, step_busy_seconds_);
+  if (step_busy_seconds_ > 0.0 || step_delivered_ > 0) {
+    window_.emplace_back(step_delivered_, step_busy_seconds_);
+  }
   // The newest steps that reach the window; older ones are dropped for good.
   int64_t delivered = 0;
   double busy = 0.0;

@@ -123,9 +123,11 @@ absl::StatusOr<double> SubspaceDrift(const Backend& backend, const ConstTensor& 
 // message it hands to the transport, the moments the transport's queue becomes empty, and the end
 // of each step; time the link spends idle is never counted, so the figure is what the link
 // carries while it has work: its capacity when it is the bottleneck, and not an average diluted by
-// idle time when it is not. Acknowledgement delay and round trip are part of the busy time. The
-// figure covers the latest steps that together hold kWindowSeconds of busy time (all steps until
-// then): a step closed while its traffic has barely started says little on its own.
+// idle time when it is not. Each busy period ends with a wait for the last acknowledgement (the
+// receiver's ack delay and a round trip) that carries no bytes; the caller passes that latency
+// with Drained and it is taken off the period, so that a burst of small frames does not read as a
+// slow link. The figure covers the latest steps that together hold kWindowSeconds of busy time
+// (all steps until then): a step closed while its traffic has barely started says little alone.
 class LinkGoodput {
  public:
   static constexpr double kWindowSeconds = 1.0;
@@ -133,12 +135,15 @@ class LinkGoodput {
   // A message of `bytes` handed to the transport at `now`; starts a busy period when idle.
   void Handed(absl::Time now, int64_t bytes);
   // The transport's queue was seen empty at `now`: the busy period ends (no-op when idle).
-  void Drained(absl::Time now);
+  // `ack_latency` of it was spent waiting for the acknowledgement, not sending: it is not counted
+  // (down to a period of 0 s; its bytes still count: a burst that fits in the acknowledgement
+  // delay took the link no measurable time).
+  void Drained(absl::Time now, absl::Duration ack_latency = absl::ZeroDuration());
   bool busy() const { return busy_; }
 
   struct Step {
     int64_t bytes_handed = 0;  // bytes handed to the transport since the last EndStep
-    // Delivered bytes per busy second over the window; nullopt before anything was delivered.
+    // Delivered bytes per busy second over the window; nullopt while there is no busy time in it.
     std::optional<double> goodput;
   };
   // Closes the step at `now`, with `queued_bytes` still unacknowledged (the transport's count):

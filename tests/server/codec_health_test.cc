@@ -308,6 +308,32 @@ TEST(LinkGoodputTest, CountsBusyTimeOnly) {
   EXPECT_DOUBLE_EQ(*s.goodput, 25000.0);
 }
 
+// The wait for the last acknowledgement is not link time: 3 bursts of 1000 bytes, each acked
+// 10 ms after it was handed over with an ack latency of 6 ms, took 3 x 4 ms; a burst within the
+// latency takes none (its bytes still count); a step of such bursts alone measures nothing.
+TEST(LinkGoodputTest, TheAckLatencyIsNotBusyTime) {
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  const absl::Duration latency = absl::Milliseconds(6);
+  LinkGoodput g;
+  for (int i = 0; i < 3; ++i) {
+    const absl::Time at = t0 + absl::Milliseconds(100 * i);
+    g.Handed(at, 1000);
+    g.Drained(at + absl::Milliseconds(10), latency);
+  }
+  g.Handed(t0 + absl::Seconds(1), 500);
+  g.Drained(t0 + absl::Seconds(1) + absl::Milliseconds(5), latency);
+  LinkGoodput::Step s = g.EndStep(t0 + absl::Seconds(2), 0);
+  ASSERT_TRUE(s.goodput.has_value());
+  EXPECT_NEAR(*s.goodput, 3500.0 / 0.012, 1e-6);
+
+  LinkGoodput fast;
+  fast.Handed(t0, 100);
+  fast.Drained(t0 + absl::Milliseconds(5), latency);
+  s = fast.EndStep(t0 + absl::Seconds(1), 0);
+  EXPECT_EQ(s.bytes_handed, 100);
+  EXPECT_FALSE(s.goodput.has_value());
+}
+
 // ---- the engines' gauges ----
 
 // A microbatch through a FIXED pair by hand, h_hat and dh kept: the reference for the gauges.
@@ -595,6 +621,9 @@ TEST(WorkerHealthTest, LinkSecondsFollowTheRateCap) {
     EXPECT_LT(s.compute_seconds_per_microbatch(), s.wire_seconds_per_microbatch());
     EXPECT_EQ(s.wire_seconds_per_microbatch(), up->stats().wire_seconds_per_microbatch());
   }
+  // The worker's default ack delay is the peer link's.
+  EXPECT_EQ(WorkerOptions{}.peer_ack_delay, PeerLinkOptions{}.ack_delay);
+
   // Everything arrives; the downstream decodes every frame.
   ASSERT_TRUE(link.up->Drain(tp::kWait).ok());
   const absl::Time deadline = absl::Now() + tp::kWait;
