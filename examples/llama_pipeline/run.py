@@ -6,7 +6,8 @@ trainer process per stage, drives them in lock step, shows progress (step, train
 tokens/s, wire bytes a step and the compression the daemons measured), evaluates the validation
 loss a few times and at the end, prints a summary, writes the loss curve as a PNG (with the
 codec's health below it: each boundary's forward relative error, and codec against wire seconds
-per microbatch, from the daemons' stats of each step), and stops every process it started, also on Ctrl-C or when one of them fails (then it says which and why).
+per microbatch, from the daemons' stats of each step), and stops every process it started, also
+on Ctrl-C or when one of them fails (then it says which and why).
 
     PYTHONPATH=build/python OPENBLAS_NUM_THREADS=1 /usr/bin/python3 \\
         examples/llama_pipeline/run.py [--minutes 3] [--method MAPL|FIXED|DENSE] [--k 16]
