@@ -37,6 +37,7 @@ void BoundaryWorker::Start(Transport* transport) {
   transport_ = transport;
   encoder_ = std::thread([this] { EncodeLoop(); });
   decoder_ = std::thread([this] { DecodeLoop(); });
+  link_monitor_ = std::thread([this] { LinkMonitorLoop(); });
 }
 
 std::string BoundaryWorker::Describe(int direction, uint64_t step, uint32_t microbatch) const {
@@ -175,9 +176,10 @@ void BoundaryWorker::Encode(EncodeJob& job) {
         job.step, job.microbatch, t, job.token_ids.empty() ? nullptr : job.token_ids.data());
     status = out.status();
     if (out.ok()) {
-      if (timers_.encode_seconds != nullptr) {
-        timers_.encode_seconds->Observe(absl::ToDoubleSeconds(absl::Now() - start));
-      }
+      const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+      if (timers_.encode_seconds != nullptr) timers_.encode_seconds->Observe(seconds);
+      step_codec_seconds_ += seconds;
+      ++step_encoded_;
       for (const v1::PeerMessage& m : *out) {
         if (m.has_frame()) wire += FrameWireBytes(m.frame());
       }
@@ -202,11 +204,38 @@ void BoundaryWorker::Encode(EncodeJob& job) {
 }
 
 void BoundaryWorker::SendAll(std::vector<v1::PeerMessage> messages) {
+  absl::MutexLock l(&link_mu_);
   for (v1::PeerMessage& m : messages) {
+    const int64_t bytes = static_cast<int64_t>(m.ByteSizeLong());
+    const absl::Time now = absl::Now();
     absl::Status s = transport_->Send(std::move(m));
-    if (!s.ok()) {
+    if (s.ok()) {
+      goodput_.Handed(now, bytes);
+    } else {
       Log(LogLevel::kError, "peer send failed",
           {{"boundary", absl::StrCat(config_.id())}, {"error", std::string(s.message())}});
+    }
+  }
+}
+
+void BoundaryWorker::LinkMonitorLoop() {
+  for (;;) {
+    {
+      absl::MutexLock l(&link_mu_);
+      auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(link_mu_) {
+        return link_stop_ || goodput_.busy();
+      };
+      link_mu_.Await(absl::Condition(&wake));
+      if (link_stop_) return;
+    }
+    // Waits without link_mu_: a sender must never wait for this.
+    if (!transport_->WaitQueueBelow(1, absl::Milliseconds(100))) continue;
+    absl::MutexLock l(&link_mu_);
+    // Nothing is handed over while link_mu_ is held: a queue still empty now ends the busy period.
+    if (goodput_.busy() && transport_->WaitQueueBelow(1, absl::ZeroDuration())) {
+      const absl::Time now = absl::Now();
+      const absl::Duration rtt = absl::Seconds(transport_->stats().last_rtt_seconds());
+      goodput_.Drained(now, options_.peer_ack_delay + rtt);
     }
   }
 }
@@ -304,8 +333,11 @@ void BoundaryWorker::OnFrame(const v1::Frame& f) {
     const absl::Time start = absl::Now();
     std::vector<v1::PeerMessage> replies;
     s = engine_->Decode(f, out, &replies);
-    if (timers_.decode_seconds != nullptr) {
-      timers_.decode_seconds->Observe(absl::ToDoubleSeconds(absl::Now() - start));
+    const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+    if (timers_.decode_seconds != nullptr) timers_.decode_seconds->Observe(seconds);
+    if (s.ok()) {
+      step_codec_seconds_ += seconds;
+      ++step_decoded_;
     }
     SendAll(std::move(replies));
   }
@@ -406,6 +438,7 @@ absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Dura
           return absl::Status(sent.status().code(), absl::StrCat(where, sent.status().message()));
         }
         SendAll(*std::move(sent));
+        CloseStepTiming();
         break;
       }
     }
@@ -448,6 +481,26 @@ absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Dura
   return absl::OkStatus();
 }
 
+void BoundaryWorker::CloseStepTiming() {
+  const int64_t microbatches = std::max(step_encoded_, step_decoded_);
+  compute_seconds_per_microbatch_ = microbatches > 0 ? step_codec_seconds_ / microbatches : 0.0;
+  LinkGoodput::Step link;
+  {
+    absl::MutexLock l(&link_mu_);
+    const int64_t queued = transport_ != nullptr ? transport_->stats().queued_bytes() : 0;
+    link = goodput_.EndStep(absl::Now(), queued);
+  }
+  // A step that kept the link idle says nothing new about it: the last measurement stands.
+  if (link.goodput.has_value()) wire_goodput_ = *link.goodput;
+  wire_seconds_per_microbatch_ =
+      step_encoded_ > 0 && wire_goodput_ > 0.0
+          ? static_cast<double>(link.bytes_handed) / step_encoded_ / wire_goodput_
+          : 0.0;
+  step_codec_seconds_ = 0.0;
+  step_encoded_ = 0;
+  step_decoded_ = 0;
+}
+
 void BoundaryWorker::Stop(absl::Time deadline) {
   {
     absl::MutexLock l(&mu_);
@@ -465,6 +518,11 @@ void BoundaryWorker::Stop(absl::Time deadline) {
   }
   if (encoder_.joinable()) encoder_.join();
   if (decoder_.joinable()) decoder_.join();
+  {
+    absl::MutexLock l(&link_mu_);
+    link_stop_ = true;
+  }
+  if (link_monitor_.joinable()) link_monitor_.join();
 }
 
 v1::BoundaryStats BoundaryWorker::stats() const {
@@ -472,6 +530,9 @@ v1::BoundaryStats BoundaryWorker::stats() const {
   {
     absl::MutexLock el(&engine_mu_);
     s = engine_->stats();
+    s.set_compute_seconds_per_microbatch(compute_seconds_per_microbatch_);
+    s.set_wire_seconds_per_microbatch(wire_seconds_per_microbatch_);
+    s.set_wire_goodput_bytes_per_second(wire_goodput_);
   }
   {
     // The engine counts what reached it; NaN and Inf are refused here first.

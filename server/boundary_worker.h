@@ -9,7 +9,12 @@
 //     the transport's reader never waits for the engine (which Step holds across the learners);
 //   - the inbox and Recv's waits for it;
 //   - Step: flushes the send queue, closes the step in the engine (waiting for the peer's learning
-//     signal where needed), ships what the step sends and drops what the step made stale.
+//     signal where needed), ships what the step sends and drops what the step made stale;
+//   - the link monitor thread: it notes when the transport's queue of unacknowledged messages
+//     empties, so that the link's goodput counts only the time the link had work (LinkGoodput).
+// Its record adds to the engine's the last step's compute and wire seconds per microbatch: encode
+// + decode seconds per microbatch (max of frames encoded and decoded), and the bytes this side
+// put on the link in the step per frame it sent, over the goodput.
 //
 //   BoundaryWorker w(std::move(engine), WorkerOptions{}, timers);
 //   w.Start(transport);                        // transport->handler calls w.OnPeerMessage
@@ -19,7 +24,9 @@
 //   w.Stop(drain_deadline);
 //
 // Locks: engine_mu_ serialises the engine and the order of messages given to the transport; mu_
-// guards the queues and the inbox. engine_mu_ is taken before mu_, never after.
+// guards the queues and the inbox; link_mu_ the goodput meter (held across each hand-off to the
+// transport). engine_mu_ is taken before mu_ and link_mu_, never after; mu_ and link_mu_ are
+// never held together.
 #ifndef MAPL_SERVER_BOUNDARY_WORKER_H_
 #define MAPL_SERVER_BOUNDARY_WORKER_H_
 
@@ -41,6 +48,7 @@
 #include "kernels/tensor.h"
 #include "proto/mapl/v1/local.pb.h"
 #include "proto/mapl/v1/peer.pb.h"
+#include "server/codec_health.h"
 #include "server/engine.h"
 #include "server/transport/transport.h"
 
@@ -57,6 +65,10 @@ struct WorkerOptions {
   int64_t max_transport_queue_bytes = int64_t{256} << 20;
   // Received peer messages not yet decoded, in bytes, before the transport's reader waits.
   int64_t max_incoming_bytes = int64_t{256} << 20;
+  // How long the peer's transport may hold an acknowledgement back (PeerLinkOptions::ack_delay,
+  // whose default mapld keeps): with the link's round trip, the wait at the end of each busy
+  // period that the goodput does not count.
+  absl::Duration peer_ack_delay = absl::Milliseconds(5);
 };
 
 // Histograms of encode and decode time (may be null).
@@ -143,6 +155,9 @@ class BoundaryWorker {
   void DecodeLoop() ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
   void OnFrame(const v1::Frame& frame) ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
   void SendAll(std::vector<v1::PeerMessage> messages) ABSL_EXCLUSIVE_LOCKS_REQUIRED(engine_mu_);
+  void LinkMonitorLoop() ABSL_LOCKS_EXCLUDED(link_mu_);
+  // Rolls the step's codec time and link traffic over into the last step's gauges.
+  void CloseStepTiming() ABSL_EXCLUSIVE_LOCKS_REQUIRED(engine_mu_) ABSL_LOCKS_EXCLUDED(link_mu_);
   std::string Describe(int direction, uint64_t step, uint32_t microbatch) const;
 
   const v1::BoundaryConfig config_;
@@ -154,6 +169,18 @@ class BoundaryWorker {
 
   mutable absl::Mutex engine_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   const std::unique_ptr<Engine> engine_ ABSL_PT_GUARDED_BY(engine_mu_);
+  // The step in progress: codec seconds (encode and decode, measured under engine_mu_) and the
+  // frames encoded and decoded; and the last closed step's gauges.
+  double step_codec_seconds_ ABSL_GUARDED_BY(engine_mu_) = 0.0;
+  int64_t step_encoded_ ABSL_GUARDED_BY(engine_mu_) = 0;
+  int64_t step_decoded_ ABSL_GUARDED_BY(engine_mu_) = 0;
+  double compute_seconds_per_microbatch_ ABSL_GUARDED_BY(engine_mu_) = 0.0;
+  double wire_seconds_per_microbatch_ ABSL_GUARDED_BY(engine_mu_) = 0.0;
+  double wire_goodput_ ABSL_GUARDED_BY(engine_mu_) = 0.0;  // bytes/s; 0 until measured
+
+  mutable absl::Mutex link_mu_ ABSL_ACQUIRED_AFTER(engine_mu_);
+  LinkGoodput goodput_ ABSL_GUARDED_BY(link_mu_);
+  bool link_stop_ ABSL_GUARDED_BY(link_mu_) = false;
 
   mutable absl::Mutex mu_;
   absl::CondVar cv_;  // a job queued or finished, an inbox entry, a learning signal, stopping
@@ -173,6 +200,7 @@ class BoundaryWorker {
   std::vector<std::vector<float>> spare_inbox_ ABSL_GUARDED_BY(mu_);
   std::thread encoder_;
   std::thread decoder_;
+  std::thread link_monitor_;
 };
 
 }  // namespace mapl

@@ -27,7 +27,8 @@ DownstreamEngine::DownstreamEngine(const v1::BoundaryConfig& config, const Backe
       k_(config_.k()),
       projected_(config_.method() != v1::METHOD_DENSE),
       mapl_(config_.method() == v1::METHOD_MAPL),
-      codebook_cache_(config_.k(), config_.rvq_levels()) {}
+      codebook_cache_(config_.k(), config_.rvq_levels()),
+      health_(config_, v1::DIRECTION_BACKWARD) {}
 
 absl::StatusOr<std::unique_ptr<DownstreamEngine>> DownstreamEngine::Create(
     const v1::BoundaryConfig& config, const Backend* backend) {
@@ -126,6 +127,7 @@ absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step, 
         backend_->Project(g, saved->dict->tensor(0), Tensor::F32(gz.data(), n, k_)));
     MAPL_RETURN_IF_ERROR(
         codec_.EncodeProjected(config_.backward_codec(), gz.data(), n, nullptr, &frame));
+    MAPL_RETURN_IF_ERROR(health_.AddFrame(codec_, g, gz.data(), frame, nullptr));
     frame.set_dict_version(saved->dict->version());
     if (mapl_) {
       MAPL_RETURN_IF_ERROR(AccumulateLearning(*saved, g, ConstTensor::F32(gz.data(), n, k_),
@@ -307,6 +309,7 @@ absl::StatusOr<std::vector<v1::PeerMessage>> DownstreamEngine::Step(uint64_t ste
   }
   pending_.DropThrough(step);
   last_step_ = step;
+  health_.FinishStep(*backend_, nullptr, &stats_);
   stats_.set_steps(stats_.steps() + 1);
   return out;
 }

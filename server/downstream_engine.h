@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "server/anchor_learner.h"
+#include "server/codec_health.h"
 #include "server/dictionary.h"
 #include "server/engine.h"
 #include "server/frame_codec.h"
@@ -94,6 +95,7 @@ class DownstreamEngine : public Engine {
   uint32_t microbatches_ = 0;             // backward microbatches since the last Step()
   CodebookCache codebook_cache_;
   DictionaryGauges gauges_;
+  CodecHealth health_;
   PendingMicrobatches<SavedForward> pending_;
   uint64_t snapshot_asked_at_ = ~uint64_t{0};  // the version held when we last asked
 };

@@ -50,7 +50,8 @@ UpstreamEngine::UpstreamEngine(const v1::BoundaryConfig& config, const Backend* 
       projected_(config_.method() != v1::METHOD_DENSE),
       mapl_(config_.method() == v1::METHOD_MAPL),
       rvq_(config_.forward_codec() == v1::CODEC_RVQ),
-      codebook_cache_(config_.k(), config_.rvq_levels()) {}
+      codebook_cache_(config_.k(), config_.rvq_levels()),
+      health_(config_, v1::DIRECTION_FORWARD) {}
 
 absl::StatusOr<std::unique_ptr<UpstreamEngine>> UpstreamEngine::Create(
     const v1::BoundaryConfig& config, const Backend* backend) {
@@ -141,8 +142,9 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
     saved.dict = owner_->published();
     std::vector<float> z(n * k_);
     MAPL_RETURN_IF_ERROR(backend_->Project(h, saved.dict->tensor(0), Tensor::F32(z.data(), n, k_)));
+    const RvqCodebooks* cb = nullptr;
     if (rvq_ && codebooks_->fitted()) {
-      MAPL_ASSIGN_OR_RETURN(const RvqCodebooks* cb, codebook_cache_.Get(saved.dict));
+      MAPL_ASSIGN_OR_RETURN(cb, codebook_cache_.Get(saved.dict));
       std::vector<uint8_t> codes;
       std::vector<double> errors;
       MAPL_RETURN_IF_ERROR(codec_.RvqCodesWithErrors(z.data(), n, *cb, &codes, &errors));
@@ -161,6 +163,7 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
       const v1::Codec codec = rvq_ ? v1::CODEC_BF16 : config_.forward_codec();
       MAPL_RETURN_IF_ERROR(codec_.EncodeProjected(codec, z.data(), n, nullptr, &frame));
     }
+    MAPL_RETURN_IF_ERROR(health_.AddFrame(codec_, h, z.data(), frame, cb));
     frame.set_dict_version(saved.dict->version());
     if (mapl_) codec_.PackTokenIds(token_ids, n, &frame);
     if (rvq_) codebooks_->Observe(z.data(), n);
@@ -416,6 +419,7 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::Step(uint64_t step)
   signals_.erase(signals_.begin(), signals_.upper_bound(step));
   pending_.DropThrough(step);
   last_step_ = step;
+  health_.FinishStep(*backend_, owner_.has_value() ? owner_->published() : nullptr, &stats_);
   stats_.set_steps(stats_.steps() + 1);
   return out;
 }

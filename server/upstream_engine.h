@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "server/codebook_learner.h"
+#include "server/codec_health.h"
 #include "server/dictionary.h"
 #include "server/engine.h"
 #include "server/frame_codec.h"
@@ -115,6 +116,7 @@ class UpstreamEngine : public Engine {
   std::optional<CodebookLearner> codebooks_;   // CODEC_RVQ
   CodebookCache codebook_cache_;
   DictionaryGauges gauges_;
+  CodecHealth health_;
   uint64_t payload_bytes_this_step_ = 0;
   bool link_busy_ = false;
   // forward_error_budget: the full-depth RVQ error of this step's frames (sum and count), and

@@ -4,8 +4,10 @@
 Starts one mapld per stage on loopback (each capping its send rate to emulate a slow link), one
 trainer process per stage, drives them in lock step, shows progress (step, training loss,
 tokens/s, wire bytes a step and the compression the daemons measured), evaluates the validation
-loss a few times and at the end, prints a summary, writes the loss curve as a PNG, and stops
-every process it started, also on Ctrl-C or when one of them fails (then it says which and why).
+loss a few times and at the end, prints a summary, writes the loss curve as a PNG (with the
+codec's health below it: each boundary's forward relative error, and codec against wire seconds
+per microbatch, from the daemons' stats of each step), and stops every process it started, also
+on Ctrl-C or when one of them fails (then it says which and why).
 
     PYTHONPATH=build/python OPENBLAS_NUM_THREADS=1 /usr/bin/python3 \\
         examples/llama_pipeline/run.py [--minutes 3] [--method MAPL|FIXED|DENSE] [--k 16]
@@ -279,6 +281,24 @@ class History:
     val_train_seconds: List[float] = field(default_factory=list)
     eval_seconds: float = 0.0
     boundaries: Dict[int, Dict[str, Dict[str, Any]]] = field(default_factory=dict)
+    # Per step, per boundary (str id): the codec-health gauges the daemons report for the step.
+    health: List[Dict[str, Dict[str, float]]] = field(default_factory=list)
+
+
+# The gauges of each step the plot draws (local.proto BoundaryStats, about the step just closed):
+# the forward relative error (upstream side), and per direction the sending side's codec and
+# wire seconds per microbatch.
+def _health(history: History) -> Dict[str, Dict[str, float]]:
+    out = {}
+    for bid, sides in sorted(history.boundaries.items()):
+        up, down = sides.get("upstream", {}), sides.get("downstream", {})
+        out[str(bid)] = {
+            "forward_relative_error": up.get("forward_relative_error", 0.0),
+            "forward_compute_s": up.get("compute_seconds_per_microbatch", 0.0),
+            "forward_wire_s": up.get("wire_seconds_per_microbatch", 0.0),
+            "backward_compute_s": down.get("compute_seconds_per_microbatch", 0.0),
+            "backward_wire_s": down.get("wire_seconds_per_microbatch", 0.0)}
+    return out
 
 
 def _boundary_totals(history: History) -> Dict[str, float]:
@@ -410,6 +430,7 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
             history.loss.append(done[cfg.stages - 1]["loss"])
             history.seconds.append(now - t0)
             _record(history, done)
+            history.health.append(_health(history))
             val = done[cfg.stages - 1]["val_loss"]
             if do_eval:
                 history.eval_seconds += max(m.get("eval_seconds", 0.0) for m in done.values())
@@ -475,7 +496,8 @@ def _summary(cfg: RunConfig, history: History, train_s: float, params: List[int]
         "wire_bytes_per_step": totals["wire"] / max(steps, 1),
         "compression": totals["raw"] / max(totals["wire"], 1),
         "boundaries": {str(k): v for k, v in sorted(history.boundaries.items())},
-        "history": {"step": history.steps, "loss": history.loss, "seconds": history.seconds},
+        "history": {"step": history.steps, "loss": history.loss, "seconds": history.seconds,
+                    "health": history.health},
         "out_dir": str(out_dir),
     }
 
@@ -504,6 +526,15 @@ def _print_summary(s: Dict[str, Any], log: Log) -> None:
                f" (downstream at {down['dictionary_version']})")
             + (", checksums equal" if up["dictionary_checksum"] == down["dictionary_checksum"]
                else ", checksums DIFFER"))
+        if cfg["method"] != "DENSE":
+            log(f"    last step: forward relative error {up['forward_relative_error']:.3f} "
+                f"({up['forward_subspace_energy_share']:.1%} of |h|^2 inside U), backward "
+                f"gradient energy outside U {down['gradient_outside_energy_share']:.1%}")
+        log("    last step, ms per microbatch: forward codec "
+            f"{1e3 * up['compute_seconds_per_microbatch']:.2f} / wire "
+            f"{1e3 * up['wire_seconds_per_microbatch']:.2f}, backward codec "
+            f"{1e3 * down['compute_seconds_per_microbatch']:.2f} / wire "
+            f"{1e3 * down['wire_seconds_per_microbatch']:.2f}")
 
 
 def _plot(cfg: RunConfig, history: History, summary: Dict[str, Any], path: Path) -> Path:
@@ -511,7 +542,8 @@ def _plot(cfg: RunConfig, history: History, summary: Dict[str, Any], path: Path)
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    fig, (ax, err_ax, time_ax) = plt.subplots(
+        3, 1, figsize=(8, 10), dpi=110, sharex=True, gridspec_kw={"height_ratios": [2, 1, 1]})
     ax.plot(history.steps, history.loss, color="tab:blue", alpha=0.35, lw=0.8,
             label="training loss")
     window = 20
@@ -523,17 +555,54 @@ def _plot(cfg: RunConfig, history: History, summary: Dict[str, Any], path: Path)
     if history.val_loss:
         ax.plot(history.val_steps, history.val_loss, "o-", color="tab:red",
                 label="validation loss (held out)")
-    ax.set_xlabel(f"step ({cfg.tokens_per_step:,} tokens each)")
     ax.set_ylabel("cross-entropy (nats per byte)")
     method = cfg.method if cfg.method == "DENSE" else f"{cfg.method}, k={cfg.k}"
     ax.set_title(f"{cfg.stages}-stage LLaMA-style pipeline through mapl ({method}): "
                  f"{summary['compression']:.1f}x compression", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
+    _plot_health(history, err_ax, time_ax, dense=cfg.method == "DENSE")
+    time_ax.set_xlabel(f"step ({cfg.tokens_per_step:,} tokens each)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _plot_health(history: History, err_ax: Any, time_ax: Any, dense: bool) -> None:
+    """The codec-health panels: each boundary's forward relative error |h - h_hat| / |h| (before
+    the anchor), and per direction the sending daemon's codec seconds (encode + decode) against
+    its wire seconds (bytes on the link / measured goodput) per microbatch: whichever is larger
+    bounds the pipeline."""
+    bids = sorted({b for step in history.health for b in step}, key=int)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for i, bid in enumerate(bids):
+        color = colors[i % len(colors)]
+        steps = [s for s, h in zip(history.steps, history.health) if bid in h]
+        series = lambda key: [h[bid][key] for h in history.health if bid in h]  # noqa: E731
+        if not dense:
+            err_ax.plot(steps, series("forward_relative_error"), color=color, lw=1.2,
+                        label=f"boundary {bid}")
+        for direction, style in (("forward", "-"), ("backward", ":")):
+            time_ax.plot(steps, [1e3 * v for v in series(f"{direction}_compute_s")],
+                         color=color, ls=style, lw=1.2,
+                         label=f"b{bid} {direction}: codec")
+            time_ax.plot(steps, [1e3 * v for v in series(f"{direction}_wire_s")],
+                         color=color, ls=style, lw=2.2, alpha=0.45,
+                         label=f"b{bid} {direction}: wire")
+    err_ax.set_ylabel("forward relative error")
+    if dense:
+        err_ax.text(0.5, 0.5, "dense bf16: no projection", transform=err_ax.transAxes,
+                    ha="center", va="center", color="gray")
+    elif bids:
+        err_ax.set_ylim(bottom=0)
+        err_ax.legend(fontsize=8)
+    err_ax.grid(alpha=0.3)
+    time_ax.set_ylabel("ms per microbatch")
+    time_ax.set_yscale("log")  # 0 (nothing measured yet) is left out
+    time_ax.grid(alpha=0.3)
+    if bids:
+        time_ax.legend(fontsize=7, ncol=2)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
