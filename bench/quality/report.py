@@ -32,6 +32,8 @@ SERIES_STYLE = {
     "MAPL+RVQ": dict(color="tab:green", marker="^"),
     "MAPL, bwd BF16": dict(color="tab:purple", marker="D"),
 }
+# Colours of the series with boundary options (run.py --boundary-option), in order.
+EXTRA_COLORS = ["tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
 
 
 def options_label(r: Dict[str, Any]) -> str:
@@ -205,8 +207,12 @@ def plot(records: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Path
                 by_series[series_label(r)][config_key(r)].append(r)
         names = [n for n in SERIES_STYLE if n in by_series]
         names += sorted(set(by_series) - set(names))
+        extra_colors = iter(EXTRA_COLORS * len(names))
         for name in names:
-            style = SERIES_STYLE.get(name, dict(color="tab:gray", marker="x"))
+            style = SERIES_STYLE.get(name)
+            if style is None:  # a method with boundary options: its method's marker, own colour
+                base = SERIES_STYLE.get(name.split(" [")[0], dict(marker="x"))
+                style = dict(base, color=next(extra_colors))
             pts = []
             for key, group in by_series[name].items():
                 losses = [r["final_val_loss"] for r in group]
