@@ -2,9 +2,12 @@
 """Tables and the plot of the quality benchmark, from its results.json.
 
     /usr/bin/python3 bench/quality/report.py out/quality/results.json   # table, PNG beside it
+    /usr/bin/python3 bench/quality/report.py base/results.json bf16/results.json --png x.png
 
 ``run.py`` calls these at the end of a grid; this script redoes them from a results file (for
-example after editing the plot, or for a grid that was interrupted and resumed).
+example after editing the plot, or for a grid that was interrupted and resumed), or from several
+of the same setup that differ only in their boundary options (run.py --boundary-option), so that
+runs with other options are compared with the same dense run, each in its own row.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["series_label", "table", "paired_differences", "plot", "main"]
+__all__ = ["series_label", "table", "paired_differences", "plot", "merge", "main"]
 
 SCENARIO_TITLES = {"scratch": "from scratch",
                    "finetune": "fine-tuning from a dense checkpoint"}
@@ -29,25 +32,36 @@ SERIES_STYLE = {
     "MAPL+RVQ": dict(color="tab:green", marker="^"),
     "MAPL, bwd BF16": dict(color="tab:purple", marker="D"),
 }
+# Colours of the series with boundary options (run.py --boundary-option), in order.
+EXTRA_COLORS = ["tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+
+
+def options_label(r: Dict[str, Any]) -> str:
+    """The run's extra BoundaryConfig fields (run.py --boundary-option), "" when none."""
+    return ", ".join(f"{k}={v}" for k, v in sorted((r.get("boundary_options") or {}).items()))
 
 
 def series_label(r: Dict[str, Any]) -> str:
-    """The line a record belongs to: one per method (RVQ and the bf16 backward separately)."""
+    """The line a record belongs to: one per method (RVQ and the bf16 backward separately) and
+    per set of boundary options."""
     if r["method"] == "DENSE":
         return "dense"
     if r["method"] == "FIXED":
-        return "fixed"
-    if r["backward_codec"] != "INT8":
-        return f"MAPL, bwd {r['backward_codec']}"
-    if r["forward_codec"] == "RVQ":
-        return "MAPL+RVQ"
-    return "MAPL"
+        name = "fixed"
+    elif r["backward_codec"] != "INT8":
+        name = f"MAPL, bwd {r['backward_codec']}"
+    elif r["forward_codec"] == "RVQ":
+        name = "MAPL+RVQ"
+    else:
+        name = "MAPL"
+    options = options_label(r)
+    return f"{name} [{options}]" if options else name
 
 
 def config_key(r: Dict[str, Any]) -> Tuple:
     """What identifies a configuration across seeds."""
     return (r["scenario"], r["method"], r["k"], r["forward_codec"], r["levels"],
-            r["backward_codec"], r.get("projector_init", "RANDOM"))
+            r["backward_codec"], r.get("projector_init", "RANDOM"), options_label(r))
 
 
 def _ok(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -91,9 +105,9 @@ def table(records: Sequence[Dict[str, Any]]) -> str:
     series = ["dense"] + list(SERIES_STYLE)
 
     def sort_key(key: Tuple) -> Tuple:
-        name = series_label(groups[key][0])
+        name = series_label(groups[key][0]).split(" [")[0]
         return (order.get(key[0], 9), key[1] != "DENSE", -(key[2] or 0),
-                series.index(name) if name in series else len(series), key[4] or 0)
+                series.index(name) if name in series else len(series), key[4] or 0, key[7])
 
     for key in sorted(groups, key=sort_key):
         rs = sorted(groups[key], key=lambda r: r["seed"])
@@ -127,7 +141,8 @@ def paired_differences(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]
         def pick(method: str) -> Dict[Tuple[int, int], Dict[str, Any]]:
             return {(r["k"], r["seed"]): r for r in ok
                     if r["scenario"] == scenario and r["method"] == method
-                    and r["forward_codec"] != "RVQ" and r["backward_codec"] == "INT8"}
+                    and r["forward_codec"] != "RVQ" and r["backward_codec"] == "INT8"
+                    and not options_label(r)}
         fixed, mapl = pick("FIXED"), pick("MAPL")
         for k in sorted({k for k, _ in fixed} & {k for k, _ in mapl}, reverse=True):
             seeds = sorted(s for kk, s in fixed if kk == k and (k, s) in mapl)
@@ -192,8 +207,12 @@ def plot(records: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Path
                 by_series[series_label(r)][config_key(r)].append(r)
         names = [n for n in SERIES_STYLE if n in by_series]
         names += sorted(set(by_series) - set(names))
+        extra_colors = iter(EXTRA_COLORS * len(names))
         for name in names:
-            style = SERIES_STYLE.get(name, dict(color="tab:gray", marker="x"))
+            style = SERIES_STYLE.get(name)
+            if style is None:  # a method with boundary options: its method's marker, own colour
+                base = SERIES_STYLE.get(name.split(" [")[0], dict(marker="x"))
+                style = dict(base, color=next(extra_colors))
             pts = []
             for key, group in by_series[name].items():
                 losses = [r["final_val_loss"] for r in group]
@@ -248,6 +267,9 @@ def report(results: Dict[str, Any], png: Path) -> str:
                 f"{setup.get('stages')} stages; {setup.get('tokens_per_step'):,} tokens a step; "
                 f"scratch {setup.get('steps')} steps, fine-tuning {setup.get('finetune_steps')} "
                 f"steps after {setup.get('pretrain_steps')} dense ones\n\n")
+        if setup.get("boundary_options"):
+            head += ("boundary options of every fixed and MAPL run: " + ", ".join(
+                f"{k}={v}" for k, v in setup["boundary_options"].items()) + "\n\n")
     pre = [r for r in records if r.get("checkpoint") and r.get("status") == "ok"]
     if pre:
         head += "dense checkpoints (fine-tuning starts here): " + ", ".join(
@@ -265,17 +287,67 @@ def report(results: Dict[str, Any], png: Path) -> str:
     if failed:
         text += "\n### Failed runs\n\n" + "\n".join(
             f"- {r['id']}: {r.get('error', '?').splitlines()[0]}" for r in failed) + "\n"
-    plot(records, png, title=setup.get("title", ""))
+    title = setup.get("title", "") + "".join(
+        f"; {k}={v}" for k, v in (setup.get("boundary_options") or {}).items())
+    plot(records, png, title=title)
     return text
+
+
+# Setup fields that must agree for results files to be reported together (run.py's resume
+# keys, boundary options aside: those are per row).
+_MERGE_KEYS = ("d_model", "layers", "heads", "seq_len", "stages", "batch", "microbatches",
+               "steps", "pretrain_steps", "finetune_steps", "lr", "finetune_lr", "eval_batches",
+               "corpus")
+
+
+def merge(named: Sequence[Tuple[str, Dict[str, Any]]]) -> Tuple[Dict[str, Any], List[str]]:
+    """One results dict from several (name, results) of the same setup, and warnings. A run
+    present in more than one file with the same boundary options is taken from the first; the
+    setup is the first file's, without boundary options (they are shown per row).
+    ValueError when the setups differ in anything else."""
+    first_name, first = named[0]
+    setup = dict(first.get("setup", {}))
+    runs: List[Dict[str, Any]] = []
+    seen: Dict[Tuple[str, str], str] = {}
+    warnings: List[str] = []
+    for name, results in named:
+        other = results.get("setup", {})
+        diff = [k for k in _MERGE_KEYS if other.get(k) != setup.get(k)]
+        if diff:
+            raise ValueError(f"{name} has another setup than {first_name} "
+                             f"({', '.join(diff)}): report them separately")
+        for r in results["runs"]:
+            r = dict(r)
+            # A record of a run that predates per-run options ran with its file's options.
+            if r.get("method") != "DENSE" and "boundary_options" not in r:
+                r["boundary_options"] = dict(other.get("boundary_options") or {})
+            key = (r["id"], options_label(r))
+            if key in seen:
+                warnings.append(f"{r['id']} ({options_label(r) or 'no options'}) is in both "
+                                f"{seen[key]} and {name}: kept the one of {seen[key]}")
+                continue
+            seen[key] = name
+            runs.append(r)
+    if len(named) > 1:
+        setup.pop("boundary_options", None)
+    return {"setup": setup, "runs": runs}, warnings
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", type=Path, help="results.json of bench/quality/run.py")
-    ap.add_argument("--png", type=Path, default=None, help="default: quality.png beside it")
+    ap.add_argument("results", type=Path, nargs="+",
+                    help="results.json of bench/quality/run.py; several: reported together")
+    ap.add_argument("--png", type=Path, default=None,
+                    help="default: quality.png beside the (first) results file")
     args = ap.parse_args(argv)
-    results = json.loads(args.results.read_text())
-    png = args.png or args.results.with_name("quality.png")
+    try:
+        results, warnings = merge([(str(p), json.loads(p.read_text())) for p in args.results])
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    png = args.png or args.results[0].with_name("quality.png")
     print(report(results, png))
     print(f"plot: {png}")
     return 0

@@ -16,11 +16,14 @@ batches. The first seed runs the whole grid, every seed runs dense and both meth
 smallest rank; the report gives per-seed differences MAPL - fixed and their spread.
 
     PYTHONPATH=build/python OPENBLAS_NUM_THREADS=1 /usr/bin/python3 bench/quality/run.py \\
-        [--scenario scratch|finetune|both] [--seeds 0,1,2] [--out out/quality] [--smoke]
+        [--scenario scratch|finetune|both] [--seeds 0,1,2] [--out out/quality] [--smoke] \\
+        [--only REGEX] [--boundary-option KEY=VALUE ...]
 
 Writes OUT/results.json (one record per run), OUT/quality.png and OUT/report.md; each run's
 summary, loss history and logs are under OUT/runs/<id>/. --resume reuses the finished runs of an
-earlier results.json with the same setup.
+earlier results.json with the same setup (boundary options included). --only runs the entries
+of the grid whose id matches a regular expression (--dry-run shows which); --boundary-option
+sets a further BoundaryConfig field of every fixed and MAPL run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -42,7 +46,8 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(HERE))
 
-from llama_pipeline.config import RunConfig, add_shape_args  # noqa: E402
+from llama_pipeline.config import (RunConfig, add_boundary_option_args,  # noqa: E402
+                                   add_shape_args, parse_boundary_options)
 from llama_pipeline.data import CorpusError, load_text  # noqa: E402
 
 import report  # noqa: E402  (bench/quality/report.py)
@@ -139,7 +144,8 @@ def run_config(args: argparse.Namespace, spec: Spec, corpus: str, checkpoint: Pa
     if spec.method != "DENSE":
         fields.update(k=spec.k, forward_codec=spec.forward_codec,
                       rvq_levels=spec.levels or RunConfig.rvq_levels,
-                      backward_codec=spec.backward_codec)
+                      backward_codec=spec.backward_codec,
+                      boundary_options=dict(args.boundary_options))
     if spec.save_checkpoint:
         fields["save_checkpoint"] = str(checkpoint)
     if finetune:
@@ -179,6 +185,7 @@ def record(spec: Spec, cfg: RunConfig, summary: Dict[str, Any], wall: float) -> 
         if spec.method != "DENSE" else "DENSE",
         "backward_codec": spec.backward_codec if spec.method != "DENSE" else "DENSE",
         "projector_init": spec.projector_init if spec.method == "MAPL" else None,
+        "boundary_options": dict(cfg.boundary_options),
         "bytes_per_token": {"forward": fwd_b, "token_ids": ids, "backward": bwd_b,
                             "dictionary": dict_per_token,
                             "measured_payload_both_ways": payload / max(fwd_tokens, 1)},
@@ -210,7 +217,7 @@ def setup_of(args: argparse.Namespace) -> Dict[str, Any]:
             "finetune_steps": args.finetune_steps, "lr": args.lr,
             "finetune_lr": args.finetune_lr, "eval_batches": args.eval_batches,
             "corpus": args.corpus or "KJV Bible (Debian bible-kjv)",
-            "send_rate_mbit": 0.0,
+            "send_rate_mbit": 0.0, "boundary_options": dict(args.boundary_options),
             "title": (f"LLaMA-style d={args.d_model}, {args.layers} layers, {args.stages} "
                       f"stages through mapld; {cfg.tokens_per_step:,} tokens/step")}
 
@@ -218,7 +225,29 @@ def setup_of(args: argparse.Namespace) -> Dict[str, Any]:
 # Fields that must match for --resume to reuse a run.
 _RESUME_KEYS = ("d_model", "layers", "heads", "seq_len", "stages", "batch", "microbatches",
                 "steps", "pretrain_steps", "finetune_steps", "lr", "finetune_lr", "eval_batches",
-                "corpus")
+                "corpus", "boundary_options")
+# What a results.json written before a key existed had instead (it ran with the default).
+_RESUME_DEFAULTS: Dict[str, Any] = {"boundary_options": {}}
+
+
+def select(grid: List[Spec], only: str, stages: int, out: Path) -> List[Spec]:
+    """The entries of ``grid`` whose id matches the regular expression ``only``, in grid order,
+    plus the dense run that writes a selected fine-tuning run's checkpoint when that checkpoint
+    is not in OUT yet. ValueError when nothing matches."""
+    try:
+        pattern = re.compile(only)
+    except re.error as e:
+        raise ValueError(f"--only {only!r} is not a regular expression: {e}") from None
+    chosen = {s.id for s in grid if pattern.search(s.id)}
+    if not chosen:
+        raise ValueError(f"--only {only!r} matches none of the {len(grid)} runs of the grid "
+                         "(--dry-run without --only lists them)")
+    for spec in grid:
+        if spec.id in chosen and spec.scenario == "finetune":
+            checkpoint = out / "checkpoints" / f"seed{spec.seed}"
+            if not all((checkpoint / f"stage{s}.pt").is_file() for s in range(stages)):
+                chosen |= {s.id for s in grid if s.save_checkpoint and s.seed == spec.seed}
+    return [s for s in grid if s.id in chosen]
 
 
 def _eta(done: List[Dict[str, Any]], remaining: List[int]) -> Optional[float]:
@@ -276,6 +305,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "out" / "quality")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the finished runs of OUT/results.json (same setup)")
+    ap.add_argument("--only", default="", metavar="REGEX",
+                    help="run only the grid entries whose id matches this regular expression "
+                    "(re.search; --dry-run lists the ids and marks the chosen ones); a chosen "
+                    "fine-tuning run brings its dense checkpoint run unless OUT has the "
+                    "checkpoint")
+    add_boundary_option_args(ap)
     ap.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     ap.add_argument("--smoke", action="store_true",
                     help="a ~2-minute version: tiny model, few steps, one seed, few methods")
@@ -299,17 +334,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.pretrain_steps = args.pretrain_steps or args.steps
     args.finetune_steps = args.finetune_steps or max(1, args.steps // 2)
     try:
-        grid = build_grid(args)
-        for spec in grid:  # validates every configuration before anything runs
+        args.boundary_options = parse_boundary_options(args.boundary_option)
+        full_grid = build_grid(args)
+        for spec in full_grid:  # validates every configuration before anything runs
             run_config(args, spec, "", Path("/"))
+        grid = (select(full_grid, args.only, args.stages, args.out.resolve()) if args.only
+                else full_grid)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     steps = [_steps(args, s) for s in grid]
-    print(f"quality benchmark: {len(grid)} runs, {sum(steps):,} steps in all; out: {args.out}")
+    print(f"quality benchmark: {len(grid)} runs"
+          + (f" of the grid's {len(full_grid)} (--only {args.only})" if args.only else "")
+          + f", {sum(steps):,} steps in all; out: {args.out}"
+          + "".join(f"\n  boundary option (fixed and MAPL): {k}={v}"
+                    for k, v in args.boundary_options.items()))
     if args.dry_run:
-        for spec, n in zip(grid, steps):
-            print(f"  {spec.id}  ({n} steps)")
+        chosen = {s.id for s in grid}
+        matched = re.compile(args.only).search if args.only else None
+        for spec in full_grid:
+            mark = "*" if args.only and spec.id in chosen else " "
+            why = ("  (writes a chosen fine-tuning run's checkpoint)"
+                   if matched and spec.id in chosen and not matched(spec.id) else "")
+            print(f" {mark} {spec.id}  ({_steps(args, spec)} steps){why}")
+        if args.only:
+            print("(* : chosen by --only)")
         return 0
     try:
         import mapl  # noqa: F401
@@ -338,7 +387,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous: Dict[str, Dict[str, Any]] = {}
     if args.resume and results_path.is_file():
         old = json.loads(results_path.read_text())
-        diff = [k for k in _RESUME_KEYS if old.get("setup", {}).get(k) != setup.get(k)]
+        old_setup = old.get("setup", {})
+        diff = [k for k in _RESUME_KEYS
+                if old_setup.get(k, _RESUME_DEFAULTS.get(k)) != setup.get(k)]
         if diff:
             print(f"error: --resume: {results_path} has another setup ({', '.join(diff)})",
                   file=sys.stderr)
@@ -346,14 +397,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         previous = {r["id"]: r for r in old["runs"] if r.get("status") == "ok"}
     results: Dict[str, Any] = {"setup": setup, "runs": []}
 
-    def save() -> None:
-        # Finished runs of the earlier results.json that this pass has not reached yet are kept,
-        # so an interrupted --resume loses nothing.
+    def save() -> Dict[str, Any]:
+        # Finished runs of the earlier results.json that this pass has not reached yet (or that
+        # --only left out) are kept, so an interrupted --resume loses nothing.
         done = {r["id"] for r in results["runs"]}
-        later = [previous[s.id] for s in grid if s.id in previous and s.id not in done]
+        later = [previous[s.id] for s in full_grid if s.id in previous and s.id not in done]
+        whole = {**results, "runs": results["runs"] + later}
         tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**results, "runs": results["runs"] + later}, indent=1))
+        tmp.write_text(json.dumps(whole, indent=1))
         tmp.replace(results_path)
+        return whole
 
     started = time.monotonic()
     failed_pretrain: set = set()
@@ -406,9 +459,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 130
     results["wall_seconds"] = time.monotonic() - started
-    save()
+    whole = save()  # the report covers the runs kept from an earlier pass too
     png = out / "quality.png"
-    text = report.report(results, png)
+    text = report.report(whole, png)
     (out / "report.md").write_text(text)
     print()
     print(text)

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 from .model import ModelConfig
 
-__all__ = ["RunConfig", "METHODS", "CODECS", "PROJECTOR_INITS", "add_shape_args"]
+__all__ = ["RunConfig", "METHODS", "CODECS", "PROJECTOR_INITS", "add_shape_args",
+           "add_boundary_option_args", "parse_boundary_options"]
 
 METHODS = ("MAPL", "FIXED", "DENSE")
 CODECS = ("RVQ", "INT8", "BF16")
 PROJECTOR_INITS = ("RANDOM", "PCA")
+# BoundaryConfig fields that RunConfig sets itself (or that belong to the launcher: role and
+# peer address): boundary_options may not override them, so that a run's record of k, codecs and
+# seed stays the truth.
+_OWNED_BOUNDARY_FIELDS = frozenset((
+    "id", "role", "peer_address", "d", "k", "method", "forward_codec", "backward_codec",
+    "rvq_levels", "vocab", "seed", "max_tokens", "projector_init"))
+_FIELD_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 
 
 @dataclass
@@ -50,6 +59,10 @@ class RunConfig:
     init_checkpoint: str = ""
     save_checkpoint: str = ""
     data_step_offset: int = 0    # step s trains on the batches of step s + this (continuing a run)
+    # Further mapl.v1.BoundaryConfig fields for every compressed (non-dense) boundary, by name:
+    # {"dictionary_budget_fraction": 1.0, "dictionary_precision": "PRECISION_BF16"}. Values are
+    # numbers or enum names; the daemon validates them at startup.
+    boundary_options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.method, self.forward_codec = self.method.upper(), self.forward_codec.upper()
@@ -80,6 +93,7 @@ class RunConfig:
         if not 1 <= self.k <= self.d_model:
             raise ValueError(f"k must be in [1, d_model={self.d_model}], got {self.k}")
         self.model()  # validates the model's shape
+        _check_boundary_options(self.boundary_options)
 
     @property
     def microbatch_size(self) -> int:
@@ -103,6 +117,7 @@ class RunConfig:
             fields.update(k=self.k, forward_codec=f"CODEC_{self.forward_codec}",
                           backward_codec=f"CODEC_{self.backward_codec}",
                           rvq_levels=self.rvq_levels)
+            fields.update(self.boundary_options)
         if self.projector_init != "RANDOM":  # RANDOM is the daemon's default
             fields["projector_init"] = f"PROJECTOR_INIT_{self.projector_init}"
         return fields
@@ -127,3 +142,55 @@ def add_shape_args(ap: Any) -> None:
     ap.add_argument("--seq-len", type=int, default=d.seq_len)
     ap.add_argument("--batch", type=int, default=d.batch, help="sequences a step")
     ap.add_argument("--microbatches", type=int, default=d.microbatches)
+
+
+def _check_boundary_options(options: Any) -> None:
+    if not isinstance(options, dict):
+        raise ValueError(f"boundary_options must be a dict of BoundaryConfig fields, got "
+                         f"{type(options).__name__}")
+    for key, value in options.items():
+        if not isinstance(key, str) or not _FIELD_NAME.match(key):
+            raise ValueError(f"boundary option {key!r} is not a BoundaryConfig field name "
+                             "(lower_case_with_underscores, see proto/mapl/v1/config.proto)")
+        if key in _OWNED_BOUNDARY_FIELDS:
+            raise ValueError(f"boundary option {key} is set by the run's own settings: use the "
+                             "matching RunConfig field (command-line flag) instead")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"boundary option {key}={value!r}: the value must be a number or "
+                             "an enum name such as PRECISION_BF16")
+
+
+def _option_value(text: str) -> Any:
+    """"3" -> 3, "0.5" -> 0.5, anything else (an enum name) stays a string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_boundary_options(items: Sequence[str]) -> Dict[str, Any]:
+    """["dictionary_budget_fraction=1", "dictionary_precision=PRECISION_BF16"] -> the dict for
+    RunConfig.boundary_options (ValueError naming the bad item). A key given twice keeps the
+    last value, as command-line flags do."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"--boundary-option {item!r}: expected KEY=VALUE, for example "
+                             "dictionary_budget_fraction=0.5")
+        out[key] = _option_value(value)
+    _check_boundary_options(out)
+    return out
+
+
+def add_boundary_option_args(ap: Any) -> None:
+    """Adds --boundary-option KEY=VALUE (repeatable) to an argparse parser; read the result
+    with parse_boundary_options(args.boundary_option)."""
+    ap.add_argument("--boundary-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further mapl.v1.BoundaryConfig field for every compressed boundary "
+                    "(repeatable), e.g. dictionary_budget_fraction=1.0, rvq_decay=0.95, "
+                    "dictionary_precision=PRECISION_BF16; VALUE is read as an int, else a "
+                    "float, else kept as an enum name")
