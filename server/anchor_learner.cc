@@ -27,9 +27,9 @@ AnchorLearner::AnchorLearner(const v1::BoundaryConfig& config)
   q_m_ = q_v_ = dq_;
 }
 
-absl::Status AnchorLearner::AccumulateGrad(const Backend& backend,
-                                           absl::Span<const int32_t> tokens, const ConstTensor& g,
-                                           const ConstTensor& gu, const ConstTensor& u) {
+absl::Status AnchorLearner::AccumulateGrad(const Backend& backend, absl::Span<const int32_t> tokens,
+                                           const ConstTensor& g, const ConstTensor& gu,
+                                           const ConstTensor& u) {
   // Validates before it accumulates.
   MAPL_RETURN_IF_ERROR(backend.AnchorGrad(p(), q(), tokens, g, gu, u,
                                           Tensor::F32(dp_.data(), vocab_, rank_),

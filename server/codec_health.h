@@ -86,8 +86,9 @@ class CodeUsage {
  public:
   struct Summary {
     int64_t rows = 0;  // coded rows counted
-    // Per level that coded a row: the share of the K centroids no row used, and exp(H) of the code histogram
-    // (H the entropy in nats: 1 when one code takes every row, K when all are used evenly).
+    // Per level that coded a row: the share of the K centroids no row used, and exp(H) of the code
+    // histogram (H the entropy in nats: 1 when one code takes every row, K when all are used
+    // evenly).
     std::vector<double> dead_share;
     std::vector<double> perplexity;
     double worst_dead_share = 0.0;   // max over levels
@@ -109,7 +110,7 @@ class CodeUsage {
  private:
   const int levels_;
   const int codebook_size_;
-  std::vector<uint64_t> counts_;      // (levels, K)
+  std::vector<uint64_t> counts_;     // (levels, K)
   std::vector<int64_t> level_rows_;  // rows coded at each level
   int64_t rows_ = 0;
 };

@@ -130,9 +130,9 @@ absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step, 
     MAPL_RETURN_IF_ERROR(health_.AddFrame(codec_, g, gz.data(), frame, nullptr));
     frame.set_dict_version(saved->dict->version());
     if (mapl_) {
-      MAPL_RETURN_IF_ERROR(AccumulateLearning(*saved, g, ConstTensor::F32(gz.data(), n, k_),
-                                              SampleLearnerRows(n, config_.learner_rows(), step,
-                                                                microbatch)));
+      MAPL_RETURN_IF_ERROR(
+          AccumulateLearning(*saved, g, ConstTensor::F32(gz.data(), n, k_),
+                             SampleLearnerRows(n, config_.learner_rows(), step, microbatch)));
     }
   }
   FrameCodec::Seal(&frame);
@@ -152,8 +152,9 @@ absl::Status DownstreamEngine::AccumulateLearning(const SavedForward& saved, con
   std::vector<float> g_down(d_ * k_);
   if (sample.all()) {
     const LowRankAnchor a = anchors_->Anchor(saved.tokens);
-    MAPL_RETURN_IF_ERROR(backend_->GradDown(g, gu, ConstTensor::F32(saved.zq.data(), saved.rows, k_),
-                                            u, &a, Tensor::F32(g_down.data(), d_, k_), false));
+    MAPL_RETURN_IF_ERROR(backend_->GradDown(g, gu,
+                                            ConstTensor::F32(saved.zq.data(), saved.rows, k_), u,
+                                            &a, Tensor::F32(g_down.data(), d_, k_), false));
     // Validates before it accumulates, and its inputs were all checked above.
     MAPL_RETURN_IF_ERROR(anchors_->AccumulateGrad(*backend_, saved.tokens, g, gu, u));
   } else {

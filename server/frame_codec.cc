@@ -163,8 +163,7 @@ absl::Status FrameCodec::RvqCodesWithErrors(const float* x, int64_t rows,
     std::copy(xi, xi + k_, residual.begin());
     for (int64_t c = 0; c < k_; ++c) norm2 += double{xi[c]} * xi[c];
     for (int l = 0; l < levels; ++l) {
-      const float* centroid =
-          codebooks.level(l).data() + int64_t{(*codes)[i * levels + l]} * k_;
+      const float* centroid = codebooks.level(l).data() + int64_t{(*codes)[i * levels + l]} * k_;
       double e = 0.0;
       for (int64_t c = 0; c < k_; ++c) {
         residual[c] -= centroid[c];
@@ -228,9 +227,9 @@ absl::Status FrameCodec::DecodeProjected(const v1::Frame& frame, const RvqCodebo
       prefix.codebook_size = codebooks->codebook_size;
       prefix.dim = codebooks->dim;
       prefix.gain_shape = codebooks->gain_shape;
-      prefix.centroids.assign(
-          codebooks->centroids.begin(),
-          codebooks->centroids.begin() + int64_t{prefix.levels} * prefix.codebook_size * prefix.dim);
+      prefix.centroids.assign(codebooks->centroids.begin(),
+                              codebooks->centroids.begin() +
+                                  int64_t{prefix.levels} * prefix.codebook_size * prefix.dim);
       return backend_->RvqDecode(prefix, codes, {}, out);
     }
     default:
@@ -302,9 +301,9 @@ absl::Status FrameCodec::Check(const v1::Frame& f, v1::Direction direction, int6
     // Forward frames travel as bf16 until the RVQ codebooks are fitted, and as int8 when RVQ
     // codes would exceed the error budget.
     const bool forward_rvq = direction == v1::DIRECTION_FORWARD && want == v1::CODEC_RVQ;
-    const bool ok =
-        f.codec() == want || (direction == v1::DIRECTION_FORWARD && f.codec() == v1::CODEC_BF16) ||
-        (forward_rvq && f.codec() == v1::CODEC_INT8);
+    const bool ok = f.codec() == want ||
+                    (direction == v1::DIRECTION_FORWARD && f.codec() == v1::CODEC_BF16) ||
+                    (forward_rvq && f.codec() == v1::CODEC_INT8);
     if (!ok) return bad("codec ", v1::Codec_Name(want), " expected, got ", f.codec());
     if (f.dim() != k_) return bad("dim must be k = ", k_, ", got ", f.dim());
     switch (f.codec()) {

@@ -59,8 +59,8 @@ absl::StatusOr<AnchorFactors> FactorAnchor(const LowRankAnchor& a, int64_t n, co
                                            const char* what) {
   MAPL_RETURN_IF_ERROR(CheckTables(a.p, a.q));
   if (a.q.cols != u.rows) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": q has ", a.q.cols,
-                                                   " columns, u has ", u.rows, " rows"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": q has ", a.q.cols, " columns, u has ", u.rows, " rows"));
   }
   MAPL_RETURN_IF_ERROR(CheckTokens(a.tokens, n, a.p.rows, what));
   AnchorFactors f;
@@ -69,8 +69,8 @@ absl::StatusOr<AnchorFactors> FactorAnchor(const LowRankAnchor& a, int64_t n, co
   const int64_t d = u.rows, k = u.cols;
   f.qu.assign(static_cast<size_t>(f.r * k), 0.f);
   if (f.r > 0 && k > 0 && d > 0) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, f.r, k, d, 1.f, a.q.f32(), d, u.f32(),
-                k, 0.f, f.qu.data(), k);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, f.r, k, d, 1.f, a.q.f32(), d, u.f32(), k,
+                0.f, f.qu.data(), k);
   }
   return f;
 }
@@ -121,11 +121,11 @@ absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
 
   // g_perp Q^T = g Q^T - gu (Q U)^T: an n x d x r GEMM and an n x k x r one.
   std::vector<float> gq(static_cast<size_t>(n) * r);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, r, d, 1.f, gv.data(), d, q.f32(), d,
-              0.f, gq.data(), r);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, r, d, 1.f, gv.data(), d, q.f32(), d, 0.f,
+              gq.data(), r);
   if (k > 0) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, r, k, -1.f, gu.f32(), k,
-                f.qu.data(), k, 1.f, gq.data(), r);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ni, r, k, -1.f, gu.f32(), k, f.qu.data(),
+                k, 1.f, gq.data(), r);
   }
   // dp[t_i] += (g_perp Q^T)_i: a scatter-add (repeated tokens sum). New rows are built aside and
   // checked before anything is written: an overflow must not reach dp or dq.
@@ -160,8 +160,8 @@ absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
               0.f, dq_new.data(), d);
   if (k > 0) {
     std::vector<float> ptgu(static_cast<size_t>(r) * k);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, k, ni, 1.f, f.pt.data(), r, gu.f32(),
-                k, 0.f, ptgu.data(), k);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, k, ni, 1.f, f.pt.data(), r, gu.f32(), k,
+                0.f, ptgu.data(), k);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, r, d, k, -1.f, ptgu.data(), k, u.f32(), k,
                 1.f, dq_new.data(), d);
   }
@@ -196,8 +196,8 @@ absl::Status CpuBackend::LiftWithAnchor(const ConstTensor& zq, const ConstTensor
     std::fill(out.data(), out.data() + n * d, 0.f);
   }
   if (r > 0) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, r, 1.f, f.pt.data(), r,
-                a.q.f32(), d, 1.f, out.data(), d);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, r, 1.f, f.pt.data(), r, a.q.f32(),
+                d, 1.f, out.data(), d);
   }
   out.Commit();
   return absl::OkStatus();

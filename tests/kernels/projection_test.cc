@@ -141,9 +141,9 @@ TEST_P(ProjectionTest, LiftToBf16AndAnchoredLiftToBf16) {
   bad[3] = AnchorData::kV;
   LowRankAnchor a = x.anchor(d_);
   a.tokens = bad;
-  absl::Status s = be_->LiftWithAnchor(ConstTensor::F32(z.data(), n_, k_),
-                                       ConstTensor::F32(u_.data(), d_, k_), a,
-                                       Tensor::F32(h.data(), n_, d_));
+  absl::Status s =
+      be_->LiftWithAnchor(ConstTensor::F32(z.data(), n_, k_), ConstTensor::F32(u_.data(), d_, k_),
+                          a, Tensor::F32(h.data(), n_, d_));
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(std::string(s.message()).find("tokens[3]"), std::string::npos) << s;
   a = x.anchor(d_ - 1);

@@ -346,7 +346,8 @@ TEST(LearnerSampleTest, StridedDistinctAndMoving) {
 TEST_F(EngineTest, LearnerSampleOfIdenticalRowsGivesTheWholeSignal) {
   std::vector<float> h(size_t(kN) * Stream::kD);
   std::vector<int32_t> tokens(kN, tokens_[0]);
-  for (int i = 0; i < kN; ++i) std::copy(h_.begin(), h_.begin() + Stream::kD, h.begin() + i * Stream::kD);
+  for (int i = 0; i < kN; ++i)
+    std::copy(h_.begin(), h_.begin() + Stream::kD, h.begin() + i * Stream::kD);
   std::vector<std::vector<float>> signals;
   for (uint32_t rows : {uint32_t{kN}, uint32_t{kN / 4}}) {
     v1::BoundaryConfig c = Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_BF16);
@@ -407,8 +408,8 @@ TEST(ForwardErrorBudgetTest, Int8OverTheBudgetFewestLevelsOnABusyLink) {
   }
   v1::BoundaryConfig c = Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_INT8);
   c.set_forward_error_budget(0.1f);
-  EXPECT_TRUE(absl::StrContains(BoundaryConfigWithDefaults(c).status().message(),
-                                "forward_error_budget"));
+  EXPECT_TRUE(
+      absl::StrContains(BoundaryConfigWithDefaults(c).status().message(), "forward_error_budget"));
 }
 
 TEST(BoundaryConfigTest, DefaultsAndValidation) {

@@ -170,7 +170,8 @@ TEST_F(LearnersTest, AnchorsStartAtZeroAndDescendTheirGradient) {
     // gu = 0: all of g is outside span(U), g_perp = g.
     ASSERT_TRUE(anchors
                     .AccumulateGrad(*backend_, tokens, ConstTensor::F32(g.data(), n, d),
-                                    ConstTensor::F32(gu.data(), n, k), ConstTensor::F32(u.data(), d, k))
+                                    ConstTensor::F32(gu.data(), n, k),
+                                    ConstTensor::F32(u.data(), d, k))
                     .ok());
     ASSERT_TRUE(anchors.Step(*backend_).ok());
   }
@@ -186,8 +187,7 @@ TEST_F(LearnersTest, AnchorsStartAtZeroAndDescendTheirGradient) {
   for (float v : a6) EXPECT_EQ(v, 0.f);  // P[6] never had a gradient
   // A token id out of range is refused, naming it.
   const std::vector<int32_t> bad = {50};
-  EXPECT_EQ(lookup(bad, &a6).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(lookup(bad, &a6).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(LearnersTest, CodebooksAreFittedOnceEnoughRowsWereSeenThenFollowTheData) {
