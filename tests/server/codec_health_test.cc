@@ -29,6 +29,23 @@ using testing_internal::Config;
 using testing_internal::Pair;
 using testing_internal::Stream;
 
+// Coordinate vector `axis` made orthogonal to the columns of u (d, k) by Gram-Schmidt, of unit
+// norm.
+std::vector<double> UnitOrthogonalTo(const std::vector<float>& u, int64_t d, int64_t k,
+                                     int64_t axis) {
+  std::vector<double> e(d, 0.0);
+  e[axis] = 1.0;
+  for (int64_t j = 0; j < k; ++j) {
+    double dot = 0;
+    for (int64_t i = 0; i < d; ++i) dot += e[i] * u[i * k + j];
+    for (int64_t i = 0; i < d; ++i) e[i] -= dot * u[i * k + j];
+  }
+  double norm = 0;
+  for (double x : e) norm += x * x;
+  for (double& x : e) x /= std::sqrt(norm);
+  return e;
+}
+
 std::vector<float> Gaussian(int64_t count, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -111,16 +128,7 @@ TEST(ProjectionHealthTest, ExactlyRepresentableHasNoErrorAndOutsideEnergyIsMeasu
 
   // Row i gets w_i = a_i e, with e of unit norm orthogonal to U (Gram-Schmidt of a coordinate
   // vector); zq = 2 z doubles the code error to exactly |z|.
-  std::vector<double> e(kD, 0.0);
-  e[0] = 1.0;
-  for (int64_t j = 0; j < kK; ++j) {
-    double dot = 0;
-    for (int64_t i = 0; i < kD; ++i) dot += e[i] * u[i * kK + j];
-    for (int64_t i = 0; i < kD; ++i) e[i] -= dot * u[i * kK + j];
-  }
-  double norm = 0;
-  for (double x : e) norm += x * x;
-  for (double& x : e) x /= std::sqrt(norm);
+  const std::vector<double> e = UnitOrthogonalTo(u, kD, kK, 0);
   double h2 = 0, outside = 0;
   for (int64_t r = 0; r < kN; ++r) {
     const double a = 0.5 + r % 3;
@@ -240,20 +248,11 @@ TEST(SubspaceDriftTest, SameRotatedHalfAndOrthogonal) {
 
   // A small drift, measured without cancellation: column 0 tilts by 1e-3 rad towards e_63's part
   // orthogonal to U (1 - |U^T V|^2 / k in float would read ~1e-4 for identical matrices).
-  std::vector<double> e(kD, 0.0);
-  e[kD - 1] = 1.0;
-  for (int64_t j = 0; j < kK; ++j) {
-    double dot = 0;
-    for (int64_t i = 0; i < kD; ++i) dot += e[i] * u[i * kK + j];
-    for (int64_t i = 0; i < kD; ++i) e[i] -= dot * u[i * kK + j];
-  }
-  double norm = 0;
-  for (double x : e) norm += x * x;
+  const std::vector<double> e = UnitOrthogonalTo(u, kD, kK, kD - 1);
   const double theta = 1e-3;
   std::vector<float> tilted = u;
   for (int64_t i = 0; i < kD; ++i) {
-    tilted[i * kK] =
-        static_cast<float>(std::cos(theta) * u[i * kK] + std::sin(theta) * e[i] / std::sqrt(norm));
+    tilted[i * kK] = static_cast<float>(std::cos(theta) * u[i * kK] + std::sin(theta) * e[i]);
   }
   d = SubspaceDrift(*backend, ut, ConstTensor::F32(tilted.data(), kD, kK));
   ASSERT_TRUE(d.ok());
