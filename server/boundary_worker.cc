@@ -169,8 +169,10 @@ void BoundaryWorker::Encode(EncodeJob& job) {
   absl::Status status;
   uint64_t wire = 0;
   {
+    // Busy: the link still holds unacknowledged bytes (a check, not a wait, and no stats copy).
+    const bool link_busy = !transport_->WaitQueueBelow(1, absl::ZeroDuration());
     absl::MutexLock el(&engine_mu_);
-    engine_->SetLinkBusy(transport_->stats().queued_bytes() > 0);
+    engine_->SetLinkBusy(link_busy);
     const absl::Time start = absl::Now();
     absl::StatusOr<std::vector<v1::PeerMessage>> out = engine_->Encode(
         job.step, job.microbatch, t, job.token_ids.empty() ? nullptr : job.token_ids.data());
