@@ -101,6 +101,18 @@ class Backend {
   // out: (n, k) f32/bf16. q: exactly n * k int8; scales: exactly n finite floats >= 0.
   virtual absl::Status Int8Decode(absl::Span<const int8_t> q, absl::Span<const float> scales,
                                   const Tensor& out) const = 0;
+  // Per-token symmetric int4, as int8 with 7 for 127: scale_i = max_j |x_ij| / 7 rounded up to a
+  // bfloat16 value, q = round(x / scale) in [-7, 7]. Two codes a byte, 4-bit two's complement,
+  // the low nibble first; each row starts on a byte and an odd k leaves the last high nibble 0.
+  // x: (n, k) f32/bf16; q: exactly n * ceil(k / 2) bytes; scales: exactly n floats, each exactly
+  // representable in bf16.
+  virtual absl::Status Int4Encode(const ConstTensor& x, absl::Span<uint8_t> q,
+                                  absl::Span<float> scales) const = 0;
+  // out: (n, k) f32/bf16. q: exactly n * ceil(k / 2) bytes (a padding nibble is ignored; the
+  // nibble -8, which the encoder never writes, decodes to -8 * scale); scales: exactly n finite
+  // floats >= 0.
+  virtual absl::Status Int4Decode(absl::Span<const uint8_t> q, absl::Span<const float> scales,
+                                  const Tensor& out) const = 0;
 
   // ---- SPEL on the Stiefel manifold (kernels/cpu/spel.cc) ----
   // out = msign(y) = y (y^T y)^(-1/2) by Newton-Schulz iterations. y, out: (d, k) f32, d >= k.

@@ -32,6 +32,10 @@ class CpuBackend final : public Backend {
                           absl::Span<float> scales) const override;
   absl::Status Int8Decode(absl::Span<const int8_t> q, absl::Span<const float> scales,
                           const Tensor& out) const override;
+  absl::Status Int4Encode(const ConstTensor& x, absl::Span<uint8_t> q,
+                          absl::Span<float> scales) const override;
+  absl::Status Int4Decode(absl::Span<const uint8_t> q, absl::Span<const float> scales,
+                          const Tensor& out) const override;
 
   absl::Status Msign(const ConstTensor& y, const Tensor& out,
                      const MsignOptions& options) const override;
