@@ -268,13 +268,16 @@ absl::StatusOr<v1::BoundaryConfig> BoundaryConfigWithDefaults(const v1::Boundary
   } else {
     if (c.forward_codec() == v1::CODEC_UNSPECIFIED) c.set_forward_codec(v1::CODEC_RVQ);
     if (c.forward_codec() != v1::CODEC_BF16 && c.forward_codec() != v1::CODEC_INT8 &&
-        c.forward_codec() != v1::CODEC_RVQ) {
-      return bad("forward_codec", "must be CODEC_BF16, CODEC_INT8 or CODEC_RVQ (dense: method ",
+        c.forward_codec() != v1::CODEC_INT4 && c.forward_codec() != v1::CODEC_RVQ) {
+      return bad("forward_codec",
+                 "must be CODEC_BF16, CODEC_INT8, CODEC_INT4 or CODEC_RVQ (dense: method ",
                  "METHOD_DENSE), got ", c.forward_codec());
     }
     if (c.backward_codec() == v1::CODEC_UNSPECIFIED) c.set_backward_codec(v1::CODEC_INT8);
-    if (c.backward_codec() != v1::CODEC_INT8 && c.backward_codec() != v1::CODEC_BF16) {
-      return bad("backward_codec", "must be CODEC_INT8 or CODEC_BF16, got ", c.backward_codec());
+    if (c.backward_codec() != v1::CODEC_INT8 && c.backward_codec() != v1::CODEC_INT4 &&
+        c.backward_codec() != v1::CODEC_BF16) {
+      return bad("backward_codec", "must be CODEC_INT8, CODEC_INT4 or CODEC_BF16, got ",
+                 c.backward_codec());
     }
   }
   if (c.rvq_levels() == 0) c.set_rvq_levels(kDefaultRvqLevels);

@@ -28,6 +28,16 @@ void AppendBf16(const float* src, int64_t count, std::string* out) {
   std::memcpy(out->data() + at, tmp.data(), count * sizeof(bf16_t));
 }
 
+// A checked CODEC_INT8 or CODEC_INT4 frame's scales as floats (bf16 on the wire).
+std::vector<float> FrameScales(const v1::Frame& frame) {
+  const int64_t rows = frame.tokens();
+  std::vector<bf16_t> raw(rows);
+  std::memcpy(raw.data(), frame.scales().data(), rows * sizeof(bf16_t));
+  std::vector<float> scales(rows);
+  Bf16ToFloat(raw.data(), scales.data(), rows);
+  return scales;
+}
+
 }  // namespace
 
 uint64_t FrameChecksum(const v1::Frame& frame) {
@@ -129,6 +139,16 @@ absl::Status FrameCodec::EncodeProjected(v1::Codec codec, const float* x, int64_
       AppendBf16(scales.data(), rows, frame->mutable_scales());
       return absl::OkStatus();
     }
+    case v1::CODEC_INT4: {
+      // As int8: the scales are bf16 values already, so the wire carries them exactly.
+      payload->resize(rows * ((k_ + 1) / 2));
+      std::vector<float> scales(rows);
+      MAPL_RETURN_IF_ERROR(backend_->Int4Encode(
+          xt, absl::MakeSpan(reinterpret_cast<uint8_t*>(payload->data()), payload->size()),
+          absl::MakeSpan(scales)));
+      AppendBf16(scales.data(), rows, frame->mutable_scales());
+      return absl::OkStatus();
+    }
     case v1::CODEC_RVQ: {
       MAPL_CHECK(codebooks != nullptr, "RVQ frames are encoded only once codebooks exist");
       payload->resize(rows * codebooks->levels);
@@ -139,8 +159,8 @@ absl::Status FrameCodec::EncodeProjected(v1::Codec codec, const float* x, int64_
     }
     default:
       MAPL_CHECK(false, absl::StrCat("EncodeProjected: codec ", codec,
-                                     " is not a projected "
-                                     "codec; config validation admits only BF16, INT8 and RVQ"));
+                                     " is not a projected codec; config validation admits only "
+                                     "BF16, INT8, INT4 and RVQ"));
   }
   return absl::OkStatus();
 }
@@ -200,15 +220,20 @@ absl::Status FrameCodec::DecodeProjected(const v1::Frame& frame, const RvqCodebo
     case v1::CODEC_BF16:
       return DecodeDenseValues(frame.payload(), v1::PRECISION_BF16, rows * k_, k_,
                                FrameName(frame) + " payload", zq);
-    case v1::CODEC_INT8: {
-      std::vector<bf16_t> raw(rows);
-      std::memcpy(raw.data(), frame.scales().data(), rows * sizeof(bf16_t));
-      std::vector<float> scales(rows);
-      Bf16ToFloat(raw.data(), scales.data(), rows);
-      absl::Status s = backend_->Int8Decode(
-          absl::MakeConstSpan(reinterpret_cast<const int8_t*>(frame.payload().data()),
-                              frame.payload().size()),
-          scales, out);
+    case v1::CODEC_INT8:
+    case v1::CODEC_INT4: {
+      // A scale that is negative, NaN or Inf is the peer's fault: INVALID_ARGUMENT, named.
+      const std::vector<float> scales = FrameScales(frame);
+      absl::Status s =
+          frame.codec() == v1::CODEC_INT8
+              ? backend_->Int8Decode(
+                    absl::MakeConstSpan(reinterpret_cast<const int8_t*>(frame.payload().data()),
+                                        frame.payload().size()),
+                    scales, out)
+              : backend_->Int4Decode(
+                    absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(frame.payload().data()),
+                                        frame.payload().size()),
+                    scales, out);
       if (!s.ok()) {
         return absl::InvalidArgumentError(absl::StrCat(FrameName(frame), ": ", s.message()));
       }
@@ -312,6 +337,10 @@ absl::Status FrameCodec::Check(const v1::Frame& f, v1::Direction direction, int6
         break;
       case v1::CODEC_INT8:
         payload = n * k_;
+        scales = n * 2;
+        break;
+      case v1::CODEC_INT4:
+        payload = n * ((k_ + 1) / 2);
         scales = n * 2;
         break;
       default:  // CODEC_RVQ

@@ -1,7 +1,7 @@
 // The wire form of a frame (peer.proto Frame) for one side of one boundary: the header, the
-// checksum, the four encodings of a tensor (dense bf16 for METHOD_DENSE; bf16, int8 and RVQ codes
-// of a projected tensor), the token ids, and every check an incoming frame must pass. It holds
-// no learned state: the RVQ codebooks come in with each call (CodebookCache keeps them per
+// checksum, the five encodings of a tensor (dense bf16 for METHOD_DENSE; bf16, int8, int4 and RVQ
+// codes of a projected tensor), the token ids, and every check an incoming frame must pass. It
+// holds no learned state: the RVQ codebooks come in with each call (CodebookCache keeps them per
 // dictionary version).
 //
 //   FrameCodec codec(config, backend);              // config with defaults filled in
@@ -60,8 +60,8 @@ class FrameCodec {
   void EncodeDense(const ConstTensor& t, v1::Frame* frame) const;
   absl::Status DecodeDense(const v1::Frame& frame, const Tensor& out) const;
 
-  // x (rows, k) f32 with `codec` (BF16, INT8 or RVQ; RVQ needs `codebooks`) into the frame's
-  // payload and scales.
+  // x (rows, k) f32 with `codec` (BF16, INT8, INT4 or RVQ; RVQ needs `codebooks`) into the
+  // frame's payload and scales.
   absl::Status EncodeProjected(v1::Codec codec, const float* x, int64_t rows,
                                const RvqCodebooks* codebooks, v1::Frame* frame) const;
   // CODEC_RVQ at the codebooks' full depth L: the codes of x (rows, k) f32, row-major (rows, L),

@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace mapl {
@@ -91,6 +92,30 @@ TEST(Config, InvalidFieldsStopStartupNamingTheField) {
   // An unknown backend names the ones this build has.
   ExpectError(Finalized(kStage1, {"backend=tpu"}), "backend: 'tpu' is not a backend");
   ExpectError(Finalized(kStage1, {"backend=tpu"}), "(it has: cpu)");
+}
+
+TEST(Config, Int4IsAcceptedForBothDirectionsOfProjectedMethods) {
+  for (const char* method : {"METHOD_MAPL", "METHOD_FIXED"}) {
+    absl::StatusOr<v1::DaemonConfig> c =
+        Finalized(kStage1, {absl::StrCat("boundaries[0].method=", method),
+                            "boundaries[0].forward_codec=CODEC_INT4",
+                            "boundaries[0].backward_codec=CODEC_INT4"});
+    ASSERT_TRUE(c.ok()) << method << ": " << c.status();
+    EXPECT_EQ(c->boundaries(0).forward_codec(), v1::CODEC_INT4) << method;
+    EXPECT_EQ(c->boundaries(0).backward_codec(), v1::CODEC_INT4) << method;
+  }
+  // Dense sends bf16 and takes no codec; the error budget is RVQ's.
+  ExpectError(Finalized(kStage1, {"boundaries[0].method=METHOD_DENSE",
+                                  "boundaries[0].backward_codec=CODEC_INT4"}),
+              "boundaries[0].backward_codec");
+  ExpectError(Finalized(kStage1, {"boundaries[0].forward_codec=CODEC_INT4",
+                                  "boundaries[0].forward_error_budget=0.1"}),
+              "boundaries[0].forward_error_budget");
+  // The codecs that are not projected codes are still refused, and the message lists int4.
+  ExpectError(Finalized(kStage1, {"boundaries[0].backward_codec=CODEC_RVQ"}),
+              "must be CODEC_INT8, CODEC_INT4 or CODEC_BF16");
+  ExpectError(Finalized(kStage1, {"boundaries[0].forward_codec=CODEC_DENSE"}),
+              "must be CODEC_BF16, CODEC_INT8, CODEC_INT4 or CODEC_RVQ");
 }
 
 TEST(Config, LoadConfigNamesAMissingFile) {

@@ -1,7 +1,9 @@
 // Tests for the role engines (server/upstream_engine.h, server/downstream_engine.h), one call
 // at a time: the checks on untrusted frames, shapes and NaN input, the dense baseline, PCA init,
-// dictionary recovery, config defaults and the seeded U.
+// dictionary recovery, config defaults, int4 backward codes and the seeded U.
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -257,6 +259,68 @@ TEST_F(EngineTest, PcaInitSendsSnapshotFirst) {
   EXPECT_LT(std::sqrt(err2 / norm2), 0.3);
   EXPECT_LT(pair.up().stats().orthogonality_error(), 1e-5);
   EXPECT_EQ(pair.up().stats().dictionary_checksum(), pair.down().stats().dictionary_checksum());
+}
+
+// int4 backward codes: the upstream hands its trainer gzq U^T, where gzq is g U in codes of
+// [-7, 7] times a bf16 scale of max|gU| / 7 a token. Its error is within half a step per value,
+// and near the step / sqrt(12) of rounding that is uniform within a step; the downstream's
+// backward_code_relative_error reports the same figure.
+TEST_F(EngineTest, Int4BackwardCarriesTheGradientWithinItsRounding) {
+  v1::BoundaryConfig config = Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_BF16);
+  config.set_backward_codec(v1::CODEC_INT4);
+  Pair pair(config);
+  const v1::Frame frame = Forward(pair);
+  ASSERT_TRUE(Decode(pair, frame).ok());
+  std::vector<float> g(h_.size());
+  for (size_t i = 0; i < g.size(); ++i) g[i] = 1e-3f * h_[i];
+  auto back = pair.down().EncodeBackward(1, 0, ConstTensor::F32(g.data(), kN, Stream::kD));
+  ASSERT_TRUE(back.ok()) << back.status();
+  const v1::Frame& bf = back->frame();
+  const int64_t k = pair.up().config().k();
+  ASSERT_EQ(k, 32);
+  EXPECT_EQ(bf.codec(), v1::CODEC_INT4);
+  EXPECT_EQ(bf.payload().size(), size_t(kN * k / 2));
+  ASSERT_EQ(bf.scales().size(), size_t(kN * 2));
+  std::vector<float> dh(g.size());
+  ASSERT_TRUE(pair.up().DecodeBackward(bf, Tensor::F32(dh.data(), kN, Stream::kD)).ok());
+
+  // The exact projected gradient (g U) U^T with the seeded U of version 0, in double.
+  const std::vector<float> u = SeededDictionary(pair.up().config())[0];  // (d, k)
+  double err2 = 0, norm2 = 0, bound2 = 0, uniform2 = 0;
+  for (int i = 0; i < kN; ++i) {
+    std::vector<double> gz(k, 0.0);
+    for (int c = 0; c < Stream::kD; ++c) {
+      for (int64_t j = 0; j < k; ++j) gz[j] += double{g[i * Stream::kD + c]} * u[c * k + j];
+    }
+    for (int c = 0; c < Stream::kD; ++c) {
+      double ref = 0;
+      for (int64_t j = 0; j < k; ++j) ref += gz[j] * u[c * k + j];
+      err2 += std::pow(dh[i * Stream::kD + c] - ref, 2);
+    }
+    for (double v : gz) norm2 += v * v;
+    bf16_t raw;
+    std::memcpy(&raw, bf.scales().data() + 2 * i, 2);
+    const double scale = Bf16ToFloat(raw);
+    double max_abs = 0;
+    for (double v : gz) max_abs = std::max(max_abs, std::fabs(v));
+    EXPECT_GE(scale, max_abs / 7 * (1 - 1e-5)) << i;
+    EXPECT_LE(scale, max_abs / 7 * (1 + 0x1p-7) * (1 + 1e-5)) << i;
+    bound2 += k * scale * scale / 4;
+    uniform2 += k * scale * scale / 12;
+  }
+  const double rel = std::sqrt(err2 / norm2);
+  EXPECT_LE(err2, bound2 * (1 + 1e-4));
+  EXPECT_GT(rel, 0.85 * std::sqrt(uniform2 / norm2));
+  EXPECT_LT(rel, 1.15 * std::sqrt(uniform2 / norm2));
+  // Coarser than int8 by about 127 / 7, yet it carries the gradient.
+  EXPECT_GT(rel, 0.04);
+  EXPECT_LT(rel, 0.2);
+  std::printf("int4 backward: relative error %.4f (uniform rounding would give %.4f)\n", rel,
+              std::sqrt(uniform2 / norm2));
+
+  auto signal = pair.down().Step(1);
+  ASSERT_TRUE(signal.ok()) << signal.status();
+  EXPECT_NEAR(pair.down().stats().backward_code_relative_error(), rel, 1e-4 * rel);
 }
 
 TEST_F(EngineTest, Int8ForwardRoundTrip) {

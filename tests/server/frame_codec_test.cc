@@ -5,6 +5,7 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <string>
@@ -88,6 +89,75 @@ TEST_F(FrameCodecTest, Bf16AndInt8RoundTripWithinTheirRounding) {
     EXPECT_EQ(f.payload().size(), size_t(kind == v1::CODEC_BF16 ? kN * kK * 2 : kN * kK));
     EXPECT_EQ(f.scales().size(), size_t(kind == v1::CODEC_BF16 ? 0 : kN * 2));
   }
+}
+
+// int4 frames of even and odd k, both directions: ceil(k / 2) bytes and a bf16 scale a token, each
+// value within half a step of max|x| / 7 (the step rounded up to bf16). A payload or scales of
+// another size is refused by Check(), and a corrupt scale by the decoder.
+TEST_F(FrameCodecTest, Int4FramesRoundTripAndCheckTheirSizes) {
+  for (uint32_t k : {16u, 15u}) {
+    v1::BoundaryConfig c = MakeConfig(v1::METHOD_MAPL, v1::CODEC_INT4, 200);
+    c.set_k(k);
+    c.set_backward_codec(v1::CODEC_INT4);
+    FrameCodec codec(c, backend_.get());
+    const std::vector<float> x = Random(kN * k, 8);
+    const std::vector<int32_t> ids = {1, 2, 3, 199, 0};
+    std::vector<float> zq(kN * k), out(kN * kD);
+    const Tensor t = Tensor::F32(out.data(), kN, kD);
+    const size_t row_bytes = (k + 1) / 2;
+    for (v1::Direction direction : {v1::DIRECTION_FORWARD, v1::DIRECTION_BACKWARD}) {
+      SCOPED_TRACE(testing::Message() << "k " << k << ", " << v1::Direction_Name(direction));
+      v1::Frame f = codec.NewFrame(direction, 1, 0, kN);
+      ASSERT_TRUE(codec.EncodeProjected(v1::CODEC_INT4, x.data(), kN, nullptr, &f).ok());
+      if (direction == v1::DIRECTION_FORWARD) codec.PackTokenIds(ids.data(), kN, &f);
+      FrameCodec::Seal(&f);
+      EXPECT_EQ(f.codec(), v1::CODEC_INT4);
+      EXPECT_EQ(f.payload().size(), kN * row_bytes);
+      EXPECT_EQ(f.scales().size(), size_t(kN * 2));
+      ASSERT_TRUE(codec.Check(f, direction, kN, t).ok()) << codec.Check(f, direction, kN, t);
+      ASSERT_TRUE(codec.DecodeProjected(f, nullptr, zq.data()).ok());
+      for (int64_t i = 0; i < kN; ++i) {
+        float max_abs = 0.f;
+        for (uint32_t j = 0; j < k; ++j) max_abs = std::max(max_abs, std::fabs(x[i * k + j]));
+        for (uint32_t j = 0; j < k; ++j) {
+          EXPECT_LE(std::fabs(zq[i * k + j] - x[i * k + j]), 0.5f * max_abs / 7.f * (1.f + 0x1p-7f))
+              << i << ", " << j;
+        }
+      }
+
+      for (size_t size : {kN * row_bytes - 1, kN * row_bytes + 1, size_t(kN * k)}) {
+        v1::Frame bad = f;
+        bad.mutable_payload()->resize(size);
+        FrameCodec::Seal(&bad);
+        const absl::Status s = codec.Check(bad, direction, kN, t);
+        EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << size;
+        EXPECT_TRUE(absl::StrContains(s.message(), "payload has")) << s;
+      }
+      v1::Frame bad = f;
+      bad.mutable_scales()->pop_back();
+      FrameCodec::Seal(&bad);
+      EXPECT_TRUE(absl::StrContains(codec.Check(bad, direction, kN, t).message(), "scales has"));
+      // A NaN scale (bf16 0x7fc0) has the right size: the decoder refuses it, naming the row.
+      bad = f;
+      bad.mutable_scales()->replace(2 * 2, 2, std::string("\xc0\x7f", 2));
+      FrameCodec::Seal(&bad);
+      ASSERT_TRUE(codec.Check(bad, direction, kN, t).ok());
+      const absl::Status s = codec.DecodeProjected(bad, nullptr, zq.data());
+      EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+      EXPECT_TRUE(absl::StrContains(s.message(), "row 2")) << s;
+    }
+  }
+  // A boundary of int8 codes refuses int4 frames, and the other way round.
+  const v1::BoundaryConfig c = MakeConfig(v1::METHOD_FIXED, v1::CODEC_INT8);
+  FrameCodec codec(c, backend_.get());
+  const std::vector<float> x = Random(kN * kK, 9);
+  std::vector<float> out(kN * kD);
+  v1::Frame f = codec.NewFrame(v1::DIRECTION_BACKWARD, 1, 0, kN);
+  ASSERT_TRUE(codec.EncodeProjected(v1::CODEC_INT4, x.data(), kN, nullptr, &f).ok());
+  FrameCodec::Seal(&f);
+  EXPECT_TRUE(absl::StrContains(
+      codec.Check(f, v1::DIRECTION_BACKWARD, kN, Tensor::F32(out.data(), kN, kD)).message(),
+      "codec CODEC_INT8 expected"));
 }
 
 TEST_F(FrameCodecTest, RvqCodesDecodeToTheirCentroidSums) {
