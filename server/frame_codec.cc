@@ -264,8 +264,13 @@ absl::Status FrameCodec::DecodeProjected(const v1::Frame& frame, const RvqCodebo
   return absl::OkStatus();
 }
 
+int FrameCodec::TokenIdBytes(uint32_t vocab) {
+  if (vocab <= 256) return 1;
+  return vocab <= 65536 ? 2 : 4;
+}
+
 void FrameCodec::PackTokenIds(const int32_t* ids, int64_t n, v1::Frame* frame) const {
-  const int bytes = config_.vocab() <= 65536 ? 2 : 4;
+  const int bytes = TokenIdBytes(config_.vocab());
   frame->set_token_id_bytes(bytes);
   std::string* out = frame->mutable_token_ids();
   out->resize(n * bytes);
@@ -358,8 +363,15 @@ absl::Status FrameCodec::Check(const v1::Frame& f, v1::Direction direction, int6
     return bad("scales has ", f.scales().size(), " bytes, expected ", scales);
   }
   if (direction == v1::DIRECTION_FORWARD && mapl_) {
-    if (f.token_id_bytes() != 2 && f.token_id_bytes() != 4) {
-      return bad("token_id_bytes must be 2 or 4, got ", f.token_id_bytes());
+    // Ids wider than the narrowest are valid (a peer built before 1-byte ids sends 2 bytes for
+    // a vocabulary of 256); narrower ones cannot hold every id of the vocabulary.
+    const uint32_t width = f.token_id_bytes();
+    if (width != 1 && width != 2 && width != 4) {
+      return bad("token_id_bytes must be 1, 2 or 4, got ", width);
+    }
+    if (width < static_cast<uint32_t>(TokenIdBytes(config_.vocab()))) {
+      return bad("token_id_bytes ", width, " cannot hold the ids of vocab ", config_.vocab(),
+                 " (at least ", TokenIdBytes(config_.vocab()), ")");
     }
     if (static_cast<int64_t>(f.token_ids().size()) != n * f.token_id_bytes()) {
       return bad("token_ids has ", f.token_ids().size(), " bytes, expected ",

@@ -78,14 +78,18 @@ class FrameCodec {
   absl::Status DecodeProjected(const v1::Frame& frame, const RvqCodebooks* codebooks,
                                float* zq) const;
 
-  // Token ids travel as 2 or 4 little-endian bytes each (2 when vocab <= 65536).
+  // The narrowest width of a token id below `vocab`: 1 byte up to a vocabulary of 256, 2 up to
+  // 65536, else 4.
+  static int TokenIdBytes(uint32_t vocab);
+  // Token ids travel as TokenIdBytes(vocab) little-endian bytes each.
   void PackTokenIds(const int32_t* ids, int64_t n, v1::Frame* frame) const;
   // INVALID_ARGUMENT for an id not below vocab.
   absl::Status UnpackTokenIds(const v1::Frame& frame, std::vector<int32_t>* ids) const;
 
   // Every check of an incoming frame: boundary, direction, token count (and `tokens_expected`
-  // when >= 0), the output's shape, codec, dim, levels, payload / scales / token id sizes
-  // (INVALID_ARGUMENT), then the checksum (DATA_LOSS). Forward frames of a CODEC_RVQ boundary
+  // when >= 0), the output's shape, codec, dim, levels, payload / scales / token id sizes, a
+  // token id width of 1, 2 or 4 bytes and at least TokenIdBytes(vocab) (INVALID_ARGUMENT), then
+  // the checksum (DATA_LOSS). Forward frames of a CODEC_RVQ boundary
   // may also be CODEC_BF16 (before the codebooks exist) or CODEC_INT8 (codes that would exceed
   // forward_error_budget), and may carry 1 to rvq_levels levels.
   absl::Status Check(const v1::Frame& frame, v1::Direction direction, int64_t tokens_expected,

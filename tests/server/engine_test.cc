@@ -77,9 +77,16 @@ TEST_F(EngineTest, UnknownDictionaryVersionIsRejected) {
 TEST_F(EngineTest, TokenIdOutOfVocabIsRejected) {
   Pair pair(Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_BF16));
   v1::Frame frame = Forward(pair);
-  ASSERT_EQ(frame.token_id_bytes(), 2u);
+  ASSERT_EQ(frame.token_id_bytes(), 1u);  // vocab 256
+  ASSERT_EQ(frame.token_ids().size(), size_t(kN));
+  // One byte cannot hold an id >= 256: the ids are resent as 2 bytes (which Check() takes), with
+  // one out of the vocabulary.
+  std::string wide(2 * kN, '\0');
+  for (int i = 0; i < kN; ++i) wide[2 * i] = frame.token_ids()[i];
   const uint16_t bad_id = Stream::kVocab;  // == vocab
-  std::memcpy(frame.mutable_token_ids()->data() + 2 * 3, &bad_id, 2);
+  std::memcpy(wide.data() + 2 * 3, &bad_id, 2);
+  frame.set_token_ids(wide);
+  frame.set_token_id_bytes(2);
   frame.set_checksum(FrameChecksum(frame));
   absl::Status s = Decode(pair, frame);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;

@@ -209,15 +209,17 @@ TEST_F(FrameCodecTest, DenseCarriesBf16ValuesAndRejectsNonFinite) {
   EXPECT_TRUE(absl::StrContains(s.message(), "(1, 3)")) << s;
 }
 
-TEST_F(FrameCodecTest, TokenIdsTravelInTwoOrFourBytes) {
-  for (uint32_t vocab : {65536u, 65537u}) {
+TEST_F(FrameCodecTest, TokenIdsTravelInOneTwoOrFourBytes) {
+  for (uint32_t vocab : {256u, 257u, 65536u, 65537u}) {
     const v1::BoundaryConfig c = MakeConfig(v1::METHOD_MAPL, v1::CODEC_INT8, vocab);
     FrameCodec codec(c, backend_.get());
-    const std::vector<int32_t> ids = {0, 1, 65535, static_cast<int32_t>(vocab - 1), 7};
+    const int32_t big = static_cast<int32_t>(std::min(vocab - 1, 65535u));
+    const std::vector<int32_t> ids = {0, 1, big, static_cast<int32_t>(vocab - 1), 7};
     v1::Frame f;
     f.set_tokens(kN);
     codec.PackTokenIds(ids.data(), kN, &f);
-    EXPECT_EQ(f.token_id_bytes(), vocab <= 65536 ? 2u : 4u);
+    EXPECT_EQ(f.token_id_bytes(), vocab <= 256 ? 1u : vocab <= 65536 ? 2u : 4u) << vocab;
+    EXPECT_EQ(f.token_id_bytes(), uint32_t(FrameCodec::TokenIdBytes(vocab)));
     EXPECT_EQ(f.token_ids().size(), kN * f.token_id_bytes());
     std::vector<int32_t> back;
     ASSERT_TRUE(codec.UnpackTokenIds(f, &back).ok());
@@ -234,6 +236,39 @@ TEST_F(FrameCodecTest, TokenIdsTravelInTwoOrFourBytes) {
   const absl::Status s = codec.UnpackTokenIds(f, &back);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(s.message(), "token_ids[2] = 1000")) << s;
+}
+
+// Check() takes ids of 1, 2 or 4 bytes, but none too narrow for the vocabulary: a vocabulary of
+// 256 takes all three widths (a peer may send wider ids than it needs), one of 257 refuses 1.
+TEST_F(FrameCodecTest, CheckTakesAnyTokenIdWidthThatHoldsTheVocabulary) {
+  for (uint32_t vocab : {256u, 257u}) {
+    const v1::BoundaryConfig c = MakeConfig(v1::METHOD_MAPL, v1::CODEC_INT8, vocab);
+    FrameCodec codec(c, backend_.get());
+    const std::vector<float> z = Random(kN * kK, 10);
+    v1::Frame frame = codec.NewFrame(v1::DIRECTION_FORWARD, 1, 0, kN);
+    ASSERT_TRUE(codec.EncodeProjected(v1::CODEC_INT8, z.data(), kN, nullptr, &frame).ok());
+    std::vector<float> out(kN * kD);
+    const Tensor t = Tensor::F32(out.data(), kN, kD);
+    const std::vector<uint32_t> ids = {0, 255, 3, 200, 1};
+    for (uint32_t width : {1u, 2u, 4u}) {
+      SCOPED_TRACE(testing::Message() << "vocab " << vocab << ", width " << width);
+      v1::Frame f = frame;
+      f.set_token_id_bytes(width);
+      for (uint32_t id : ids)
+        f.mutable_token_ids()->append(reinterpret_cast<const char*>(&id), width);
+      FrameCodec::Seal(&f);
+      const absl::Status s = codec.Check(f, v1::DIRECTION_FORWARD, -1, t);
+      if (width == 1 && vocab > 256) {
+        EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+        EXPECT_TRUE(absl::StrContains(s.message(), "token_id_bytes 1 cannot hold")) << s;
+        continue;
+      }
+      ASSERT_TRUE(s.ok()) << s;
+      std::vector<int32_t> back;
+      ASSERT_TRUE(codec.UnpackTokenIds(f, &back).ok());
+      EXPECT_EQ(back, std::vector<int32_t>(ids.begin(), ids.end()));
+    }
+  }
 }
 
 // Every field Check() looks at, broken one at a time.
