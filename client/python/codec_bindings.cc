@@ -275,6 +275,44 @@ F32Array Int8Decode(const py::handle& qo, const py::handle& so) {
   return out;
 }
 
+// Rows of k values pack into ceil(k / 2) bytes (two codes a byte), so q's shape does not say
+// whether k is even: the caller gives k.
+std::pair<py::array, F32Array> Int4Encode(const py::handle& xo) {
+  F32Array x = Typed<float>(xo, "x", 2);
+  py::array_t<uint8_t> q({x.shape(0), (x.shape(1) + 1) / 2});
+  F32Array scales({x.shape(0)});
+  absl::Status s;
+  {
+    py::gil_scoped_release release;
+    s = Cpu().Int4Encode(View(x), absl::MakeSpan(q.mutable_data(), q.size()),
+                         absl::MakeSpan(scales.mutable_data(), scales.size()));
+  }
+  ThrowIfError(s);
+  return {q, scales};
+}
+
+F32Array Int4Decode(const py::handle& qo, const py::handle& so, int64_t k) {
+  auto q = Typed<uint8_t>(qo, "q", 2);
+  F32Array scales = Typed<float>(so, "scales", 1);
+  if (k < 0 || (k + 1) / 2 != q.shape(1)) {
+    throw py::value_error("k: " + std::to_string(k) + " values do not pack into the " +
+                          std::to_string(q.shape(1)) + " bytes of a row of q (ceil(k / 2))");
+  }
+  if (scales.shape(0) != q.shape(0)) {
+    throw py::value_error("scales: expected " + std::to_string(q.shape(0)) +
+                          " scales (one per row of q), got " + std::to_string(scales.shape(0)));
+  }
+  F32Array out = NewMatrix(q.shape(0), k);
+  absl::Status s;
+  {
+    py::gil_scoped_release release;
+    s = Cpu().Int4Decode(absl::MakeConstSpan(q.data(), q.size()),
+                         absl::MakeConstSpan(scales.data(), scales.size()), MutView(out));
+  }
+  ThrowIfError(s);
+  return out;
+}
+
 py::array Bf16Encode(const py::handle& xo) {
   F32Array x = Typed<float>(xo, "x", 2);
   ThrowIfError(CheckFinite(View(x), "x"));
@@ -388,6 +426,8 @@ PYBIND11_MODULE(_mapl, m) {
       .def("set_codebooks", &PyRvq::SetCodebooks);
   m.def("int8_encode", &mapl::Int8Encode);
   m.def("int8_decode", &mapl::Int8Decode);
+  m.def("int4_encode", &mapl::Int4Encode);
+  m.def("int4_decode", &mapl::Int4Decode);
   m.def("bf16_encode", &mapl::Bf16Encode);
   m.def("bf16_decode", &mapl::Bf16Decode);
   m.def("msign", &mapl::Msign);

@@ -76,6 +76,38 @@ def test_int8_codec():
     assert np.all(np.abs(x - y) <= s[:, None] / 2 + 1e-6)
 
 
+def test_int4_codec():
+    rng = np.random.default_rng(6)
+    for k in (48, 47):
+        x = rng.standard_normal((64, k)).astype(np.float32)
+        x[3] = 0.0
+        q, s = codec.Int4Codec().encode(x)
+        assert q.dtype == np.uint8 and q.shape == (64, (k + 1) // 2) and s.shape == (64,)
+        # The codes by hand: nibbles, low first, as 4-bit two's complement.
+        nibbles = np.stack([q & 0x0F, q >> 4], axis=-1).reshape(64, -1)[:, :k].astype(np.int8)
+        codes = np.where(nibbles >= 8, nibbles - 16, nibbles)
+        assert codes.min() >= -7 and codes.max() <= 7
+        np.testing.assert_array_equal(np.abs(codes).max(axis=1)[[0, 1, 2, 4]], 7)
+        if k % 2:
+            assert np.all(q[:, -1] >> 4 == 0)  # the padding nibble
+        y = codec.Int4Codec().decode(q, s, k)
+        np.testing.assert_array_equal(y, codes * s[:, None])
+        assert np.all(np.abs(x - y) <= s[:, None] / 2 + 1e-6)
+        assert s[3] == 0.0 and np.all(y[3] == 0.0)
+        # Each scale is max|x| / 7 rounded up to a bfloat16 value.
+        want = np.abs(x).max(axis=1) / 7
+        assert np.all(s >= want * (1 - 1e-6)) and np.all(s <= want * (1 + 2 ** -7) + 1e-30)
+        assert np.all(s.view(np.uint32) & 0xFFFF == 0)
+    with pytest.raises(ValueError, match="k: 5 values"):
+        codec.Int4Codec().decode(q, s, 5)
+    with pytest.raises(ValueError, match="scales"):
+        codec.Int4Codec().decode(q, s[:-1], 47)
+    with pytest.raises(ValueError, match="invalid scale"):
+        codec.Int4Codec().decode(q, np.full(64, np.nan, np.float32), 47)
+    with pytest.raises(ValueError, match="non-finite"):
+        codec.Int4Codec().encode(np.full((2, 2), np.inf, np.float32))
+
+
 def test_bf16_codec():
     x = np.random.default_rng(5).standard_normal((16, 8)).astype(np.float32)
     b = codec.Bf16Codec().encode(x)

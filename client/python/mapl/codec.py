@@ -1,4 +1,5 @@
-"""The MAPL codec on numpy arrays: RVQ, scalar int8 codes, and the Stiefel-manifold projector.
+"""The MAPL codec on numpy arrays: RVQ, scalar int8 and int4 codes, and the Stiefel-manifold
+projector.
 
 Every function takes float32 numpy arrays (any layout; copied when not C-contiguous) and
 returns new arrays. Bad input (wrong shape or dtype, codes out of range, NaN or Inf) raises
@@ -13,8 +14,8 @@ import numpy as np
 
 from . import _mapl
 
-__all__ = ["RVQ", "Int8Codec", "Bf16Codec", "msign", "retract", "spel_step", "project", "lift",
-           "distance_kernel"]
+__all__ = ["RVQ", "Int8Codec", "Int4Codec", "Bf16Codec", "msign", "retract", "spel_step",
+           "project", "lift", "distance_kernel"]
 
 
 class RVQ:
@@ -86,6 +87,21 @@ class Int8Codec:
 
     def decode(self, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
         return _mapl.int8_decode(q, scales)
+
+
+class Int4Codec:
+    """Per-row symmetric int4 codes in [-7, 7], two a byte (low nibble first; an odd k leaves the
+    last high nibble 0), with a scale per row that is exactly a bfloat16 value: ceil(k / 2) + 2
+    bytes a row."""
+
+    def encode(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """x: float32 (n, k) -> (uint8 (n, ceil(k / 2)), float32 scales (n,))."""
+        return _mapl.int4_encode(x)
+
+    def decode(self, q: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+        """float32 (n, k) from packed codes (n, ceil(k / 2)): k says whether a row's last byte
+        holds one value or two."""
+        return _mapl.int4_decode(q, scales, k)
 
 
 class Bf16Codec:
