@@ -478,7 +478,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--k", type=int, default=0, help="projection rank (0: d_model / 8)")
     ap.add_argument("--forward-codec", default="INT8", type=str.upper,
-                    choices=("RVQ", "INT8", "BF16"), help="fixed's and MAPL's forward codes")
+                    choices=("RVQ", "INT8", "INT4", "BF16"),
+                    help="fixed's and MAPL's forward codes")
     ap.add_argument("--rvq-levels", type=int, default=4, help="with --forward-codec RVQ")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "out" / "wan",

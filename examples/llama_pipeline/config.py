@@ -10,11 +10,12 @@ from typing import Any, Dict, Sequence
 
 from .model import ModelConfig
 
-__all__ = ["RunConfig", "METHODS", "CODECS", "PROJECTOR_INITS", "add_shape_args",
-           "add_boundary_option_args", "parse_boundary_options"]
+__all__ = ["RunConfig", "METHODS", "CODECS", "BACKWARD_CODECS", "PROJECTOR_INITS",
+           "add_shape_args", "add_boundary_option_args", "parse_boundary_options"]
 
 METHODS = ("MAPL", "FIXED", "DENSE")
-CODECS = ("RVQ", "INT8", "BF16")
+CODECS = ("RVQ", "INT8", "INT4", "BF16")  # forward codecs
+BACKWARD_CODECS = ("INT8", "INT4", "BF16")
 PROJECTOR_INITS = ("RANDOM", "PCA")
 # BoundaryConfig fields that RunConfig sets itself (or that belong to the launcher: role and
 # peer address): boundary_options may not override them, so that a run's record of k, codecs and
@@ -78,8 +79,8 @@ class RunConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method}")
         if self.forward_codec not in CODECS:
             raise ValueError(f"forward codec must be one of {', '.join(CODECS)}")
-        if self.backward_codec not in ("INT8", "BF16"):
-            raise ValueError("backward codec must be INT8 or BF16")
+        if self.backward_codec not in BACKWARD_CODECS:
+            raise ValueError(f"backward codec must be one of {', '.join(BACKWARD_CODECS)}")
         if not 2 <= self.stages <= 4:
             raise ValueError(f"stages must be 2 to 4, got {self.stages}")
         if self.layers < self.stages:

@@ -38,8 +38,8 @@ from typing import Any, Callable, Dict, List, Optional
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_pipeline.config import (CODECS, METHODS, PROJECTOR_INITS, RunConfig,  # noqa: E402
-                                   add_shape_args)
+from llama_pipeline.config import (BACKWARD_CODECS, CODECS, METHODS,  # noqa: E402
+                                   PROJECTOR_INITS, RunConfig, add_shape_args)
 from llama_pipeline.data import Corpus, CorpusError, load_text  # noqa: E402
 from llama_pipeline.model import layer_ranges  # noqa: E402
 
@@ -620,7 +620,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--forward-codec", default=d.forward_codec, type=str.upper, choices=CODECS)
     ap.add_argument("--rvq-levels", type=int, default=d.rvq_levels)
     ap.add_argument("--backward-codec", default=d.backward_codec, type=str.upper,
-                    choices=("INT8", "BF16"))
+                    choices=BACKWARD_CODECS)
     ap.add_argument("--send-rate-mbit", type=float, default=d.send_rate_mbit,
                     help="each daemon's send cap per peer link (emulates a slow link); 0: none")
     add_shape_args(ap)

@@ -67,15 +67,15 @@ def test_two_stage_pipeline_learns_and_every_microbatch_arrives(short_tmp: Path)
     assert up["dictionary_version"] == down["dictionary_version"] > 0
     assert up["dictionary_checksum"] == down["dictionary_checksum"]
     # A floor on the compression from the codecs and the dictionary budget, not read off a run.
-    # Raw is d = 64 as bf16, 128 bytes a token each way. A forward frame carries at most 18 bytes
-    # a token (bf16 z of k = 8 plus 2-byte token ids, before the RVQ codebooks are fitted; 4 + 2
-    # after), a backward one 10 (int8 codes and a bf16 scale). The dictionary sends at most 25 %
-    # of the step's forward payload or one row (8 floats and its index), plus the first fitted
-    # codebooks whole (4 levels x 256 rows) once.
+    # Raw is d = 64 as bf16, 128 bytes a token each way. A forward frame carries at most 17 bytes
+    # a token (bf16 z of k = 8 plus 1-byte token ids of the 256 byte values, before the RVQ
+    # codebooks are fitted; 4 + 1 after), a backward one 10 (int8 codes and a bf16 scale). The
+    # dictionary sends at most 25 % of the step's forward payload or one row (8 floats and its
+    # index), plus the first fitted codebooks whole (4 levels x 256 rows) once.
     tokens = cfg.batch // MICROBATCHES * cfg.seq_len
-    payload = 18 * forward * tokens + 10 * backward * tokens
+    payload = 17 * forward * tokens + 10 * backward * tokens
     row = 8 * 4 + 4
-    dictionary = 0.25 * 18 * forward * tokens + STEPS * row + 4 * 256 * row
+    dictionary = 0.25 * 17 * forward * tokens + STEPS * row + 4 * 256 * row
     raw = 128 * (forward + backward) * tokens
     assert summary["raw_bytes"] == raw
     assert summary["compression"] >= raw / (payload + dictionary)
