@@ -48,10 +48,11 @@ def series_label(r: Dict[str, Any]) -> str:
         return "dense"
     if r["method"] == "FIXED":
         name = "fixed"
+    elif r["forward_codec"] == "RVQ":  # run.py --rvq-backward-codec: a series of its own
+        name = "MAPL+RVQ" + (f", bwd {r['backward_codec']}" if r["backward_codec"] != "INT8"
+                             else "")
     elif r["backward_codec"] != "INT8":
         name = f"MAPL, bwd {r['backward_codec']}"
-    elif r["forward_codec"] == "RVQ":
-        name = "MAPL+RVQ"
     else:
         name = "MAPL"
     options = options_label(r)

@@ -6,7 +6,8 @@ stage, loopback, no rate cap: quality is measured here, not speed) with the same
 token budget for each of:
   dense (bf16 both ways); the fixed random projection at four ranks k (d/4, d/8, d/16, d/64);
   MAPL (learned U and anchors) at the same ranks; MAPL with RVQ forward codes at 2, 4 and 8 levels;
-  int8 backward codes throughout, and one MAPL run with bf16 backward codes to show the difference.
+  int8 backward codes throughout (the RVQ runs' can be int4 or bf16: --rvq-backward-codec), and
+  one MAPL run with bf16 backward codes to show the difference.
 Two scenarios: from scratch, and fine-tuning, where the benchmark first trains densely to a
 checkpoint (once per seed) and inserts the compressed boundaries only then (MAPL's U starting
 from the principal subspace of the activations there).
@@ -54,7 +55,6 @@ import report  # noqa: E402  (bench/quality/report.py)
 
 SCENARIOS = ("scratch", "finetune")
 DEFAULT_STEPS = 450  # of each from-scratch run; sized so that the default grid fits 90 minutes
-TOKEN_ID_BYTES = 2  # the daemon sends ids of a vocabulary up to 65536 as 2 bytes (peer.proto)
 
 
 @dataclass
@@ -80,6 +80,12 @@ class Spec:
             if self.projector_init != "RANDOM":
                 what += "-" + self.projector_init.lower()
         return f"{self.scenario}-{what}-s{self.seed}"
+
+
+def token_id_bytes(vocab: int) -> int:
+    """The bytes of a token id in a MAPL forward frame: the narrowest width that holds vocab - 1
+    (peer.proto Frame.token_id_bytes)."""
+    return 1 if vocab <= 256 else 2 if vocab <= 65536 else 4
 
 
 def _ranks(text: str, d: int) -> List[int]:
@@ -124,12 +130,14 @@ def build_grid(args: argparse.Namespace) -> List[Spec]:
             if full and not args.smoke_methods:
                 for lv in levels:
                     grid.append(Spec(scenario, "MAPL", seed, rvq_k, "RVQ", lv,
+                                     backward_codec=args.rvq_backward_codec,
                                      projector_init=mapl_init))
                 if args.bf16_backward:
                     grid.append(Spec(scenario, "MAPL", seed, rvq_k, fwd, backward_codec="BF16",
                                      projector_init=mapl_init))
             elif full and scenario == "scratch":  # smoke: one RVQ run on the first scenario
-                grid.append(Spec(scenario, "MAPL", seed, rvq_k, "RVQ", levels[0]))
+                grid.append(Spec(scenario, "MAPL", seed, rvq_k, "RVQ", levels[0],
+                                 backward_codec=args.rvq_backward_codec))
     return grid
 
 
@@ -174,9 +182,11 @@ def record(spec: Spec, cfg: RunConfig, summary: Dict[str, Any], wall: float) -> 
     if spec.method == "DENSE":
         fwd_b, bwd_b, ids = 2 * d, 2 * d, 0
     else:
-        fwd_b = {"RVQ": spec.levels, "INT8": k + 2, "BF16": 2 * k}[spec.forward_codec]
-        bwd_b = {"INT8": k + 2, "BF16": 2 * k}[spec.backward_codec]
-        ids = TOKEN_ID_BYTES if spec.method == "MAPL" else 0
+        # The codes, and a bf16 scale for int8 and int4 (two int4 codes a byte).
+        scalar = {"INT8": k + 2, "INT4": (k + 1) // 2 + 2, "BF16": 2 * k}
+        fwd_b = {"RVQ": spec.levels, **scalar}[spec.forward_codec]
+        bwd_b = scalar[spec.backward_codec]
+        ids = token_id_bytes(cfg.boundary(0)["vocab"]) if spec.method == "MAPL" else 0
     dict_per_token = dictionary / max(fwd_tokens, 1)
     return {
         "id": spec.id, "status": "ok", "scenario": spec.scenario, "seed": spec.seed,
@@ -290,10 +300,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="how many of the seeds (the first ones) run the whole grid; the others "
                     "run dense and both methods at the smallest rank")
     ap.add_argument("--ranks", default="d/4,d/8,d/16,d/64", help="ranks k of fixed and MAPL")
-    ap.add_argument("--forward-codec", default="INT8", type=str.upper, choices=("INT8", "BF16"),
+    ap.add_argument("--forward-codec", default="INT8", type=str.upper,
+                    choices=("INT8", "INT4", "BF16"),
                     help="forward codec of the fixed and MAPL runs at each rank")
     ap.add_argument("--rvq-levels", default="2,4,8", help="RVQ levels of the MAPL+RVQ runs")
     ap.add_argument("--rvq-k", default="d/16", help="rank of the MAPL+RVQ and bf16-backward runs")
+    ap.add_argument("--rvq-backward-codec", default="INT8", type=str.upper,
+                    choices=("INT8", "INT4", "BF16"),
+                    help="backward codec of the MAPL+RVQ runs (their ids name it: "
+                    "scratch-mapl-k16-rvq4-int4-s0)")
     ap.add_argument("--no-bf16-backward", dest="bf16_backward", action="store_false",
                     help="skip the MAPL run with bf16 backward codes")
     ap.add_argument("--finetune-projector-init", default="PCA", type=str.upper,
