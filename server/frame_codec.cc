@@ -128,24 +128,22 @@ absl::Status FrameCodec::EncodeProjected(v1::Codec codec, const float* x, int64_
     case v1::CODEC_BF16:
       AppendBf16(x, rows * k_, payload);
       return absl::OkStatus();
-    case v1::CODEC_INT8: {
-      // Int8Encode rounds each scale up to a bf16 value before dividing by it, so the bf16
-      // scale on the wire is exactly the one the codes were made with.
-      payload->resize(rows * k_);
-      std::vector<float> scales(rows);
-      MAPL_RETURN_IF_ERROR(backend_->Int8Encode(
-          xt, absl::MakeSpan(reinterpret_cast<int8_t*>(payload->data()), payload->size()),
-          absl::MakeSpan(scales)));
-      AppendBf16(scales.data(), rows, frame->mutable_scales());
-      return absl::OkStatus();
-    }
+    case v1::CODEC_INT8:
     case v1::CODEC_INT4: {
-      // As int8: the scales are bf16 values already, so the wire carries them exactly.
-      payload->resize(rows * ((k_ + 1) / 2));
+      // Both round each scale up to a bf16 value before dividing by it, so the bf16 scale on
+      // the wire is exactly the one the codes were made with.
+      const bool int8 = codec == v1::CODEC_INT8;
+      payload->resize(rows * (int8 ? k_ : (k_ + 1) / 2));
       std::vector<float> scales(rows);
-      MAPL_RETURN_IF_ERROR(backend_->Int4Encode(
-          xt, absl::MakeSpan(reinterpret_cast<uint8_t*>(payload->data()), payload->size()),
-          absl::MakeSpan(scales)));
+      MAPL_RETURN_IF_ERROR(
+          int8
+              ? backend_->Int8Encode(
+                    xt, absl::MakeSpan(reinterpret_cast<int8_t*>(payload->data()), payload->size()),
+                    absl::MakeSpan(scales))
+              : backend_->Int4Encode(
+                    xt,
+                    absl::MakeSpan(reinterpret_cast<uint8_t*>(payload->data()), payload->size()),
+                    absl::MakeSpan(scales)));
       AppendBf16(scales.data(), rows, frame->mutable_scales());
       return absl::OkStatus();
     }
