@@ -157,6 +157,8 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
       } else {
         codec_.SetRvqPayload(codes, n, cb->levels, depth, &frame);
         stats_.set_forward_rvq_levels(static_cast<uint32_t>(depth));
+        rvq_levels_sum_ += depth;
+        ++rvq_frames_;
       }
     } else {
       // Before the RVQ codebooks are fitted, forward frames travel as bf16.
@@ -387,6 +389,11 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::Step(uint64_t step)
       }
       rvq_error_sum_ = 0.0;
       rvq_error_frames_ = 0;
+      stats_.set_forward_rvq_levels_mean(rvq_frames_ > 0 ? static_cast<double>(rvq_levels_sum_) /
+                                                               static_cast<double>(rvq_frames_)
+                                                         : 0.0);
+      rvq_levels_sum_ = 0;
+      rvq_frames_ = 0;
       if (r.skipped) stats_.set_learner_updates_skipped(stats_.learner_updates_skipped() + 1);
       if (r.updated) stats_.set_rvq_relative_mse(r.relative_mse);
       // Fitted codebooks (the first, or a refit) are published whole, outside the budget: RVQ

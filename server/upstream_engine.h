@@ -125,6 +125,8 @@ class UpstreamEngine : public Engine {
   static constexpr uint64_t kRefitInterval = 10;
   double rvq_error_sum_ = 0.0;
   int64_t rvq_error_frames_ = 0;
+  int64_t rvq_levels_sum_ = 0;  // levels the step's RVQ frames carried (forward_rvq_levels_mean)
+  int64_t rvq_frames_ = 0;
   uint64_t last_fit_step_ = 0;
   std::map<uint64_t, std::vector<float>> signals_;  // step -> G_down (d, k)
   PendingMicrobatches<SavedForward> pending_;

@@ -46,10 +46,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -57,6 +58,8 @@ RELAY = HERE / "relay.py"
 sys.path.insert(0, str(REPO / "examples"))
 if importlib.util.find_spec("mapl") is None:  # not on PYTHONPATH: this checkout's build
     sys.path.insert(0, str(REPO / "build" / "python"))
+
+from llama_pipeline.config import add_boundary_option_args, parse_boundary_options  # noqa: E402
 
 METHOD_ORDER = ("DENSE", "FIXED", "MAPL")
 UP_IP, DOWN_IP = "10.77.0.1", "10.77.0.2"
@@ -114,10 +117,14 @@ class Link:
     def if_down(self) -> str:
         return f"mwan{self.tag}d"[-15:]
 
-    @property
-    def burst_bytes(self) -> int:
-        # 2 ms of the rate, at least two full-size packets: short messages get no free ride.
-        return max(3028, int(self.rate_mbit * 1e6 / 8 * 0.002))
+    @staticmethod
+    def tbf_args(rate_mbit: float) -> List[str]:
+        """The tbf settings of a rate: a burst of 2 ms of the rate, at least two full-size
+        packets (short messages get no free ride), and a queue of 100 ms of the rate (a
+        router's buffer)."""
+        burst = max(3028, int(rate_mbit * 1e6 / 8 * 0.002))
+        return ["tbf", "rate", f"{int(rate_mbit * 1000)}kbit", "burst", str(burst),
+                "latency", "100ms"]
 
     def netns(self, ns: str) -> List[str]:
         return ["ip", "netns", "exec", ns]
@@ -142,10 +149,13 @@ class Link:
             sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", ifc)
             sh("ip", "-n", ns, "link", "set", ifc, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-            # tbf: rate per direction; the queue holds 100 ms of the rate (a router's buffer).
-            sh("tc", "-n", ns, "qdisc", "add", "dev", ifc, "root", "tbf",
-               "rate", f"{int(self.rate_mbit * 1000)}kbit", "burst", str(self.burst_bytes),
-               "latency", "100ms")
+            sh("tc", "-n", ns, "qdisc", "add", "dev", ifc, "root", *self.tbf_args(self.rate_mbit))
+
+    def set_rate(self, rate_mbit: float) -> None:
+        """Changes the tbf rate of both ends (the burst and queue follow the rate, as in
+        setup); what the queues hold stays."""
+        for ns, ifc in ((self.up, self.if_up), (self.down, self.if_down)):
+            sh("tc", "-n", ns, "qdisc", "change", "dev", ifc, "root", *self.tbf_args(rate_mbit))
 
     def qdisc(self) -> str:
         return sh("tc", "-n", self.up, "qdisc", "show", "dev", self.if_up).stdout.strip()
@@ -282,23 +292,32 @@ def _iperf(link: Link, host: str, port: int, seconds: float, extra: List[str]) -
 # ---------------------------------------------------------------------------------------------
 # One training run through the namespaces, and what the link did meanwhile.
 
-def link_use(samples: Path, t0: float, t1: float, rate_mbit: float,
-             busy_fraction: float) -> Dict[str, float]:
+def read_samples(samples: Path) -> List[Tuple[float, int, int, int, int]]:
+    """The relay's samples: (monotonic seconds, veth tx, veth rx, relay forward, relay
+    backward bytes)."""
     rows = []
     for line in samples.read_text().splitlines():
         parts = line.split()
         if len(parts) == 5:
             rows.append((float(parts[0]), *(int(x) for x in parts[1:])))
+    return rows
+
+
+def link_use(rows: List[Tuple[float, int, int, int, int]], t0: float, t1: float,
+             rate_at: Callable[[float], float], busy_fraction: float) -> Dict[str, float]:
+    """What the link did between t0 and t1 (monotonic): busy seconds per direction, where an
+    interval is busy when it carried at least busy_fraction of what the tbf rate of that moment
+    (rate_at(t), Mbit/s) allows, and the bytes moved."""
     rows = [r for r in rows if t0 <= r[0] <= t1]
-    rate_bps = rate_mbit * 1e6 / 8
     busy = {"forward": 0.0, "backward": 0.0}
     for a, b in zip(rows, rows[1:]):
         dt = b[0] - a[0]
         if dt <= 0:
             continue
-        if b[1] - a[1] >= busy_fraction * rate_bps * dt:
+        allowed = busy_fraction * rate_at(a[0]) * 1e6 / 8 * dt
+        if b[1] - a[1] >= allowed:
             busy["forward"] += dt
-        if b[2] - a[2] >= busy_fraction * rate_bps * dt:
+        if b[2] - a[2] >= allowed:
             busy["backward"] += dt
     if len(rows) < 2:
         return {}
@@ -321,6 +340,53 @@ def time_to_target(times: List[float], vals: List[float], target: float
     return None, None
 
 
+class RateChanges:
+    """Applies --rate-schedule during one run: after training starts, a thread changes the tbf
+    rate at the given seconds; stop() restores the base rate. events holds (monotonic time,
+    Mbit/s) from the start of training on, the rates the link had."""
+
+    def __init__(self, link: Link, base_mbit: float, changes: List[Tuple[float, float]]) -> None:
+        self.link, self.base, self.changes = link, base_mbit, changes
+        self.events: List[Tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+
+    def start(self, t0: float) -> None:
+        self.events.append((t0, self.base))
+        if self.changes:
+            self._thread = threading.Thread(target=self._loop, args=(t0,), daemon=True)
+            self._thread.start()
+
+    def _loop(self, t0: float) -> None:
+        for at, rate in self.changes:
+            if self._stop.wait(max(0.0, t0 + at - time.monotonic())):
+                return
+            try:
+                self.link.set_rate(rate)
+            except BenchError as e:  # reported by stop(): the run's figures would be wrong
+                self.error = e
+                return
+            self.events.append((time.monotonic(), rate))
+            log(f"[link] {at:g} s into training: tbf rate now {rate:g} Mbit/s each way")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            if len(self.events) > 1:
+                self.link.set_rate(self.base)
+        if self.error is not None:
+            raise BenchError(f"changing the link's rate failed: {self.error}")
+
+    def rate_at(self, t: float) -> float:
+        rate = self.base
+        for when, r in self.events:
+            if when <= t:
+                rate = r
+        return rate
+
+
 def train(method: str, index: int, args: argparse.Namespace, link: Link, work: Path,
           out: Path, corpus: Path, stop_below: Optional[float]) -> Dict[str, Any]:
     from llama_pipeline.run import RunConfig, StagePlacement, run
@@ -329,8 +395,9 @@ def train(method: str, index: int, args: argparse.Namespace, link: Link, work: P
                     seq_len=args.seq_len, batch=args.batch, microbatches=args.microbatches,
                     seed=args.seed, eval_batches=args.eval_batches, corpus=str(corpus),
                     method=method, k=args.k or max(1, args.d_model // 8),
-                    forward_codec=args.forward_codec,
-                    rvq_levels=args.rvq_levels, send_rate_mbit=0.0, timeout_s=300.0)
+                    forward_codec=args.forward_codec, backward_codec=args.backward_codec,
+                    rvq_levels=args.rvq_levels, send_rate_mbit=0.0, timeout_s=300.0,
+                    boundary_options={} if method == "DENSE" else dict(args.boundary_options))
     peer_port = PEER_PORT0 + index
     placement = [StagePlacement(wrap=link.netns(link.up), dial=f"127.0.0.1:{RELAY_PORT}"),
                  StagePlacement(wrap=link.netns(link.down),
@@ -341,36 +408,115 @@ def train(method: str, index: int, args: argparse.Namespace, link: Link, work: P
     minutes, steps = args.budget_minutes[method], args.budget_steps[method]
     n = max(1, round(1 / args.eval_every))
     fractions = [i / n for i in range(1, n)]
+    rates = RateChanges(link, args.rate_mbit, args.rate_changes)
     t0 = time.monotonic()
     try:
         summary = run(cfg, out / method.lower(), minutes=minutes, max_steps=steps,
                       log=lambda m: log(f"[{method}] {m}" if m else ""), plot=False,
-                      placement=placement, eval_fractions=fractions, stop_below=stop_below)
+                      placement=placement, eval_fractions=fractions, stop_below=stop_below,
+                      on_train_start=rates.start)
     finally:
         t1 = time.monotonic()
+        rates.stop()
         link.stop(relay)
-    use = link_use(samples, t0, t1, args.rate_mbit, args.busy_fraction)
+    rows = read_samples(samples)
+    use = link_use(rows, t0, t1, rates.rate_at, args.busy_fraction)
     hist = summary["history"]
     val_wall = [hist["seconds"][s - 1] for s in summary["val_steps"]]
     dense = method == "DENSE"
-    return {"method": method, "k": None if dense else cfg.k,
-            "forward_codec": None if dense else cfg.forward_codec,
-            "rvq_levels": cfg.rvq_levels if cfg.forward_codec == "RVQ" and not dense else None,
-            "budget_minutes": minutes, "budget_steps": steps,
-            "steps": summary["steps"], "tokens": summary["tokens"],
-            "train_seconds": summary["train_seconds"], "eval_seconds": summary["eval_seconds"],
-            "tokens_per_second": summary["tokens_per_second"],
-            "final_val_loss": summary["final_val_loss"],
-            "val_steps": summary["val_steps"], "val_loss": summary["val_loss"],
-            "val_train_seconds": summary["val_train_seconds"], "val_wall_seconds": val_wall,
-            "compression": summary["compression"],
-            "daemon_wire_bytes": summary["wire_payload_bytes"]
-            + summary["wire_dictionary_bytes"],
-            "daemon_wire_bytes_per_step": summary["wire_bytes_per_step"],
-            "raw_bytes": summary["raw_bytes"], "link": use,
-            "stopped_at_target": stop_below is not None and summary["final_val_loss"] is not None
-            and summary["final_val_loss"] <= stop_below,
-            "out_dir": summary["out_dir"]}
+    rec = {"method": method, "k": None if dense else cfg.k,
+           "forward_codec": None if dense else cfg.forward_codec,
+           "backward_codec": None if dense else cfg.backward_codec,
+           "rvq_levels": cfg.rvq_levels if cfg.forward_codec == "RVQ" and not dense else None,
+           "boundary_options": {} if dense else dict(cfg.boundary_options),
+           "budget_minutes": minutes, "budget_steps": steps,
+           "steps": summary["steps"], "tokens": summary["tokens"],
+           "train_seconds": summary["train_seconds"], "eval_seconds": summary["eval_seconds"],
+           "tokens_per_second": summary["tokens_per_second"],
+           "final_val_loss": summary["final_val_loss"],
+           "val_steps": summary["val_steps"], "val_loss": summary["val_loss"],
+           "val_train_seconds": summary["val_train_seconds"], "val_wall_seconds": val_wall,
+           "compression": summary["compression"],
+           "daemon_wire_bytes": summary["wire_payload_bytes"]
+           + summary["wire_dictionary_bytes"],
+           "daemon_wire_bytes_per_step": summary["wire_bytes_per_step"],
+           "raw_bytes": summary["raw_bytes"], "link": use,
+           "stopped_at_target": stop_below is not None and summary["final_val_loss"] is not None
+           and summary["final_val_loss"] <= stop_below,
+           "out_dir": summary["out_dir"]}
+    if args.rate_changes:
+        start = summary["train_started_monotonic"]
+        rec["rate_events"] = [(t - start, r) for t, r in rates.events]
+        rec["phases"] = phases(rec["rate_events"], hist, summary["val_steps"], rows, start,
+                               start + summary["train_seconds"], rates.rate_at, args)
+        rec["timeline"] = timeline(hist, summary["val_steps"], rows, start, rates.rate_at, args)
+    return rec
+
+
+def _step_table(hist: Dict[str, Any], val_steps: List[int]) -> List[Dict[str, Any]]:
+    """Per training step (evaluation steps left out): its end (training seconds), duration and
+    the boundary-0 health gauges the daemons reported for it."""
+    out, prev, evals = [], 0.0, set(val_steps)
+    for step, t, health in zip(hist["step"], hist["seconds"], hist["health"]):
+        if step not in evals:
+            out.append({"t": t, "step_s": t - prev, **health.get("0", {})})
+        prev = t
+    return out
+
+
+def phases(events: List[Tuple[float, float]], hist: Dict[str, Any], val_steps: List[int],
+           rows: List[Tuple[float, int, int, int, int]], start: float, end: float,
+           rate_at: Callable[[float], float], args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Per stretch of constant rate: step time, what the link and the sidecars did, and the
+    forward codes' depth and error."""
+    table = _step_table(hist, val_steps)
+    bounds = [t for t, _ in events] + [end - start]
+    out = []
+    for (a, rate), b in zip(events, bounds[1:]):
+        steps = [r for r in table if a < r["t"] <= b]
+        use = link_use(rows, start + a, start + b, rate_at, args.busy_fraction)
+        mean = lambda key: (sum(r.get(key, 0.0) for r in steps) / len(steps)  # noqa: E731
+                            if steps else None)
+        ph: Dict[str, Any] = {"from_s": a, "to_s": b, "rate_mbit": rate, "steps": len(steps),
+                              "step_s": mean("step_s")}
+        if use:
+            ph["busy_forward_share"] = use["busy_forward_s"] / max(use["window_s"], 1e-9)
+            ph["busy_backward_share"] = use["busy_backward_s"] / max(use["window_s"], 1e-9)
+        if steps:
+            mb = args.microbatches
+            ph.update({
+                "forward_rvq_levels": mean("forward_rvq_levels"),
+                "forward_relative_error_mean": mean("forward_relative_error"),
+                "forward_relative_error_max": max(r.get("forward_relative_error", 0.0)
+                                                  for r in steps),
+                # per step: microbatches x the per-microbatch gauges
+                "sidecar_compute_s": mb * ((mean("forward_compute_s") or 0.0)
+                                           + (mean("backward_compute_s") or 0.0)),
+                "wire_forward_s": mb * (mean("forward_wire_s") or 0.0),
+                "wire_backward_s": mb * (mean("backward_wire_s") or 0.0),
+                "budget_fallbacks": steps[-1].get("forward_budget_fallbacks", 0)
+                - steps[0].get("forward_budget_fallbacks", 0)})
+        out.append(ph)
+    return out
+
+
+def timeline(hist: Dict[str, Any], val_steps: List[int],
+             rows: List[Tuple[float, int, int, int, int]], start: float,
+             rate_at: Callable[[float], float], args: argparse.Namespace,
+             window_s: float = 5.0) -> Dict[str, Any]:
+    """For the plot: per training step, and the link's busy share per window_s."""
+    table = _step_table(hist, val_steps)
+    busy: Dict[str, List[float]] = {"t": [], "forward": [], "backward": []}
+    end = hist["seconds"][-1] if hist["seconds"] else 0.0
+    a = 0.0
+    while a < end:
+        use = link_use(rows, start + a, start + a + window_s, rate_at, args.busy_fraction)
+        if use:
+            busy["t"].append(a + window_s / 2)
+            busy["forward"].append(use["busy_forward_s"] / max(use["window_s"], 1e-9))
+            busy["backward"].append(use["busy_backward_s"] / max(use["window_s"], 1e-9))
+        a += window_s
+    return {"steps": table, "busy": busy}
 
 
 def utilisation(rec: Dict[str, Any], iperf: Optional[Dict[str, float]]) -> Dict[str, Any]:
@@ -444,6 +590,26 @@ def _per_method(text: str, methods: List[str], kind: type, what: str) -> Dict[st
     return out
 
 
+def parse_rate_schedule(text: str) -> List[Tuple[float, float]]:
+    """'150=5,300=1.5' -> [(150.0, 5.0), (300.0, 1.5)] (ValueError naming the bad item)."""
+    out: List[Tuple[float, float]] = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        at, sep, rate = item.partition("=")
+        try:
+            change = (float(at), float(rate))
+        except ValueError:
+            change = (-1.0, -1.0)
+        if not sep or change[0] < 0 or change[1] <= 0:
+            raise ValueError(f"--rate-schedule {item!r}: expected SECONDS=MBIT with SECONDS >= 0 "
+                             "and MBIT > 0, for example 150=5")
+        out.append(change)
+    if [a for a, _ in out] != sorted(a for a, _ in out):
+        raise ValueError(f"--rate-schedule {text!r}: give the changes in time order")
+    return out
+
+
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -481,6 +647,13 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
                     choices=("RVQ", "INT8", "INT4", "BF16"),
                     help="fixed's and MAPL's forward codes")
     ap.add_argument("--rvq-levels", type=int, default=4, help="with --forward-codec RVQ")
+    ap.add_argument("--backward-codec", default="INT8", type=str.upper,
+                    choices=("INT8", "INT4", "BF16"), help="fixed's and MAPL's backward codes")
+    add_boundary_option_args(ap)
+    ap.add_argument("--rate-schedule", default="",
+                    help="change the link's rate during each run: 'SECONDS=MBIT,...', seconds "
+                    "after training starts, e.g. '150=5' drops 20 Mbit/s to 5 after 150 s; "
+                    "adds a per-rate table and adaptive.png")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "out" / "wan",
                     help="results.json, val_loss_vs_time.png and each run's logs")
@@ -493,6 +666,11 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
         args.iperf_seconds = 3.0
         if args.minutes == ap.get_default("minutes"):
             args.minutes = "0.33"
+    try:
+        args.boundary_options = parse_boundary_options(args.boundary_option)
+        args.rate_changes = parse_rate_schedule(args.rate_schedule)
+    except ValueError as e:
+        ap.error(str(e))
     args.method_list = [m.strip().upper() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.method_list if m not in METHOD_ORDER]
     if bad or not args.method_list:
@@ -525,6 +703,7 @@ def bench(args: argparse.Namespace) -> Dict[str, Any]:
         corpus.write_bytes(load_text(None))
     link = Link(args.rate_mbit, args.delay_ms)
     results: Dict[str, Any] = {"rate_mbit": args.rate_mbit, "delay_ms": args.delay_ms,
+                               "rate_schedule": args.rate_changes,
                                "methods": args.method_list, "smoke": args.smoke, "runs": []}
     try:
         link.setup()
@@ -562,7 +741,8 @@ def report(results: Dict[str, Any], out: Path) -> None:
         rec["time_to_target_s"], rec["time_to_target_interp_s"] = first, interp
         fw, _ = time_to_target(rec["val_wall_seconds"], rec["val_loss"], target)
         rec["time_to_target_wall_s"] = fw
-        rec["utilisation"] = utilisation(rec, iperf)
+        # iperf3 measured the base rate: with a schedule the utilisation figure has no reference
+        rec["utilisation"] = utilisation(rec, None if results.get("rate_schedule") else iperf)
     by = {r["method"]: r for r in results["runs"]}
     speedups = {}
     for a, b in (("DENSE", "MAPL"), ("DENSE", "FIXED"), ("FIXED", "MAPL")):
@@ -583,7 +763,9 @@ def report(results: Dict[str, Any], out: Path) -> None:
     if codes:
         r = codes[0]
         log(f"compressed methods: k = {r['k']}, forward codes {r['forward_codec']}"
-            + (f" x {r['rvq_levels']}" if r.get("rvq_levels") else "") + ", backward int8")
+            + (f" x {r['rvq_levels']}" if r.get("rvq_levels") else "")
+            + f", backward {r['backward_codec'].lower()}"
+            + "".join(f", {k}={v}" for k, v in r["boundary_options"].items()))
     log(f"{'method':7} {'steps':>6} {'train s':>8} {'final val':>9} {'compr.':>7} "
         f"{'to target (s)':>14} {'interp.':>8} {'w/ evals':>9} {'util.':>6} {'link busy':>9}")
     for rec in results["runs"]:
@@ -615,7 +797,99 @@ def report(results: Dict[str, Any], out: Path) -> None:
                     f"backward); everything on the peer link: "
                     f"{u.get('relay_forward_utilisation', float('nan')):.0%} forward, "
                     f"{u.get('relay_backward_utilisation', float('nan')):.0%} backward")
+    if results.get("rate_schedule"):
+        report_phases(results)
+        adaptive = out / "adaptive.png"
+        plot_adaptive(results, adaptive)
+        log(f"per-step codes, errors and link use against time: {adaptive}")
     log(f"results: {out / 'results.json'}; plot: {png}")
+
+
+def report_phases(results: Dict[str, Any]) -> None:
+    """One line per run and stretch of constant rate: is the link or the compute the pace?"""
+    log("")
+    log("per rate: seconds a step; link busy share per direction; per step, the sidecars' "
+        "codec seconds and the wire seconds each direction needs at the measured goodput; "
+        "forward RVQ levels (mean over the RVQ frames) and relative error; frames sent as int8 "
+        "over the budget")
+    log(f"{'method':7} {'Mbit/s':>6} {'from s':>7} {'steps':>5} {'s/step':>7} {'busy f/b':>9} "
+        f"{'codec s':>8} {'wire f/b s':>11} {'levels':>6} {'err mean/max':>13} {'int8':>5}")
+    for rec in results["runs"]:
+        for ph in rec.get("phases", []):
+            def f(key: str, fmt: str) -> str:
+                v = ph.get(key)
+                return format(v, fmt) if v is not None else "-"
+            busy = (f"{ph['busy_forward_share']:.0%}/{ph['busy_backward_share']:.0%}"
+                    if "busy_forward_share" in ph else "-")
+            wire = (f"{ph['wire_forward_s']:.2f}/{ph['wire_backward_s']:.2f}"
+                    if "wire_forward_s" in ph else "-")
+            err = (f"{ph['forward_relative_error_mean']:.3f}/"
+                   f"{ph['forward_relative_error_max']:.3f}"
+                   if "forward_relative_error_mean" in ph else "-")
+            log(f"{rec['method']:7} {ph['rate_mbit']:6g} {ph['from_s']:7.1f} {ph['steps']:5d} "
+                f"{f('step_s', '.3f'):>7} {busy:>9} {f('sidecar_compute_s', '.3f'):>8} "
+                f"{wire:>11} {f('forward_rvq_levels', '.2f'):>6} {err:>13} "
+                f"{f('budget_fallbacks', 'd'):>5}")
+
+
+def plot_adaptive(results: Dict[str, Any], path: Path) -> None:
+    """Against training time: step seconds and the link's busy share (the rate changes
+    marked), the forward codes' depth, and their relative error against the budget."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    colors = {"DENSE": "tab:gray", "FIXED": "tab:orange", "MAPL": "tab:blue"}
+    fig, (ax_t, ax_l, ax_e) = plt.subplots(3, 1, figsize=(8, 8.5), dpi=110, sharex=True)
+    busy_ax = ax_t.twinx()
+    for rec in results["runs"]:
+        tl, m = rec.get("timeline"), rec["method"]
+        if not tl:
+            continue
+        c = colors.get(m)
+        t = [r["t"] for r in tl["steps"]]
+        ax_t.plot(t, [r["step_s"] for r in tl["steps"]], ".", ms=3, color=c,
+                  label=f"{m}: seconds a step")
+        busy_ax.plot(tl["busy"]["t"], tl["busy"]["forward"], "-", lw=1, color=c, alpha=0.6,
+                     label=f"{m}: link busy, forward")
+        busy_ax.plot(tl["busy"]["t"], tl["busy"]["backward"], ":", lw=1, color=c, alpha=0.6,
+                     label=f"{m}: link busy, backward")
+        if m != "DENSE":
+            ax_l.plot(t, [r.get("forward_rvq_levels", 0) for r in tl["steps"]], ".", ms=3,
+                      color=c, label=m)
+            ax_e.plot(t, [r.get("forward_relative_error", 0.0) for r in tl["steps"]], ".",
+                      ms=3, color=c, label=m)
+            budget = rec["boundary_options"].get("forward_error_budget")
+            if budget:
+                # The budget bounds the code error |z - zq| / |z|; the plotted error is of h,
+                # which also loses what lies outside U: the two agree where U holds h.
+                ax_e.axhline(budget, color=c, ls="--", lw=1, label=f"{m}: error budget")
+        for when, rate in rec.get("rate_events", [])[1:]:
+            for ax in (ax_t, ax_l, ax_e):
+                ax.axvline(when, color="black", lw=0.8, ls=":")
+            ax_t.annotate(f"{rate:g} Mbit/s", (when, 1), xycoords=("data", "axes fraction"),
+                          xytext=(3, -12), textcoords="offset points", fontsize=8)
+    ax_t.set_ylabel("seconds a step")
+    ax_t.set_ylim(bottom=0)
+    busy_ax.set_ylabel("link busy share (5 s windows)")
+    busy_ax.set_ylim(0, 1.05)
+    h1, l1 = ax_t.get_legend_handles_labels()
+    h2, l2 = busy_ax.get_legend_handles_labels()
+    ax_t.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
+    ax_l.set_ylabel("forward RVQ levels\n(mean of a step's RVQ frames)")
+    ax_l.set_ylim(bottom=0)
+    ax_e.set_ylabel("forward relative error")
+    ax_e.set_ylim(bottom=0)
+    ax_e.set_xlabel("training wall time, s")
+    for ax in (ax_l, ax_e):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax_t.grid(alpha=0.3)
+    ax_t.set_title(f"2 stages over a link whose rate changes ({results['rate_mbit']:g} Mbit/s "
+                   f"at the start), {results['delay_ms']:g} ms one way", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -294,6 +294,8 @@ def _health(history: History) -> Dict[str, Dict[str, float]]:
         up, down = sides.get("upstream", {}), sides.get("downstream", {})
         out[str(bid)] = {
             "forward_relative_error": up.get("forward_relative_error", 0.0),
+            "forward_rvq_levels": up.get("forward_rvq_levels_mean", 0.0),
+            "forward_budget_fallbacks": up.get("forward_budget_fallbacks", 0),
             "forward_compute_s": up.get("compute_seconds_per_microbatch", 0.0),
             "forward_wire_s": up.get("wire_seconds_per_microbatch", 0.0),
             "backward_compute_s": down.get("compute_seconds_per_microbatch", 0.0),
@@ -344,13 +346,15 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
         log: Log = print, plot: bool = True,
         placement: Optional[List[StagePlacement]] = None,
         eval_fractions: Optional[List[float]] = None,
-        stop_below: Optional[float] = None) -> Dict[str, Any]:
+        stop_below: Optional[float] = None,
+        on_train_start: Optional[Callable[[float], None]] = None) -> Dict[str, Any]:
     """Trains until ``max_steps`` or ``minutes`` of training (whichever comes first; 0: no
     limit, but one is needed) and returns the summary (also written to out_dir/summary.json).
     ``placement``: one StagePlacement per stage (default: all on loopback).
     ``eval_fractions``: when to evaluate, as fractions of the run, besides at the end (default
     EVAL_FRACTIONS). ``stop_below``: end the run at the first evaluation whose validation loss
-    is at or below this."""
+    is at or below this. ``on_train_start``: called with time.monotonic() of the moment
+    training starts (the zero of the history's seconds), once every process is up."""
     fractions_eval = sorted(EVAL_FRACTIONS if eval_fractions is None else eval_fractions)
     if minutes <= 0 and max_steps <= 0:
         raise ValueError("give a time budget (minutes) or a number of steps")
@@ -402,6 +406,8 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
             f" parameters); logs in {log_dir}")
         budget = minutes * 60
         t0 = time.monotonic()
+        if on_train_start is not None:
+            on_train_start(t0)
         step, step_s, eval_s = 0, 0.0, 0.0
         next_eval = 0
         last_print, mark = t0, (0, 0, {"raw": 0, "wire": 0})
@@ -464,6 +470,7 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
             pipe.wait("saved", timeout=60)
             log(f"checkpoint: {cfg.save_checkpoint}")
     summary = _summary(cfg, history, train_s, params, out_dir)
+    summary["train_started_monotonic"] = t0
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     _print_summary(summary, log)
     if plot:

@@ -468,10 +468,12 @@ TEST(ForwardErrorBudgetTest, Int8OverTheBudgetFewestLevelsOnABusyLink) {
     if (budget < 1.f) {
       EXPECT_EQ(up.forward_budget_fallbacks(), 44u);  // every frame after the fit
       EXPECT_EQ(up.forward_rvq_levels(), 0u);
-      EXPECT_EQ(up.rvq_refits(), 1u);  // at step 11
+      EXPECT_EQ(up.forward_rvq_levels_mean(), 0.0);  // no RVQ frame in the last step
+      EXPECT_EQ(up.rvq_refits(), 1u);                // at step 11
     } else {
       EXPECT_EQ(up.forward_budget_fallbacks(), 0u);
       EXPECT_EQ(up.forward_rvq_levels(), 1u);
+      EXPECT_EQ(up.forward_rvq_levels_mean(), 1.0);
       EXPECT_EQ(up.rvq_refits(), 0u);
     }
     EXPECT_EQ(pair.down().stats().frames_rejected(), 0u);
