@@ -174,8 +174,10 @@ void BoundaryWorker::Encode(EncodeJob& job) {
     absl::MutexLock el(&engine_mu_);
     engine_->SetLinkBusy(link_busy);
     const absl::Time start = absl::Now();
+    // Send took the tensor with CopyAndCheckFinite: only finite ones reach the queue.
     absl::StatusOr<std::vector<v1::PeerMessage>> out = engine_->Encode(
-        job.step, job.microbatch, t, job.token_ids.empty() ? nullptr : job.token_ids.data());
+        job.step, job.microbatch, t, job.token_ids.empty() ? nullptr : job.token_ids.data(),
+        Engine::FiniteCheck::kCheckedByCaller);
     status = out.status();
     if (out.ok()) {
       const double seconds = absl::ToDoubleSeconds(absl::Now() - start);

@@ -106,7 +106,8 @@ absl::Status DownstreamEngine::DecodeForwardImpl(const v1::Frame& frame, const T
 }
 
 absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step, uint32_t microbatch,
-                                                                 const ConstTensor& g) {
+                                                                 const ConstTensor& g,
+                                                                 FiniteCheck finite) {
   SavedForward* saved = pending_.Find({step, microbatch});
   if (saved == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -114,9 +115,11 @@ absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step, 
   }
   const int64_t n = saved->rows;
   MAPL_RETURN_IF_ERROR(CheckShape(g, "g", n, d_));
-  if (absl::Status s = CheckFinite(g, "g"); !s.ok()) {
-    stats_.set_nonfinite_inputs(stats_.nonfinite_inputs() + 1);
-    return s;
+  if (finite == FiniteCheck::kCheck) {
+    if (absl::Status s = CheckFinite(g, "g"); !s.ok()) {
+      stats_.set_nonfinite_inputs(stats_.nonfinite_inputs() + 1);
+      return s;
+    }
   }
   v1::Frame frame = codec_.NewFrame(v1::DIRECTION_BACKWARD, step, microbatch, n);
   if (!projected_) {
@@ -177,11 +180,9 @@ absl::Status DownstreamEngine::AccumulateLearning(const SavedForward& saved, con
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<v1::PeerMessage>> DownstreamEngine::Encode(uint64_t step,
-                                                                      uint32_t microbatch,
-                                                                      const ConstTensor& t,
-                                                                      const int32_t*) {
-  MAPL_ASSIGN_OR_RETURN(v1::PeerMessage m, EncodeBackward(step, microbatch, t));
+absl::StatusOr<std::vector<v1::PeerMessage>> DownstreamEngine::Encode(
+    uint64_t step, uint32_t microbatch, const ConstTensor& t, const int32_t*, FiniteCheck finite) {
+  MAPL_ASSIGN_OR_RETURN(v1::PeerMessage m, EncodeBackward(step, microbatch, t, finite));
   std::vector<v1::PeerMessage> out;
   out.push_back(std::move(m));
   return out;

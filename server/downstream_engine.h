@@ -35,7 +35,8 @@ class DownstreamEngine : public Engine {
   // Encodes g = dL/dh_hat: (n, d) f32/bf16 of a decoded forward: gz = g U with the U that forward
   // used, in the backward codec. Accumulates G_down and the anchor gradients (METHOD_MAPL).
   absl::StatusOr<v1::PeerMessage> EncodeBackward(uint64_t step, uint32_t microbatch,
-                                                 const ConstTensor& g);
+                                                 const ConstTensor& g,
+                                                 FiniteCheck finite = FiniteCheck::kCheck);
   // Applies the owner's delta / snapshot (untrusted: every check of DictionaryReplica).
   absl::Status HandleDelta(const v1::DictionaryDelta& delta);
   absl::Status HandleSnapshot(const v1::DictionarySnapshot& snapshot);
@@ -50,7 +51,8 @@ class DownstreamEngine : public Engine {
   v1::Direction sends() const override { return v1::DIRECTION_BACKWARD; }
   absl::StatusOr<std::vector<v1::PeerMessage>> Encode(uint64_t step, uint32_t microbatch,
                                                       const ConstTensor& t,
-                                                      const int32_t* token_ids) override;
+                                                      const int32_t* token_ids,
+                                                      FiniteCheck finite) override;
   // DecodeForward, plus a snapshot request when the frame names a version not held.
   absl::Status Decode(const v1::Frame& frame, const Tensor& out,
                       std::vector<v1::PeerMessage>* replies) override;

@@ -55,6 +55,11 @@ class Engine {
                                                         const Backend* backend);
   virtual ~Engine() = default;
 
+  // Whether Encode checks its tensor for NaN and Inf. The boundary worker copies each tensor
+  // out of shared memory with CopyAndCheckFinite and hands over only finite ones: a second
+  // pass over up to max_tokens x d values would only cost time.
+  enum class FiniteCheck { kCheck, kCheckedByCaller };
+
   // The effective config, defaults filled in.
   virtual const v1::BoundaryConfig& config() const = 0;
   // The direction of the tensors this side sends (FORWARD upstream, BACKWARD downstream).
@@ -65,7 +70,8 @@ class Engine {
   // the messages to send, in order.
   virtual absl::StatusOr<std::vector<v1::PeerMessage>> Encode(uint64_t step, uint32_t microbatch,
                                                               const ConstTensor& t,
-                                                              const int32_t* token_ids) = 0;
+                                                              const int32_t* token_ids,
+                                                              FiniteCheck finite) = 0;
   // Checks and decodes a frame from the peer into `out` (n, d) f32/bf16. May add messages to
   // send to `replies` (a snapshot request for a dictionary version it lacks).
   virtual absl::Status Decode(const v1::Frame& frame, const Tensor& out,

@@ -84,16 +84,18 @@ v1::PeerMessage UpstreamEngine::SnapshotMessage() {
 }
 
 absl::Status UpstreamEngine::CheckInput(uint64_t step, uint32_t microbatch, const ConstTensor& h,
-                                        const int32_t* token_ids) {
+                                        const int32_t* token_ids, FiniteCheck finite) {
   const int64_t n = h.rows;
   if (n < 1 || n > config_.max_tokens()) {
     return absl::InvalidArgumentError(
         absl::StrCat("h: rows must be in [1, max_tokens=", config_.max_tokens(), "], got ", n));
   }
   MAPL_RETURN_IF_ERROR(CheckShape(h, "h", n, d_));
-  if (absl::Status s = CheckFinite(h, "h"); !s.ok()) {
-    stats_.set_nonfinite_inputs(stats_.nonfinite_inputs() + 1);
-    return s;
+  if (finite == FiniteCheck::kCheck) {
+    if (absl::Status s = CheckFinite(h, "h"); !s.ok()) {
+      stats_.set_nonfinite_inputs(stats_.nonfinite_inputs() + 1);
+      return s;
+    }
   }
   if (last_step_.has_value() && step <= *last_step_) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -118,9 +120,12 @@ absl::Status UpstreamEngine::CheckInput(uint64_t step, uint32_t microbatch, cons
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
-    uint64_t step, uint32_t microbatch, const ConstTensor& h, const int32_t* token_ids) {
-  MAPL_RETURN_IF_ERROR(CheckInput(step, microbatch, h, token_ids));
+absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(uint64_t step,
+                                                                           uint32_t microbatch,
+                                                                           const ConstTensor& h,
+                                                                           const int32_t* token_ids,
+                                                                           FiniteCheck finite) {
+  MAPL_RETURN_IF_ERROR(CheckInput(step, microbatch, h, token_ids, finite));
   const int64_t n = h.rows;
   std::vector<v1::PeerMessage> out;
   if (projected_ && !owner_.has_value()) {

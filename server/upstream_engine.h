@@ -40,9 +40,9 @@ class UpstreamEngine : public Engine {
   // (PROJECTOR_INIT_PCA: U = principal subspace of this first h), then the Frame. Keeps h for the
   // backward (METHOD_MAPL). With CODEC_RVQ, frames travel as CODEC_BF16 until the codebooks are
   // fitted; the Step() that fits them publishes them whole (outside the budget).
-  absl::StatusOr<std::vector<v1::PeerMessage>> EncodeForward(uint64_t step, uint32_t microbatch,
-                                                             const ConstTensor& h,
-                                                             const int32_t* token_ids);
+  absl::StatusOr<std::vector<v1::PeerMessage>> EncodeForward(
+      uint64_t step, uint32_t microbatch, const ConstTensor& h, const int32_t* token_ids,
+      FiniteCheck finite = FiniteCheck::kCheck);
   // Decodes a backward frame into dh: (n, d) f32/bf16, dh = gzq U^T with the U its forward was
   // encoded with, and accumulates G_up += h^T gzq (METHOD_MAPL). Releases the saved forward.
   absl::Status DecodeBackward(const v1::Frame& frame, const Tensor& dh);
@@ -58,8 +58,9 @@ class UpstreamEngine : public Engine {
   v1::Direction sends() const override { return v1::DIRECTION_FORWARD; }
   absl::StatusOr<std::vector<v1::PeerMessage>> Encode(uint64_t step, uint32_t microbatch,
                                                       const ConstTensor& t,
-                                                      const int32_t* token_ids) override {
-    return EncodeForward(step, microbatch, t, token_ids);
+                                                      const int32_t* token_ids,
+                                                      FiniteCheck finite) override {
+    return EncodeForward(step, microbatch, t, token_ids, finite);
   }
   absl::Status Decode(const v1::Frame& frame, const Tensor& out,
                       std::vector<v1::PeerMessage>* replies) override;
@@ -95,7 +96,7 @@ class UpstreamEngine : public Engine {
   UpstreamEngine(const v1::BoundaryConfig& config, const Backend* backend);
   absl::Status CreateOwner(std::vector<std::vector<float>> tables);
   absl::Status CheckInput(uint64_t step, uint32_t microbatch, const ConstTensor& h,
-                          const int32_t* token_ids);
+                          const int32_t* token_ids, FiniteCheck finite);
   void SaveH(const ConstTensor& h, SavedForward* saved);  // the sampled rows of h
   absl::Status DecodeBackwardImpl(const v1::Frame& frame, const Tensor& dh);
   v1::PeerMessage SnapshotMessage();

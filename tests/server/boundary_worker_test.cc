@@ -749,7 +749,7 @@ TEST(BoundaryWorkerTest, PeerMessagesAreQueuedForTheDecoderThread) {
   for (uint32_t mb = 0; mb < 2; ++mb) {
     h.push_back(Random(kN * kD, mb));
     absl::StatusOr<std::vector<v1::PeerMessage>> out =
-        (*up)->Encode(1, mb, F32(h[mb], kN), nullptr);
+        (*up)->Encode(1, mb, F32(h[mb], kN), nullptr, Engine::FiniteCheck::kCheck);
     ASSERT_TRUE(out.ok()) << out.status();
     ASSERT_EQ(out->size(), 1u);
     frames.push_back((*out)[0]);

@@ -635,8 +635,8 @@ TEST(DaemonSnapshotTest, ALostDeltaAsksForOneSnapshotAndTheReplicaFollowsTheOneI
   for (size_t i = 0; i < h.size(); ++i) h[i] = 0.01f * static_cast<float>(i % 13);
   std::vector<int32_t> ids(kRows, 3);
   for (uint32_t mb = 0; mb < 2; ++mb) {
-    absl::StatusOr<std::vector<v1::PeerMessage>> out =
-        (*encoder)->Encode(1, mb, ConstTensor::F32(h.data(), kRows, shape.d), ids.data());
+    absl::StatusOr<std::vector<v1::PeerMessage>> out = (*encoder)->Encode(
+        1, mb, ConstTensor::F32(h.data(), kRows, shape.d), ids.data(), Engine::FiniteCheck::kCheck);
     ASSERT_TRUE(out.ok()) << out.status();
     ASSERT_EQ(out->size(), 1u);
     v1::PeerMessage frame = (*out)[0];
