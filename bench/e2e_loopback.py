@@ -40,6 +40,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
@@ -120,6 +128,7 @@ def main() -> int:
         queued_ms = statistics.median(queued) * 1e3
         copy_ms = statistics.median(copies) * 1e3
         stats = up.stats().boundary(0)
+        peaks = [peak_rss_mib(p) for p in pids]
         up.close()
         down.close()
     finally:
@@ -137,6 +146,8 @@ def main() -> int:
     print(f"sidecars' CPU (both daemons, forward and backward, learners included): "
           f"{sidecar_cpu:.2f} s for {args.microbatches} microbatches = "
           f"{sidecar_cpu / args.microbatches * 1e3:.0f} ms a microbatch")
+    print(f"sidecars' peak resident memory: upstream {peaks[0]:.0f} MiB, downstream "
+          f"{peaks[1]:.0f} MiB")
     print(f"wire: {stats.wire_payload_bytes / max(stats.frames_sent + stats.frames_received, 1):.0f}"
           f" payload bytes a frame on average; compression vs dense bf16 "
           f"{stats.raw_bytes / max(stats.wire_payload_bytes, 1):.0f}x (both directions)")
