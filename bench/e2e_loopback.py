@@ -4,7 +4,9 @@
 Prints, for n tokens x d hidden at rank k (MAPL, RVQ forward codec after its warm-up steps,
 int8 backward):
   * the raw activation bytes delivered per second (as handed in, float32), upstream Send to
-    downstream Recv, over --microbatches microbatches;
+    downstream Recv, over --microbatches microbatches; both trainers receive into tensors they
+    keep in shared memory (Recv's out=), as a trainer with preallocated inputs does
+    (--recv-into new: a new tensor each Recv);
   * the latency the local hop adds: the Send call of a tensor already in shared memory (it
     returns once the daemon has taken the tensor; encoding runs behind it), against a plain
     memcpy of the same tensor in this process. Target: Send <= 3 x memcpy + 0.5 ms;
@@ -56,6 +58,9 @@ def main() -> int:
     ap.add_argument("--codec", default="CODEC_RVQ", help="forward codec")
     ap.add_argument("--microbatches", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=20, help="Send and memcpy timings")
+    ap.add_argument("--recv-into", choices=("shared", "new"), default="shared",
+                    help="Recv into a shared-memory tensor the trainer keeps (out=, no copy), "
+                    "or into a new tensor each time (an allocation and a copy)")
     args = ap.parse_args()
     n, d = args.tokens, args.d
     tensor_bytes = n * d * 4
@@ -74,6 +79,9 @@ def main() -> int:
         ids = up.buffer_tensor((n,), torch.int32)
         ids.copy_(torch.randint(0, 32000, (n,), generator=g))
         grad = torch.zeros(n, d)
+        shared = args.recv_into == "shared"
+        h_in = down.buffer_tensor((n, d)) if shared else None   # the downstream's input
+        g_in = up.buffer_tensor((n, d)) if shared else None     # the upstream's gradient
         step = 0
 
         def one_step(mbs: int, timings=None, wait=False):
@@ -83,7 +91,7 @@ def main() -> int:
 
             def downstream():
                 for mb in range(mbs):
-                    down.recv_activation(0, step, mb, rows=n)
+                    down.recv_activation(0, step, mb, rows=n, out=h_in)
                     recv_done.append(time.perf_counter())
                     down.send_gradient(0, step, mb, grad)
                 down.step(step)
@@ -98,7 +106,7 @@ def main() -> int:
                     timings.append(time.perf_counter() - t0)
                 assert r.zero_copy
             for mb in range(mbs):
-                up.recv_gradient(0, step, mb)
+                up.recv_gradient(0, step, mb, out=g_in)
             up.step(step)
             t.join()
             return start, recv_done
@@ -137,7 +145,8 @@ def main() -> int:
         shutil.rmtree(directory, ignore_errors=True)
 
     bound = 3 * copy_ms + 0.5
-    print(f"n={n} d={d} k={args.k} forward {args.codec}, backward int8; "
+    print(f"n={n} d={d} k={args.k} forward {args.codec}, backward int8; Recv into "
+          + ("a shared tensor (out=)" if shared else "a new tensor") + "; "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', '(unset)')}, "
           f"{os.cpu_count()} cores")
     print(f"delivered: {args.microbatches} x {tensor_bytes / 2**20:.0f} MiB in {elapsed:.3f} s = "

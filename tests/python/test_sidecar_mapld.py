@@ -217,6 +217,53 @@ def test_shared_tensor_is_sent_without_copy(pair: Pair):
         assert rel(private_hat, private) <= BF16_ROUNDOFF + F32_SLACK
 
 
+def test_recv_into_a_callers_tensor(pair: Pair):
+    """out=: a shared tensor is written by the daemon in place; a private one is filled with
+    one copy; both return out[:n] and hold what a plain recv would have returned."""
+    step = pair.new_step()
+    h, ids = low_rank(60, 5), torch.randint(0, VOCAB, (60,))
+    shared = pair.down.buffer_tensor((100, D))
+    private = torch.full((100, D), 7.0, dtype=torch.bfloat16)
+    ranges = shm_ranges(pair.down.buffer_names)
+    assert inside(shared, ranges) and not inside(private, ranges)
+
+    def up(sc):
+        for mb in range(3):
+            sc.send_activation(0, step, mb, h, ids)
+
+    def down(sc):
+        return (sc.recv_activation(0, step, 0, timeout=TIMEOUT, out=shared),
+                sc.recv_activation(0, step, 1, timeout=TIMEOUT, out=private),
+                sc.recv_activation(0, step, 2, timeout=TIMEOUT, rows=100))
+
+    _, (a, b, plain) = pair.both(up, down)
+    assert a.shape == b.shape == plain.shape == (60, D)
+    assert a.data_ptr() == shared.data_ptr() and b.data_ptr() == private.data_ptr()
+    assert torch.equal(a, plain)  # the same frame decoded the same way, in place
+    assert rel(b.float(), plain) <= BF16_ROUNDOFF + F32_SLACK
+    assert torch.all(private[60:] == 7.0)  # rows past n are left alone
+
+
+@pytest.mark.parametrize("out,says", [
+    (lambda: torch.zeros(10, D + 1), f"(rows, d={D})"),
+    (lambda: torch.zeros(10, D, dtype=torch.float64), "float32 or bfloat16"),
+    (lambda: torch.zeros(D, 10).T, "not contiguous"),
+], ids=["wrong width", "wrong dtype", "not contiguous"])
+def test_recv_into_a_wrong_tensor_is_refused_before_the_tensor_leaves(pair: Pair, out, says):
+    step = pair.new_step()
+    h, ids = low_rank(10, 6), torch.randint(0, VOCAB, (10,))
+    pair.up.send_activation(0, step, 0, h, ids, wait=True)
+    with pytest.raises(mapl.InvalidArgument) as info:
+        pair.down.recv_activation(0, step, 0, timeout=TIMEOUT, out=out())
+    assert says in str(info.value), str(info.value)
+    # The refusal cost nothing: the tensor is still there for a correct receive.
+    h_hat = pair.down.recv_activation(0, step, 0, timeout=TIMEOUT, out=torch.empty(10, D))
+    assert h_hat.shape == (10, D)
+    g = low_rank(10, 7)
+    pair.down.send_gradient(0, step, 0, g)
+    pair.up.recv_gradient(0, step, 0, timeout=TIMEOUT)
+
+
 def test_two_stage_pipeline_trains_through_the_sidecars(pair: Pair):
     """Stage 0 (Linear D -> D) and stage 1 (Linear D -> 1) fit y = x w together, GPipe-style
     (all forwards, then all backwards), each with its own optimizer, the boundary's activations

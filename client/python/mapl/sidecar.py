@@ -450,20 +450,27 @@ class Sidecar:
     def recv_activation(self, boundary: int, step: int, microbatch: int,
                         timeout: Optional[float] = None, rows: Optional[int] = None,
                         dtype: torch.dtype = torch.float32,
-                        device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+                        device: Optional[Union[str, torch.device]] = None,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Block until h_hat of (step, microbatch) is decoded; returns a new (n, d) tensor of
         ``dtype`` (float32 or bfloat16) on ``device`` (default CPU). ``rows``: the most rows to
         expect (default: the boundary's max_tokens). No tensor within ``timeout`` seconds
-        (default: the daemon's recv_timeout_ms): :class:`mapl.DeadlineExceeded`."""
-        return self._recv(boundary, FORWARD, step, microbatch, timeout, rows, dtype, device)
+        (default: the daemon's recv_timeout_ms): :class:`mapl.DeadlineExceeded`.
+
+        ``out``: receive into this contiguous CPU tensor of shape (rows, d) instead, float32 or
+        bfloat16 (its dtype; ``rows`` defaults to its first dimension); returns ``out[:n]``. One
+        from :meth:`buffer_tensor` is written by the daemon in place, with no copy at all; any
+        other is filled with one copy and no allocation."""
+        return self._recv(boundary, FORWARD, step, microbatch, timeout, rows, dtype, device, out)
 
     def recv_gradient(self, boundary: int, step: int, microbatch: int,
                       timeout: Optional[float] = None, rows: Optional[int] = None,
                       dtype: torch.dtype = torch.float32,
-                      device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
-        """Block until dL/dh of (step, microbatch) arrives; a new (n, d) tensor, as
-        :meth:`recv_activation`."""
-        return self._recv(boundary, BACKWARD, step, microbatch, timeout, rows, dtype, device)
+                      device: Optional[Union[str, torch.device]] = None,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Block until dL/dh of (step, microbatch) arrives; a new (n, d) tensor, or ``out[:n]``,
+        as :meth:`recv_activation`."""
+        return self._recv(boundary, BACKWARD, step, microbatch, timeout, rows, dtype, device, out)
 
     def step(self, step: int, timeout: Optional[float] = None) -> Stats:
         """Report that the optimizer finished ``step``; the compressors run their own update.
@@ -541,8 +548,12 @@ class Sidecar:
 
     def _recv(self, boundary: int, direction: int, step: int, microbatch: int,
               timeout: Optional[float], rows: Optional[int], dtype: torch.dtype,
-              device: Optional[Union[str, torch.device]]) -> torch.Tensor:
+              device: Optional[Union[str, torch.device]],
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_open()
+        if out is not None:
+            return self._recv_into(boundary, direction, step, microbatch, timeout, rows, device,
+                                   out)
         if dtype not in (torch.float32, torch.bfloat16):
             raise InvalidArgument(f"received tensors are float32 or bfloat16, not {dtype}")
         info = self.boundary(boundary)
@@ -559,3 +570,34 @@ class Sidecar:
             if device is None or torch.device(device).type == "cpu":
                 return view.clone()
             return view.to(device)
+
+    def _recv_into(self, boundary: int, direction: int, step: int, microbatch: int,
+                   timeout: Optional[float], rows: Optional[int],
+                   device: Optional[Union[str, torch.device]], out: torch.Tensor) -> torch.Tensor:
+        """The receive of ``out=`` (see :meth:`recv_activation`): checked before anything leaves
+        the daemon, so that a wrong ``out`` never costs the tensor."""
+        info = self.boundary(boundary)
+        if device is not None and torch.device(device).type != "cpu":
+            raise InvalidArgument("out= receives on the CPU: leave device unset and move the "
+                                  "result yourself")
+        if (out.device.type != "cpu" or out.dim() != 2 or out.shape[1] != info.d
+                or out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous()
+                or out.shape[0] == 0):
+            raise InvalidArgument(
+                f"out must be a contiguous CPU float32 or bfloat16 tensor of shape (rows, "
+                f"d={info.d}) with rows >= 1, got {out.dtype} {tuple(out.shape)} on "
+                f"{out.device}" + ("" if out.is_contiguous() else ", not contiguous"))
+        capacity = out.shape[0]
+        if rows is not None and int(rows) != capacity:
+            raise InvalidArgument(f"rows={rows} disagrees with out's {capacity} rows: give one")
+        where = self._locate(out)
+        if where is not None:  # in shared memory: the daemon writes there itself
+            ref = (where[0], where[1], capacity, info.d, _DTYPE_CODE[out.dtype])
+            n, _ = self._client.recv(boundary, direction, step, microbatch, ref,
+                                     _timeout_ms(timeout))
+            return out[:n]
+        with _Staging(self, capacity, info.d, out.dtype) as staging:
+            n, d = self._client.recv(boundary, direction, step, microbatch, staging.ref,
+                                     _timeout_ms(timeout))
+            out[:n].copy_(staging.tensor.view(-1)[:n * d].view(n, d))
+        return out[:n]
