@@ -55,11 +55,10 @@ std::vector<std::string> RepeatedFlag(int argc, char** argv, const std::string& 
 int main(int argc, char** argv) {
   // The daemon's large buffers (tensors of up to max_tokens x d floats, their projections, the
   // learners' samples) are allocated and freed at the microbatch rate. With glibc's defaults
-  // each one is a fresh mmap whose pages the kernel zero-fills on first touch, then an munmap:
-  // measured at n = 4096, d = 2048, page faults and the zeroing of fresh pages took about a
-  // sixth of the daemon's CPU. Keeping freed memory in the heap for reuse removes that; the
-  // peak stays what the queues bound (set here, not by environment, so every start behaves the
-  // same).
+  // each one is a fresh mmap whose pages the kernel zero-fills on first touch, then an munmap
+  // (docs/ARCHITECTURE.md, Memory, has the measurements). Keeping freed memory in the heap for
+  // reuse avoids that; the peak stays what the queues bound. Set here, not by environment, so
+  // every start behaves the same.
   mallopt(M_MMAP_THRESHOLD, 1 << 30);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   absl::SetProgramUsageMessage(
