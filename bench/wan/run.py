@@ -487,8 +487,9 @@ def phases(events: List[Tuple[float, float]], hist: Dict[str, Any], val_steps: L
             ph.update({
                 "forward_rvq_levels": mean("forward_rvq_levels"),
                 "forward_relative_error_mean": mean("forward_relative_error"),
-                "forward_relative_error_max": max(r.get("forward_relative_error", 0.0)
-                                                  for r in steps),
+                "forward_code_error_mean": mean("forward_code_relative_error"),
+                "forward_code_error_max": max(r.get("forward_code_relative_error", 0.0)
+                                              for r in steps),
                 # per step: microbatches x the per-microbatch gauges
                 "sidecar_compute_s": mb * ((mean("forward_compute_s") or 0.0)
                                            + (mean("backward_compute_s") or 0.0)),
@@ -521,14 +522,16 @@ def timeline(hist: Dict[str, Any], val_steps: List[int],
 
 def utilisation(rec: Dict[str, Any], iperf: Optional[Dict[str, float]]) -> Dict[str, Any]:
     use = rec["link"]
-    if not use or iperf is None:
+    if not use:
         return {}
-    fwd_bps = iperf["direct_forward_mbit"] * 1e6 / 8
-    bwd_bps = iperf["direct_backward_mbit"] * 1e6 / 8
     busy = use["busy_forward_s"] + use["busy_backward_s"]
     u: Dict[str, Any] = {"busy_forward_s": use["busy_forward_s"],
                          "busy_backward_s": use["busy_backward_s"],
                          "busy_share": busy / max(2 * use["window_s"], 1e-9)}
+    if iperf is None:
+        return u
+    fwd_bps = iperf["direct_forward_mbit"] * 1e6 / 8
+    bwd_bps = iperf["direct_backward_mbit"] * 1e6 / 8
     if busy > 0:
         u["daemon_rate_mbit"] = rec["daemon_wire_bytes"] * 8 / busy / 1e6
         u["utilisation"] = rec["daemon_wire_bytes"] / busy / ((fwd_bps + bwd_bps) / 2)
@@ -810,10 +813,10 @@ def report_phases(results: Dict[str, Any]) -> None:
     log("")
     log("per rate: seconds a step; link busy share per direction; per step, the sidecars' "
         "codec seconds and the wire seconds each direction needs at the measured goodput; "
-        "forward RVQ levels (mean over the RVQ frames) and relative error; frames sent as int8 "
-        "over the budget")
+        "forward RVQ levels (mean over the RVQ frames), the codes' relative error |z - zq| / |z| "
+        "(what forward_error_budget bounds), and frames sent as int8 over the budget")
     log(f"{'method':7} {'Mbit/s':>6} {'from s':>7} {'steps':>5} {'s/step':>7} {'busy f/b':>9} "
-        f"{'codec s':>8} {'wire f/b s':>11} {'levels':>6} {'err mean/max':>13} {'int8':>5}")
+        f"{'codec s':>8} {'wire f/b s':>11} {'levels':>6} {'code err avg/max':>16} {'int8':>5}")
     for rec in results["runs"]:
         for ph in rec.get("phases", []):
             def f(key: str, fmt: str) -> str:
@@ -823,12 +826,11 @@ def report_phases(results: Dict[str, Any]) -> None:
                     if "busy_forward_share" in ph else "-")
             wire = (f"{ph['wire_forward_s']:.2f}/{ph['wire_backward_s']:.2f}"
                     if "wire_forward_s" in ph else "-")
-            err = (f"{ph['forward_relative_error_mean']:.3f}/"
-                   f"{ph['forward_relative_error_max']:.3f}"
-                   if "forward_relative_error_mean" in ph else "-")
+            err = (f"{ph['forward_code_error_mean']:.3f}/{ph['forward_code_error_max']:.3f}"
+                   if "forward_code_error_mean" in ph else "-")
             log(f"{rec['method']:7} {ph['rate_mbit']:6g} {ph['from_s']:7.1f} {ph['steps']:5d} "
                 f"{f('step_s', '.3f'):>7} {busy:>9} {f('sidecar_compute_s', '.3f'):>8} "
-                f"{wire:>11} {f('forward_rvq_levels', '.2f'):>6} {err:>13} "
+                f"{wire:>11} {f('forward_rvq_levels', '.2f'):>6} {err:>16} "
                 f"{f('budget_fallbacks', 'd'):>5}")
 
 
@@ -857,12 +859,13 @@ def plot_adaptive(results: Dict[str, Any], path: Path) -> None:
         if m != "DENSE":
             ax_l.plot(t, [r.get("forward_rvq_levels", 0) for r in tl["steps"]], ".", ms=3,
                       color=c, label=m)
-            ax_e.plot(t, [r.get("forward_relative_error", 0.0) for r in tl["steps"]], ".",
-                      ms=3, color=c, label=m)
+            ax_e.plot(t, [r.get("forward_code_relative_error", 0.0) for r in tl["steps"]], ".",
+                      ms=3, color=c, label=f"{m}: codes, |z - zq| / |z|")
+            ax_e.plot(t, [r.get("forward_relative_error", 0.0) for r in tl["steps"]], "x",
+                      ms=2, color=c, alpha=0.35,
+                      label=f"{m}: activation, |h - zq U^T| / |h| (also what U misses)")
             budget = rec["boundary_options"].get("forward_error_budget")
-            if budget:
-                # The budget bounds the code error |z - zq| / |z|; the plotted error is of h,
-                # which also loses what lies outside U: the two agree where U holds h.
+            if budget:  # it bounds the codes' error
                 ax_e.axhline(budget, color=c, ls="--", lw=1, label=f"{m}: error budget")
         for when, rate in rec.get("rate_events", [])[1:]:
             for ax in (ax_t, ax_l, ax_e):
@@ -878,7 +881,7 @@ def plot_adaptive(results: Dict[str, Any], path: Path) -> None:
     ax_t.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
     ax_l.set_ylabel("forward RVQ levels\n(mean of a step's RVQ frames)")
     ax_l.set_ylim(bottom=0)
-    ax_e.set_ylabel("forward relative error")
+    ax_e.set_ylabel("forward relative error\n(mean of a step's frames)")
     ax_e.set_ylim(bottom=0)
     ax_e.set_xlabel("training wall time, s")
     for ax in (ax_l, ax_e):

@@ -294,6 +294,7 @@ def _health(history: History) -> Dict[str, Dict[str, float]]:
         up, down = sides.get("upstream", {}), sides.get("downstream", {})
         out[str(bid)] = {
             "forward_relative_error": up.get("forward_relative_error", 0.0),
+            "forward_code_relative_error": up.get("forward_code_relative_error", 0.0),
             "forward_rvq_levels": up.get("forward_rvq_levels_mean", 0.0),
             "forward_budget_fallbacks": up.get("forward_budget_fallbacks", 0),
             "forward_compute_s": up.get("compute_seconds_per_microbatch", 0.0),
