@@ -28,7 +28,7 @@ import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import (Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple,
+from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
                     Union)
 
 import torch
@@ -560,16 +560,24 @@ class Sidecar:
         capacity = info.max_tokens if rows is None else int(rows)
         if capacity <= 0:
             raise InvalidArgument(f"rows must be positive, got {capacity}")
-        with _Staging(self, capacity, info.d, dtype) as staging:
-            n, d = self._client.recv(boundary, direction, step, microbatch, staging.ref,
-                                     _timeout_ms(timeout))
-            if n * d > capacity * info.d:
-                raise Internal(f"mapld reported ({n}, {d}) written into ({capacity}, "
-                                      f"{info.d})")
-            view = staging.tensor.view(-1)[:n * d].view(n, d)
+        with self._staged_recv(boundary, direction, step, microbatch, timeout, capacity,
+                               info.d, dtype) as view:
             if device is None or torch.device(device).type == "cpu":
                 return view.clone()
             return view.to(device)
+
+    @contextlib.contextmanager
+    def _staged_recv(self, boundary: int, direction: int, step: int, microbatch: int,
+                     timeout: Optional[float], capacity: int, d: int,
+                     dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """Receives into a staging region of (capacity, d) and yields the (n, d) view of what
+        arrived, valid inside the ``with`` only (the region is freed after it)."""
+        with _Staging(self, capacity, d, dtype) as staging:
+            n, got = self._client.recv(boundary, direction, step, microbatch, staging.ref,
+                                       _timeout_ms(timeout))
+            if n * got > capacity * d:
+                raise Internal(f"mapld reported ({n}, {got}) written into ({capacity}, {d})")
+            yield staging.tensor.view(-1)[:n * got].view(n, got)
 
     def _recv_into(self, boundary: int, direction: int, step: int, microbatch: int,
                    timeout: Optional[float], rows: Optional[int],
@@ -596,8 +604,8 @@ class Sidecar:
             n, _ = self._client.recv(boundary, direction, step, microbatch, ref,
                                      _timeout_ms(timeout))
             return out[:n]
-        with _Staging(self, capacity, info.d, out.dtype) as staging:
-            n, d = self._client.recv(boundary, direction, step, microbatch, staging.ref,
-                                     _timeout_ms(timeout))
-            out[:n].copy_(staging.tensor.view(-1)[:n * d].view(n, d))
+        with self._staged_recv(boundary, direction, step, microbatch, timeout, capacity,
+                               info.d, out.dtype) as view:
+            n = view.shape[0]
+            out[:n].copy_(view)
         return out[:n]
