@@ -157,8 +157,16 @@ class Backend {
 };
 
 // The BLAS (OpenBLAS) backend, also registered as "cpu" (kernels/registry.h). BLAS threading
-// follows OPENBLAS_NUM_THREADS; the rest of the math runs on the calling thread.
+// follows OPENBLAS_NUM_THREADS unless SetCpuBlasThreads set it; the rest of the math runs on the
+// calling thread.
 std::unique_ptr<Backend> MakeCpuBackend();
+
+// How many threads the CPU backend's BLAS calls use, for the whole process (OpenBLAS keeps one
+// setting a process, shared with anything else in it that calls OpenBLAS). For a process that
+// owns its threading, such as mapld; a library in someone else's process (the Python codec)
+// leaves it alone. threads >= 1.
+void SetCpuBlasThreads(int threads);
+int CpuBlasThreads();
 
 }  // namespace mapl
 

@@ -387,6 +387,11 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
   }
   if (c.backend().empty()) c.set_backend("cpu");
   MAPL_RETURN_IF_ERROR(CheckBackendName(c.backend()));
+  if (c.compute_threads() == 0) c.set_compute_threads(1);
+  if (c.compute_threads() > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("compute_threads: at most 256, got ", c.compute_threads()));
+  }
   if (c.auth_token().empty()) {
     return absl::InvalidArgumentError(
         "auth_token: required; the daemons on both sides of a boundary present it to each other "

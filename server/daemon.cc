@@ -70,8 +70,13 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const v1::DaemonConfig& co
 absl::Status Daemon::Init() {
   const std::string stage = absl::StrCat(config_.stage());
   Log(LogLevel::kInfo, "starting",
-      {{"stage", stage}, {"boundaries", absl::StrCat(config_.boundaries_size())}});
+      {{"stage", stage},
+       {"boundaries", absl::StrCat(config_.boundaries_size())},
+       {"compute_threads", absl::StrCat(config_.compute_threads())}});
   MAPL_ASSIGN_OR_RETURN(backend_, MakeBackend(config_.backend()));
+  // Set here, not left to OPENBLAS_NUM_THREADS: the daemon computes alike whatever environment
+  // an operator starts it in.
+  SetCpuBlasThreads(static_cast<int>(config_.compute_threads()));
   metrics_ = std::make_unique<Metrics>(config_.stage(), [this] { return AllStats(); });
 
   // Engines first: a config the engine rejects stops startup before anything listens.

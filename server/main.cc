@@ -1,11 +1,14 @@
 // mapld: parses flags into a validated config and hands it to mapl::Daemon.
 //
 //   mapld --config stage0.textproto [--set boundaries[0].k=64 --set stage=0]
+#include <fcntl.h>
 #include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
@@ -16,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "common/check.h"
 #include "common/log.h"
 #include "server/config.h"
 #include "server/daemon.h"
@@ -50,6 +54,50 @@ std::vector<std::string> RepeatedFlag(int argc, char** argv, const std::string& 
   return values;
 }
 
+// The write end of the pipe that SIGTERM and SIGINT are reported through (non-blocking).
+int signal_pipe = -1;
+
+// Runs on whatever thread the kernel picks and only calls write(2), which is async-signal-safe,
+// so it cannot interrupt a lock holder into a deadlock. A full pipe drops the byte: enough
+// signals are already queued.
+void OnSignal(int sig) {
+  const int saved_errno = errno;
+  const unsigned char b = static_cast<unsigned char>(sig);
+  if (write(signal_pipe, &b, 1) < 0) {
+    // Nothing to do in a handler.
+  }
+  errno = saved_errno;
+}
+
+// Routes SIGTERM and SIGINT to OnSignal; returns the pipe's read end, or -1 with errno.
+//
+// Why not block the signals and sigwait() on one thread: a process-directed signal goes to any
+// thread that does not block it, and libraries start threads before main can block anything
+// (OpenBLAS starts a pool of one thread a core when OPENBLAS_NUM_THREADS is unset). Such a
+// thread received SIGTERM with its default action, and the daemon died without draining. A
+// handler runs wherever the signal lands.
+int RouteSignalsToPipe() {
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) return -1;
+  if (fcntl(fds[1], F_SETFL, O_NONBLOCK) != 0) return -1;
+  signal_pipe = fds[1];
+  struct sigaction sa = {};
+  sa.sa_handler = OnSignal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  if (sigaction(SIGTERM, &sa, nullptr) != 0 || sigaction(SIGINT, &sa, nullptr) != 0) return -1;
+  return fds[0];
+}
+
+// The next signal's number from the pipe (blocks).
+int NextSignal(int pipe_read) {
+  unsigned char b = 0;
+  while (read(pipe_read, &b, 1) != 1) {
+    MAPL_CHECK(errno == EINTR, absl::StrCat("reading the signal pipe: ", std::strerror(errno)));
+  }
+  return b;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -79,12 +127,12 @@ int main(int argc, char** argv) {
     return 0;
   }
 
-  // Signals go to one waiting thread, never to a handler that could interrupt a lock holder.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // A signal that arrives during startup waits in the pipe and starts the drain once serving.
+  const int signal_read = RouteSignalsToPipe();
+  if (signal_read < 0) {
+    std::fprintf(stderr, "mapld: cannot install the signal handlers: %s\n", std::strerror(errno));
+    return 1;
+  }
   signal(SIGPIPE, SIG_IGN);
 
   absl::StatusOr<std::unique_ptr<mapl::Daemon>> daemon = mapl::Daemon::Start(*config);
@@ -111,13 +159,12 @@ int main(int argc, char** argv) {
   // One thread takes every signal: the first drains and stops the daemon; a second one (an
   // impatient Ctrl-C) exits at once.
   absl::Notification first_signal;
-  std::thread waiter([&signals, &first_signal] {
-    int sig = 0;
-    sigwait(&signals, &sig);
+  std::thread waiter([signal_read, &first_signal] {
+    const int sig = NextSignal(signal_read);
     mapl::Log(mapl::LogLevel::kInfo, "signal received, draining",
               {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
     first_signal.Notify();
-    sigwait(&signals, &sig);
+    NextSignal(signal_read);
     mapl::Log(mapl::LogLevel::kWarning, "second signal: exiting without finishing the drain");
     _exit(1);
   });

@@ -106,11 +106,13 @@ _TEST_FIELDS = {"client_buffers": 4, "client_buffer_bytes": 4 << 20, "recv_timeo
 
 
 def start_mapld(directory: Path, stage: int, boundaries: List[Dict[str, object]],
-                extra: Optional[Dict[str, object]] = None):
+                extra: Optional[Dict[str, object]] = None,
+                wrap: Optional[List[str]] = None):
     """mapl.launch.start_mapld with the tests' buffer sizes; returns a launch.Daemon."""
     mapld_binary()
     launch = need_module("mapl.launch")
-    return launch.start_mapld(directory, stage, boundaries, dict(_TEST_FIELDS, **(extra or {})))
+    return launch.start_mapld(directory, stage, boundaries, dict(_TEST_FIELDS, **(extra or {})),
+                              wrap=wrap)
 
 
 def start_pair(directory: Path, boundary: Dict[str, object],

@@ -11,7 +11,7 @@ from typing import Dict, FrozenSet, Tuple
 
 import pytest
 
-from conftest import mapld_binary, need_module, start_pair
+from conftest import mapld_binary, need_module, start_mapld, start_pair
 
 torch = need_module("torch")
 
@@ -142,3 +142,24 @@ def test_sigterm_delivers_in_flight_frames_then_exits_0(short_tmp: Path):
         up_proc.stop()
         down_proc.stop()
     assert down_proc.proc.returncode == 0, down_proc.log()
+
+
+@pytest.mark.parametrize("environment", [["-u", "OPENBLAS_NUM_THREADS"], ["OPENBLAS_NUM_THREADS=4"]],
+                         ids=["unset", "four"])
+def test_sigterm_drains_whatever_the_blas_environment(short_tmp: Path, environment):
+    """Started as an operator would, without OPENBLAS_NUM_THREADS=1, OpenBLAS starts its own
+    threads before main runs (one a core when unset, 3 more with 4), threads that block no
+    signal. SIGTERM must still start the drain wherever the kernel delivers it, and the daemon's
+    BLAS threads come from its config (compute_threads, default 1), not from the environment."""
+    proc = start_mapld(short_tmp, 1, [dict(BOUNDARY, id=0, role="ROLE_DOWNSTREAM")],
+                       {"peer_listen": "127.0.0.1:0"}, wrap=["env"] + environment)
+    try:
+        proc.ready()
+        tasks = Path(f"/proc/{proc.proc.pid}/task")
+        assert len(list(tasks.iterdir())) > 1
+    finally:
+        code = proc.stop(timeout=30)
+    log = proc.log()
+    assert code == 0, log
+    assert "signal received, draining" in log and "drained" in log, log
+    assert "compute_threads=1" in log, log
