@@ -196,12 +196,17 @@ grpc::Status PeerServer::Link(grpc::ServerContext* context,
     return grpc::Status(grpc::StatusCode::CANCELLED, "peer server: stream ended before Hello");
   }
   absl::Status status;
-  if (first.protocol_version() != kPeerProtocolVersion ||
-      (first.has_hello() && first.hello().protocol_version() != kPeerProtocolVersion)) {
+  // Name the field that is wrong: the envelope's version, then the Hello's (0 when missing).
+  if (first.protocol_version() != kPeerProtocolVersion) {
+    status = absl::FailedPreconditionError(
+        absl::StrCat("peer server: the first message's envelope has protocol_version ",
+                     first.protocol_version(), first.protocol_version() == 0 ? " (missing)" : "",
+                     "; this server speaks protocol version ", kPeerProtocolVersion));
+  } else if (first.has_hello() && first.hello().protocol_version() != kPeerProtocolVersion) {
     status = absl::FailedPreconditionError(absl::StrCat(
-        "peer server: the peer speaks protocol version ",
-        first.has_hello() ? first.hello().protocol_version() : first.protocol_version(),
-        ", this server ", kPeerProtocolVersion));
+        "peer server: the peer's Hello has protocol_version ", first.hello().protocol_version(),
+        first.hello().protocol_version() == 0 ? " (missing)" : "",
+        "; this server speaks protocol version ", kPeerProtocolVersion));
   } else if (!first.has_hello()) {
     status = absl::FailedPreconditionError(
         absl::StrCat("peer server: the first message must be a Hello, not a '",

@@ -167,7 +167,27 @@ TEST(PeerServerTest, ProtocolViolationsEndTheStreamWithAClearStatus) {
     ASSERT_TRUE(peer.Write(RawPeer::Hello(kToken, /*version=*/2)));
     const grpc::Status s = peer.Finish();
     EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
-    EXPECT_THAT(s.error_message(), HasSubstr("protocol version 2"));
+    EXPECT_THAT(s.error_message(), HasSubstr("protocol_version 2"));
+  }
+  {
+    // A Hello whose envelope lacks protocol_version: the message names that field, not the
+    // Hello's (which is right).
+    RawPeer peer(server->port());
+    v1::PeerMessage hello = RawPeer::Hello();
+    hello.clear_protocol_version();
+    ASSERT_TRUE(peer.Write(hello));
+    const grpc::Status s = peer.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(s.error_message(), HasSubstr("envelope has protocol_version 0 (missing)"));
+  }
+  {
+    RawPeer peer(server->port());
+    v1::PeerMessage hello = RawPeer::Hello();
+    hello.mutable_hello()->set_protocol_version(3);
+    ASSERT_TRUE(peer.Write(hello));
+    const grpc::Status s = peer.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(s.error_message(), HasSubstr("Hello has protocol_version 3"));
   }
   {
     // A gap in the sequence is a corrupt stream.
