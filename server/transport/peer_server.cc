@@ -197,16 +197,15 @@ grpc::Status PeerServer::Link(grpc::ServerContext* context,
   }
   absl::Status status;
   // Name the field that is wrong: the envelope's version, then the Hello's (0 when missing).
-  if (first.protocol_version() != kPeerProtocolVersion) {
-    status = absl::FailedPreconditionError(
-        absl::StrCat("peer server: the first message's envelope has protocol_version ",
-                     first.protocol_version(), first.protocol_version() == 0 ? " (missing)" : "",
-                     "; this server speaks protocol version ", kPeerProtocolVersion));
-  } else if (first.has_hello() && first.hello().protocol_version() != kPeerProtocolVersion) {
-    status = absl::FailedPreconditionError(absl::StrCat(
-        "peer server: the peer's Hello has protocol_version ", first.hello().protocol_version(),
-        first.hello().protocol_version() == 0 ? " (missing)" : "",
+  const auto wrong_version = [](const char* field, uint32_t version) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "peer server: ", field, " has protocol_version ", version, version == 0 ? " (missing)" : "",
         "; this server speaks protocol version ", kPeerProtocolVersion));
+  };
+  if (first.protocol_version() != kPeerProtocolVersion) {
+    status = wrong_version("the first message's envelope", first.protocol_version());
+  } else if (first.has_hello() && first.hello().protocol_version() != kPeerProtocolVersion) {
+    status = wrong_version("the peer's Hello", first.hello().protocol_version());
   } else if (!first.has_hello()) {
     status = absl::FailedPreconditionError(
         absl::StrCat("peer server: the first message must be a Hello, not a '",
