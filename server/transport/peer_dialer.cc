@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/memory/memory.h"
+#include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/check.h"
@@ -13,6 +14,7 @@
 #include "common/log.h"
 #include "server/transport/peer_link.h"
 #include "server/transport/peer_link_internal.h"
+#include "server/transport/tls.h"
 
 namespace mapl {
 namespace {
@@ -20,20 +22,17 @@ namespace {
 // How often a dialer waiting for the channel checks whether it is being closed.
 constexpr absl::Duration kChannelPollSlice = absl::Milliseconds(50);
 
-// Codes after which redialing cannot help: the peer refused us, or we refused it. After the
-// others (UNAVAILABLE, CANCELLED, DATA_LOSS, ...) the dialer tries again.
-bool IsPermanent(absl::StatusCode code) {
+// Codes that mean the peer refused us, or we refused it: a configuration that differs (token,
+// identity, boundary, protocol version, config fingerprint). Redialing goes on (the other side
+// may be fixed and restarted), but WaitConnected reports such a refusal at once rather than
+// waiting out its timeout.
+bool IsRefusal(absl::StatusCode code) {
   switch (code) {
     case absl::StatusCode::kUnauthenticated:
     case absl::StatusCode::kPermissionDenied:
-    case absl::StatusCode::kFailedPrecondition:
     case absl::StatusCode::kNotFound:
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kUnimplemented:
-    case absl::StatusCode::kAlreadyExists:
-    case absl::StatusCode::kOutOfRange:
-    case absl::StatusCode::kAborted:  // Superseded by another dialer for the same boundary.
-    case absl::StatusCode::kResourceExhausted:
       return true;
     default:
       return false;
@@ -60,10 +59,6 @@ const char* ChannelStateName(grpc_connectivity_state state) {
   return "?";
 }
 
-int ToMillis(absl::Duration d) {
-  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), 1 << 30));
-}
-
 }  // namespace
 
 class PeerLink::ClientStream final : public PeerLink::Stream {
@@ -86,51 +81,78 @@ absl::StatusOr<std::unique_ptr<PeerLink>> PeerLink::Dial(const PeerLinkOptions& 
   absl::Status valid = ValidateOptions(Role::kDialer, options, handler);
   if (!valid.ok()) return valid;
 
+  InstallGrpcLogBridge();
   auto link = absl::WrapUnique(new PeerLink(Role::kDialer, options, std::move(handler)));
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(options.max_message_bytes);
-  args.SetMaxSendMessageSize(options.max_message_bytes);
-  // The channel's own reconnect backoff decides how soon a downstream that starts late is seen.
-  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, ToMillis(options.initial_backoff));
-  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, ToMillis(options.max_backoff));
-  // One TCP connection per link, not one shared by every link to the same downstream.
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  link->channel_ =
-      grpc::CreateCustomChannel(options.address,
-                                options.channel_credentials ? options.channel_credentials
-                                                            : grpc::InsecureChannelCredentials(),
-                                args);
-  link->stub_ = v1::Peer::NewStub(link->channel_);
+  link->NewChannel();
   PeerLink* raw = link.get();
   link->dial_thread_ = std::thread([raw] { raw->DialLoop(); });
   return link;
 }
 
+void PeerLink::NewChannel() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options_.max_message_bytes);
+  args.SetMaxSendMessageSize(options_.max_message_bytes);
+  // The channel's own reconnect backoff decides how soon a downstream that starts late is seen.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, ToMillis(options_.initial_backoff));
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, ToMillis(options_.max_backoff));
+  // One TCP connection per link, not one shared by every link to the same downstream.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  // Keepalive finds a dead connection also while a write is blocked on it; gRPC then sets
+  // TCP_USER_TIMEOUT to the keepalive timeout, so unacknowledged bytes end it too. Pings go out
+  // whether or not data flows (the server side permits that: PeerServer).
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, ToMillis(options_.keepalive_time));
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ToMillis(options_.keepalive_timeout));
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  channel_ =
+      grpc::CreateCustomChannel(options_.address,
+                                options_.channel_credentials ? options_.channel_credentials
+                                                             : grpc::InsecureChannelCredentials(),
+                                args);
+  stub_ = v1::Peer::NewStub(channel_);
+}
+
 void PeerLink::DialLoop() {
-  absl::Time deadline = absl::Now() + options_.connect_timeout;
+  absl::BitGen jitter;
+  // Since when this link has had no connection: after connect_timeout of it, status() says so.
+  absl::Time down_since = absl::Now();
   absl::Duration backoff = options_.initial_backoff;
   while (true) {
     bool established = false;
-    const absl::Status result = DialOnce(deadline, &established);
+    const absl::Status result = DialOnce(
+        std::max(down_since + options_.connect_timeout, absl::Now() + options_.max_backoff),
+        &established);
     absl::MutexLock lock(&mu_);
     if (closing_) return;
+    if (!established) stats_.set_dial_failures(stats_.dial_failures() + 1);
+    const absl::Time now = absl::Now();
     if (established) {
-      // A new window to reconnect in, starting now.
-      deadline = absl::Now() + options_.connect_timeout;
+      down_since = now;
       backoff = options_.initial_backoff;
     }
-    if (IsPermanent(result.code())) {
-      Fail(result);
-      return;
+    refused_ = IsRefusal(result.code());
+    unreachable_ = !established && now - down_since >= options_.connect_timeout;
+    if (unreachable_ && !refused_) {
+      status_ = absl::UnavailableError(
+          absl::StrCat(Describe(), ": no connection to ", options_.address, " for ",
+                       absl::FormatDuration(absl::Trunc(now - down_since, absl::Milliseconds(1))),
+                       " (still trying); last error: ", result.ToString()));
+    } else {
+      status_ = result;
     }
-    if (!stats_.connected()) status_ = result;
-    if (absl::Now() >= deadline) {
-      Fail(absl::UnavailableError(absl::StrCat(
-          Describe(), ": could not connect to ", options_.address, " within ",
-          absl::FormatDuration(options_.connect_timeout), "; last error: ", result.ToString())));
-      return;
+    if (refused_ || unreachable_) {
+      Log(LogLevel::kWarning, "peer link redialing",
+          {{"link", Describe()}, {"status", result.ToString()}});
     }
-    mu_.AwaitWithDeadline(absl::Condition(&closing_), std::min(deadline, absl::Now() + backoff));
+    // A refusal waits the longest backoff: the other side needs a fix, not a quick retry. The
+    // next attempt gets a new connection, so its TLS handshake sees a rotated certificate.
+    if (refused_) {
+      backoff = options_.max_backoff;
+      NewChannel();
+    }
+    const double factor = 1.0 + options_.backoff_jitter * absl::Uniform<double>(jitter, -1.0, 1.0);
+    mu_.AwaitWithTimeout(absl::Condition(&closing_), backoff * factor);
     if (closing_) return;
     backoff = std::min(backoff * 2, options_.max_backoff);
   }
@@ -186,7 +208,7 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
     if (result.ok()) result = absl::UnavailableError("stream ended before the Hello exchange");
     result =
         WithPrefix(absl::StrCat(Describe(), ": ", options_.address, " refused the link: "), result);
-    if (IsPermanent(result.code())) {
+    if (IsRefusal(result.code())) {
       Log(LogLevel::kError, "peer link refused by the downstream", {{"status", result.ToString()}});
     }
   } else {
@@ -200,6 +222,9 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
                        PeerBodyName(reply.body_case()), "', not a Hello"));
     } else {
       result = CheckPeerHello(reply.hello());
+      if (result.ok()) {
+        result = CheckPeerIdentity(context.auth_context(), options_.peer_identity, Describe());
+      }
     }
     if (!result.ok()) {
       CountRejectedHello(result);

@@ -20,6 +20,9 @@ namespace {
 // Heartbeat echoes queued beyond this are dropped (a peer flooding heartbeats gets fewer echoes).
 constexpr size_t kMaxControlQueue = 16;
 
+// Sequenced messages of at least this size are announced (Heartbeat.next_message_bytes).
+constexpr int64_t kAnnounceBytes = 256 << 10;
+
 bool IsSequenced(v1::PeerMessage::BodyCase body) {
   switch (body) {
     case v1::PeerMessage::kFrame:
@@ -43,16 +46,6 @@ uint64_t MonotonicNanos() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                    std::chrono::steady_clock::now().time_since_epoch())
                                    .count());
-}
-
-// Takes time that depends only on expected's length, not on where the inputs differ.
-bool ConstantTimeEquals(absl::string_view given, absl::string_view expected) {
-  unsigned char diff = given.size() == expected.size() ? 0 : 1;
-  for (size_t i = 0; i < expected.size(); ++i) {
-    const unsigned char g = i < given.size() ? static_cast<unsigned char>(given[i]) : 0;
-    diff |= static_cast<unsigned char>(g ^ static_cast<unsigned char>(expected[i]));
-  }
-  return diff == 0;
 }
 
 void AddTraffic(google::protobuf::Map<std::string, v1::Traffic>* by_body,
@@ -105,6 +98,9 @@ absl::Status PeerLink::ValidateOptions(Role role, const PeerLinkOptions& o,
   if (o.ack_delay < absl::ZeroDuration()) return invalid("ack_delay must not be negative");
   if (o.max_message_bytes <= 0) return invalid("max_message_bytes must be positive");
   if (o.close_grace < absl::ZeroDuration()) return invalid("close_grace must not be negative");
+  if (!(o.min_goodput_bytes_per_second > 0)) {
+    return invalid("min_goodput_bytes_per_second must be positive");
+  }
   if (!(o.send_rate_bytes_per_second >= 0) || o.send_burst_bytes < 1) {
     return invalid("send_rate_bytes_per_second must be >= 0 and send_burst_bytes >= 1");
   }
@@ -125,6 +121,12 @@ absl::Status PeerLink::ValidateOptions(Role role, const PeerLinkOptions& o,
       o.max_backoff < o.initial_backoff) {
     return invalid("need connect_timeout > 0 and 0 < initial_backoff <= max_backoff");
   }
+  if (!(o.backoff_jitter >= 0 && o.backoff_jitter < 1)) {
+    return invalid("backoff_jitter must be in [0, 1)");
+  }
+  if (o.keepalive_time <= absl::ZeroDuration() || o.keepalive_timeout <= absl::ZeroDuration()) {
+    return invalid("keepalive_time and keepalive_timeout must be positive");
+  }
   return absl::OkStatus();
 }
 
@@ -135,6 +137,19 @@ std::string PeerLink::Describe() const {
 }
 
 bool PeerLink::OnReaderThread() const { return reader_thread_ == std::this_thread::get_id(); }
+
+absl::Time PeerLink::PeerDeadline() const {
+  if (options_.peer_timeout == absl::InfiniteDuration() || in_handler_) {
+    return absl::InfiniteFuture();
+  }
+  absl::Time deadline = last_received_ + options_.peer_timeout;
+  if (announced_bytes_ > 0) {
+    const double rate = std::max(options_.min_goodput_bytes_per_second, 0.5 * receive_goodput_);
+    deadline = std::max(deadline, announced_at_ + options_.peer_timeout +
+                                      absl::Seconds(static_cast<double>(announced_bytes_) / rate));
+  }
+  return deadline;
+}
 
 absl::Status PeerLink::Send(v1::PeerMessage msg) {
   const v1::PeerMessage::BodyCase body = msg.body_case();
@@ -148,7 +163,6 @@ absl::Status PeerLink::Send(v1::PeerMessage msg) {
   auto shared = std::make_shared<v1::PeerMessage>(std::move(msg));
   absl::MutexLock lock(&mu_);
   if (closing_) return absl::FailedPreconditionError(Describe() + " is closed");
-  if (failed_) return status_;
   shared->set_seq(next_seq_);
   const int64_t bytes = static_cast<int64_t>(shared->ByteSizeLong());
   if (bytes > options_.max_message_bytes) {
@@ -174,11 +188,11 @@ bool PeerLink::WaitQueueBelow(int64_t bytes, absl::Duration timeout) {
 absl::Status PeerLink::WaitConnected(absl::Duration timeout) {
   absl::MutexLock lock(&mu_);
   auto settled = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return stats_.connected() || failed_ || closing_;
+    return stats_.connected() || refused_ || closing_;
   };
   mu_.AwaitWithTimeout(absl::Condition(&settled), timeout);
   if (stats_.connected()) return absl::OkStatus();
-  if (failed_) return status_;
+  if (refused_ || unreachable_) return status_;
   if (closing_) return absl::FailedPreconditionError(Describe() + " is closed");
   return absl::DeadlineExceededError(
       absl::StrCat(Describe(), ": not connected after ", absl::FormatDuration(timeout),
@@ -205,7 +219,7 @@ absl::Status PeerLink::Drain(absl::Duration timeout) {
   absl::MutexLock lock(&mu_);
   const uint64_t target = next_seq_ - 1;
   auto drained = [this, target]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return retained_.empty() || retained_.front().msg->seq() > target || failed_ || closing_;
+    return retained_.empty() || retained_.front().msg->seq() > target || closing_;
   };
   mu_.AwaitWithTimeout(absl::Condition(&drained), timeout);
   int64_t left = 0;
@@ -218,7 +232,6 @@ absl::Status PeerLink::Drain(absl::Duration timeout) {
   if (left == 0) return absl::OkStatus();
   const std::string counts =
       absl::StrCat(left, " message(s) unacknowledged, ", unwritten, " of them not yet written");
-  if (failed_) return absl::Status(status_.code(), absl::StrCat(status_.message(), "; ", counts));
   if (closing_) return absl::FailedPreconditionError(absl::StrCat(Describe(), " closed; ", counts));
   return absl::DeadlineExceededError(absl::StrCat(
       Describe(), ": drain timed out after ", absl::FormatDuration(timeout), " with ", counts,
@@ -279,12 +292,6 @@ void PeerLink::Close() {
   }
 }
 
-void PeerLink::Fail(const absl::Status& status) {
-  failed_ = true;
-  status_ = status;
-  Log(LogLevel::kError, "peer link failed", {{"link", Describe()}, {"status", status.ToString()}});
-}
-
 // ---- handshake ----
 
 absl::Status PeerLink::CheckPeerHello(const v1::Hello& hello) const {
@@ -319,7 +326,11 @@ absl::Status PeerLink::CheckPeerHello(const v1::Hello& hello) const {
 void PeerLink::CountRejectedHello(const absl::Status& status) {
   absl::MutexLock lock(&mu_);
   stats_.set_handshakes_rejected(stats_.handshakes_rejected() + 1);
-  if (!stats_.connected() && !failed_) status_ = status;
+  // CheckPeerIdentity's code: the peer's certificate lacks the identity this boundary expects.
+  if (status.code() == absl::StatusCode::kPermissionDenied) {
+    stats_.set_identity_rejected(stats_.identity_rejected() + 1);
+  }
+  if (!stats_.connected()) status_ = status;
   Log(LogLevel::kWarning, "peer link handshake rejected",
       {{"link", Describe()}, {"status", status.ToString()}});
 }
@@ -413,11 +424,15 @@ absl::Status PeerLink::RunSession(Session* session) {
                Describe() + ": a session runs that is not the link's only active one");
     stats_.set_connected(true);
     status_ = absl::OkStatus();
+    refused_ = false;
+    unreachable_ = false;
     stats_.set_connections(stats_.connections() + 1);
     stats_.set_reconnects(stats_.connections() - 1);
     const absl::Time now = absl::Now();
     next_heartbeat_ = now;  // The first heartbeat measures the RTT right away.
     last_received_ = now;
+    announced_bytes_ = 0;
+    in_handler_ = false;
     control_.clear();
     last_ack_sent_ = last_applied_;  // The peer's resume point already told it as much.
     applied_since_ack_ = 0;
@@ -525,7 +540,7 @@ const v1::PeerMessage* PeerLink::NextToWrite(absl::Time now, v1::PeerMessage* co
   *wake = next_heartbeat_;
   if (last_applied_ > last_ack_sent_) *wake = std::min(*wake, first_unacked_ + options_.ack_delay);
   if (options_.peer_timeout != absl::InfiniteDuration()) {
-    *wake = std::min(*wake, last_received_ + options_.peer_timeout + absl::Milliseconds(1));
+    *wake = std::min(*wake, PeerDeadline() + absl::Milliseconds(1));
   }
   return nullptr;
 }
@@ -540,11 +555,13 @@ void PeerLink::WriterLoop(Session* session) {
       break;
     }
     const absl::Time now = absl::Now();
-    if (options_.peer_timeout != absl::InfiniteDuration() &&
-        now - last_received_ > options_.peer_timeout) {
-      session->SetEnd(
-          absl::UnavailableError(absl::StrCat(Describe(), ": nothing received from the peer for ",
-                                              absl::FormatDuration(options_.peer_timeout))));
+    if (now > PeerDeadline()) {
+      session->SetEnd(absl::UnavailableError(absl::StrCat(
+          Describe(), ": nothing received from the peer for ",
+          absl::FormatDuration(now - last_received_),
+          announced_bytes_ > 0
+              ? absl::StrCat(" (it announced a message of ", announced_bytes_, " bytes)")
+              : std::string())));
       session->stream->Cancel();
       break;
     }
@@ -577,13 +594,25 @@ void PeerLink::WriterLoop(Session* session) {
         if (mu_.AwaitWithDeadline(absl::Condition(&stopping), now + wait)) continue;
       }
     }
+    // A large message takes the peer a while to receive, with nothing else arriving meanwhile:
+    // announce its size first, so the peer's liveness bound allows for it.
+    v1::PeerMessage announce;
+    int64_t announce_bytes = 0;
+    if (sequenced != nullptr && bytes >= kAnnounceBytes) {
+      announce.set_protocol_version(kPeerProtocolVersion);
+      announce.mutable_heartbeat()->set_send_time_ns(MonotonicNanos());
+      announce.mutable_heartbeat()->set_next_message_bytes(static_cast<uint64_t>(bytes));
+      announce_bytes = static_cast<int64_t>(announce.ByteSizeLong());
+    }
     mu_.Unlock();
-    const bool ok = session->stream->Write(*out);
+    const bool ok =
+        (announce_bytes == 0 || session->stream->Write(announce)) && session->stream->Write(*out);
     mu_.Lock();
     if (!ok) {
       session->SetEnd(absl::UnavailableError(Describe() + ": write failed: connection lost"));
       break;
     }
+    if (announce_bytes > 0) CountSent(announce, announce_bytes);
     CountSent(*out, bytes);
   }
   mu_.Unlock();
@@ -619,6 +648,10 @@ absl::Status PeerLink::HandleIncoming(v1::PeerMessage msg) {
     }
     if (body == v1::PeerMessage::kHeartbeat) {
       stats_.set_heartbeats_received(stats_.heartbeats_received() + 1);
+      if (msg.heartbeat().next_message_bytes() > 0) {
+        announced_bytes_ = msg.heartbeat().next_message_bytes();
+        announced_at_ = last_received_;
+      }
       const uint64_t now_ns = MonotonicNanos();
       if (msg.heartbeat().echo_time_ns() == 0) {
         if (control_.size() < kMaxControlQueue) {
@@ -642,6 +675,16 @@ absl::Status PeerLink::HandleIncoming(v1::PeerMessage msg) {
       return absl::InvalidArgumentError(
           absl::StrCat(Describe(), ": a '", PeerBodyName(body), "' without a seq"));
     }
+    if (announced_bytes_ > 0) {
+      // The announced message arrived: its transfer time measures the goodput that later
+      // announcements are allowed at.
+      const double seconds = absl::ToDoubleSeconds(last_received_ - announced_at_);
+      if (seconds > 1e-3) {
+        const double rate = static_cast<double>(announced_bytes_) / seconds;
+        receive_goodput_ = receive_goodput_ == 0 ? rate : 0.5 * (receive_goodput_ + rate);
+      }
+      announced_bytes_ = 0;
+    }
     if (seq <= last_applied_) {
       stats_.set_duplicates_dropped(stats_.duplicates_dropped() + 1);
       return absl::OkStatus();
@@ -651,8 +694,14 @@ absl::Status PeerLink::HandleIncoming(v1::PeerMessage msg) {
           absl::StrCat(Describe(), ": expected seq ", last_applied_ + 1, ", received ", seq));
     }
   }
+  {
+    absl::MutexLock lock(&mu_);
+    in_handler_ = true;  // The peer's silence only counts while this side reads.
+  }
   handler_(std::move(msg));  // The handler owns the message (and its payload) from here.
   absl::MutexLock lock(&mu_);
+  in_handler_ = false;
+  last_received_ = std::max(last_received_, absl::Now());
   last_applied_ = seq;
   stats_.set_last_applied_seq(seq);
   if (applied_since_ack_++ == 0) first_unacked_ = absl::Now();

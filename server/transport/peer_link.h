@@ -107,18 +107,37 @@ struct PeerLinkOptions {
   // Shared secret, required (non-empty); both sides present it and check the other's in constant
   // time. Only confidential over TLS (channel_credentials).
   std::string auth_token;
-  // Dial only: how long to keep trying to connect, at start and again after each lost
-  // connection, before the link fails with UNAVAILABLE.
+  // With TLS: the identity the peer's certificate must carry for this boundary, one of its
+  // subject alternative names (DNS, URI or IP; tls.h CheckPeerIdentity). Checked by both sides
+  // after the Hello exchange; a mismatch is PERMISSION_DENIED. Empty: any certificate the CA
+  // signed.
+  std::string peer_identity;
+  // Dial only: after this long without a connection (at start, or since the last one ended),
+  // WaitConnected and status() report UNAVAILABLE naming the last error. The link itself never
+  // gives up: it redials until Close.
   absl::Duration connect_timeout = absl::Seconds(30);
-  // Dial only: first and longest wait between connection attempts (exponential in between).
+  // Dial only: first and longest wait between connection attempts (exponential in between, each
+  // wait drawn within +-backoff_jitter of its value so that many dialers do not redial in step).
   absl::Duration initial_backoff = absl::Milliseconds(50);
   absl::Duration max_backoff = absl::Seconds(2);
+  double backoff_jitter = 0.2;
   // Dial only; null: plaintext.
   std::shared_ptr<grpc::ChannelCredentials> channel_credentials;
+  // Dial only: gRPC keepalive. A ping every keepalive_time; a connection whose ping is not
+  // answered within keepalive_timeout is dead (also while a write is blocked on it: the peer
+  // stopped, its host died, or the path black-holes). The server side's are in
+  // PeerServerOptions.
+  absl::Duration keepalive_time = absl::Seconds(10);
+  absl::Duration keepalive_timeout = absl::Seconds(10);
   absl::Duration heartbeat_interval = absl::Seconds(1);
   // A connection on which nothing arrives for this long is dropped (and redialed);
-  // absl::InfiniteDuration() disables the check. Must exceed heartbeat_interval.
+  // absl::InfiniteDuration() disables the check. Must exceed heartbeat_interval. Before each
+  // large message the sender announces its size, and the receiver extends the bound by the time
+  // that message takes at half the goodput measured on earlier announced messages (at least
+  // min_goodput_bytes_per_second), so a message slower than peer_timeout is not taken for a
+  // dead peer.
   absl::Duration peer_timeout = absl::Seconds(10);
+  double min_goodput_bytes_per_second = 125e3;  // 1 Mbit/s.
   // Acknowledge after this many applied messages or this long after the first unacknowledged one.
   int ack_every = 64;
   absl::Duration ack_delay = absl::Milliseconds(5);
@@ -225,6 +244,8 @@ class PeerLink final : public Transport {
   // Dialer (peer_dialer.cc): the connection thread's loop, and one connection attempt (handshake
   // and session).
   void DialLoop();
+  // (Re)creates channel_ and stub_: a new connection. Dialer thread (and Dial) only.
+  void NewChannel();
   absl::Status DialOnce(absl::Time deadline, bool* established);
   absl::Status WaitChannelReady(absl::Time deadline);
   // Server (peer_server.cc): serves one accepted stream whose Hello `hello` was already read;
@@ -255,25 +276,30 @@ class PeerLink final : public Transport {
                                      std::shared_ptr<const v1::PeerMessage>* sequenced,
                                      int64_t* bytes, absl::Time* wake)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void Fail(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CountSent(const v1::PeerMessage& msg, int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CountReceived(v1::PeerMessage::BodyCase body, int64_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool OnReaderThread() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // When the current connection counts as dead if nothing more arrives: peer_timeout after the
+  // last message, extended for an announced large message (PeerLinkOptions::peer_timeout).
+  absl::Time PeerDeadline() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string Describe() const;  // "peer link for boundary 3 (upstream, stage 3)".
 
   const Role role_;
   const PeerLinkOptions options_;
   const Handler handler_;
   const uint64_t instance_id_;
-  // Dialer only.
+  // Dialer only; used by Dial, then by the dial thread alone.
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Peer::Stub> stub_;
   std::thread dial_thread_;  // Owned; joined by Close.
 
   mutable absl::Mutex mu_;
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
-  bool failed_ ABSL_GUARDED_BY(mu_) = false;  // For good; status_ says why.
+  // Dialer: the last attempt was refused (status_ says why), or no connection for
+  // connect_timeout. The link keeps redialing either way.
+  bool refused_ ABSL_GUARDED_BY(mu_) = false;
+  bool unreachable_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status status_ ABSL_GUARDED_BY(mu_);
   Session* active_session_ ABSL_GUARDED_BY(mu_) = nullptr;
   uint64_t attach_ticket_ ABSL_GUARDED_BY(mu_) = 0;  // Server: newest stream waiting to attach.
@@ -297,6 +323,12 @@ class PeerLink final : public Transport {
   int applied_since_ack_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Time first_unacked_ ABSL_GUARDED_BY(mu_);
   absl::Time last_received_ ABSL_GUARDED_BY(mu_);
+  // The size of the large message the peer announced and has not finished sending (0: none),
+  // when it announced it, and the goodput measured on earlier announced messages (0: none yet).
+  uint64_t announced_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Time announced_at_ ABSL_GUARDED_BY(mu_);
+  double receive_goodput_ ABSL_GUARDED_BY(mu_) = 0;
+  bool in_handler_ ABSL_GUARDED_BY(mu_) = false;  // The reader is in the handler (not reading).
 
   // The one record of the link's counters and state (connected() reads stats_.connected()).
   v1::LinkStats stats_ ABSL_GUARDED_BY(mu_);

@@ -3,13 +3,32 @@
 #ifndef MAPL_SERVER_TRANSPORT_PEER_LINK_INTERNAL_H_
 #define MAPL_SERVER_TRANSPORT_PEER_LINK_INTERNAL_H_
 
+#include <algorithm>
+#include <cstdint>
 #include <thread>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "proto/mapl/v1/peer.pb.h"
 #include "server/transport/peer_link.h"
 
 namespace mapl {
+
+// Takes time that depends only on expected's length, not on where the inputs differ.
+inline bool ConstantTimeEquals(absl::string_view given, absl::string_view expected) {
+  unsigned char diff = given.size() == expected.size() ? 0 : 1;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const unsigned char g = i < given.size() ? static_cast<unsigned char>(given[i]) : 0;
+    diff |= static_cast<unsigned char>(g ^ static_cast<unsigned char>(expected[i]));
+  }
+  return diff == 0;
+}
+
+// A duration as gRPC's int milliseconds (channel arguments), capped at about 12 days.
+inline int ToMillis(absl::Duration d) {
+  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), 1 << 30));
+}
 
 // The two sides of a gRPC bidi stream behind one interface, so one session code runs both.
 class PeerLink::Stream {

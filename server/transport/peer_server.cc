@@ -2,6 +2,8 @@
 // stream. See peer_link.h and peer_server.h for the contract.
 #include "server/transport/peer_server.h"
 
+#include <algorithm>
+#include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -14,6 +16,7 @@
 #include "common/log.h"
 #include "grpcpp/ext/health_check_service_server_builder_option.h"
 #include "server/transport/peer_link_internal.h"
+#include "server/transport/tls.h"
 
 namespace mapl {
 
@@ -38,6 +41,9 @@ absl::Status PeerLink::ServeStream(grpc::ServerContext* context,
                                    grpc::ServerReaderWriter<v1::PeerMessage, v1::PeerMessage>* rw,
                                    const v1::Hello& hello) {
   absl::Status checked = CheckPeerHello(hello);
+  if (checked.ok()) {
+    checked = CheckPeerIdentity(context->auth_context(), options_.peer_identity, Describe());
+  }
   if (!checked.ok()) {
     CountRejectedHello(checked);
     return checked;
@@ -48,14 +54,28 @@ absl::Status PeerLink::ServeStream(grpc::ServerContext* context,
   {
     absl::MutexLock lock(&mu_);
     if (closing_) return absl::FailedPreconditionError(Describe() + " is closed");
-    const uint64_t ticket = ++attach_ticket_;
     if (active_session_ != nullptr) {
-      Log(LogLevel::kWarning, "a new stream replaces the current one",
+      if (hello.instance_id() != peer_instance_id_) {
+        // Another peer instance while the current one is live: never a silent takeover. If the
+        // current one is in fact dead, keepalive ends it and the newcomer's retry gets in.
+        stats_.set_streams_refused_live(stats_.streams_refused_live() + 1);
+        const absl::Status refused = absl::AlreadyExistsError(
+            absl::StrCat(Describe(),
+                         ": a live stream from another peer instance serves this boundary; retry "
+                         "once it ends"));
+        Log(LogLevel::kWarning, "second peer refused while the first is live",
+            {{"link", Describe()}, {"peer", context->peer()}});
+        return refused;
+      }
+      // The same peer reconnecting: its old stream is dead at its end, so this one takes over.
+      stats_.set_streams_replaced(stats_.streams_replaced() + 1);
+      Log(LogLevel::kWarning, "the peer's new stream replaces its old one",
           {{"link", Describe()}, {"peer", context->peer()}});
-      active_session_->SetEnd(absl::AbortedError(
-          absl::StrCat(Describe(), ": replaced by a newer stream from ", context->peer())));
+      active_session_->SetEnd(absl::AbortedError(absl::StrCat(
+          Describe(), ": replaced by the same peer's newer stream from ", context->peer())));
       active_session_->stream->Cancel();
     }
+    const uint64_t ticket = ++attach_ticket_;
     // Only the newest of several waiting streams attaches; the others are turned away.
     auto can_attach = [this, ticket]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       return active_session_ == nullptr || closing_ || attach_ticket_ != ticket;
@@ -119,11 +139,21 @@ PeerServer::PeerServer(const PeerServerOptions& options)
 PeerServer::~PeerServer() { Shutdown(); }
 
 absl::StatusOr<std::unique_ptr<PeerServer>> PeerServer::Create(const PeerServerOptions& options) {
-  if (options.listen_address.empty()) {
-    return absl::InvalidArgumentError("peer server: listen_address is required");
+  auto invalid = [](absl::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat("peer server: ", what));
+  };
+  if (options.listen_address.empty()) return invalid("listen_address is required");
+  if (options.max_message_bytes <= 0) return invalid("max_message_bytes must be positive");
+  if (options.hello_timeout <= absl::ZeroDuration())
+    return invalid("hello_timeout must be positive");
+  if (options.max_pending_streams < 1) return invalid("max_pending_streams must be >= 1");
+  if (options.max_threads < 0 || options.max_memory_bytes < 0) {
+    return invalid("max_threads and max_memory_bytes must not be negative");
   }
-  if (options.max_message_bytes <= 0) {
-    return absl::InvalidArgumentError("peer server: max_message_bytes must be positive");
+  if (options.keepalive_time <= absl::ZeroDuration() ||
+      options.keepalive_timeout <= absl::ZeroDuration() ||
+      options.max_connection_idle <= absl::ZeroDuration()) {
+    return invalid("keepalive_time, keepalive_timeout and max_connection_idle must be positive");
   }
   return absl::WrapUnique(new PeerServer(options));
 }
@@ -144,6 +174,7 @@ absl::StatusOr<PeerLink*> PeerServer::RegisterBoundary(const PeerLinkOptions& op
 
 absl::Status PeerServer::Start() {
   if (server_ != nullptr) return absl::FailedPreconditionError("peer server already started");
+  InstallGrpcLogBridge();
   grpc::ServerBuilder builder;
   if (options_.enable_health_service) {
     grpc::EnableDefaultHealthCheckService(true);
@@ -157,6 +188,34 @@ absl::Status PeerServer::Start() {
       options_.credentials ? options_.credentials : grpc::InsecureServerCredentials(), &port_);
   builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
   builder.SetMaxSendMessageSize(options_.max_message_bytes);
+  int links = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    links = static_cast<int>(links_.size());
+  }
+  // What an unauthenticated crowd can hold: threads (each stream holds one), memory, handshakes
+  // that never finish, connections that never open a stream.
+  grpc::ResourceQuota quota("mapl-peer-server");
+  quota.SetMaxThreads(options_.max_threads > 0 ? options_.max_threads
+                                               : options_.max_pending_streams + 2 * links + 8);
+  quota.Resize(static_cast<size_t>(options_.max_memory_bytes > 0
+                                       ? options_.max_memory_bytes
+                                       : 4 * int64_t{options_.max_message_bytes} + (64 << 20)));
+  builder.SetResourceQuota(quota);
+  builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
+                             ToMillis(options_.hello_timeout));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 4);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+                             ToMillis(options_.max_connection_idle));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, ToMillis(options_.keepalive_time));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ToMillis(options_.keepalive_timeout));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  // Dialers ping every keepalive_time (their own setting; mapld uses one value for both): allow
+  // pings that often, and drop a connection that pings much faster.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             ToMillis(options_.keepalive_time / 2));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 2);
   builder.RegisterService(service_.get());
   if (options_.configure) options_.configure(builder);
   server_ = builder.BuildAndStart();
@@ -165,8 +224,11 @@ absl::Status PeerServer::Start() {
     return absl::UnavailableError(
         absl::StrCat("peer server: cannot listen on ", options_.listen_address));
   }
+  watchdog_ = std::thread([this] { WatchdogLoop(); });
   Log(LogLevel::kInfo, "peer server listening",
-      {{"address", options_.listen_address}, {"port", absl::StrCat(port_)}});
+      {{"address", options_.listen_address},
+       {"port", absl::StrCat(port_)},
+       {"tls", options_.credentials ? "on" : "off"}});
   return absl::OkStatus();
 }
 
@@ -183,17 +245,127 @@ void PeerServer::Shutdown() {
   // Closed links end their streams and turn new ones away, so the server stops promptly.
   for (PeerLink* link : links) link->Close();
   if (server_ != nullptr) {
+    {
+      // Streams still waiting for a Hello end now.
+      absl::MutexLock lock(&mu_);
+      for (auto& [context, deadline] : pending_) context->TryCancel();
+    }
     server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Milliseconds(100)));
     server_->Wait();
     server_.reset();
   }
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
+v1::PeerServerStats PeerServer::stats() const {
+  absl::MutexLock lock(&mu_);
+  v1::PeerServerStats s = stats_;
+  s.set_pending_streams(pending_.size());
+  s.set_tls_handshake_failures(TlsHandshakeFailures());
+  return s;
+}
+
+void PeerServer::WatchdogLoop() {
+  absl::MutexLock lock(&mu_);
+  while (!stopping_) {
+    absl::Time next = absl::InfiniteFuture();
+    const absl::Time now = absl::Now();
+    for (auto& [context, deadline] : pending_) {
+      if (deadline <= now) {
+        // The handler is blocked reading its first message: cancelling ends that read. Each is
+        // cancelled once; the handler takes its entry out before it returns.
+        if (timed_out_.insert(context).second) context->TryCancel();
+      } else {
+        next = std::min(next, deadline);
+      }
+    }
+    const size_t pending = pending_.size();
+    auto changed = [this, pending]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return stopping_ || pending_.size() > pending;
+    };
+    mu_.AwaitWithDeadline(absl::Condition(&changed), std::min(next, now + absl::Seconds(1)));
+  }
+}
+
+grpc::Status PeerServer::Refuse(grpc::ServerContext* context, const absl::Status& status,
+                                const std::function<void(v1::PeerServerStats&)>& count) {
+  absl::MutexLock lock(&mu_);
+  count(stats_);
+  auto& [last, suppressed] = refusal_log_[absl::StatusCodeToString(status.code())];
+  const absl::Time now = absl::Now();
+  if (now - last >= absl::Seconds(1)) {
+    Log(LogLevel::kWarning, "peer stream rejected",
+        {{"peer", context->peer()},
+         {"status", status.ToString()},
+         {"suppressed_since_last", absl::StrCat(suppressed)}});
+    last = now;
+    suppressed = 0;
+  } else {
+    ++suppressed;
+  }
+  return ToGrpcStatus(status);
+}
+
+PeerLink* PeerServer::Authenticate(const v1::Hello& hello) {
+  // Every registered link is checked, in constant time each, so the time taken does not say
+  // which boundary's token was close.
+  PeerLink* match = nullptr;
+  for (auto& [id, link] : links_) {
+    if (ConstantTimeEquals(hello.auth_token(), link->options_.auth_token) && match == nullptr) {
+      match = link.get();
+    }
+  }
+  return match;
 }
 
 grpc::Status PeerServer::Link(grpc::ServerContext* context,
                               grpc::ServerReaderWriter<v1::PeerMessage, v1::PeerMessage>* stream) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (static_cast<int>(pending_.size()) >= options_.max_pending_streams) {
+      stats_.set_rejected_over_limit(stats_.rejected_over_limit() + 1);
+      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          "peer server: too many streams waiting to authenticate; retry later");
+    }
+    pending_[context] = absl::Now() + options_.hello_timeout;
+  }
   v1::PeerMessage first;
-  if (!stream->Read(&first)) {
+  const bool read = stream->Read(&first);
+  bool timed_out = false;
+  {
+    absl::MutexLock lock(&mu_);
+    pending_.erase(context);
+    timed_out = timed_out_.erase(context) > 0;
+  }
+  if (timed_out) {
+    return Refuse(
+        context,
+        absl::DeadlineExceededError(absl::StrCat("peer server: no Hello within ",
+                                                 absl::FormatDuration(options_.hello_timeout))),
+        [](v1::PeerServerStats& s) {
+          s.set_rejected_hello_timeout(s.rejected_hello_timeout() + 1);
+        });
+  }
+  if (!read) {
     return grpc::Status(grpc::StatusCode::CANCELLED, "peer server: stream ended before Hello");
+  }
+  // Nothing about this server (its version, its boundaries) before the peer authenticated.
+  PeerLink* authenticated = nullptr;
+  if (first.has_hello()) {
+    absl::MutexLock lock(&mu_);
+    authenticated = Authenticate(first.hello());
+  }
+  if (authenticated == nullptr) {
+    return Refuse(context,
+                  absl::UnauthenticatedError(
+                      "peer server: the first message must be a Hello with this job's auth token"),
+                  [](v1::PeerServerStats& s) {
+                    s.set_rejected_unauthenticated(s.rejected_unauthenticated() + 1);
+                  });
   }
   absl::Status status;
   // Name the field that is wrong: the envelope's version, then the Hello's (0 when missing).
@@ -204,12 +376,8 @@ grpc::Status PeerServer::Link(grpc::ServerContext* context,
   };
   if (first.protocol_version() != kPeerProtocolVersion) {
     status = wrong_version("the first message's envelope", first.protocol_version());
-  } else if (first.has_hello() && first.hello().protocol_version() != kPeerProtocolVersion) {
+  } else if (first.hello().protocol_version() != kPeerProtocolVersion) {
     status = wrong_version("the peer's Hello", first.hello().protocol_version());
-  } else if (!first.has_hello()) {
-    status = absl::FailedPreconditionError(
-        absl::StrCat("peer server: the first message must be a Hello, not a '",
-                     PeerBodyName(first.body_case()), "'"));
   }
   PeerLink* link = nullptr;
   if (status.ok()) {
@@ -217,6 +385,7 @@ grpc::Status PeerServer::Link(grpc::ServerContext* context,
     auto it = links_.find(first.hello().boundary());
     if (it != links_.end()) {
       link = it->second.get();
+      stats_.set_streams_accepted(stats_.streams_accepted() + 1);
     } else {
       std::vector<uint32_t> served;
       for (const auto& entry : links_) served.push_back(entry.first);
@@ -226,9 +395,9 @@ grpc::Status PeerServer::Link(grpc::ServerContext* context,
     }
   }
   if (!status.ok()) {
-    Log(LogLevel::kWarning, "peer stream rejected",
-        {{"peer", context->peer()}, {"status", status.ToString()}});
-    return ToGrpcStatus(status);
+    return Refuse(context, status, [](v1::PeerServerStats& s) {
+      s.set_rejected_protocol(s.rejected_protocol() + 1);
+    });
   }
   return ToGrpcStatus(link->ServeStream(context, stream, first.hello()));
 }

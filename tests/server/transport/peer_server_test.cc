@@ -5,9 +5,11 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
@@ -22,6 +24,7 @@ namespace {
 using ::grpc::health::v1::HealthCheckRequest;
 using ::grpc::health::v1::HealthCheckResponse;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using testing_peer::Connect;
 using testing_peer::DialerSide;
 using testing_peer::Ignore;
@@ -33,7 +36,7 @@ using testing_peer::MakeServer;
 using testing_peer::Pair;
 using testing_peer::ServerSide;
 
-TEST(PeerServerTest, WrongAuthTokenIsRejected) {
+TEST(PeerServerTest, WrongAuthTokenIsRejectedAndLearnsNothing) {
   std::unique_ptr<PeerServer> server = MakeServer();
   absl::StatusOr<PeerLink*> down = server->RegisterBoundary(ServerSide(), Ignore);
   ASSERT_TRUE(down.ok());
@@ -43,15 +46,21 @@ TEST(PeerServerTest, WrongAuthTokenIsRejected) {
   absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(o, Ignore);
   ASSERT_TRUE(up.ok());
 
+  // A refusal is reported at once (no waiting out a timeout); the link keeps redialing, and what
+  // is sent meanwhile waits in its queue rather than being dropped.
   const absl::Status connected = (*up)->WaitConnected(kWait);
   EXPECT_EQ(connected.code(), absl::StatusCode::kUnauthenticated) << connected;
-  EXPECT_THAT(connected.message(), HasSubstr("auth token does not match"));
+  EXPECT_THAT(connected.message(), HasSubstr("auth token"));
   EXPECT_THAT(connected.message(), HasSubstr("boundary 3"));
-  EXPECT_EQ((*up)->Send(MakeFrame(0, 0, 0, "")).code(), absl::StatusCode::kUnauthenticated);
+  // Nothing about the server: no version, no boundaries served.
+  EXPECT_THAT(connected.message(), Not(HasSubstr("version")));
+  EXPECT_THAT(connected.message(), Not(HasSubstr("serving")));
+  EXPECT_TRUE((*up)->Send(MakeFrame(0, 0, 0, "")).ok());
+  EXPECT_EQ((*up)->stats().queued_messages(), 1u);
   EXPECT_FALSE((*down)->connected());
-  EXPECT_EQ((*down)->stats().handshakes_rejected(), 1u);
   EXPECT_EQ((*down)->stats().connections(), 0u);
-  EXPECT_EQ((*down)->status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_GE(server->stats().rejected_unauthenticated(), 1u);
+  EXPECT_EQ(server->stats().streams_accepted(), 0u);
 }
 
 TEST(PeerServerTest, UnknownBoundaryIsNotFound) {
@@ -107,9 +116,11 @@ TEST(PeerServerTest, InvalidUseIsRejected) {
 // A hand-driven client for the Peer service, to play a misbehaving or second peer.
 class RawPeer {
  public:
+  // Each on its own connection, as separate clients would be.
   explicit RawPeer(int port)
-      : stub_(v1::Peer::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
-                                                    grpc::InsecureChannelCredentials()))),
+      : stub_(v1::Peer::NewStub(grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port),
+                                                          grpc::InsecureChannelCredentials(),
+                                                          OwnConnection()))),
         stream_(stub_->Link(&context_)) {}
   ~RawPeer() {
     if (finished_) return;
@@ -117,6 +128,11 @@ class RawPeer {
     stream_->Finish();
   }
 
+  static grpc::ChannelArguments OwnConnection() {
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    return args;
+  }
   static v1::PeerMessage Hello(absl::string_view token = kToken, uint32_t version = 1) {
     v1::PeerMessage m;
     m.set_protocol_version(version);
@@ -159,7 +175,7 @@ TEST(PeerServerTest, ProtocolViolationsEndTheStreamWithAClearStatus) {
     ack.mutable_ack()->set_seq(1);
     ASSERT_TRUE(peer.Write(ack));
     const grpc::Status s = peer.Finish();
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED);
     EXPECT_THAT(s.error_message(), HasSubstr("must be a Hello"));
   }
   {
@@ -254,22 +270,78 @@ TEST(PeerServerTest, ProtocolViolationsEndTheStreamWithAClearStatus) {
   EXPECT_EQ((*down)->stats().handshakes_rejected(), 2u);
 }
 
-TEST(PeerServerTest, SecondStreamReplacesTheFirst) {
+TEST(PeerServerTest, SecondPeerIsRefusedWhileTheFirstIsLive) {
   Pair p = Connect(Ignore, Ignore);
   {
     RawPeer second(p.server->port());
-    ASSERT_TRUE(second.Write(RawPeer::Hello()));
+    ASSERT_TRUE(second.Write(RawPeer::Hello()));  // Right token, another instance.
+    const grpc::Status s = second.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::ALREADY_EXISTS);
+    EXPECT_THAT(s.error_message(), HasSubstr("a live stream from another peer instance"));
+  }
+  EXPECT_EQ(p.down->stats().streams_refused_live(), 1u);
+  EXPECT_EQ(p.down->stats().connections(), 1u);
+  EXPECT_TRUE(p.up->connected());
+  EXPECT_EQ(p.up->stats().disconnects(), 0u);
+}
+
+TEST(PeerServerTest, TheSamePeersNewStreamReplacesItsOldOne) {
+  Pair p = Connect(Ignore, Ignore);
+  {
+    // The dialer's own instance: a reconnect whose old stream the server still holds.
+    RawPeer again(p.server->port());
+    v1::PeerMessage hello = RawPeer::Hello();
+    hello.mutable_hello()->set_instance_id(p.up->instance_id());
+    ASSERT_TRUE(again.Write(hello));
     v1::PeerMessage reply;
-    ASSERT_TRUE(second.Read(&reply));  // Attached: the dialer's stream was cancelled.
+    ASSERT_TRUE(again.Read(&reply));  // Attached: the old stream was cancelled.
     ASSERT_TRUE(reply.has_hello());
     EXPECT_TRUE(
         p.up->AwaitStats([](const v1::LinkStats& s) { return s.disconnects() >= 1; }, kWait));
     EXPECT_TRUE(
         p.down->AwaitStats([](const v1::LinkStats& s) { return s.connections() >= 2; }, kWait));
   }
-  // The dialer comes back (and in turn replaces the raw peer if it is still attached).
+  EXPECT_EQ(p.down->stats().streams_replaced(), 1u);
+  // The dialer comes back (and in turn replaces the raw stream if it is still attached).
   EXPECT_TRUE(p.up->AwaitStats([](const v1::LinkStats& s) { return s.connections() >= 2; }, kWait));
   EXPECT_TRUE(p.up->WaitConnected(kWait).ok());
+}
+
+TEST(PeerServerTest, StreamsThatNeverSayHelloAreEndedAndBounded) {
+  PeerServerOptions o;
+  o.listen_address = "127.0.0.1:0";
+  o.hello_timeout = absl::Milliseconds(300);
+  o.max_pending_streams = 4;
+  absl::StatusOr<std::unique_ptr<PeerServer>> server = PeerServer::Create(o);
+  ASSERT_TRUE(server.ok());
+  ASSERT_TRUE((*server)->RegisterBoundary(ServerSide(), Ignore).ok());
+  ASSERT_TRUE((*server)->Start().ok());
+  {
+    std::vector<std::unique_ptr<RawPeer>> silent;
+    for (int i = 0; i < 4; ++i) silent.push_back(std::make_unique<RawPeer>((*server)->port()));
+    // Wait until all four are pending, then one more is refused at once.
+    for (int i = 0; i < 100 && (*server)->stats().pending_streams() < 4; ++i) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    ASSERT_EQ((*server)->stats().pending_streams(), 4u);
+    RawPeer fifth((*server)->port());
+    const grpc::Status over = fifth.Finish();
+    EXPECT_EQ(over.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << over.error_message();
+    // The server cancels a stream blocked on its first read: the peer sees CANCELLED.
+    for (auto& peer : silent) {
+      const grpc::Status s = peer->Finish();
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED) << s.error_message();
+    }
+  }
+  const v1::PeerServerStats stats = (*server)->stats();
+  EXPECT_EQ(stats.rejected_hello_timeout(), 4u);
+  EXPECT_EQ(stats.rejected_over_limit(), 1u);
+  EXPECT_EQ(stats.pending_streams(), 0u);
+  // The real peer still gets in.
+  absl::StatusOr<std::unique_ptr<PeerLink>> up =
+      PeerLink::Dial(DialerSide((*server)->port()), Ignore);
+  ASSERT_TRUE(up.ok());
+  EXPECT_TRUE((*up)->WaitConnected(kWait).ok()) << (*up)->status();
 }
 
 // Calls grpc.health.v1.Health/Check for `service` on 127.0.0.1:port.
