@@ -49,7 +49,7 @@ std::string BoundaryWorker::Describe(int direction, uint64_t step, uint32_t micr
 
 absl::StatusOr<v1::SendReply> BoundaryWorker::Send(uint64_t step, uint32_t microbatch,
                                                    const ConstTensor& t, const int32_t* token_ids,
-                                                   bool wait_encoded) {
+                                                   bool wait_encoded, absl::Time deadline) {
   const std::string what = Describe(sends_, step, microbatch);
   const bool mapl_forward = sends_ == v1::DIRECTION_FORWARD && config_.method() == v1::METHOD_MAPL;
   if (mapl_forward && token_ids == nullptr) {
@@ -84,8 +84,21 @@ absl::StatusOr<v1::SendReply> BoundaryWorker::Send(uint64_t step, uint32_t micro
             absl::StrCat(what, " was already sent; each (step, microbatch) is sent once"));
       }
       if (waited) break;
-      // Backpressure: a trainer far ahead of the encoder waits here instead of filling memory.
-      while (jobs_.size() + reserved_ >= options_.max_queued_jobs && !stop_) cv_.Wait(&mu_);
+      // Backpressure: a trainer far ahead of the encoder waits here instead of filling memory,
+      // but not forever: a link that stays down or slow fails the Send by its deadline.
+      const absl::Time since = absl::Now();
+      while (jobs_.size() + reserved_ >= options_.max_queued_jobs && !stop_) {
+        if (cv_.WaitWithDeadline(&mu_, deadline)) {
+          if (jobs_.size() + reserved_ < options_.max_queued_jobs || stop_) break;
+          const v1::LinkStats link = transport_ != nullptr ? transport_->stats() : v1::LinkStats();
+          return absl::UnavailableError(absl::StrCat(
+              what, ": not taken; the boundary's queue stayed full for ",
+              absl::FormatDuration(absl::Trunc(absl::Now() - since, absl::Milliseconds(1))),
+              " (peer link ", link.connected() ? "connected but slow" : "down", ", ",
+              link.queued_messages(), " message(s) of ", link.queued_bytes(),
+              " bytes unacknowledged); retry, or check the peer"));
+        }
+      }
     }
     sent_.insert(key);  // reserved now, so a concurrent duplicate fails too
     ++reserved_;        // a queue slot, and Flush waits for it

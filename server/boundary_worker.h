@@ -98,8 +98,11 @@ class BoundaryWorker {
   // (an encode failure is then this call's error). INVALID_ARGUMENT for bad input;
   // ALREADY_EXISTS for a (step, microbatch) already sent; FAILED_PRECONDITION for a step
   // already closed; UNAVAILABLE once stopping.
+  // A Send that finds the queue full waits for room until `deadline`, then fails with UNAVAILABLE
+  // naming the boundary, step, microbatch and the link's state (the tensor is not taken).
   absl::StatusOr<v1::SendReply> Send(uint64_t step, uint32_t microbatch, const ConstTensor& t,
-                                     const int32_t* token_ids, bool wait_encoded)
+                                     const int32_t* token_ids, bool wait_encoded,
+                                     absl::Time deadline = absl::InfiniteFuture())
       ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
 
   // Waits until the peer's tensor of (step, microbatch) is decoded, then writes it into `into`

@@ -392,6 +392,24 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
     return absl::InvalidArgumentError(
         absl::StrCat("compute_threads: at most 256, got ", c.compute_threads()));
   }
+  if (c.peer_hello_timeout_ms() == 0) c.set_peer_hello_timeout_ms(10000);
+  if (c.peer_max_pending_streams() == 0) c.set_peer_max_pending_streams(32);
+  if (c.peer_max_pending_streams() > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("peer_max_pending_streams: at most 4096, got ", c.peer_max_pending_streams()));
+  }
+  if (c.peer_keepalive_ms() == 0) c.set_peer_keepalive_ms(10000);
+  if (c.peer_keepalive_ms() < 1000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("peer_keepalive_ms: at least 1000 (gRPC refuses faster pings), got ",
+                     c.peer_keepalive_ms()));
+  }
+  if (c.send_timeout_ms() == 0) c.set_send_timeout_ms(c.recv_timeout_ms());
+  if (c.has_tls()) {
+    v1::TlsConfig* tls = c.mutable_tls();
+    if (tls->reload_seconds() == 0) tls->set_reload_seconds(60);
+    MAPL_RETURN_IF_ERROR(ValidateTlsFiles(TlsFilesOf(*tls)));
+  }
   if (c.auth_token().empty()) {
     return absl::InvalidArgumentError(
         "auth_token: required; the daemons on both sides of a boundary present it to each other "
@@ -461,6 +479,33 @@ absl::StatusOr<v1::DaemonConfig> LoadConfig(const std::string& path,
   }
   for (const std::string& o : overrides) MAPL_RETURN_IF_ERROR(ApplyOverride(o, &config));
   return FinalizeConfig(config);
+}
+
+TlsFiles TlsFilesOf(const v1::TlsConfig& tls) {
+  TlsFiles files;
+  files.cert_file = tls.cert_file();
+  files.key_file = tls.key_file();
+  files.ca_file = tls.ca_file();
+  files.mutual = !tls.server_only();
+  files.reload_seconds = tls.reload_seconds();
+  return files;
+}
+
+int MaxPeerMessageBytes(const v1::BoundaryConfig& c) {
+  const int64_t tokens = c.max_tokens();
+  const int64_t dense_frame = tokens * c.d() * 4 + tokens * 4;
+  // U and the RVQ codebooks (levels x 256 centroids of width k), float32; twice over for a
+  // snapshot's tables plus a delta's row indices at worst.
+  const int64_t dictionary =
+      2 * (int64_t{c.d()} * c.k() * 4 + int64_t{c.rvq_levels()} * 256 * c.k() * 4);
+  const int64_t bytes = std::max(dense_frame, dictionary) + (1 << 20);
+  return static_cast<int>(std::clamp<int64_t>(bytes, 4 << 20, int64_t{1} << 30));
+}
+
+v1::DaemonConfig RedactedConfig(const v1::DaemonConfig& config) {
+  v1::DaemonConfig out = config;
+  if (!out.auth_token().empty()) out.set_auth_token("<redacted>");
+  return out;
 }
 
 }  // namespace mapl

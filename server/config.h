@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "proto/mapl/v1/config.pb.h"
+#include "server/transport/tls.h"
 
 namespace mapl {
 
@@ -41,6 +42,18 @@ absl::StatusOr<v1::DaemonConfig> LoadConfig(const std::string& path,
 // The local socket path used when the config names none:
 // $XDG_RUNTIME_DIR/mapld-<stage>.sock, else /tmp/mapld-<uid>-<stage>.sock.
 std::string DefaultSocketPath(uint32_t stage);
+
+// The TLS files of `tls` (DaemonConfig.tls) as the transport takes them.
+TlsFiles TlsFilesOf(const v1::TlsConfig& tls);
+
+// The largest peer message boundary `config` (defaults filled) can produce: a dense frame of
+// max_tokens rows in float32 with its token ids, or a dictionary snapshot, whichever is larger,
+// with room for the envelope. Both sides of the link accept nothing larger, so an unauthenticated
+// peer cannot make the receiver buffer more.
+int MaxPeerMessageBytes(const v1::BoundaryConfig& config);
+
+// `config` with its secrets (auth_token) replaced by "<redacted>", for printing and logs.
+v1::DaemonConfig RedactedConfig(const v1::DaemonConfig& config);
 
 }  // namespace mapl
 

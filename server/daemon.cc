@@ -18,7 +18,9 @@
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 #include "kernels/registry.h"
+#include "server/config.h"
 #include "server/local_service.h"
+#include "server/transport/tls.h"
 
 namespace mapl {
 namespace {
@@ -48,6 +50,19 @@ absl::Status PrepareSocketPath(const std::string& path) {
 }
 
 std::string HostOf(const std::string& address) { return address.substr(0, address.rfind(':')); }
+
+// Whether `address` ("host:port") stays on this machine.
+bool IsLoopback(const std::string& address) {
+  const std::string host = HostOf(address);
+  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "[::1]" || host == "::1" ||
+         host.rfind("unix:", 0) == 0;
+}
+
+// The health service's names: "" is readiness (every boundary's link up, not draining);
+// kLivenessService stays SERVING until shutdown whatever the links do (a probe that restarts the
+// pod must not fire because the peer is away); "boundary/<id>" follows one link.
+constexpr char kLivenessService[] = "liveness";
+std::string BoundaryHealthName(uint32_t id) { return absl::StrCat("boundary/", id); }
 
 }  // namespace
 
@@ -102,16 +117,60 @@ absl::Status Daemon::Init() {
         std::make_unique<BoundaryWorker>(*std::move(engine), WorkerOptions{}, timers);
   }
 
+  MAPL_RETURN_IF_ERROR(StartTransports());
+  // After the transports: a scrape reads the peer server's record.
   if (config_.metrics_address() != "off") {
+    if (peer_server_ != nullptr) {
+      PeerServer* server = peer_server_.get();
+      metrics_->SetPeerServerSource([server] { return server->stats(); });
+    }
     MAPL_RETURN_IF_ERROR(metrics_->Serve(config_.metrics_address()));
     Log(LogLevel::kInfo, "metrics",
         {{"url", absl::StrCat("http://", HostOf(config_.metrics_address()), ":", metrics_->port(),
                               "/metrics")}});
   }
-  MAPL_RETURN_IF_ERROR(StartTransports());
   for (auto& [id, w] : workers_) w->Start(transports_.at(id));
   // The local API last: once trainers can attach, everything behind it is ready.
-  return StartLocalServer();
+  MAPL_RETURN_IF_ERROR(StartLocalServer());
+  health_thread_ = std::thread([this] { HealthLoop(); });
+  return absl::OkStatus();
+}
+
+void Daemon::HealthLoop() {
+  std::vector<grpc::HealthCheckServiceInterface*> services;
+  if (peer_server_ != nullptr && peer_server_->health_check_service() != nullptr) {
+    services.push_back(peer_server_->health_check_service());
+  }
+  if (local_server_->GetHealthCheckService() != nullptr) {
+    services.push_back(local_server_->GetHealthCheckService());
+  }
+  std::map<uint32_t, bool> was_up;
+  bool was_ready = true;  // gRPC starts every service SERVING.
+  bool first = true;
+  do {
+    bool ready = !shutting_down();
+    for (const auto& [id, t] : transports_) {
+      const bool up = t->connected();
+      ready &= up;
+      auto it = was_up.find(id);
+      if (it != was_up.end() && it->second == up) continue;
+      was_up[id] = up;
+      for (auto* health : services) health->SetServingStatus(BoundaryHealthName(id), up);
+    }
+    if (first || ready != was_ready) {
+      for (auto* health : services) {
+        health->SetServingStatus("", ready);
+        health->SetServingStatus(kLivenessService, !shutting_down());
+      }
+      if (!first) {
+        Log(ready ? LogLevel::kInfo : LogLevel::kWarning, "health",
+            {{"ready", ready ? "true" : "false"}});
+      }
+      was_ready = ready;
+      first = false;
+    }
+  } while (!shutting_down_.WaitForNotificationWithTimeout(absl::Milliseconds(200)));
+  for (auto* health : services) health->SetServingStatus(false);
 }
 
 absl::Status Daemon::StartTransports() {
@@ -120,10 +179,33 @@ absl::Status Daemon::StartTransports() {
   grpc::EnableDefaultHealthCheckService(true);
   bool serves_peers = false;
   for (const auto& [id, w] : workers_) serves_peers |= w->config().role() == v1::ROLE_DOWNSTREAM;
+  if (config_.has_tls()) {
+    Log(LogLevel::kInfo, "peer links use TLS",
+        {{"cert_file", config_.tls().cert_file()},
+         {"ca_file", config_.tls().ca_file()},
+         {"mutual", config_.tls().server_only() ? "false" : "true"}});
+  }
   if (serves_peers) {
     PeerServerOptions options;
     options.listen_address = config_.peer_listen();
     options.enable_health_service = true;
+    options.hello_timeout = absl::Milliseconds(config_.peer_hello_timeout_ms());
+    options.max_pending_streams = static_cast<int>(config_.peer_max_pending_streams());
+    options.keepalive_time = options.keepalive_timeout =
+        absl::Milliseconds(config_.peer_keepalive_ms());
+    options.max_message_bytes = 0;
+    for (const auto& [id, w] : workers_) {
+      if (w->config().role() != v1::ROLE_DOWNSTREAM) continue;
+      options.max_message_bytes =
+          std::max(options.max_message_bytes, MaxPeerMessageBytes(w->config()));
+    }
+    if (config_.has_tls()) {
+      MAPL_ASSIGN_OR_RETURN(options.credentials, TlsServerCredentials(TlsFilesOf(config_.tls())));
+    } else if (!IsLoopback(config_.peer_listen())) {
+      Log(LogLevel::kWarning, "peer listener without TLS on a non-loopback address",
+          {{"address", config_.peer_listen()},
+           {"risk", "auth_token travels in clear; set tls for links that leave this host"}});
+    }
     MAPL_ASSIGN_OR_RETURN(peer_server_, PeerServer::Create(options));
     for (auto& [id, w] : workers_) {
       if (w->config().role() != v1::ROLE_DOWNSTREAM) continue;
@@ -145,6 +227,15 @@ absl::Status Daemon::StartTransports() {
     PeerLinkOptions options = LinkOptions(id);
     options.address = w->config().peer_address();
     options.connect_timeout = absl::Milliseconds(config_.peer_connect_timeout_ms());
+    if (config_.has_tls()) {
+      MAPL_ASSIGN_OR_RETURN(
+          options.channel_credentials,
+          TlsChannelCredentials(TlsFilesOf(config_.tls()), w->config().peer_identity()));
+    } else if (!IsLoopback(options.address)) {
+      Log(LogLevel::kWarning, "peer link without TLS to a non-loopback address",
+          {{"address", options.address},
+           {"risk", "auth_token travels in clear; set tls for links that leave this host"}});
+    }
     BoundaryWorker* worker = w.get();
     MAPL_ASSIGN_OR_RETURN(std::unique_ptr<PeerLink> link,
                           PeerLink::Dial(options, [worker](v1::PeerMessage m) {
@@ -185,6 +276,8 @@ void Daemon::Shutdown(absl::Duration drain) {
   if (stopped_.HasBeenNotified()) return;
   if (!shutting_down_.HasBeenNotified()) shutting_down_.Notify();
   const absl::Time deadline = absl::Now() + drain;
+  // Probes see NOT_SERVING from here on.
+  if (health_thread_.joinable()) health_thread_.join();
   // Tensors already taken are encoded and queued first; then the transports deliver them.
   for (auto& [id, w] : workers_) w->Stop(deadline);
   for (auto& [id, t] : transports_) {
@@ -216,6 +309,10 @@ PeerLinkOptions Daemon::LinkOptions(uint32_t boundary) const {
   o.boundary = boundary;
   o.stage = config_.stage();
   o.auth_token = config_.auth_token();
+  const BoundaryWorker& worker = *workers_.at(boundary);
+  o.peer_identity = worker.config().peer_identity();
+  o.max_message_bytes = MaxPeerMessageBytes(worker.config());
+  o.keepalive_time = o.keepalive_timeout = absl::Milliseconds(config_.peer_keepalive_ms());
   if (config_.send_rate_mbit() > 0) {
     o.send_rate_bytes_per_second = config_.send_rate_mbit() * 1e6 / 8;
     o.send_burst_bytes =
@@ -296,8 +393,10 @@ absl::StatusOr<v1::SendReply> Daemon::Send(const v1::SendRequest& request) {
     MAPL_ASSIGN_OR_RETURN(tokens, TokenIdsView(*session, request.token_ids(), t.rows));
   }
   // `session` keeps the buffers mapped until the worker has copied the tensor.
+  const absl::Duration timeout = absl::Milliseconds(
+      request.timeout_ms() != 0 ? request.timeout_ms() : config_.send_timeout_ms());
   return w->Send(request.step(), request.microbatch(), ConstTensor{t.data, t.rows, t.cols, t.dtype},
-                 tokens, request.wait_encoded());
+                 tokens, request.wait_encoded(), absl::Now() + timeout);
 }
 
 absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,

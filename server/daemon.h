@@ -27,6 +27,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -87,6 +88,8 @@ class Daemon {
   std::vector<v1::BoundaryStats> AllStats() const;
   absl::Duration Timeout(uint32_t request_ms) const;
   PeerLinkOptions LinkOptions(uint32_t boundary) const;
+  // Keeps the health services' statuses (both servers) in step with the links until shutdown.
+  void HealthLoop();
 
   const v1::DaemonConfig config_;
   std::unique_ptr<Backend> backend_;
@@ -102,6 +105,7 @@ class Daemon {
   std::unique_ptr<grpc::Service> local_service_;
   std::unique_ptr<grpc::Server> local_server_;
 
+  std::thread health_thread_;  // HealthLoop; joined by Shutdown.
   absl::Notification shutting_down_;
   absl::Notification stopped_;
   absl::Mutex shutdown_mu_;

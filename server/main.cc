@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <malloc.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -109,6 +110,14 @@ int main(int argc, char** argv) {
   // every start behaves the same.
   mallopt(M_MMAP_THRESHOLD, 1 << 30);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  // Every peer connection is a descriptor. The soft limit (often 1024) would let a crowd of
+  // connections that never authenticate starve the real peer's reconnect of descriptors; the
+  // hard limit is what the operator allows. The peer server's own limits bound the rest.
+  struct rlimit files;
+  if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &files);
+  }
   absl::SetProgramUsageMessage(
       "mapl sidecar daemon: one per pipeline stage.\n  mapld --config stage.textproto "
       "[--set path=value ...]\nSee deploy/examples/ for configs.");
@@ -123,7 +132,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (absl::GetFlag(FLAGS_print_config)) {
-    std::printf("%s", config->DebugString().c_str());
+    std::printf("%s", mapl::RedactedConfig(*config).DebugString().c_str());
     return 0;
   }
 

@@ -120,8 +120,12 @@ class FamilyBuilder {
 }  // namespace
 
 std::vector<prometheus::MetricFamily> StatsFamilies(const std::vector<v1::BoundaryStats>& records,
-                                                    uint32_t stage) {
+                                                    uint32_t stage,
+                                                    const v1::PeerServerStats* server) {
   FamilyBuilder builder;
+  if (server != nullptr) {
+    builder.AddRecord(*server, "mapl_peer_server", {{"stage", absl::StrCat(stage)}});
+  }
   for (const v1::BoundaryStats& s : records) {
     const Labels labels = {
         {"stage", absl::StrCat(stage)}, {"boundary", absl::StrCat(s.id())}, {"role", s.role()}};
@@ -134,8 +138,12 @@ class Metrics::StatsCollector : public prometheus::Collectable {
  public:
   StatsCollector(uint32_t stage, StatsSource source) : stage_(stage), source_(std::move(source)) {}
   std::vector<prometheus::MetricFamily> Collect() const override {
-    return StatsFamilies(source_(), stage_);
+    if (!server_source_) return StatsFamilies(source_(), stage_);
+    const v1::PeerServerStats server = server_source_();
+    return StatsFamilies(source_(), stage_, &server);
   }
+  // Set before the endpoint serves (Metrics::SetPeerServerSource), read only afterwards.
+  std::function<v1::PeerServerStats()> server_source_;
 
  private:
   const uint32_t stage_;
@@ -163,6 +171,11 @@ CodecTimers Metrics::AddBoundary(uint32_t id, const std::string& role) {
   t.encode_seconds = &latency_.Add(with("encode"), LatencyBuckets());
   t.decode_seconds = &latency_.Add(with("decode"), LatencyBuckets());
   return t;
+}
+
+void Metrics::SetPeerServerSource(std::function<v1::PeerServerStats()> source) {
+  MAPL_CHECK(exposer_ == nullptr, "SetPeerServerSource after Serve");
+  stats_->server_source_ = std::move(source);
 }
 
 absl::Status Metrics::Serve(const std::string& address) {

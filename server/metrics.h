@@ -6,6 +6,7 @@
 //   BoundaryStats.<field>            -> mapl_boundary_<field>{stage, boundary, role}
 //   BoundaryStats.link.<field>       -> mapl_link_<field>{stage, boundary, role}
 //   BoundaryStats.link.sent[<body>]  -> mapl_link_sent_<field>{..., body="frame"}
+//   PeerServerStats.<field>          -> mapl_peer_server_<field>{stage}
 // with a _total suffix for counters. So a new statistic is one proto field plus the code that
 // computes it. The encode and decode times are histograms kept here
 // (mapl_codec_seconds{stage, boundary, role, op}).
@@ -36,7 +37,8 @@ namespace mapl {
 // The metric families of `records` (one per boundary), as exported: for tests and for the
 // endpoint. `stage` labels every series.
 std::vector<prometheus::MetricFamily> StatsFamilies(const std::vector<v1::BoundaryStats>& records,
-                                                    uint32_t stage);
+                                                    uint32_t stage,
+                                                    const v1::PeerServerStats* server = nullptr);
 
 class Metrics {
  public:
@@ -48,6 +50,9 @@ class Metrics {
 
   // Registers the codec timers of one boundary; call before Serve.
   CodecTimers AddBoundary(uint32_t id, const std::string& role);
+  // Exports the peer server's record (local.proto PeerServerStats) as
+  // mapl_peer_server_<field>{stage} at each scrape; call before Serve.
+  void SetPeerServerSource(std::function<v1::PeerServerStats()> source);
   // Starts the HTTP endpoint ("host:port", port 0 picks a free one).
   absl::Status Serve(const std::string& address);
   int port() const { return port_; }

@@ -492,6 +492,43 @@ TEST(BoundaryWorkerTest, StopReleasesASendWaitingForASlot) {
   EXPECT_EQ(pair.up().stats().frames_sent(), 3u);
 }
 
+// A link that stays down fails a Send waiting for a slot by its deadline, naming what it waited
+// for; the tensor is not taken (a retry after the link is back succeeds), and nothing taken
+// before is lost.
+TEST(BoundaryWorkerTest, SendWaitingOnADownLinkFailsByItsDeadline) {
+  WorkerOptions up;
+  up.max_queued_jobs = 1;
+  up.max_transport_queue_bytes = 1;
+  WorkerPair pair(v1::METHOD_DENSE, up);
+  const int port = UnusedPort();
+  pair.Dial(port);
+  constexpr int kN = 4;
+  std::vector<std::vector<float>> h;
+  for (uint32_t mb = 0; mb < 4; ++mb) h.push_back(Random(kN * kD, mb));
+  for (uint32_t mb = 0; mb < 3; ++mb) {
+    ASSERT_TRUE(pair.up().Send(1, mb, F32(h[mb], kN), nullptr, false).ok());
+  }
+  const absl::Time start = absl::Now();
+  absl::StatusOr<v1::SendReply> late =
+      pair.up().Send(1, 3, F32(h[3], kN), nullptr, false, start + absl::Milliseconds(300));
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(300));
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kUnavailable) << late.status();
+  for (const char* part : {"step 1", "microbatch 3", "peer link down"}) {
+    EXPECT_TRUE(absl::StrContains(late.status().message(), part)) << late.status();
+  }
+
+  pair.Serve(port);
+  absl::StatusOr<v1::SendReply> retry =
+      pair.up().Send(1, 3, F32(h[3], kN), nullptr, false, absl::Now() + kWait);
+  ASSERT_TRUE(retry.ok()) << retry.status();
+  for (uint32_t mb = 0; mb < 4; ++mb) {
+    std::vector<float> h_hat;
+    absl::StatusOr<v1::RecvReply> got = RecvInto(pair.down(), 1, mb, &h_hat, kN);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectExactToBf16(h[mb], h_hat);
+  }
+}
+
 // ---- Send errors ----
 
 TEST(BoundaryWorkerTest, DuplicateSendIsAlreadyExists) {

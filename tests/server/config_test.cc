@@ -50,6 +50,38 @@ TEST(Config, MissingFieldsTakeTheirDefaults) {
   EXPECT_EQ(b.rvq_levels(), 4u);
 }
 
+TEST(Config, PeerLimitsTakeTheirDefaultsAndTlsFilesAreChecked) {
+  absl::StatusOr<v1::DaemonConfig> c = Finalized(kStage1, {"recv_timeout_ms=7000"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->peer_hello_timeout_ms(), 10000u);
+  EXPECT_EQ(c->peer_max_pending_streams(), 32u);
+  EXPECT_EQ(c->peer_keepalive_ms(), 10000u);
+  EXPECT_EQ(c->send_timeout_ms(), 7000u);  // recv_timeout_ms unless set.
+  EXPECT_FALSE(c->has_tls());
+  ExpectError(Finalized(kStage1, {"peer_keepalive_ms=10"}), "peer_keepalive_ms: at least 1000");
+  ExpectError(Finalized(kStage1, {"tls.cert_file=/nonexistent/tls.crt"}),
+              "tls.cert_file: cannot read '/nonexistent/tls.crt'");
+  ExpectError(Finalized(kStage1, {"tls.ca_file=/etc/hostname"}), "tls.cert_file: required");
+}
+
+TEST(Config, PrintedConfigHidesTheToken) {
+  absl::StatusOr<v1::DaemonConfig> c = Finalized(kStage1, {"auth_token=s3cret-token"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  const std::string printed = RedactedConfig(*c).DebugString();
+  EXPECT_EQ(printed.find("s3cret-token"), std::string::npos) << printed;
+  EXPECT_NE(printed.find("<redacted>"), std::string::npos) << printed;
+  EXPECT_EQ(c->auth_token(), "s3cret-token");  // The config itself keeps it.
+}
+
+TEST(Config, MaxPeerMessageBytesCoversTheLargestMessage) {
+  absl::StatusOr<v1::DaemonConfig> c = Finalized(kStage1);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const v1::BoundaryConfig& b = c->boundaries(0);
+  // A dense float32 frame of max_tokens rows and its ids, plus room for the envelope.
+  EXPECT_GT(MaxPeerMessageBytes(b), static_cast<int>(b.max_tokens() * (b.d() + 1) * 4));
+  EXPECT_LE(MaxPeerMessageBytes(b), static_cast<int>(b.max_tokens() * (b.d() + 1) * 4) + (2 << 20));
+}
+
 TEST(Config, OverridesReachAnyField) {
   absl::StatusOr<v1::DaemonConfig> c =
       Finalized(kStage1, {"boundaries[0].k=64", "boundaries[0].method=METHOD_FIXED",

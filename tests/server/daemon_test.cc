@@ -39,6 +39,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "client/mapl_client.h"
+#include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kernels/registry.h"
 #include "server/config.h"
@@ -47,6 +48,7 @@
 #include "server/transport/peer_link.h"
 #include "server/upstream_engine.h"
 #include "tests/server/http_get.h"
+#include "tests/server/transport/health.grpc.pb.h"
 
 #ifndef MAPL_SOURCE_DIR
 #error "MAPL_SOURCE_DIR must name the repository root (tests/server/CMakeLists.txt sets it)"
@@ -54,6 +56,9 @@
 
 namespace mapl {
 namespace {
+
+using ::grpc::health::v1::HealthCheckRequest;
+using ::grpc::health::v1::HealthCheckResponse;
 
 namespace mc = ::mapl::client;
 using LabelMap = std::map<std::string, std::string>;
@@ -331,6 +336,63 @@ class DaemonPairTest : public ::testing::Test {
   std::unique_ptr<Daemon> up_, down_;
   std::unique_ptr<mc::Client> up_client_, down_client_;
 };
+
+// The health status of `service` on 127.0.0.1:port (UNKNOWN when the call fails).
+HealthCheckResponse::ServingStatus Health(int port, const std::string& service) {
+  std::unique_ptr<grpc::health::v1::Health::Stub> stub = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(Loopback(port), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  HealthCheckRequest request;
+  request.set_service(service);
+  HealthCheckResponse response;
+  if (!stub->Check(&context, request, &response).ok()) return HealthCheckResponse::UNKNOWN;
+  return response.status();
+}
+
+// Polls until `service` reports `want` (or 10 s pass); returns the last status.
+HealthCheckResponse::ServingStatus AwaitHealth(int port, const std::string& service,
+                                               HealthCheckResponse::ServingStatus want) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  HealthCheckResponse::ServingStatus got = Health(port, service);
+  while (got != want && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(50));
+    got = Health(port, service);
+  }
+  return got;
+}
+
+// Readiness ("") follows the links; liveness stays SERVING while the link is down (a probe must
+// not restart a daemon whose peer is away); each boundary has its own service. The peer server's
+// own counters reach the metrics.
+TEST(DaemonHealthTest, ReadinessFollowsTheLinkAndLivenessDoesNot) {
+  TempDir dir;
+  Shape shape;
+  absl::StatusOr<std::unique_ptr<Daemon>> down = StartStage(dir, 1, {{0, false, ""}}, shape);
+  ASSERT_TRUE(down.ok()) << down.status();
+  const int port = (*down)->peer_port();
+  EXPECT_EQ(AwaitHealth(port, "", HealthCheckResponse::NOT_SERVING),
+            HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Health(port, "boundary/0"), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Health(port, "liveness"), HealthCheckResponse::SERVING);
+
+  absl::StatusOr<std::unique_ptr<Daemon>> up =
+      StartStage(dir, 0, {{0, true, Loopback(port)}}, shape);
+  ASSERT_TRUE(up.ok()) << up.status();
+  EXPECT_EQ(AwaitHealth(port, "", HealthCheckResponse::SERVING), HealthCheckResponse::SERVING);
+  EXPECT_EQ(Health(port, "boundary/0"), HealthCheckResponse::SERVING);
+  absl::StatusOr<std::string> metrics = HttpGetMetrics((*down)->metrics_port());
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_NE(metrics->find("mapl_peer_server_streams_accepted_total{stage=\"1\"} 1"),
+            std::string::npos)
+      << *metrics;
+
+  (*up)->Shutdown(absl::Seconds(1));
+  EXPECT_EQ(AwaitHealth(port, "", HealthCheckResponse::NOT_SERVING),
+            HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Health(port, "liveness"), HealthCheckResponse::SERVING);
+  (*down)->Shutdown(absl::Seconds(1));
+}
 
 TEST_F(DaemonPairTest, MetricsOverHttpCountTrafficInBothDirectionsOnTheRightSide) {
   ASSERT_NO_FATAL_FAILURE(StartPair(Shape{}));
