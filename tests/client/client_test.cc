@@ -12,10 +12,12 @@
 
 #include <chrono>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "client/mapl_client.h"
 #include "kernels/tensor.h"
@@ -34,7 +36,9 @@ class TempDir {
     path_ = mkdtemp(tmpl);
   }
   ~TempDir() {
-    unlink((path_ + "/s.sock").c_str());
+    for (const char* f : {"/s.sock", "/s.sock0", "/s.sock1", "/s.sock0.fds", "/s.sock1.fds"}) {
+      unlink((path_ + f).c_str());
+    }
     rmdir(path_.c_str());
   }
   std::string socket() const { return path_ + "/s.sock"; }
@@ -102,6 +106,7 @@ class TwoDaemonsTest : public ::testing::Test {
         "auth_token=t",
         "client_buffers=2",
         "client_buffer_bytes=65536",
+        "max_sessions=3",
         "recv_timeout_ms=5000",
         "boundaries[0].id=0",
         "boundaries[0].role=" + role,
@@ -361,22 +366,51 @@ TEST_F(TwoDaemonsTest, BothServersAnswerTheStandardHealthCheck) {
   }
 }
 
+// Mappings and fds of this process of the memfd `name` (the daemon runs in this process too).
+int MemfdUses(const std::string& name) {
+  const std::string path = "/memfd:" + name + " (deleted)";
+  int n = 0;
+  std::ifstream maps("/proc/self/maps");
+  for (std::string line; std::getline(maps, line);) n += absl::EndsWith(line, path);
+  for (int fd = 0; fd < 4096; ++fd) {
+    char target[512];
+    const ssize_t len =
+        readlink(("/proc/self/fd/" + std::to_string(fd)).c_str(), target, sizeof(target) - 1);
+    if (len > 0 && std::string(target, len) == path) ++n;
+  }
+  return n;
+}
+
 TEST_F(TwoDaemonsTest, AClientThatGoesAwayHasItsBuffersFreed) {
   const std::string name = up_client_->buffer_name(0);
-  int fd = shm_open(name.c_str(), O_RDONLY, 0);
-  ASSERT_GE(fd, 0) << name;
-  close(fd);
+  // The client's mapping and the daemon's; no fd is left open on either side.
+  EXPECT_EQ(MemfdUses(name), 2) << name;
   up_client_.reset();  // closes the Attach stream
   const absl::Time deadline = absl::Now() + absl::Seconds(5);
-  while (absl::Now() < deadline) {
-    fd = shm_open(name.c_str(), O_RDONLY, 0);
-    if (fd < 0) break;
-    close(fd);
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  EXPECT_LT(fd, 0) << name << " still exists after the client went away";
+  while (absl::Now() < deadline && MemfdUses(name) > 0) absl::SleepFor(absl::Milliseconds(20));
+  EXPECT_EQ(MemfdUses(name), 0) << name << " still mapped after the client went away";
   // A new client attaches fine.
   ASSERT_TRUE(Client::Connect(up_->config().local_socket(), "again", 5000, &up_client_).ok());
+}
+
+TEST_F(TwoDaemonsTest, AttachBeyondMaxSessionsIsResourceExhaustedNamingTheLimit) {
+  // up_client_ holds one of the 3 sessions.
+  std::unique_ptr<Client> second, third, fourth;
+  ASSERT_TRUE(Client::Connect(up_->config().local_socket(), "2", 5000, &second).ok());
+  ASSERT_TRUE(Client::Connect(up_->config().local_socket(), "3", 5000, &third).ok());
+  Status s = Client::Connect(up_->config().local_socket(), "4", 5000, &fourth);
+  EXPECT_EQ(s.code, 8) << s.message;  // RESOURCE_EXHAUSTED
+  EXPECT_NE(s.message.find("max_sessions = 3"), std::string::npos) << s.message;
+  EXPECT_EQ(fourth, nullptr);
+  // A session that ends frees its place (the daemon notices within ~50 ms).
+  third.reset();
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  s = Client::Connect(up_->config().local_socket(), "4", 5000, &fourth);
+  while (!s.ok() && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(50));
+    s = Client::Connect(up_->config().local_socket(), "4", 5000, &fourth);
+  }
+  EXPECT_TRUE(s.ok()) << s.message;
 }
 
 }  // namespace
