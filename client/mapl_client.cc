@@ -1,14 +1,18 @@
-// The local-API client: gRPC on a Unix socket, POSIX shared memory for the tensors. gRPC
-// statuses become mapl::client::Status here and nowhere else, through the one gRPC <-> absl
-// conversion (common/grpc_status.h).
+// The local-API client: gRPC on a Unix socket, shared memory (sealed memfds, passed over the
+// daemon's buffer socket, server/fd_passing.h) for the tensors. gRPC statuses become
+// mapl::client::Status here and nowhere else, through the one gRPC <-> absl conversion
+// (common/grpc_status.h).
 #include "client/mapl_client.h"
 
 #include <fcntl.h>
 #include <grpcpp/grpcpp.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -21,6 +25,7 @@
 #include "common/grpc_status.h"
 #include "proto/mapl/v1/local.grpc.pb.h"
 #include "proto/mapl/v1/local.pb.h"
+#include "server/fd_passing.h"
 
 namespace mapl {
 namespace client {
@@ -202,31 +207,119 @@ struct Client::Impl {
     return Status{};
   }
 
-  Status MapBuffers() {
-    for (size_t i = 0; i < buffers.size(); ++i) {
-      Mapping& m = buffers[i];
-      if (m.bytes == 0) continue;
-      const std::string what = "buffer " + std::to_string(i) + " (\"" + m.name + "\")";
-      const int fd = shm_open(m.name.c_str(), O_RDWR, 0);
-      if (fd < 0) {
+  // Collects the buffers' memfds from the daemon's buffer socket (presenting the session's
+  // secret), checks each is sealed against shrinking, maps it and closes the fd. Waits until
+  // `deadline` at most.
+  Status FetchBuffers(const std::string& secret, Clock::time_point deadline) {
+    if (buffers.empty()) return Status{};
+    const std::string path = FdSocketPath(socket_path);
+    const std::string where = "mapld's buffer socket " + path;
+    if (secret.size() != kFdSecretBytes) {
+      return MakeStatus(kInternal, "mapld sent a buffer secret of " +
+                                       std::to_string(secret.size()) + " bytes, not " +
+                                       std::to_string(kFdSecretBytes) +
+                                       " (a mapld of another version?)");
+    }
+    sockaddr_un addr{};
+    if (path.size() >= sizeof(addr.sun_path)) {
+      return MakeStatus(kInvalidArgument, where + ": path too long for a Unix socket");
+    }
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    UniqueFd sock(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    if (!sock.valid()) return MakeStatus(kInternal, "socket(): " + std::string(strerror(errno)));
+    // Both ways bounded by what is left of Connect's wait (at least a second).
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    const int64_t ms = std::max<int64_t>(left.count(), 1000);
+    const timeval tv{static_cast<time_t>(ms / 1000), static_cast<suseconds_t>(ms % 1000 * 1000)};
+    setsockopt(sock.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(sock.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    if (connect(sock.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
+      const int err = errno;
+      if (err == EACCES || err == EPERM) {
         return MakeStatus(kFailedPrecondition,
-                          "shm_open of " + what + " failed: " + strerror(errno) +
+                          "cannot connect to " + where + ": " + strerror(err) +
                               "; the trainer must run on the daemon's host as its user");
       }
-      struct stat st;
-      if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < m.bytes) {
-        close(fd);
-        return MakeStatus(kInternal, what + " is smaller than the " + std::to_string(m.bytes) +
-                                         " bytes mapld announced");
-      }
-      void* p = mmap(nullptr, m.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-      const int mmap_errno = errno;
-      close(fd);
-      if (p == MAP_FAILED) {
-        return MakeStatus(kInternal, "mmap of " + what + " failed: " + strerror(mmap_errno));
-      }
-      m.data = p;
+      return MakeStatus(kUnavailable, "cannot connect to " + where + " (" + strerror(err) +
+                                          "); is mapld at unix:" + socket_path +
+                                          " still running, and of this client's version?");
     }
+    FdSecret key;
+    std::memcpy(key.data(), secret.data(), key.size());
+    const auto request = EncodeFdRequest(session, key);
+    if (int err = SendFdMessage(sock.get(), request.data(), request.size(), {}); err != 0) {
+      return MakeStatus(kUnavailable,
+                        "sending the buffer request to " + where + ": " + strerror(err));
+    }
+    uint8_t message[kFdReplyBytes + 1];
+    size_t size = 0;
+    std::vector<UniqueFd> stray;  // the reply carries none; any that came are closed
+    int err = ReceiveFdMessage(sock.get(), message, sizeof(message), &size, &stray);
+    uint32_t status = 0, count = 0;
+    if (err != 0 || !DecodeFdPair(message, size, &status, &count)) {
+      return MakeStatus(
+          kUnavailable,
+          where + " gave no valid reply (" +
+              (err != 0 ? std::string(strerror(err)) : std::to_string(size) + " bytes") + ")");
+    }
+    if (status != kFdOk) {
+      return MakeStatus(kFailedPrecondition,
+                        where + " refused the buffers of session " + std::to_string(session) +
+                            " (it hands them once, to the client that attached, as the daemon's "
+                            "user; its log says why)");
+    }
+    if (count != buffers.size()) {
+      return MakeStatus(kInternal, where + " offered " + std::to_string(count) +
+                                       " buffers, the Attach event announced " +
+                                       std::to_string(buffers.size()));
+    }
+    std::vector<UniqueFd> fds;
+    while (fds.size() < count) {
+      std::vector<UniqueFd> batch;
+      uint32_t first = 0, n = 0;
+      err = ReceiveFdMessage(sock.get(), message, sizeof(message), &size, &batch);
+      if (err != 0 || !DecodeFdPair(message, size, &first, &n) || first != fds.size() ||
+          n != batch.size() || n == 0 || n > count - fds.size()) {
+        return MakeStatus(kUnavailable, where + " broke off handing out the buffers after " +
+                                            std::to_string(fds.size()) + " of " +
+                                            std::to_string(count) +
+                                            (err != 0 ? ": " + std::string(strerror(err)) : ""));
+      }
+      for (UniqueFd& fd : batch) fds.push_back(std::move(fd));
+    }
+    for (size_t i = 0; i < buffers.size(); ++i) {
+      Status s = Map(i, fds[i].get());
+      if (!s.ok()) return s;
+      fds[i].reset();  // the mapping keeps the memory; the fd is not needed any more
+    }
+    return Status{};
+  }
+
+  // Maps buffer i from its memfd. A buffer that could shrink under its mapping would turn a
+  // later access into a SIGBUS in this process, so only a shrink-sealed one is taken.
+  Status Map(size_t i, int fd) {
+    Mapping& m = buffers[i];
+    const std::string what = "buffer " + std::to_string(i) + " (\"" + m.name + "\")";
+    const int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || (seals & F_SEAL_SHRINK) == 0) {
+      return MakeStatus(kFailedPrecondition,
+                        what + " is not sealed against shrinking (" +
+                            (seals < 0 ? std::string(strerror(errno)) : "no F_SEAL_SHRINK") +
+                            "); refusing to map it: a mapld of another version, or not mapld");
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < m.bytes) {
+      return MakeStatus(kInternal, what + " is smaller than the " + std::to_string(m.bytes) +
+                                       " bytes mapld announced");
+    }
+    if (m.bytes == 0) return Status{};
+    void* p = mmap(nullptr, m.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+      return MakeStatus(kInternal, "mmap of " + what + " failed: " + strerror(errno));
+    }
+    m.data = p;
     return Status{};
   }
 
@@ -273,6 +366,7 @@ Status Client::Connect(const std::string& socket_path, const std::string& client
   im.attach = im.stub->Attach(&im.attach_ctx, req);
   im.reader = std::thread([&im] { im.ReadAttach(); });
 
+  std::string secret;
   {
     std::unique_lock<std::mutex> lock(im.mu);
     if (!im.cv.wait_until(lock, deadline, [&im] { return im.have_first || im.stream_done; })) {
@@ -284,6 +378,7 @@ Status Client::Connect(const std::string& socket_path, const std::string& client
     }
     if (!im.have_first) return im.stream_status;
     const v1::AttachEvent& ev = im.first;
+    secret = ev.buffer_secret();
     im.session = ev.session();
     im.stage = ev.stage();
     for (const v1::SharedBuffer& b : ev.buffers()) {
@@ -294,7 +389,7 @@ Status Client::Connect(const std::string& socket_path, const std::string& client
           BoundaryInfo{b.id(), b.role(), b.d(), b.k(), b.method(), b.vocab(), b.max_tokens()});
     }
   }
-  Status s = im.MapBuffers();
+  Status s = im.FetchBuffers(secret, deadline);
   if (!s.ok()) return s;  // ~Client ends the session and unmaps what was mapped.
   *out = std::move(c);
   return Status{};

@@ -1,5 +1,6 @@
 // The trainer-side client of mapld's local API (proto/mapl/v1/local.proto): it attaches to the
-// stage's daemon over its Unix socket, maps the shared-memory buffers the daemon hands out, and
+// stage's daemon over its Unix socket, collects the shared-memory buffers (sealed memfds) from
+// the daemon's buffer socket next to it (<socket>.fds, server/fd_passing.h), maps them, and
 // names tensors in those buffers in Send/Recv/Step/Stats calls.
 //
 // Dependencies: protobuf is a PUBLIC dependency of mapl_client. Step and Stats hand back the
@@ -104,10 +105,12 @@ using StatsResult = ::mapl::v1::StatsReply;
 
 class Client {
  public:
-  // Dials unix:`socket_path`, opens the Attach stream and waits for its first event, then maps
-  // every buffer read/write. Waits up to `timeout_ms` (0: 10 s) for the daemon to accept the
-  // connection, so a trainer may start before its daemon. No daemon: UNAVAILABLE naming the
-  // socket.
+  // Dials unix:`socket_path`, opens the Attach stream and waits for its first event, then takes
+  // the buffers' fds from `socket_path`.fds with the event's secret, checks each is sealed
+  // against shrinking (FAILED_PRECONDITION otherwise), maps it read/write and closes the fd.
+  // Waits up to `timeout_ms` (0: 10 s) for the daemon to accept the connection, so a trainer may
+  // start before its daemon. No daemon: UNAVAILABLE naming the socket. More trainers than the
+  // daemon's max_sessions: the daemon's RESOURCE_EXHAUSTED.
   static Status Connect(const std::string& socket_path, const std::string& client_name,
                         uint32_t timeout_ms, std::unique_ptr<Client>* out);
 
@@ -134,6 +137,7 @@ class Client {
   size_t buffer_count() const;
   void* data(size_t i) const;
   size_t bytes(size_t i) const;
+  // The memfd's name, for logs (/proc/self/maps shows /memfd:<name>); it opens nothing.
   const std::string& buffer_name(size_t i) const;
 
   // Hands `tensor` (n, d), kF32 or kBF16, to the daemon to encode and ship; `token_ids` (n, 1)

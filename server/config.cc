@@ -387,6 +387,11 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
   }
   if (c.backend().empty()) c.set_backend("cpu");
   MAPL_RETURN_IF_ERROR(CheckBackendName(c.backend()));
+  if (c.max_sessions() == 0) c.set_max_sessions(16);
+  if (c.max_sessions() > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_sessions: at most 1024, got ", c.max_sessions()));
+  }
   if (c.compute_threads() == 0) c.set_compute_threads(1);
   if (c.compute_threads() > 256) {
     return absl::InvalidArgumentError(

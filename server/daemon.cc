@@ -68,7 +68,8 @@ std::string BoundaryHealthName(uint32_t id) { return absl::StrCat("boundary/", i
 
 Daemon::Daemon(const v1::DaemonConfig& config)
     : config_(config),
-      sessions_(config.stage(), config.client_buffers(), config.client_buffer_bytes()) {}
+      sessions_(config.stage(), config.client_buffers(), config.client_buffer_bytes(),
+                config.max_sessions()) {}
 
 Daemon::~Daemon() { Shutdown(absl::ZeroDuration()); }
 
@@ -252,6 +253,8 @@ absl::Status Daemon::StartTransports() {
 absl::Status Daemon::StartLocalServer() {
   const std::string& path = config_.local_socket();
   MAPL_RETURN_IF_ERROR(PrepareSocketPath(path));
+  // Before the local API: a trainer that attaches collects its buffers there at once.
+  MAPL_ASSIGN_OR_RETURN(fd_server_, FdServer::Start(FdSocketPath(path), &sessions_));
   local_service_ = MakeLocalService(this);
   grpc::ServerBuilder builder;
   builder.AddListeningPort(absl::StrCat("unix:", path), grpc::InsecureServerCredentials());
@@ -299,6 +302,7 @@ void Daemon::Shutdown(absl::Duration drain) {
     local_server_->Wait();
     ::unlink(config_.local_socket().c_str());
   }
+  if (fd_server_ != nullptr) fd_server_->Stop();
   sessions_.Clear();
   Log(LogLevel::kInfo, "stopped", {{"stage", absl::StrCat(config_.stage())}});
   stopped_.Notify();

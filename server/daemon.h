@@ -39,6 +39,7 @@
 #include "proto/mapl/v1/config.pb.h"
 #include "proto/mapl/v1/local.pb.h"
 #include "server/boundary_worker.h"
+#include "server/fd_server.h"
 #include "server/metrics.h"
 #include "server/session_registry.h"
 #include "server/transport/peer_link.h"
@@ -102,6 +103,7 @@ class Daemon {
   int peer_port_ = 0;
   // After the workers: destroyed first, so no scrape reads a destroyed worker.
   std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<FdServer> fd_server_;  // the buffer socket, next to the local socket
   std::unique_ptr<grpc::Service> local_service_;
   std::unique_ptr<grpc::Server> local_server_;
 

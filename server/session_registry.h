@@ -1,29 +1,40 @@
-// The trainers attached to a daemon (local API sessions) and their POSIX shared-memory buffers,
-// and the checks of every TensorRef a request names against what was attached.
+// The trainers attached to a daemon (local API sessions) and their shared-memory buffers
+// (sealed memfds, server/shm.h), and the checks of every TensorRef a request names against what
+// was attached.
 //
-//   SessionRegistry sessions(stage, /*buffers=*/8, /*buffer_bytes=*/64 << 20);
+//   SessionRegistry sessions(stage, /*buffers=*/8, /*buffer_bytes=*/64 << 20, /*max_sessions=*/16);
 //   MAPL_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, sessions.Attach(request, &event));
+//   // the trainer presents event.buffer_secret() on the buffer socket (server/fd_server.h):
+//   MAPL_ASSIGN_OR_RETURN(std::vector<UniqueFd> fds, sessions.TakeBufferFds(id, secret));
 //   ...
 //   MAPL_ASSIGN_OR_RETURN(std::shared_ptr<Session> s, sessions.Find(request.session()));
 //   MAPL_ASSIGN_OR_RETURN(ConstTensor h, ActivationView(*s, request.tensor(), config, "tensor"));
 //
+// Session ids are random (getrandom), so a client cannot name another's session by counting, and
+// each session's buffers go only to the client that shows its secret, once. At most
+// `max_sessions` sessions are attached at a time.
+//
 // A caller keeps the Session (shared_ptr) for as long as it reads or writes its buffers: a
-// detached session's buffers are unmapped and unlinked when the last user lets go.
+// detached session's buffers are unmapped (and their fds closed, if never taken) when the last
+// user lets go; the kernel frees the memory once the trainer has unmapped it too.
 #ifndef MAPL_SERVER_SESSION_REGISTRY_H_
 #define MAPL_SERVER_SESSION_REGISTRY_H_
 
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 #include "kernels/tensor.h"
 #include "proto/mapl/v1/config.pb.h"
 #include "proto/mapl/v1/local.pb.h"
+#include "server/fd_passing.h"
 #include "server/shm.h"
 
 namespace mapl {
@@ -38,11 +49,18 @@ struct Session {
 
 class SessionRegistry {
  public:
-  SessionRegistry(uint32_t stage, uint32_t buffers, uint64_t buffer_bytes);
+  SessionRegistry(uint32_t stage, uint32_t buffers, uint64_t buffer_bytes, uint32_t max_sessions);
 
-  // A new session with its buffers; fills the event's session id and buffers.
+  // A new session with its buffers; fills the event's session id, buffers and buffer_secret.
+  // RESOURCE_EXHAUSTED when max_sessions are attached, or the memory or fds run out.
   absl::StatusOr<std::shared_ptr<Session>> Attach(const v1::AttachRequest& request,
                                                   v1::AttachEvent* event) ABSL_LOCKS_EXCLUDED(mu_);
+  // The memfds of session `id`'s buffers, in buffer order, for the client that presents the
+  // session's secret; once per session, so a secret that leaks later opens nothing.
+  // PERMISSION_DENIED for an unknown session, a wrong secret or buffers already taken; the
+  // message says which, for the daemon's log (the client is told only that it was refused).
+  absl::StatusOr<std::vector<UniqueFd>> TakeBufferFds(uint64_t id, absl::Span<const uint8_t> secret)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Forgets the session (its buffers go when the last user lets go). Unknown ids are ignored.
   void Detach(uint64_t id) ABSL_LOCKS_EXCLUDED(mu_);
   // FAILED_PRECONDITION for a session that is not attached.
@@ -52,12 +70,23 @@ class SessionRegistry {
   size_t size() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
+  struct Entry {
+    std::shared_ptr<Session> session;
+    FdSecret secret{};
+    bool fds_taken = false;
+  };
+
   const uint32_t stage_;
   const uint32_t buffers_;
   const uint64_t buffer_bytes_;
+  const uint32_t max_sessions_;
   mutable absl::Mutex mu_;
-  std::map<uint64_t, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
-  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<uint64_t, Entry> sessions_ ABSL_GUARDED_BY(mu_);
+  // Ids of Attach calls still creating their buffers (outside the lock): they count against
+  // max_sessions and no new session may draw them.
+  std::set<uint64_t> pending_ ABSL_GUARDED_BY(mu_);
+  // Attach calls so far; only names the memfds apart (the session id stays out of names).
+  uint64_t attaches_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // The bytes `ref` names in the session's buffers: INVALID_ARGUMENT (naming `what`) for a buffer

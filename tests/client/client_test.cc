@@ -1,26 +1,37 @@
 // The local-API client (client/mapl_client.h) against a missing daemon, and the local API of two
 // real daemons (mapl::Daemon in this process: stage 0 upstream and stage 1 downstream of
 // boundary 0, linked over loopback): the happy path, deadlines, and every kind of bad input,
-// after which the daemon keeps serving.
+// after which the daemon keeps serving. Some tests play a hostile trainer on the raw protocol:
+// gRPC for Attach and Send, the buffer socket (server/fd_passing.h) for the memfds.
 #include <fcntl.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "client/mapl_client.h"
 #include "kernels/tensor.h"
+#include "proto/mapl/v1/local.grpc.pb.h"
 #include "server/config.h"
 #include "server/daemon.h"
+#include "server/fd_passing.h"
 
 namespace mapl {
 namespace client {
@@ -34,10 +45,13 @@ class TempDir {
     path_ = mkdtemp(tmpl);
   }
   ~TempDir() {
-    unlink((path_ + "/s.sock").c_str());
+    for (const char* f : {"/s.sock", "/s.sock0", "/s.sock1", "/s.sock0.fds", "/s.sock1.fds"}) {
+      unlink((path_ + f).c_str());
+    }
     rmdir(path_.c_str());
   }
   std::string socket() const { return path_ + "/s.sock"; }
+  const std::string& path() const { return path_; }
 
  private:
   std::string path_;
@@ -102,6 +116,7 @@ class TwoDaemonsTest : public ::testing::Test {
         "auth_token=t",
         "client_buffers=2",
         "client_buffer_bytes=65536",
+        "max_sessions=3",
         "recv_timeout_ms=5000",
         "boundaries[0].id=0",
         "boundaries[0].role=" + role,
@@ -366,22 +381,324 @@ TEST_F(TwoDaemonsTest, BothServersAnswerTheStandardHealthCheck) {
   }
 }
 
+// Mappings and fds of this process of the memfd `name` (the daemon runs in this process too).
+int MemfdUses(const std::string& name) {
+  const std::string path = "/memfd:" + name + " (deleted)";
+  int n = 0;
+  std::ifstream maps("/proc/self/maps");
+  for (std::string line; std::getline(maps, line);) n += absl::EndsWith(line, path);
+  for (int fd = 0; fd < 4096; ++fd) {
+    char target[512];
+    const ssize_t len =
+        readlink(("/proc/self/fd/" + std::to_string(fd)).c_str(), target, sizeof(target) - 1);
+    if (len > 0 && std::string(target, len) == path) ++n;
+  }
+  return n;
+}
+
 TEST_F(TwoDaemonsTest, AClientThatGoesAwayHasItsBuffersFreed) {
   const std::string name = up_client_->buffer_name(0);
-  int fd = shm_open(name.c_str(), O_RDONLY, 0);
-  ASSERT_GE(fd, 0) << name;
-  close(fd);
+  // The client's mapping and the daemon's; no fd is left open on either side.
+  EXPECT_EQ(MemfdUses(name), 2) << name;
   up_client_.reset();  // closes the Attach stream
   const absl::Time deadline = absl::Now() + absl::Seconds(5);
-  while (absl::Now() < deadline) {
-    fd = shm_open(name.c_str(), O_RDONLY, 0);
-    if (fd < 0) break;
-    close(fd);
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  EXPECT_LT(fd, 0) << name << " still exists after the client went away";
+  while (absl::Now() < deadline && MemfdUses(name) > 0) absl::SleepFor(absl::Milliseconds(20));
+  EXPECT_EQ(MemfdUses(name), 0) << name << " still mapped after the client went away";
   // A new client attaches fine.
   ASSERT_TRUE(Client::Connect(up_->config().local_socket(), "again", 5000, &up_client_).ok());
+}
+
+TEST_F(TwoDaemonsTest, AttachBeyondMaxSessionsIsResourceExhaustedNamingTheLimit) {
+  // up_client_ holds one of the 3 sessions.
+  std::unique_ptr<Client> second, third, fourth;
+  ASSERT_TRUE(Client::Connect(up_->config().local_socket(), "2", 5000, &second).ok());
+  ASSERT_TRUE(Client::Connect(up_->config().local_socket(), "3", 5000, &third).ok());
+  Status s = Client::Connect(up_->config().local_socket(), "4", 5000, &fourth);
+  EXPECT_EQ(s.code, 8) << s.message;  // RESOURCE_EXHAUSTED
+  EXPECT_NE(s.message.find("max_sessions = 3"), std::string::npos) << s.message;
+  EXPECT_EQ(fourth, nullptr);
+  // A session that ends frees its place (the daemon notices within ~50 ms).
+  third.reset();
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  s = Client::Connect(up_->config().local_socket(), "4", 5000, &fourth);
+  while (!s.ok() && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(50));
+    s = Client::Connect(up_->config().local_socket(), "4", 5000, &fourth);
+  }
+  EXPECT_TRUE(s.ok()) << s.message;
+}
+
+// A trainer on the raw protocol: its own Attach stream, the memfds from the buffer socket.
+class RawTrainer {
+ public:
+  explicit RawTrainer(const std::string& socket) : socket_(socket) {
+    stub_ = v1::Local::NewStub(
+        grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials()));
+    reader_ = stub_->Attach(&ctx_, v1::AttachRequest());
+    attached_ = reader_->Read(&event_);
+  }
+  ~RawTrainer() {
+    ctx_.TryCancel();
+    reader_->Finish();
+  }
+
+  bool attached() const { return attached_; }
+  const v1::AttachEvent& event() const { return event_; }
+  FdSecret secret() const {
+    FdSecret k{};
+    std::memcpy(k.data(), event_.buffer_secret().data(),
+                std::min(k.size(), event_.buffer_secret().size()));
+    return k;
+  }
+
+  // Sends `request` on a new connection to the buffer socket; returns the reply's status and
+  // count (kFdRefused when the daemon closed without a reply) and every fd that came.
+  uint32_t Request(const void* request, size_t size, std::vector<UniqueFd>* fds,
+                   uint32_t* count = nullptr) {
+    UniqueFd sock(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    const timeval timeout{5, 0};  // a daemon that never answers fails the test, not hangs it
+    setsockopt(sock.get(), SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    const std::string path = FdSocketPath(socket_);
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    EXPECT_EQ(connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0)
+        << path << ": " << strerror(errno);
+    EXPECT_EQ(SendFdMessage(sock.get(), request, size, {}), 0);
+    uint8_t message[64];
+    size_t got = 0;
+    uint32_t status = kFdRefused, n = 0;
+    if (ReceiveFdMessage(sock.get(), message, sizeof(message), &got, fds) != 0 ||
+        !DecodeFdPair(message, got, &status, &n)) {
+      return kFdRefused;
+    }
+    if (count != nullptr) *count = n;
+    // Everything else the daemon sends before it closes: the fd batches, if any.
+    while (ReceiveFdMessage(sock.get(), message, sizeof(message), &got, fds) == 0 && got > 0) {
+    }
+    return status;
+  }
+  uint32_t Request(uint64_t session, const FdSecret& secret, std::vector<UniqueFd>* fds) {
+    const auto request = EncodeFdRequest(session, secret);
+    return Request(request.data(), request.size(), fds);
+  }
+
+  grpc::Status Send(const v1::SendRequest& request) {
+    grpc::ClientContext ctx;
+    v1::SendReply reply;
+    return stub_->Send(&ctx, request, &reply);
+  }
+
+ private:
+  std::string socket_;
+  std::unique_ptr<v1::Local::Stub> stub_;
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReader<v1::AttachEvent>> reader_;
+  v1::AttachEvent event_;
+  bool attached_ = false;
+};
+
+// The buffer socket hands fds only for the right session and secret, once; nothing else gets
+// any, whatever it sends, and the daemon keeps serving.
+TEST_F(TwoDaemonsTest, TheBufferSocketGivesNoFdsWithoutTheSessionsSecret) {
+  const std::string path = FdSocketPath(up_->config().local_socket());
+  struct stat st;
+  ASSERT_EQ(lstat(path.c_str(), &st), 0) << path;
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 0777, 0600u) << "only the daemon's user may ask for buffers";
+
+  RawTrainer t(up_->config().local_socket());
+  ASSERT_TRUE(t.attached());
+  ASSERT_EQ(t.event().buffer_secret().size(), kFdSecretBytes);
+  ASSERT_EQ(t.event().buffers_size(), 2);
+  const uint64_t session = t.event().session();
+  FdSecret wrong = t.secret();
+  wrong[7] ^= 0x40;
+  std::vector<UniqueFd> fds;
+  EXPECT_EQ(t.Request(session, wrong, &fds), kFdRefused);
+  EXPECT_TRUE(fds.empty());
+  EXPECT_EQ(t.Request(session ^ 1, t.secret(), &fds), kFdRefused);
+  EXPECT_EQ(t.Request(0, t.secret(), &fds), kFdRefused);
+  // Malformed requests: too short, too long, another magic, fds attached.
+  const auto good = EncodeFdRequest(session, t.secret());
+  EXPECT_EQ(t.Request(good.data(), good.size() - 1, &fds), kFdRefused);
+  std::vector<uint8_t> longer(good.begin(), good.end());
+  longer.push_back(0);
+  EXPECT_EQ(t.Request(longer.data(), longer.size(), &fds), kFdRefused);
+  auto magic = good;
+  magic[0] = 'X';
+  EXPECT_EQ(t.Request(magic.data(), magic.size(), &fds), kFdRefused);
+  EXPECT_EQ(t.Request(good.data(), 0, &fds), kFdRefused);
+  {
+    UniqueFd sock(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    ASSERT_EQ(connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    ASSERT_EQ(SendFdMessage(sock.get(), good.data(), good.size(), {STDIN_FILENO}), 0);
+    uint8_t message[64];
+    size_t got = 0;
+    std::vector<UniqueFd> none;
+    ASSERT_EQ(ReceiveFdMessage(sock.get(), message, sizeof(message), &got, &none), 0);
+    uint32_t status = 0, count = 0;
+    ASSERT_TRUE(DecodeFdPair(message, got, &status, &count));
+    EXPECT_EQ(status, kFdRefused);
+    EXPECT_TRUE(none.empty());
+  }
+  {  // One that connects and leaves at once.
+    UniqueFd sock(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    ASSERT_EQ(connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  }
+  EXPECT_TRUE(fds.empty()) << "a refused request got fds";
+
+  // None of that used up the right secret; it works once.
+  uint32_t count = 0;
+  EXPECT_EQ(t.Request(good.data(), good.size(), &fds, &count), kFdOk);
+  EXPECT_EQ(count, 2u);
+  ASSERT_EQ(fds.size(), 2u);
+  for (const UniqueFd& fd : fds) {
+    EXPECT_EQ(fcntl(fd.get(), F_GET_SEALS), F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+  }
+  std::vector<UniqueFd> again;
+  EXPECT_EQ(t.Request(session, t.secret(), &again), kFdRefused);
+  EXPECT_TRUE(again.empty());
+  // The daemon serves the next trainer.
+  std::unique_ptr<Client> next;
+  Status s = Client::Connect(up_->config().local_socket(), "next", 5000, &next);
+  EXPECT_TRUE(s.ok()) << s.message;
+}
+
+// SO_PEERCRED: a peer of another uid gets no fds even with the right session and secret. Only
+// root can play the other user (setresuid in a child); the socket file is opened up for it, as
+// a misconfigured directory or a root-owned daemon's socket might be.
+TEST_F(TwoDaemonsTest, ThePeerMustHaveTheDaemonsUid) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to connect as another user";
+  RawTrainer t(up_->config().local_socket());
+  ASSERT_TRUE(t.attached());
+  const std::string path = FdSocketPath(up_->config().local_socket());
+  ASSERT_EQ(chmod(path.c_str(), 0666), 0);
+  ASSERT_EQ(chmod(dir_.path().c_str(), 0777), 0);
+  const auto request = EncodeFdRequest(t.event().session(), t.secret());
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {  // only syscalls here: the parent has threads
+    if (setresgid(65534, 65534, 65534) != 0 || setresuid(65534, 65534, 65534) != 0) _exit(10);
+    UniqueFd sock(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    const timeval timeout{5, 0};
+    setsockopt(sock.get(), SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    if (connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) _exit(11);
+    if (SendFdMessage(sock.get(), request.data(), request.size(), {}) != 0) _exit(12);
+    uint8_t message[64];
+    size_t got = 0;
+    std::vector<UniqueFd> fds;
+    uint32_t status = 0, count = 0;
+    if (ReceiveFdMessage(sock.get(), message, sizeof(message), &got, &fds) != 0 ||
+        !DecodeFdPair(message, got, &status, &count)) {
+      _exit(13);
+    }
+    _exit(status == kFdRefused && fds.empty() ? 0 : 14);
+  }
+  int wstatus = 0;
+  ASSERT_EQ(waitpid(child, &wstatus, 0), child);
+  ASSERT_TRUE(WIFEXITED(wstatus));
+  EXPECT_EQ(WEXITSTATUS(wstatus), 0) << "10 setresuid, 11 connect, 12 send, 13 no reply, 14 fds";
+  // The right user still gets them.
+  std::vector<UniqueFd> fds;
+  EXPECT_EQ(t.Request(t.event().session(), t.secret(), &fds), kFdOk);
+  EXPECT_EQ(fds.size(), 2u);
+}
+
+// What used to crash the daemon with SIGBUS: a trainer that shrinks its shared memory while the
+// daemon copies a tensor out of its end. The trainer's ftruncate fails (the buffer is sealed);
+// punching holes only zeroes pages, which the daemon reads as zeros. The daemon (this process)
+// stays up and serves the next Send.
+TEST_F(TwoDaemonsTest, ATrainerThatShrinksItsBufferCannotCrashTheDaemon) {
+  RawTrainer t(up_->config().local_socket());
+  ASSERT_TRUE(t.attached());
+  std::vector<UniqueFd> fds;
+  ASSERT_EQ(t.Request(t.event().session(), t.secret(), &fds), kFdOk);
+  ASSERT_EQ(fds.size(), 2u);
+  constexpr size_t kBuffer = 65536;
+  const int fd = fds[0].get();
+  void* p = mmap(nullptr, kBuffer, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  // The tensor and its ids at the very end of the buffer: the pages a shrink would take away.
+  constexpr uint32_t kRows = 32;
+  const uint64_t ids_at = kBuffer - kRows * 4;
+  const uint64_t h_at = ids_at - kRows * kD * 4;
+  float* h = reinterpret_cast<float*>(static_cast<char*>(p) + h_at);
+  int32_t* ids = reinterpret_cast<int32_t*>(static_cast<char*>(p) + ids_at);
+  for (uint32_t i = 0; i < kRows * kD; ++i) h[i] = 0.01f * static_cast<float>(i % 89);
+  for (uint32_t i = 0; i < kRows; ++i) ids[i] = static_cast<int32_t>(i % kVocab);
+  auto request = [&](uint32_t mb) {
+    v1::SendRequest r;
+    r.set_session(t.event().session());
+    r.set_boundary(0);
+    r.set_direction(v1::DIRECTION_FORWARD);
+    r.set_step(1);
+    r.set_microbatch(mb);
+    v1::TensorRef* ref = r.mutable_tensor();
+    ref->set_buffer(0);
+    ref->set_offset(h_at);
+    ref->set_rows(kRows);
+    ref->set_cols(kD);
+    ref->set_dtype(v1::DTYPE_F32);
+    ref = r.mutable_token_ids();
+    ref->set_buffer(0);
+    ref->set_offset(ids_at);
+    ref->set_rows(kRows);
+    ref->set_cols(1);
+    ref->set_dtype(v1::DTYPE_I32);
+    return r;
+  };
+  ASSERT_TRUE(t.Send(request(0)).ok());
+
+  // Shrink it as the daemon reads, from another thread, every way the trainer can try.
+  std::atomic<bool> stop{false};
+  std::atomic<int> shrunk{0}, refused{0};
+  std::thread shrinker([&] {
+    while (!stop.load()) {
+      for (off_t size : {off_t{0}, off_t{4096}, static_cast<off_t>(h_at)}) {
+        if (ftruncate(fd, size) == 0) {
+          shrunk.fetch_add(1);
+        } else if (errno == EPERM) {
+          refused.fetch_add(1);
+        }
+      }
+      fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(h_at),
+                static_cast<off_t>(kBuffer - h_at));
+    }
+  });
+  for (uint32_t mb = 1; mb <= 20; ++mb) {
+    const grpc::Status s = t.Send(request(mb));
+    // Punched pages read as zeros: still a valid tensor. Nothing else may go wrong.
+    EXPECT_TRUE(s.ok()) << mb << ": " << s.error_message();
+  }
+  stop = true;
+  shrinker.join();
+  EXPECT_EQ(shrunk.load(), 0) << "a sealed buffer was shrunk";
+  EXPECT_GT(refused.load(), 0);
+  struct stat st;
+  ASSERT_EQ(fstat(fd, &st), 0);
+  EXPECT_EQ(st.st_size, static_cast<off_t>(kBuffer));
+  munmap(p, kBuffer);
+
+  // The daemon serves the next Send, this trainer's and another's, end to end.
+  EXPECT_TRUE(t.Send(request(21)).ok());
+  SendResult sent;
+  auto [h2, ids2] = Fill(up_client_.get(), 8);
+  ASSERT_TRUE(up_client_->Send(0, Direction::kForward, 1, 22, h2, ids2, &sent).ok());
+  RecvResult r;
+  Status s = down_client_->Recv(0, Direction::kForward, 1, 22,
+                                TensorRef{0, 0, kMaxTokens, kD, DType::kF32}, 0, &r);
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(r.rows, 8u);
 }
 
 }  // namespace

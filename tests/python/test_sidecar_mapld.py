@@ -170,9 +170,9 @@ def test_forward_and_backward_round_trip(fresh_pair: Pair):
 
 
 def shm_ranges(names: List[str]) -> List[Tuple[int, int]]:
-    """[start, end) of this process's mappings of the POSIX shared-memory objects `names`, as the
-    kernel lists them in /proc/self/maps."""
-    paths = {"/dev/shm/" + n.lstrip("/") for n in names}
+    """[start, end) of this process's mappings of the daemon's memfds `names`, as the kernel
+    lists them in /proc/self/maps (/memfd:<name>)."""
+    paths = {"/memfd:" + n for n in names}
     ranges = []
     with open("/proc/self/maps") as maps:
         for line in maps:

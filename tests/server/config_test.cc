@@ -42,6 +42,7 @@ TEST(Config, MissingFieldsTakeTheirDefaults) {
   EXPECT_EQ(c->recv_timeout_ms(), 60000u);
   EXPECT_EQ(c->backend(), "cpu");
   EXPECT_EQ(c->compute_threads(), 1u);
+  EXPECT_EQ(c->max_sessions(), 16u);
   const v1::BoundaryConfig& b = c->boundaries(0);
   EXPECT_EQ(b.k(), 32u);  // d / 16
   EXPECT_EQ(b.method(), v1::METHOD_MAPL);
@@ -114,6 +115,7 @@ TEST(Config, InvalidFieldsStopStartupNamingTheField) {
   ExpectError(Finalized(kStage1, {"auth_token="}), "auth_token");
   ExpectError(Finalized(kStage1, {"peer_listen=nowhere"}), "peer_listen");
   ExpectError(Finalized(kStage1, {"compute_threads=1000"}), "compute_threads");
+  ExpectError(Finalized(kStage1, {"max_sessions=1025"}), "max_sessions: at most 1024");
   ExpectError(Finalized(kStage1, {"boundaries[0].role=ROLE_UPSTREAM"}), "boundaries[0].role");
   ExpectError(Finalized(kStage1, {"boundaries[0].role=ROLE_UPSTREAM", "stage=0"}),
               "boundaries[0].peer_address");

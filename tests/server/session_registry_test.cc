@@ -1,15 +1,21 @@
-// Tests of the session registry (server/session_registry.h): the POSIX shared-memory buffers a
-// session gets and when they go away, and every check of a TensorRef against what was attached.
+// Tests of the session registry (server/session_registry.h): the sealed memfd buffers a session
+// gets, who may take their fds, when they go away, random session ids, the session limit, and
+// every check of a TensorRef against what was attached.
 #include "server/session_registry.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <memory>
 #include <set>
@@ -26,31 +32,47 @@ namespace {
 
 constexpr uint64_t kBytes = 8192;
 
-// Whether the shared-memory object `name` ("/mapld-...") exists, and its size.
-bool ShmExists(const std::string& name, off_t* size = nullptr) {
-  struct stat st;
-  if (::stat(absl::StrCat("/dev/shm", name).c_str(), &st) != 0) {
-    EXPECT_EQ(errno, ENOENT) << name;
-    return false;
-  }
-  if (size != nullptr) *size = st.st_size;
-  EXPECT_EQ(st.st_mode & 0777, 0600u) << name << ": the trainer's buffers are private";
-  return true;
+// How the kernel names a memfd in /proc/self/fd and /proc/self/maps.
+std::string MemfdPath(const std::string& name) {
+  return absl::StrCat("/memfd:", name, " (deleted)");
 }
 
-// A second mapping of a shared-memory object, as the trainer makes it.
+// Open fds of this process that are the memfd `name`.
+int OpenFdsOf(const std::string& name) {
+  int n = 0;
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) {
+    ADD_FAILURE() << "opendir(/proc/self/fd): " << std::strerror(errno);
+    return -1;
+  }
+  while (dirent* e = ::readdir(dir)) {
+    char target[512];
+    const ssize_t len =
+        ::readlink(absl::StrCat("/proc/self/fd/", e->d_name).c_str(), target, sizeof(target) - 1);
+    if (len > 0 && std::string(target, len) == MemfdPath(name)) ++n;
+  }
+  ::closedir(dir);
+  return n;
+}
+
+// Mappings of this process of the memfd `name` (the registry's own, in this test).
+int MappingsOf(const std::string& name) {
+  std::ifstream maps("/proc/self/maps");
+  int n = 0;
+  for (std::string line; std::getline(maps, line);) n += absl::EndsWith(line, MemfdPath(name));
+  return n;
+}
+
+// Whether anything of the buffer is left in this process: an fd or a mapping.
+bool Alive(const std::string& name) { return OpenFdsOf(name) + MappingsOf(name) > 0; }
+
+// A second mapping of a buffer, as the trainer makes it from the fd it was handed.
 class Mapping {
  public:
-  Mapping(const std::string& name, size_t bytes) : bytes_(bytes) {
-    const int fd = ::shm_open(name.c_str(), O_RDWR, 0);
-    if (fd < 0) {
-      ADD_FAILURE() << "shm_open(" << name << "): " << std::strerror(errno);
-      return;
-    }
+  Mapping(int fd, size_t bytes) : bytes_(bytes) {
     void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    ::close(fd);
     if (p == MAP_FAILED) {
-      ADD_FAILURE() << "mmap(" << name << "): " << std::strerror(errno);
+      ADD_FAILURE() << "mmap: " << std::strerror(errno);
       return;
     }
     data_ = static_cast<char*>(p);
@@ -68,9 +90,9 @@ class Mapping {
   char* data_ = nullptr;
 };
 
-// Writes through the session's buffer and reads through a second mapping, and back.
-void ExpectSharedBytes(const SharedMemory& shm, uint8_t seed) {
-  Mapping other(shm.name(), shm.size());
+// Writes through the session's buffer and reads through a mapping of the handed-out fd, and back.
+void ExpectSharedBytes(const SharedMemory& shm, int fd, uint8_t seed) {
+  Mapping other(fd, shm.size());
   ASSERT_NE(other.data(), nullptr);
   char* mine = static_cast<char*>(shm.data());
   for (size_t i = 0; i < shm.size(); i += 509) mine[i] = static_cast<char>(seed + i);
@@ -88,8 +110,22 @@ v1::AttachRequest Request(const std::string& client) {
   return r;
 }
 
+absl::Span<const uint8_t> SecretOf(const v1::AttachEvent& event) {
+  return absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(event.buffer_secret().data()),
+                                   event.buffer_secret().size());
+}
+
+// The fds of the event's buffers, taken as the trainer takes them.
+std::vector<UniqueFd> TakeFds(SessionRegistry& registry, const v1::AttachEvent& event) {
+  absl::StatusOr<std::vector<UniqueFd>> fds =
+      registry.TakeBufferFds(event.session(), SecretOf(event));
+  EXPECT_TRUE(fds.ok()) << fds.status();
+  if (!fds.ok()) return {};
+  return *std::move(fds);
+}
+
 TEST(SessionRegistryTest, AttachCreatesTheConfiguredBuffers) {
-  SessionRegistry registry(/*stage=*/5, /*buffers=*/3, kBytes);
+  SessionRegistry registry(/*stage=*/5, /*buffers=*/3, kBytes, /*max_sessions=*/4);
   v1::AttachEvent event;
   absl::StatusOr<std::shared_ptr<Session>> s = registry.Attach(Request("trainer"), &event);
   ASSERT_TRUE(s.ok()) << s.status();
@@ -97,42 +133,99 @@ TEST(SessionRegistryTest, AttachCreatesTheConfiguredBuffers) {
   EXPECT_EQ((*s)->client_name, "trainer");
   EXPECT_EQ((*s)->pid, 4242u);
   EXPECT_EQ(event.session(), (*s)->id);
+  EXPECT_EQ(event.buffer_secret().size(), kFdSecretBytes);
   ASSERT_EQ(event.buffers_size(), 3);
   ASSERT_EQ((*s)->buffers.size(), 3u);
+  std::vector<UniqueFd> fds = TakeFds(registry, event);
+  ASSERT_EQ(fds.size(), 3u);
   std::set<std::string> names;
   for (int i = 0; i < 3; ++i) {
     const v1::SharedBuffer& b = event.buffers(i);
     EXPECT_EQ(b.name(), (*s)->buffers[i]->name());
     EXPECT_EQ(b.bytes(), kBytes);
     EXPECT_EQ((*s)->buffers[i]->size(), kBytes);
-    // The name says whose it is (daemon pid, stage, session, index): a glance at /dev/shm shows it.
-    EXPECT_EQ(b.name(), absl::StrCat("/mapld-", ::getpid(), "-5-", (*s)->id, "-", i));
-    off_t size = 0;
-    ASSERT_TRUE(ShmExists(b.name(), &size)) << b.name();
-    EXPECT_EQ(size, static_cast<off_t>(kBytes));
-    ExpectSharedBytes(*(*s)->buffers[i], static_cast<uint8_t>(17 * i + 1));
+    // The name says whose it is (daemon pid, stage, attach number, index): a glance at
+    // /proc/<pid>/maps shows it. The session id stays out of it.
+    EXPECT_TRUE(absl::StartsWith(b.name(), absl::StrCat("mapld-", ::getpid(), "-5-"))) << b.name();
+    EXPECT_TRUE(absl::EndsWith(b.name(), absl::StrCat("-", i))) << b.name();
+    EXPECT_FALSE(absl::StrContains(b.name(), absl::StrCat((*s)->id))) << b.name();
+    EXPECT_EQ(MappingsOf(b.name()), 1) << b.name();
+    struct stat st;
+    ASSERT_EQ(::fstat(fds[i].get(), &st), 0);
+    EXPECT_EQ(st.st_size, static_cast<off_t>(kBytes));
+    EXPECT_EQ(::fcntl(fds[i].get(), F_GET_SEALS), F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+    ExpectSharedBytes(*(*s)->buffers[i], fds[i].get(), static_cast<uint8_t>(17 * i + 1));
     names.insert(b.name());
   }
   EXPECT_EQ(names.size(), 3u);
 }
 
-TEST(SessionRegistryTest, SessionsGetDistinctIdsAndBuffers) {
-  SessionRegistry registry(/*stage=*/1, /*buffers=*/2, kBytes);
+// What made a trainer able to crash the daemon: an ftruncate of the shared memory to fewer bytes
+// while the daemon copies out of it. The seals refuse it (and growing, and any new seal) for
+// every fd of the buffer, however it was obtained.
+TEST(SessionRegistryTest, ABufferCanNeitherShrinkNorGrow) {
+  SessionRegistry registry(/*stage=*/1, /*buffers=*/1, kBytes, /*max_sessions=*/1);
+  v1::AttachEvent event;
+  absl::StatusOr<std::shared_ptr<Session>> s = registry.Attach(Request("t"), &event);
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::vector<UniqueFd> fds = TakeFds(registry, event);
+  ASSERT_EQ(fds.size(), 1u);
+  // A second open file of the same memfd, as /proc/<pid>/fd/<n> gives any process of the user.
+  UniqueFd reopened(::open(absl::StrCat("/proc/self/fd/", fds[0].get()).c_str(), O_RDWR));
+  ASSERT_TRUE(reopened.valid()) << std::strerror(errno);
+  for (int fd : {fds[0].get(), reopened.get()}) {
+    for (off_t size : {off_t{0}, off_t{1}, static_cast<off_t>(kBytes / 2),
+                       static_cast<off_t>(kBytes - 1), static_cast<off_t>(kBytes + 4096)}) {
+      errno = 0;
+      EXPECT_EQ(::ftruncate(fd, size), -1) << "ftruncate to " << size;
+      EXPECT_EQ(errno, EPERM) << "ftruncate to " << size << ": " << std::strerror(errno);
+    }
+    EXPECT_EQ(::posix_fallocate(fd, 0, static_cast<off_t>(2 * kBytes)), EPERM);
+    errno = 0;
+    EXPECT_EQ(::fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE), -1);
+    EXPECT_EQ(errno, EPERM) << std::strerror(errno);
+    struct stat st;
+    ASSERT_EQ(::fstat(fd, &st), 0);
+    EXPECT_EQ(st.st_size, static_cast<off_t>(kBytes));
+  }
+  // The daemon reads its whole buffer, the last page included.
+  const char* data = static_cast<const char*>((*s)->buffers[0]->data());
+  volatile char sink = 0;
+  for (size_t i = 0; i < kBytes; i += 512) sink = sink + data[i];
+  sink = sink + data[kBytes - 1];
+  (void)sink;
+}
+
+// Ids are drawn from getrandom: not 1, 2, 3, ..., not the same in two registries, unique.
+TEST(SessionRegistryTest, SessionIdsAreRandomAndUnique) {
+  constexpr int kSessions = 64;
+  SessionRegistry registry(/*stage=*/1, /*buffers=*/1, 4096, kSessions);
   std::set<uint64_t> ids;
-  std::set<std::string> names;
+  std::set<std::string> secrets;
   std::vector<std::shared_ptr<Session>> sessions;
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kSessions; ++i) {
     v1::AttachEvent event;
     absl::StatusOr<std::shared_ptr<Session>> s =
         registry.Attach(Request(absl::StrCat("t", i)), &event);
     ASSERT_TRUE(s.ok()) << s.status();
-    ids.insert((*s)->id);
-    for (const v1::SharedBuffer& b : event.buffers()) names.insert(b.name());
+    EXPECT_NE(event.session(), 0u);
+    ids.insert(event.session());
+    secrets.insert(event.buffer_secret());
     sessions.push_back(*s);
   }
-  EXPECT_EQ(ids.size(), 4u);
-  EXPECT_EQ(names.size(), 8u);
-  EXPECT_EQ(registry.size(), 4u);
+  EXPECT_EQ(ids.size(), static_cast<size_t>(kSessions));
+  EXPECT_EQ(secrets.size(), static_cast<size_t>(kSessions));
+  // No id is next to another, and the high half of the bits is used: each fails for random
+  // 64-bit ids with a probability below 2^-50.
+  std::vector<uint64_t> sorted(ids.begin(), ids.end());
+  for (size_t i = 1; i < sorted.size(); ++i) {
+    EXPECT_GT(sorted[i] - sorted[i - 1], 1u) << sorted[i - 1] << ", " << sorted[i];
+  }
+  EXPECT_GT(sorted.back(), uint64_t{1} << 40);
+  SessionRegistry other(/*stage=*/1, /*buffers=*/1, 4096, 1);
+  v1::AttachEvent first;
+  ASSERT_TRUE(other.Attach(Request("t"), &first).ok());
+  EXPECT_EQ(ids.count(first.session()), 0u) << "a fresh registry repeats an id";
   for (const std::shared_ptr<Session>& s : sessions) {
     absl::StatusOr<std::shared_ptr<Session>> found = registry.Find(s->id);
     ASSERT_TRUE(found.ok()) << found.status();
@@ -140,8 +233,83 @@ TEST(SessionRegistryTest, SessionsGetDistinctIdsAndBuffers) {
   }
 }
 
+TEST(SessionRegistryTest, MaxSessionsIsEnforced) {
+  SessionRegistry registry(/*stage=*/1, /*buffers=*/2, kBytes, /*max_sessions=*/2);
+  v1::AttachEvent a, b, c;
+  ASSERT_TRUE(registry.Attach(Request("a"), &a).ok());
+  ASSERT_TRUE(registry.Attach(Request("b"), &b).ok());
+  absl::StatusOr<std::shared_ptr<Session>> s = registry.Attach(Request("c"), &c);
+  ASSERT_EQ(s.status().code(), absl::StatusCode::kResourceExhausted) << s.status();
+  EXPECT_TRUE(absl::StrContains(s.status().message(), "max_sessions = 2")) << s.status();
+  EXPECT_TRUE(absl::StrContains(s.status().message(), "raise max_sessions")) << s.status();
+  EXPECT_EQ(c.buffers_size(), 0);
+  EXPECT_EQ(c.session(), 0u);
+  EXPECT_EQ(registry.size(), 2u);
+  // A detached session frees its slot.
+  registry.Detach(a.session());
+  v1::AttachEvent d;
+  ASSERT_TRUE(registry.Attach(Request("d"), &d).ok());
+  EXPECT_EQ(registry.Attach(Request("e"), &c).status().code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
+// The fds go to whoever shows the session's secret, once; a wrong secret, an unknown session or
+// a second request gets none, and a failed attempt does not use up the right one.
+TEST(SessionRegistryTest, BufferFdsNeedTheSecretAndAreHandedOutOnce) {
+  SessionRegistry registry(/*stage=*/1, /*buffers=*/2, kBytes, /*max_sessions=*/2);
+  v1::AttachEvent event;
+  ASSERT_TRUE(registry.Attach(Request("t"), &event).ok());
+  std::string wrong = event.buffer_secret();
+  wrong[kFdSecretBytes - 1] ^= 1;
+  const auto bytes = [](const std::string& s) {
+    return absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.data()), s.size());
+  };
+  const auto refused = [](const absl::StatusOr<std::vector<UniqueFd>>& r, const std::string& says) {
+    ASSERT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied) << r.status();
+    EXPECT_TRUE(absl::StrContains(r.status().message(), says)) << r.status();
+  };
+  refused(registry.TakeBufferFds(event.session(), bytes(wrong)), "wrong secret");
+  refused(registry.TakeBufferFds(event.session(), bytes(event.buffer_secret().substr(0, 16))),
+          "wrong secret");
+  refused(registry.TakeBufferFds(event.session(), {}), "wrong secret");
+  refused(registry.TakeBufferFds(event.session() ^ 1, SecretOf(event)), "is not attached");
+  // Nothing was handed out: the daemon still holds one fd a buffer.
+  for (const v1::SharedBuffer& b : event.buffers()) EXPECT_EQ(OpenFdsOf(b.name()), 1) << b.name();
+
+  std::vector<UniqueFd> fds = TakeFds(registry, event);
+  ASSERT_EQ(fds.size(), 2u);
+  for (const UniqueFd& fd : fds) EXPECT_TRUE(fd.valid());
+  refused(registry.TakeBufferFds(event.session(), SecretOf(event)), "already handed out");
+  // The daemon kept no fds, only its mappings.
+  fds.clear();
+  for (const v1::SharedBuffer& b : event.buffers()) {
+    EXPECT_EQ(OpenFdsOf(b.name()), 0) << b.name();
+    EXPECT_EQ(MappingsOf(b.name()), 1) << b.name();
+  }
+}
+
+TEST(SessionRegistryTest, SessionsGetDistinctBuffers) {
+  SessionRegistry registry(/*stage=*/1, /*buffers=*/2, kBytes, /*max_sessions=*/4);
+  std::set<std::string> names;
+  std::vector<std::shared_ptr<Session>> sessions;
+  for (int i = 0; i < 4; ++i) {
+    v1::AttachEvent event;
+    absl::StatusOr<std::shared_ptr<Session>> s =
+        registry.Attach(Request(absl::StrCat("t", i)), &event);
+    ASSERT_TRUE(s.ok()) << s.status();
+    for (const v1::SharedBuffer& b : event.buffers()) names.insert(b.name());
+    sessions.push_back(*s);
+  }
+  EXPECT_EQ(names.size(), 8u);
+  EXPECT_EQ(registry.size(), 4u);
+  // Each session's memory is its own.
+  static_cast<char*>(sessions[0]->buffers[0]->data())[0] = 'a';
+  static_cast<char*>(sessions[1]->buffers[0]->data())[0] = 'b';
+  EXPECT_EQ(static_cast<char*>(sessions[0]->buffers[0]->data())[0], 'a');
+}
+
 TEST(SessionRegistryTest, FindOfAnUnknownIdIsFailedPreconditionNamingIt) {
-  SessionRegistry registry(/*stage=*/0, /*buffers=*/1, kBytes);
+  SessionRegistry registry(/*stage=*/0, /*buffers=*/1, kBytes, /*max_sessions=*/1);
   v1::AttachEvent event;
   ASSERT_TRUE(registry.Attach(Request("t"), &event).ok());
   absl::StatusOr<std::shared_ptr<Session>> s = registry.Find(event.session() + 41);
@@ -152,8 +320,8 @@ TEST(SessionRegistryTest, FindOfAnUnknownIdIsFailedPreconditionNamingIt) {
   EXPECT_TRUE(absl::StrContains(s.status().message(), "Attach")) << s.status();
 }
 
-TEST(SessionRegistryTest, DetachUnlinksTheBuffersWhenTheLastUserLetsGo) {
-  SessionRegistry registry(/*stage=*/2, /*buffers=*/2, kBytes);
+TEST(SessionRegistryTest, DetachFreesTheBuffersWhenTheLastUserLetsGo) {
+  SessionRegistry registry(/*stage=*/2, /*buffers=*/2, kBytes, /*max_sessions=*/1);
   v1::AttachEvent event;
   absl::StatusOr<std::shared_ptr<Session>> attached = registry.Attach(Request("t"), &event);
   ASSERT_TRUE(attached.ok()) << attached.status();
@@ -165,29 +333,32 @@ TEST(SessionRegistryTest, DetachUnlinksTheBuffersWhenTheLastUserLetsGo) {
   registry.Detach(event.session());
   EXPECT_EQ(registry.size(), 0u);
   EXPECT_EQ(registry.Find(event.session()).status().code(), absl::StatusCode::kFailedPrecondition);
-  // The in-flight call still reads and writes them, and so does the trainer.
-  for (const v1::SharedBuffer& b : event.buffers()) EXPECT_TRUE(ShmExists(b.name())) << b.name();
-  ExpectSharedBytes(*user->buffers[1], 99);
+  // A detached session's buffers are not handed out any more.
+  EXPECT_EQ(registry.TakeBufferFds(event.session(), SecretOf(event)).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  // The in-flight call still reads and writes them.
+  for (const v1::SharedBuffer& b : event.buffers()) EXPECT_TRUE(Alive(b.name())) << b.name();
+  static_cast<char*>(user->buffers[1]->data())[kBytes - 1] = 1;
 
   user.reset();
+  // Nothing left: no mapping and no fd (these were never taken), so the kernel frees the memory.
   for (const v1::SharedBuffer& b : event.buffers()) {
-    EXPECT_FALSE(ShmExists(b.name())) << b.name() << " outlived its last user";
-    EXPECT_LT(::shm_open(b.name().c_str(), O_RDWR, 0), 0) << b.name();
+    EXPECT_FALSE(Alive(b.name())) << b.name() << " outlived its last user";
   }
 }
 
 TEST(SessionRegistryTest, DetachOfAnUnknownIdIsIgnored) {
-  SessionRegistry registry(/*stage=*/3, /*buffers=*/1, kBytes);
+  SessionRegistry registry(/*stage=*/3, /*buffers=*/1, kBytes, /*max_sessions=*/1);
   v1::AttachEvent event;
   ASSERT_TRUE(registry.Attach(Request("t"), &event).ok());
   registry.Detach(event.session() + 1);
   EXPECT_EQ(registry.size(), 1u);
   EXPECT_TRUE(registry.Find(event.session()).ok());
-  EXPECT_TRUE(ShmExists(event.buffers(0).name()));
+  EXPECT_TRUE(Alive(event.buffers(0).name()));
 }
 
 TEST(SessionRegistryTest, ClearDetachesEverySession) {
-  SessionRegistry registry(/*stage=*/4, /*buffers=*/2, kBytes);
+  SessionRegistry registry(/*stage=*/4, /*buffers=*/2, kBytes, /*max_sessions=*/2);
   v1::AttachEvent a, b;
   ASSERT_TRUE(registry.Attach(Request("a"), &a).ok());
   ASSERT_TRUE(registry.Attach(Request("b"), &b).ok());
@@ -197,34 +368,56 @@ TEST(SessionRegistryTest, ClearDetachesEverySession) {
   EXPECT_EQ(registry.size(), 0u);
   EXPECT_FALSE(registry.Find(a.session()).ok());
   EXPECT_FALSE(registry.Find(b.session()).ok());
-  for (const v1::SharedBuffer& buf : a.buffers()) EXPECT_FALSE(ShmExists(buf.name()));
+  for (const v1::SharedBuffer& buf : a.buffers()) EXPECT_FALSE(Alive(buf.name()));
   // b's buffers stay while `held` uses them.
-  for (const v1::SharedBuffer& buf : b.buffers()) EXPECT_TRUE(ShmExists(buf.name()));
+  for (const v1::SharedBuffer& buf : b.buffers()) EXPECT_TRUE(Alive(buf.name()));
   held->reset();
-  for (const v1::SharedBuffer& buf : b.buffers()) EXPECT_FALSE(ShmExists(buf.name()));
+  for (const v1::SharedBuffer& buf : b.buffers()) EXPECT_FALSE(Alive(buf.name()));
 }
 
-// A name already taken fails the Attach; the buffers it had created go away with it.
+// The open-file limit lowered so that one more fd fits: the Attach's first buffer is made, its
+// second is not. The Attach fails saying what to raise, the buffer it had made goes away with
+// it, and its session slot is given back.
 TEST(SessionRegistryTest, FailedAttachLeavesNothingBehind) {
-  constexpr uint32_t kStage = 6;
-  const std::string taken = absl::StrCat("/mapld-", ::getpid(), "-", kStage, "-1-1");
-  const int fd = ::shm_open(taken.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
-  ASSERT_GE(fd, 0) << taken << ": " << std::strerror(errno);
-  ::close(fd);
-
-  SessionRegistry registry(kStage, /*buffers=*/2, kBytes);
+  SessionRegistry registry(/*stage=*/6, /*buffers=*/3, kBytes, /*max_sessions=*/1);
+  rlimit saved;
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  std::set<int> open;
+  {
+    DIR* dir = ::opendir("/proc/self/fd");
+    ASSERT_NE(dir, nullptr);
+    const int own = ::dirfd(dir);
+    while (dirent* e = ::readdir(dir)) {
+      if (e->d_name[0] != '.' && std::atoi(e->d_name) != own) open.insert(std::atoi(e->d_name));
+    }
+    ::closedir(dir);
+  }
+  // Fds take the lowest free number: with the limit just past it, one more fd fits.
+  int lowest_free = 0;
+  while (open.count(lowest_free) != 0) ++lowest_free;
+  rlimit lowered = saved;
+  lowered.rlim_cur = static_cast<rlim_t>(lowest_free) + 1;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &lowered), 0);
   v1::AttachEvent event;
   absl::StatusOr<std::shared_ptr<Session>> s = registry.Attach(Request("t"), &event);
-  ::shm_unlink(taken.c_str());
-  ASSERT_EQ(s.status().code(), absl::StatusCode::kAlreadyExists) << s.status();
-  EXPECT_TRUE(absl::StrContains(s.status().message(), taken)) << s.status();
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+
+  ASSERT_EQ(s.status().code(), absl::StatusCode::kResourceExhausted) << s.status();
+  // It failed at the second buffer, after making the first.
+  EXPECT_TRUE(absl::StrContains(s.status().message(), absl::StrCat("mapld-", ::getpid(), "-6-1-1")))
+      << s.status();
+  EXPECT_TRUE(absl::StrContains(s.status().message(), "ulimit -n")) << s.status();
+  EXPECT_TRUE(absl::StrContains(s.status().message(), "client_buffers")) << s.status();
+  EXPECT_EQ(event.buffers_size(), 0);
   EXPECT_EQ(registry.size(), 0u);
-  EXPECT_FALSE(ShmExists(absl::StrCat("/mapld-", ::getpid(), "-", kStage, "-1-0")));
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_FALSE(Alive(absl::StrCat("mapld-", ::getpid(), "-6-1-", i))) << "buffer " << i;
+  }
 
   v1::AttachEvent next;
   absl::StatusOr<std::shared_ptr<Session>> retry = registry.Attach(Request("t"), &next);
   ASSERT_TRUE(retry.ok()) << retry.status();
-  EXPECT_EQ(next.buffers_size(), 2);
+  EXPECT_EQ(next.buffers_size(), 3);
 }
 
 // ---- TensorRef checks ----
@@ -264,7 +457,7 @@ class SessionRegistryTensorRefTest : public ::testing::Test {
         << "'" << r.status().message() << "' does not name " << field;
   }
 
-  SessionRegistry registry_{/*stage=*/9, /*buffers=*/2, kBufferBytes};
+  SessionRegistry registry_{/*stage=*/9, /*buffers=*/2, kBufferBytes, /*max_sessions=*/1};
   std::shared_ptr<Session> session_;
   v1::BoundaryConfig config_;
 };

@@ -386,7 +386,7 @@ class Sidecar:
 
     @property
     def buffer_names(self) -> List[str]:
-        """POSIX shared-memory names of the attached buffers (``/dev/shm/<name>`` on Linux)."""
+        """Names of the attached buffers, memfds (``/proc/<pid>/maps`` shows ``/memfd:<name>``)."""
         return [self._client.buffer_name(i) for i in range(len(self._arena.sizes))]
 
     @property
