@@ -507,6 +507,22 @@ int MaxPeerMessageBytes(const v1::BoundaryConfig& c) {
   return static_cast<int>(std::clamp<int64_t>(bytes, 4 << 20, int64_t{1} << 30));
 }
 
+v1::BoundaryFingerprint BoundaryFingerprintOf(const v1::BoundaryConfig& c) {
+  v1::BoundaryFingerprint f;
+  f.set_d(c.d());
+  f.set_k(c.k());
+  f.set_method(c.method());
+  f.set_forward_codec(c.forward_codec());
+  f.set_backward_codec(c.backward_codec());
+  f.set_rvq_levels(c.rvq_levels());
+  f.set_seed(c.seed());
+  f.set_vocab(c.vocab());
+  f.set_max_tokens(c.max_tokens());
+  f.set_projector_init(c.projector_init());
+  f.set_dictionary_precision(c.dictionary_precision());
+  return f;
+}
+
 v1::DaemonConfig RedactedConfig(const v1::DaemonConfig& config) {
   v1::DaemonConfig out = config;
   if (!out.auth_token().empty()) out.set_auth_token("<redacted>");

@@ -52,6 +52,10 @@ TlsFiles TlsFilesOf(const v1::TlsConfig& tls);
 // peer cannot make the receiver buffer more.
 int MaxPeerMessageBytes(const v1::BoundaryConfig& config);
 
+// What both ends of boundary `config` (defaults filled) must agree on, as the handshake sends
+// and compares it.
+v1::BoundaryFingerprint BoundaryFingerprintOf(const v1::BoundaryConfig& config);
+
 // `config` with its secrets (auth_token) replaced by "<redacted>", for printing and logs.
 v1::DaemonConfig RedactedConfig(const v1::DaemonConfig& config);
 

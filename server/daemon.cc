@@ -316,6 +316,7 @@ PeerLinkOptions Daemon::LinkOptions(uint32_t boundary) const {
   const BoundaryWorker& worker = *workers_.at(boundary);
   o.peer_identity = worker.config().peer_identity();
   o.max_message_bytes = MaxPeerMessageBytes(worker.config());
+  o.fingerprint = BoundaryFingerprintOf(worker.config());
   o.keepalive_time = o.keepalive_timeout = absl::Milliseconds(config_.peer_keepalive_ms());
   if (config_.send_rate_mbit() > 0) {
     o.send_rate_bytes_per_second = config_.send_rate_mbit() * 1e6 / 8;

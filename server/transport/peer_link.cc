@@ -12,6 +12,7 @@
 #include "common/check.h"
 #include "common/log.h"
 #include "google/protobuf/descriptor.h"
+#include "google/protobuf/text_format.h"
 #include "server/transport/peer_link_internal.h"
 
 namespace mapl {
@@ -320,6 +321,29 @@ absl::Status PeerLink::CheckPeerHello(const v1::Hello& hello) const {
     return absl::InvalidArgumentError(
         absl::StrCat(Describe(), ": the ", peer, "'s Hello has no instance_id"));
   }
+  if (options_.fingerprint.has_value()) {
+    if (!hello.has_fingerprint()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          Describe(), ": the ", peer, "'s Hello carries no config fingerprint to check"));
+    }
+    // Field by field, so that the message names what differs.
+    const v1::BoundaryFingerprint& mine = *options_.fingerprint;
+    const v1::BoundaryFingerprint& theirs = hello.fingerprint();
+    const google::protobuf::Descriptor* d = v1::BoundaryFingerprint::descriptor();
+    for (int i = 0; i < d->field_count(); ++i) {
+      const google::protobuf::FieldDescriptor* f = d->field(i);
+      std::string here, there;
+      google::protobuf::TextFormat::PrintFieldValueToString(mine, f, -1, &here);
+      google::protobuf::TextFormat::PrintFieldValueToString(theirs, f, -1, &there);
+      if (here != there) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            Describe(), ": the boundary configs differ: ", f->name(), " = ", here, " here, ", there,
+            " at the ", peer, "; both ends of a boundary must agree on d, k, method, ",
+            "codecs, rvq_levels, seed, vocab, max_tokens, projector_init and ",
+            "dictionary_precision"));
+      }
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -361,6 +385,7 @@ v1::PeerMessage PeerLink::MakeHello(bool peer_instance_known) {
   hello->set_instance_id(instance_id_);
   hello->set_resume_from_seq(last_applied_ + 1);
   hello->set_resume_instance_id(peer_instance_known ? peer_instance_id_ : 0);
+  if (options_.fingerprint.has_value()) *hello->mutable_fingerprint() = *options_.fingerprint;
   return msg;
 }
 

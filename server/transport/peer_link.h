@@ -112,6 +112,10 @@ struct PeerLinkOptions {
   // after the Hello exchange; a mismatch is PERMISSION_DENIED. Empty: any certificate the CA
   // signed.
   std::string peer_identity;
+  // What both ends' boundary configs must agree on (peer.proto BoundaryFingerprint), sent in the
+  // Hello. Unset: neither sent nor checked (tests of the link alone). Set: the peer's must equal
+  // it; a difference is INVALID_ARGUMENT naming the field and both values.
+  std::optional<v1::BoundaryFingerprint> fingerprint;
   // Dial only: after this long without a connection (at start, or since the last one ended),
   // WaitConnected and status() report UNAVAILABLE naming the last error. The link itself never
   // gives up: it redials until Close.

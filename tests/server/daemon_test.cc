@@ -542,8 +542,10 @@ TEST_F(DaemonPairTest, MetricsOverHttpCountTrafficInBothDirectionsOnTheRightSide
 // downstream daemon sends.
 class FakeUpstream {
  public:
-  absl::Status Dial(int port) {
+  // Dials the downstream daemon at `port` as the upstream of its boundary `config`.
+  absl::Status Dial(int port, const v1::BoundaryConfig& config) {
     PeerLinkOptions o;
+    o.fingerprint = BoundaryFingerprintOf(config);
     o.boundary = 0;
     o.stage = 0;
     o.address = Loopback(port);
@@ -605,7 +607,7 @@ TEST(DaemonSnapshotTest, ALostDeltaAsksForOneSnapshotAndTheReplicaFollowsTheOneI
   ASSERT_TRUE(started.ok()) << started.status();
   std::unique_ptr<Daemon> down = *std::move(started);
   FakeUpstream up;
-  ASSERT_TRUE(up.Dial(down->peer_port()).ok());
+  ASSERT_TRUE(up.Dial(down->peer_port(), down->config().boundaries(0)).ok());
 
   // The owner of the same dictionary, from the same config and seed.
   absl::StatusOr<v1::BoundaryConfig> config =

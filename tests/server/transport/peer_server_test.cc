@@ -307,6 +307,38 @@ TEST(PeerServerTest, TheSamePeersNewStreamReplacesItsOldOne) {
   EXPECT_TRUE(p.up->WaitConnected(kWait).ok());
 }
 
+// Both ends check the other's config fingerprint and name the field that differs; the dialer
+// reports it at once (a refusal) and keeps redialing.
+TEST(PeerServerTest, DifferentBoundaryConfigsAreRefusedNamingTheField) {
+  v1::BoundaryFingerprint config;
+  config.set_d(64);
+  config.set_k(8);
+  config.set_seed(1);
+  PeerLinkOptions down_options = ServerSide();
+  down_options.fingerprint = config;
+  std::unique_ptr<PeerServer> server = MakeServer();
+  absl::StatusOr<PeerLink*> down = server->RegisterBoundary(down_options, Ignore);
+  ASSERT_TRUE(down.ok());
+  ASSERT_TRUE(server->Start().ok());
+
+  PeerLinkOptions up_options = DialerSide(server->port());
+  up_options.fingerprint = config;
+  up_options.fingerprint->set_seed(2);
+  absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(up_options, Ignore);
+  ASSERT_TRUE(up.ok());
+  const absl::Status connected = (*up)->WaitConnected(kWait);
+  EXPECT_EQ(connected.code(), absl::StatusCode::kInvalidArgument) << connected;
+  EXPECT_THAT(connected.message(), HasSubstr("seed = 1 here, 2 at the upstream"));
+  EXPECT_GE((*down)->stats().handshakes_rejected(), 1u);
+
+  // A peer that sends no fingerprint at all is refused too.
+  RawPeer bare(server->port());
+  ASSERT_TRUE(bare.Write(RawPeer::Hello()));
+  const grpc::Status s = bare.Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("no config fingerprint"));
+}
+
 TEST(PeerServerTest, StreamsThatNeverSayHelloAreEndedAndBounded) {
   PeerServerOptions o;
   o.listen_address = "127.0.0.1:0";
@@ -332,6 +364,12 @@ TEST(PeerServerTest, StreamsThatNeverSayHelloAreEndedAndBounded) {
       const grpc::Status s = peer->Finish();
       EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED) << s.error_message();
     }
+  }
+  // The peers see the cancellation before the handlers wake up and count it.
+  for (int i = 0; i < 200 && ((*server)->stats().rejected_hello_timeout() < 4 ||
+                              (*server)->stats().pending_streams() > 0);
+       ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
   }
   const v1::PeerServerStats stats = (*server)->stats();
   EXPECT_EQ(stats.rejected_hello_timeout(), 4u);
