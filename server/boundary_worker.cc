@@ -281,6 +281,12 @@ void BoundaryWorker::OnPeerMessage(v1::PeerMessage msg) {
   cv_.SignalAll();
 }
 
+void BoundaryWorker::OnPeerRestart() {
+  v1::PeerMessage marker;
+  marker.mutable_hello();  // The transport never hands on a Hello: here it marks the restart.
+  OnPeerMessage(std::move(marker));
+}
+
 void BoundaryWorker::DecodeLoop() {
   for (;;) {
     v1::PeerMessage msg;
@@ -298,7 +304,12 @@ void BoundaryWorker::DecodeLoop() {
         OnFrame(msg.frame());
         break;
       case v1::PeerMessage::kStepMarker:
-        break;  // advisory
+        break;                         // advisory
+      case v1::PeerMessage::kHello: {  // OnPeerRestart's marker
+        absl::MutexLock el(&engine_mu_);
+        engine_->OnPeerRestart();
+        break;
+      }
       default: {
         absl::Status s;
         {

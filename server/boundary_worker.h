@@ -91,6 +91,10 @@ class BoundaryWorker {
   // The transport's receive handler: queues the message for the decoder thread, waiting while
   // more than max_incoming_bytes wait (so a fast peer is slowed down, not buffered without end).
   void OnPeerMessage(v1::PeerMessage msg) ABSL_LOCKS_EXCLUDED(mu_);
+  // The transport's on_peer_restart: queued behind the old peer's messages, so the decoder tells
+  // the engine (Engine::OnPeerRestart) between the old instance's last message and the new one's
+  // first.
+  void OnPeerRestart() ABSL_LOCKS_EXCLUDED(mu_);
 
   // Takes the tensor this side sends (activation upstream, gradient downstream) of
   // (step, microbatch): copies it, checks it (finite; token ids in range) and queues it.

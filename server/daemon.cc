@@ -310,6 +310,8 @@ void Daemon::Shutdown(absl::Duration drain) {
 
 PeerLinkOptions Daemon::LinkOptions(uint32_t boundary) const {
   PeerLinkOptions o;
+  BoundaryWorker* restarts = workers_.at(boundary).get();
+  o.on_peer_restart = [restarts] { restarts->OnPeerRestart(); };
   o.boundary = boundary;
   o.stage = config_.stage();
   o.auth_token = config_.auth_token();

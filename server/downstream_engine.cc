@@ -30,22 +30,38 @@ DownstreamEngine::DownstreamEngine(const v1::BoundaryConfig& config, const Backe
       codebook_cache_(config_.k(), config_.rvq_levels()),
       health_(config_, v1::DIRECTION_BACKWARD) {}
 
+absl::Status DownstreamEngine::StartReplica() {
+  replica_.reset();
+  // With a seeded projector both sides build version 0 themselves; with PCA it arrives as the
+  // owner's snapshot before the first frame.
+  if (!projected_ || config_.projector_init() != v1::PROJECTOR_INIT_RANDOM) {
+    return absl::OkStatus();
+  }
+  MAPL_ASSIGN_OR_RETURN(
+      PublishedDictionary v0,
+      PublishedDictionary::Create(DictionaryTables(config_), SeededDictionary(config_),
+                                  config_.dictionary_precision(), 0));
+  MAPL_ASSIGN_OR_RETURN(
+      DictionaryReplica replica,
+      DictionaryReplica::Create({config_.id(), v1::DIRECTION_FORWARD}, std::move(v0)));
+  replica_.emplace(std::move(replica));
+  return absl::OkStatus();
+}
+
+void DownstreamEngine::OnPeerRestart() {
+  const uint64_t had = replica_.has_value() ? replica_->version() : 0;
+  // Version 0 was built once already from the same config: only an allocation can fail here.
+  const absl::Status s = StartReplica();
+  MAPL_CHECK(s.ok(), "rebuilding dictionary version 0: " + s.ToString());
+  Log(LogLevel::kWarning, "upstream restarted: dictionary replica back to its start",
+      {{"boundary", absl::StrCat(config_.id())}, {"had_version", absl::StrCat(had)}});
+}
+
 absl::StatusOr<std::unique_ptr<DownstreamEngine>> DownstreamEngine::Create(
     const v1::BoundaryConfig& config, const Backend* backend) {
   MAPL_CHECK(config.role() == v1::ROLE_DOWNSTREAM, "Engine::Create dispatches by role");
   std::unique_ptr<DownstreamEngine> e(new DownstreamEngine(config, backend));
-  // With a seeded projector both sides build version 0 themselves; with PCA it arrives as the
-  // owner's snapshot before the first frame.
-  if (e->projected_ && config.projector_init() == v1::PROJECTOR_INIT_RANDOM) {
-    MAPL_ASSIGN_OR_RETURN(
-        PublishedDictionary v0,
-        PublishedDictionary::Create(DictionaryTables(e->config_), SeededDictionary(e->config_),
-                                    config.dictionary_precision(), 0));
-    MAPL_ASSIGN_OR_RETURN(
-        DictionaryReplica replica,
-        DictionaryReplica::Create({config.id(), v1::DIRECTION_FORWARD}, std::move(v0)));
-    e->replica_.emplace(std::move(replica));
-  }
+  MAPL_RETURN_IF_ERROR(e->StartReplica());
   if (e->mapl_) {
     e->anchors_.emplace(e->config_);
     e->g_down_.assign(e->d_ * e->k_, 0.f);

@@ -57,6 +57,11 @@ class DownstreamEngine : public Engine {
   absl::Status Decode(const v1::Frame& frame, const Tensor& out,
                       std::vector<v1::PeerMessage>* replies) override;
   // Deltas (a snapshot request when one does not apply) and snapshots.
+  // The upstream restarted: its dictionary versions start again from 0, so the replica forgets
+  // the old lineage (a new version 1 is not the old version 1) and restarts from version 0 (or,
+  // with PCA, waits for the owner's snapshot). A frame naming a version it lacks then asks for a
+  // snapshot instead of decoding with the old tables.
+  void OnPeerRestart() override;
   absl::Status Handle(const v1::PeerMessage& message,
                       std::vector<v1::PeerMessage>* replies) override;
   // METHOD_MAPL: returns the LearningSignal (G_down of the step) and takes an Adam step on the
@@ -92,6 +97,8 @@ class DownstreamEngine : public Engine {
   v1::BoundaryStats stats_;
   std::optional<uint64_t> last_step_;  // the last step closed by Step()
   std::optional<DictionaryReplica> replica_;
+  // (Re)builds replica_ at its start: version 0 from the seed, or none until a snapshot (PCA).
+  absl::Status StartReplica();
   std::optional<AnchorLearner> anchors_;  // METHOD_MAPL
   std::vector<float> g_down_;             // (d, k), summed since the last Step()
   uint32_t microbatches_ = 0;             // backward microbatches since the last Step()

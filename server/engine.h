@@ -93,6 +93,10 @@ class Engine {
   // Whether the peer link is the bottleneck now (its send queue is not empty), for codecs that
   // adapt their size to the link (forward_error_budget). Engines that do not adapt ignore it.
   virtual void SetLinkBusy(bool) {}
+  // The peer is a new process (the link saw a new instance id): what this side held of the old
+  // one's state must not be used with the new one's messages. Called in message order, between
+  // the old instance's last message and the new one's first.
+  virtual void OnPeerRestart() {}
 };
 
 // What an engine keeps of a microbatch until its other direction comes back, keyed by

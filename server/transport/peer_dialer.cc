@@ -229,10 +229,14 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
     if (!result.ok()) {
       CountRejectedHello(result);
     } else {
-      absl::MutexLock lock(&mu_);
-      bool reset = false;
-      AdoptPeerInstance(reply.hello(), &reset);
-      result = ApplyPeerResume(reply.hello());
+      bool restarted = false;
+      {
+        absl::MutexLock lock(&mu_);
+        bool reset = false;
+        AdoptPeerInstance(reply.hello(), &reset, &restarted);
+        result = ApplyPeerResume(reply.hello());
+      }
+      if (result.ok() && restarted && options_.on_peer_restart) options_.on_peer_restart();
     }
     if (!result.ok()) {
       context.TryCancel();

@@ -359,10 +359,11 @@ void PeerLink::CountRejectedHello(const absl::Status& status) {
       {{"link", Describe()}, {"status", status.ToString()}});
 }
 
-void PeerLink::AdoptPeerInstance(const v1::Hello& hello, bool* reset) {
+void PeerLink::AdoptPeerInstance(const v1::Hello& hello, bool* reset, bool* restarted) {
   *reset = hello.instance_id() != peer_instance_id_;
+  *restarted = *reset && peer_instance_id_ != 0;
   if (!*reset) return;
-  if (peer_instance_id_ != 0) {
+  if (*restarted) {
     stats_.set_peer_restarts(stats_.peer_restarts() + 1);
     Log(LogLevel::kWarning, "peer restarted; its sequence starts again at 1",
         {{"link", Describe()}, {"last_applied", absl::StrCat(last_applied_)}});

@@ -116,6 +116,10 @@ struct PeerLinkOptions {
   // Hello. Unset: neither sent nor checked (tests of the link alone). Set: the peer's must equal
   // it; a difference is INVALID_ARGUMENT naming the field and both values.
   std::optional<v1::BoundaryFingerprint> fingerprint;
+  // Called when a peer of a new instance connects after an earlier one (it restarted), on the
+  // reader thread, after the old instance's last message reached the handler and before the new
+  // one's first. Not on the first contact. May be empty.
+  std::function<void()> on_peer_restart;
   // Dial only: after this long without a connection (at start, or since the last one ended),
   // WaitConnected and status() report UNAVAILABLE naming the last error. The link itself never
   // gives up: it redials until Close.
@@ -260,8 +264,10 @@ class PeerLink final : public Transport {
 
   absl::Status CheckPeerHello(const v1::Hello& hello) const;
   void CountRejectedHello(const absl::Status& status) ABSL_LOCKS_EXCLUDED(mu_);
-  // Takes in the peer's instance, resetting receive state if it changed (*reset says so).
-  void AdoptPeerInstance(const v1::Hello& hello, bool* reset) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes in the peer's instance, resetting receive state if it changed (*reset says so);
+  // *restarted: it changed from an earlier known instance (call on_peer_restart, unlocked).
+  void AdoptPeerInstance(const v1::Hello& hello, bool* reset, bool* restarted)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // This side's Hello, with its resume point.
   v1::PeerMessage MakeHello(bool peer_instance_known) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Positions the send queue where the peer's Hello asks (resume, or renumber from 1).

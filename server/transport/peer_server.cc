@@ -51,6 +51,7 @@ absl::Status PeerLink::ServeStream(grpc::ServerContext* context,
   ServerStream stream(context, rw);
   Session session(&stream);
   v1::PeerMessage reply;
+  bool restarted = false;
   {
     absl::MutexLock lock(&mu_);
     if (closing_) return absl::FailedPreconditionError(Describe() + " is closed");
@@ -86,7 +87,7 @@ absl::Status PeerLink::ServeStream(grpc::ServerContext* context,
       return absl::AbortedError(Describe() + ": superseded by a newer stream");
     }
     bool reset = false;
-    AdoptPeerInstance(hello, &reset);
+    AdoptPeerInstance(hello, &reset, &restarted);
     reply = MakeHello(/*peer_instance_known=*/!reset);
     absl::Status resumed = ApplyPeerResume(hello);
     if (!resumed.ok()) {
@@ -98,6 +99,7 @@ absl::Status PeerLink::ServeStream(grpc::ServerContext* context,
     active_session_ = &session;
   }
 
+  if (restarted && options_.on_peer_restart) options_.on_peer_restart();
   absl::Status reason;
   bool clean = false;
   if (!rw->Write(reply)) {

@@ -387,6 +387,43 @@ TEST_F(EngineTest, BadDeltaThenSnapshotRecovers) {
   EXPECT_EQ(pair.down().stats().dictionary_checksum(), pair.up().stats().dictionary_checksum());
 }
 
+// A restarted upstream numbers its dictionary versions from 0 again, with other tables: its
+// version 1 is not the old version 1. After OnPeerRestart the downstream holds only version 0, so
+// a new-lineage frame naming version 1 is refused (a snapshot is asked for) instead of being
+// decoded with the old tables.
+TEST_F(EngineTest, AfterAnUpstreamRestartOldVersionsAreNeverUsed) {
+  Pair old_pair(Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_BF16));
+  double err2 = 0, norm2 = 0;
+  ASSERT_TRUE(old_pair.Microbatch(1, 0, h_, tokens_, &err2, &norm2).ok());
+  ASSERT_TRUE(old_pair.CloseStep(1).ok());
+  ASSERT_EQ(old_pair.down().stats().dictionary_version(), 1u);
+
+  // The restarted upstream, trained on other data: its own version 1.
+  Pair restarted(Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_BF16));
+  Stream other(99);
+  std::vector<float> h2;
+  std::vector<int32_t> tokens2;
+  other.Next(kN, &h2, &tokens2);
+  ASSERT_TRUE(restarted.Microbatch(1, 0, h2, tokens2, &err2, &norm2).ok());
+  ASSERT_TRUE(restarted.CloseStep(1).ok());
+  ASSERT_EQ(restarted.up().stats().dictionary_version(), 1u);
+  ASSERT_NE(restarted.up().stats().dictionary_checksum(),
+            old_pair.down().stats().dictionary_checksum())
+      << "the two lineages' version 1 must differ for this test to mean anything";
+  auto out = restarted.up().EncodeForward(2, 0, ConstTensor::F32(h2.data(), kN, Stream::kD),
+                                          tokens2.data());
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ(out->size(), 1u);
+  ASSERT_EQ(out->at(0).frame().dict_version(), 1u);
+
+  old_pair.down().OnPeerRestart();
+  EXPECT_EQ(old_pair.down().stats().dictionary_version(), 0u);
+  h_hat_.assign(size_t(kN) * Stream::kD, 0.f);
+  const absl::Status decoded =
+      old_pair.down().DecodeForward(out->at(0).frame(), Tensor::F32(h_hat_.data(), kN, Stream::kD));
+  EXPECT_FALSE(decoded.ok()) << "decoded a new-lineage frame with the old lineage's tables";
+}
+
 // The learners' sample of a microbatch (BoundaryConfig.learner_rows): every row up to the limit;
 // above it, that many distinct rows in order, spread over the microbatch, standing for
 // n / max_rows rows each, and moving with (step, microbatch) so that no position is never seen.

@@ -14,6 +14,7 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -185,6 +186,40 @@ TEST(PeerLinkTest, DialerReportsAnUnreachablePeerAndNeverGivesUp) {
   EXPECT_TRUE((*up)->WaitConnected(kWait).ok()) << (*up)->status();
   ASSERT_TRUE(at_down.WaitDone());
   EXPECT_EQ(at_down.errors(), "");
+}
+
+// A restarted dialer (a new instance) is seen by the server side: on_peer_restart runs once,
+// after the old instance's messages and before the new one's, and the sequence starts afresh.
+TEST(PeerLinkTest, ARestartedPeerIsAnnouncedBetweenItsTwoLives) {
+  const std::string pool = RandomBytes(4096, 41);
+  absl::Mutex mu;
+  std::vector<std::string> seen;  // "frame <step>" and "restart", in order.
+  PeerLinkOptions down_options = ServerSide();
+  down_options.on_peer_restart = [&] {
+    absl::MutexLock l(&mu);
+    seen.push_back("restart");
+  };
+  auto record = [&](v1::PeerMessage m) {
+    absl::MutexLock l(&mu);
+    seen.push_back(absl::StrCat("frame ", m.frame().step()));
+  };
+  std::unique_ptr<PeerServer> server = MakeServer();
+  absl::StatusOr<PeerLink*> down = server->RegisterBoundary(down_options, record);
+  ASSERT_TRUE(down.ok());
+  ASSERT_TRUE(server->Start().ok());
+  for (int life = 0; life < 2; ++life) {
+    absl::StatusOr<std::unique_ptr<PeerLink>> up =
+        PeerLink::Dial(DialerSide(server->port()), Ignore);
+    ASSERT_TRUE(up.ok());
+    for (int i = 0; i < 3; ++i)
+      ASSERT_TRUE((*up)->Send(MakeFrame(10 * life + i, 10, i, pool)).ok());
+    ASSERT_TRUE((*up)->Drain(kWait).ok());
+    (*up)->Close();
+  }
+  absl::MutexLock l(&mu);
+  EXPECT_EQ(absl::StrJoin(seen, ", "),
+            "frame 0, frame 1, frame 2, restart, frame 10, frame 11, frame 12");
+  EXPECT_EQ((*down)->stats().peer_restarts(), 1u);
 }
 
 TEST(PeerLinkTest, DrainReturnsOnceEverythingIsAcknowledged) {
