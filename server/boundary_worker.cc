@@ -307,7 +307,7 @@ void BoundaryWorker::DecodeLoop() {
         break;                         // advisory
       case v1::PeerMessage::kHello: {  // OnPeerRestart's marker
         absl::MutexLock el(&engine_mu_);
-        engine_->OnPeerRestart();
+        SendAll(engine_->OnPeerRestart());
         break;
       }
       default: {

@@ -48,13 +48,14 @@ absl::Status DownstreamEngine::StartReplica() {
   return absl::OkStatus();
 }
 
-void DownstreamEngine::OnPeerRestart() {
+std::vector<v1::PeerMessage> DownstreamEngine::OnPeerRestart() {
   const uint64_t had = replica_.has_value() ? replica_->version() : 0;
   // Version 0 was built once already from the same config: only an allocation can fail here.
   const absl::Status s = StartReplica();
   MAPL_CHECK(s.ok(), "rebuilding dictionary version 0: " + s.ToString());
   Log(LogLevel::kWarning, "upstream restarted: dictionary replica back to its start",
       {{"boundary", absl::StrCat(config_.id())}, {"had_version", absl::StrCat(had)}});
+  return {};
 }
 
 absl::StatusOr<std::unique_ptr<DownstreamEngine>> DownstreamEngine::Create(

@@ -61,7 +61,7 @@ class DownstreamEngine : public Engine {
   // the old lineage (a new version 1 is not the old version 1) and restarts from version 0 (or,
   // with PCA, waits for the owner's snapshot). A frame naming a version it lacks then asks for a
   // snapshot instead of decoding with the old tables.
-  void OnPeerRestart() override;
+  std::vector<v1::PeerMessage> OnPeerRestart() override;
   absl::Status Handle(const v1::PeerMessage& message,
                       std::vector<v1::PeerMessage>* replies) override;
   // METHOD_MAPL: returns the LearningSignal (G_down of the step) and takes an Adam step on the

@@ -95,8 +95,9 @@ class Engine {
   virtual void SetLinkBusy(bool) {}
   // The peer is a new process (the link saw a new instance id): what this side held of the old
   // one's state must not be used with the new one's messages. Called in message order, between
-  // the old instance's last message and the new one's first.
-  virtual void OnPeerRestart() {}
+  // the old instance's last message and the new one's first. Returns messages to send the new
+  // peer.
+  virtual std::vector<v1::PeerMessage> OnPeerRestart() { return {}; }
 };
 
 // What an engine keeps of a microbatch until its other direction comes back, keyed by

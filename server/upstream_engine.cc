@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/check.h"
+#include "common/log.h"
 #include "common/status_macros.h"
 
 namespace mapl {
@@ -330,6 +331,16 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::HandleSnapshotReque
   }
   std::vector<v1::PeerMessage> out;
   if (owner_.has_value()) out.push_back(SnapshotMessage());
+  return out;
+}
+
+std::vector<v1::PeerMessage> UpstreamEngine::OnPeerRestart() {
+  std::vector<v1::PeerMessage> out;
+  if (projected_ && owner_.has_value()) {
+    out.push_back(SnapshotMessage());
+    Log(LogLevel::kWarning, "downstream restarted: sending it the current dictionary",
+        {{"boundary", absl::StrCat(config_.id())}, {"version", absl::StrCat(owner_->version())}});
+  }
   return out;
 }
 

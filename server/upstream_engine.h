@@ -75,6 +75,9 @@ class UpstreamEngine : public Engine {
   absl::StatusOr<std::vector<v1::PeerMessage>> Step(uint64_t step) override;
   v1::BoundaryStats stats() const override;
   void SetLinkBusy(bool busy) override { link_busy_ = busy; }
+  // The downstream restarted and holds only version 0 (or nothing, with PCA): the current
+  // dictionary goes to it at once, ahead of the next frame, instead of after a refused one.
+  std::vector<v1::PeerMessage> OnPeerRestart() override;
 
   // The forward codes' depth for a frame whose RVQ codes have relative error errors[l] at l + 1
   // levels: every level without a budget; with one, the fewest levels within it while the link

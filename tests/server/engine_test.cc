@@ -422,6 +422,18 @@ TEST_F(EngineTest, AfterAnUpstreamRestartOldVersionsAreNeverUsed) {
   const absl::Status decoded =
       old_pair.down().DecodeForward(out->at(0).frame(), Tensor::F32(h_hat_.data(), kN, Stream::kD));
   EXPECT_FALSE(decoded.ok()) << "decoded a new-lineage frame with the old lineage's tables";
+
+  // Seen from the other end, the upstream learns that its downstream restarted and sends its
+  // current dictionary at once; with it the frame decodes.
+  const std::vector<v1::PeerMessage> resync = restarted.up().OnPeerRestart();
+  ASSERT_EQ(resync.size(), 1u);
+  ASSERT_TRUE(resync[0].has_dictionary_snapshot());
+  ASSERT_TRUE(old_pair.down().HandleSnapshot(resync[0].dictionary_snapshot()).ok());
+  EXPECT_EQ(old_pair.down().stats().dictionary_checksum(),
+            restarted.up().stats().dictionary_checksum());
+  EXPECT_TRUE(old_pair.down()
+                  .DecodeForward(out->at(0).frame(), Tensor::F32(h_hat_.data(), kN, Stream::kD))
+                  .ok());
 }
 
 // The learners' sample of a microbatch (BoundaryConfig.learner_rows): every row up to the limit;
