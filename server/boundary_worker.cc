@@ -17,6 +17,9 @@ const char* DirName(int d) { return d == v1::DIRECTION_FORWARD ? "forward" : "ba
 
 // Buffers kept for reuse, per kind.
 constexpr size_t kSpareBuffers = 8;
+// Frames held while their dictionary version is on its way (BoundaryWorker::parked_); beyond this
+// one fails at once, as before.
+constexpr size_t kMaxParkedFrames = 256;
 
 }  // namespace
 
@@ -306,8 +309,23 @@ void BoundaryWorker::DecodeLoop() {
       case v1::PeerMessage::kStepMarker:
         break;                         // advisory
       case v1::PeerMessage::kHello: {  // OnPeerRestart's marker
-        absl::MutexLock el(&engine_mu_);
-        SendAll(engine_->OnPeerRestart());
+        {
+          absl::MutexLock el(&engine_mu_);
+          SendAll(engine_->OnPeerRestart());
+        }
+        // Parked frames are the old peer's: never decode them with the new one's tables. Their
+        // Recv fails at once, saying why.
+        absl::MutexLock l(&mu_);
+        for (const v1::Frame& f : parked_) {
+          Received r;
+          r.status = absl::DataLossError(
+              absl::StrCat(Describe(f.direction(), f.step(), f.microbatch()),
+                           ": lost: its sender restarted before the dictionary it was encoded "
+                           "with arrived; send it again"));
+          inbox_.emplace(Key{f.step(), f.microbatch()}, std::move(r));
+        }
+        if (!parked_.empty()) cv_.SignalAll();
+        parked_.clear();
         break;
       }
       default: {
@@ -321,6 +339,12 @@ void BoundaryWorker::DecodeLoop() {
         if (!s.ok()) {
           Log(LogLevel::kError, "peer message rejected",
               {{"boundary", absl::StrCat(config_.id())}, {"error", std::string(s.message())}});
+        }
+        if (s.ok() && !parked_.empty() &&
+            (msg.has_dictionary_snapshot() || msg.has_dictionary_delta())) {
+          std::deque<v1::Frame> retry;
+          retry.swap(parked_);
+          for (const v1::Frame& f : retry) OnFrame(f);  // May park again, in order.
         }
         if (msg.has_learning_signal()) {
           absl::MutexLock l(&mu_);
@@ -368,6 +392,14 @@ void BoundaryWorker::OnFrame(const v1::Frame& f) {
       ++step_decoded_;
     }
     SendAll(std::move(replies));
+    // A frame of a dictionary version that a requested snapshot brings (after the peer restarted,
+    // or with PCA before the first one) waits for it rather than failing the trainer's Recv.
+    if (!s.ok() && engine_->AwaitsDictionary(f) && parked_.size() < kMaxParkedFrames) {
+      parked_.push_back(f);
+      absl::MutexLock l(&mu_);
+      spare_inbox_.push_back(std::move(r.data));
+      return;
+    }
   }
   if (!s.ok()) {
     Log(LogLevel::kError, "frame rejected", {{"what", what}, {"error", std::string(s.message())}});

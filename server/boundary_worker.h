@@ -135,6 +135,9 @@ class BoundaryWorker {
  private:
   using Key = std::pair<uint64_t, uint32_t>;  // (step, microbatch)
   // A decoded tensor waiting for the trainer's Recv, or the error that its frame caused.
+  // Frames whose dictionary version is on its way in a snapshot (Engine::AwaitsDictionary), in
+  // arrival order; decoded again after each dictionary message. Decoder thread only.
+  std::deque<v1::Frame> parked_;
   struct Received {
     absl::Status status;
     int64_t rows = 0;

@@ -32,6 +32,7 @@ DownstreamEngine::DownstreamEngine(const v1::BoundaryConfig& config, const Backe
 
 absl::Status DownstreamEngine::StartReplica() {
   replica_.reset();
+  snapshot_asked_at_ = ~uint64_t{0};  // a new lineage: ask afresh
   // With a seeded projector both sides build version 0 themselves; with PCA it arrives as the
   // owner's snapshot before the first frame.
   if (!projected_ || config_.projector_init() != v1::PROJECTOR_INIT_RANDOM) {
@@ -56,6 +57,13 @@ std::vector<v1::PeerMessage> DownstreamEngine::OnPeerRestart() {
   Log(LogLevel::kWarning, "upstream restarted: dictionary replica back to its start",
       {{"boundary", absl::StrCat(config_.id())}, {"had_version", absl::StrCat(had)}});
   return {};
+}
+
+bool DownstreamEngine::AwaitsDictionary(const v1::Frame& frame) const {
+  if (!projected_ || frame.direction() != v1::DIRECTION_FORWARD) return false;
+  if (!replica_.has_value()) return true;  // PCA: the first snapshot is on its way.
+  return replica_->Find(frame.dict_version()) == nullptr &&
+         frame.dict_version() > replica_->version();
 }
 
 absl::StatusOr<std::unique_ptr<DownstreamEngine>> DownstreamEngine::Create(

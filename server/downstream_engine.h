@@ -62,6 +62,7 @@ class DownstreamEngine : public Engine {
   // with PCA, waits for the owner's snapshot). A frame naming a version it lacks then asks for a
   // snapshot instead of decoding with the old tables.
   std::vector<v1::PeerMessage> OnPeerRestart() override;
+  bool AwaitsDictionary(const v1::Frame& frame) const override;
   absl::Status Handle(const v1::PeerMessage& message,
                       std::vector<v1::PeerMessage>* replies) override;
   // METHOD_MAPL: returns the LearningSignal (G_down of the step) and takes an Adam step on the

@@ -98,6 +98,10 @@ class Engine {
   // the old instance's last message and the new one's first. Returns messages to send the new
   // peer.
   virtual std::vector<v1::PeerMessage> OnPeerRestart() { return {}; }
+  // Whether `frame`, whose Decode just failed, names a dictionary version newer than any this
+  // side holds, one a snapshot already asked for will bring: the caller may hold the frame and
+  // decode it once the snapshot is in.
+  virtual bool AwaitsDictionary(const v1::Frame&) const { return false; }
 };
 
 // What an engine keeps of a microbatch until its other direction comes back, keyed by

@@ -105,6 +105,10 @@ void PeerLink::NewChannel() {
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ToMillis(options_.keepalive_timeout));
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  // gRPC spaces pings at least 5 minutes apart while no data goes out, which is just when they
+  // matter: a writer blocked on a peer that grants no flow-control window sends no data.
+  args.SetInt(GRPC_ARG_HTTP2_MIN_SENT_PING_INTERVAL_WITHOUT_DATA_MS,
+              ToMillis(options_.keepalive_time));
   channel_ =
       grpc::CreateCustomChannel(options_.address,
                                 options_.channel_credentials ? options_.channel_credentials

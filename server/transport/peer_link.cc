@@ -469,6 +469,9 @@ absl::Status PeerLink::RunSession(Session* session) {
          {"queued", absl::StrCat(retained_.size())}});
   }
   session->writer = std::thread([this, session] { WriterLoop(session); });
+  // Liveness has its own thread: the reader may be blocked in Read and the writer in Write (a
+  // peer that stopped granting flow-control window), and either way the bound must hold.
+  std::thread watchdog([this, session] { WatchdogLoop(session); });
 
   absl::Status reason;
   while (true) {
@@ -495,6 +498,7 @@ absl::Status PeerLink::RunSession(Session* session) {
     }
   }
   session->writer.join();
+  watchdog.join();
   absl::MutexLock lock(&mu_);
   stats_.set_connected(false);
   stats_.set_disconnects(stats_.disconnects() + 1);
@@ -565,10 +569,28 @@ const v1::PeerMessage* PeerLink::NextToWrite(absl::Time now, v1::PeerMessage* co
   }
   *wake = next_heartbeat_;
   if (last_applied_ > last_ack_sent_) *wake = std::min(*wake, first_unacked_ + options_.ack_delay);
-  if (options_.peer_timeout != absl::InfiniteDuration()) {
-    *wake = std::min(*wake, PeerDeadline() + absl::Milliseconds(1));
-  }
   return nullptr;
+}
+
+void PeerLink::WatchdogLoop(Session* session) {
+  absl::MutexLock lock(&mu_);
+  while (!session->stop) {
+    const absl::Time now = absl::Now();
+    if (now > PeerDeadline()) {
+      session->SetEnd(absl::UnavailableError(absl::StrCat(
+          Describe(), ": nothing received from the peer for ",
+          absl::FormatDuration(now - last_received_),
+          announced_bytes_ > 0
+              ? absl::StrCat(" (it announced a message of ", announced_bytes_, " bytes)")
+              : std::string())));
+      session->stream->Cancel();
+      return;
+    }
+    // Wakes at the deadline, or sooner to follow a deadline that moved (a message arrived).
+    mu_.AwaitWithDeadline(
+        absl::Condition(&session->stop),
+        std::min(PeerDeadline(), now + options_.heartbeat_interval) + absl::Milliseconds(1));
+  }
 }
 
 void PeerLink::WriterLoop(Session* session) {
@@ -581,16 +603,6 @@ void PeerLink::WriterLoop(Session* session) {
       break;
     }
     const absl::Time now = absl::Now();
-    if (now > PeerDeadline()) {
-      session->SetEnd(absl::UnavailableError(absl::StrCat(
-          Describe(), ": nothing received from the peer for ",
-          absl::FormatDuration(now - last_received_),
-          announced_bytes_ > 0
-              ? absl::StrCat(" (it announced a message of ", announced_bytes_, " bytes)")
-              : std::string())));
-      session->stream->Cancel();
-      break;
-    }
     v1::PeerMessage control;
     std::shared_ptr<const v1::PeerMessage> sequenced;
     int64_t bytes = 0;

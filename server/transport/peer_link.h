@@ -280,6 +280,8 @@ class PeerLink final : public Transport {
   absl::Status RunSession(Session* session) ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status HandleIncoming(v1::PeerMessage msg) ABSL_LOCKS_EXCLUDED(mu_);
   void WriterLoop(Session* session) ABSL_LOCKS_EXCLUDED(mu_);
+  // Ends the session (UNAVAILABLE, cancelling the stream) once PeerDeadline passes.
+  void WatchdogLoop(Session* session) ABSL_LOCKS_EXCLUDED(mu_);
   // The next message the writer should write now, or null (with *wake set) if none is due before
   // *wake. `control` holds a control message; *bytes gets the message's serialized size.
   const v1::PeerMessage* NextToWrite(absl::Time now, v1::PeerMessage* control,
