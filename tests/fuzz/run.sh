@@ -37,6 +37,7 @@ for t in "${targets[@]}"; do
   log="$work/log.txt"
   echo "== $t: ${seconds} s, -max_len=${max_len[$t]} (log: $log)"
   start=$SECONDS
+  touch "$work/.start"  # what this run finds is newer (earlier findings stay, unreported)
   # shellcheck disable=SC2086
   OPENBLAS_NUM_THREADS=1 ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1} \
     "$build/tests/fuzz/$t" -max_total_time="$seconds" -max_len="${max_len[$t]}" -timeout=30 \
@@ -46,7 +47,8 @@ for t in "${targets[@]}"; do
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
   cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1)
-  artifacts=$(ls "$work" | grep -E '^(crash|leak|oom|timeout|slow-unit)-' | tr '\n' ' ')
+  artifacts=$(find "$work" -maxdepth 1 -newer "$work/.start" -regextype egrep \
+              -regex '.*/(crash|leak|oom|timeout|slow-unit)-.*' -printf '%f ')
   if [ "$rc" -ne 0 ] || [ -n "$artifacts" ]; then
     found_any=1
     verdict="FOUND (exit $rc) ${artifacts:-see the log}"
