@@ -3,7 +3,8 @@
 #   1. compile every C++ library, mapld and the C++ tests with clang 14's thread-safety analysis
 #      (build-tsa/, the CMake preset "tsa"): a lock annotation the code breaks fails the run here,
 #   2. run the C++ kernel and server tests under AddressSanitizer + UndefinedBehaviorSanitizer
-#      (build-asan/, the CMake preset "asan"), and
+#      (build-asan/, the CMake preset "asan": clang 14), with a short run of each libFuzzer target
+#      of tests/fuzz from its seed corpus (ctest label fuzz, MAPL_FUZZ_SMOKE_SECONDS each), and
 #   3. run the whole suite (C++ and Python) in the normal build, whose ctest summary line
 #      ("N% tests passed, ...") is the last line of the output.
 # GPU tests carry the ctest label "gpu" and skip where there is no device; each ctest run lists the
@@ -50,7 +51,7 @@ if ! { cmake --preset tsa >/dev/null && ninja -C build-tsa -j "$jobs" -k 0; }; t
 fi
 echo "build-tsa: no thread-safety warnings ($((SECONDS - start)) s)"
 
-echo "== sanitizers: build-asan (address, undefined) =="
+echo "== sanitizers: build-asan (address, undefined; and the fuzz targets' smoke runs) =="
 cmake --preset asan >/dev/null && ninja -C build-asan -j "$jobs" || exit 1
 # Abort on the first report; OpenBLAS's threads are not ours to leak-check.
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
