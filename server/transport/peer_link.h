@@ -22,8 +22,8 @@
 //                         }));
 //   MAPL_RETURN_IF_ERROR(server->Start());
 //
-//   // Upstream: Dial returns at once and connects in the background, retrying until
-//   // connect_timeout (the downstream may start later).
+//   // Upstream: Dial returns at once and connects in the background, retrying for as long as it
+//   // takes (the downstream may start later, or restart).
 //   mapl::PeerLinkOptions up_options = down_options;
 //   up_options.stage = 3;
 //   up_options.address = "stage4:7000";
@@ -43,21 +43,25 @@
 // Statuses. Send, WaitConnected, Drain and status() report, as absl::Status codes:
 //   INVALID_ARGUMENT    invalid options (Dial, RegisterBoundary); Send of a Hello/Ack/Heartbeat, an
 //                       empty body, or a message over max_message_bytes; a peer that acknowledged
-//                       a seq never written, sent a connection-level or seq-less message, or a
-//                       Hello without instance_id.
-//   UNAUTHENTICATED     the peer's auth token differs (either side checks).
+//                       a seq never written, sent a connection-level or seq-less message, a Hello
+//                       without instance_id, or a config fingerprint that differs (named).
+//   UNAUTHENTICATED     the peer's auth token differs (either side checks; the server tells an
+//                       unauthenticated peer nothing more).
+//   PERMISSION_DENIED   the peer's certificate lacks peer_identity.
 //   FAILED_PRECONDITION the link was closed; the peer speaks another protocol version, serves
-//                       another boundary or stage, or did not start with a Hello.
+//                       another boundary or stage.
 //   NOT_FOUND           the downstream does not serve this boundary.
-//   ABORTED             a newer stream for the same boundary replaced this one (server side).
+//   ALREADY_EXISTS      another peer instance holds a live stream for the boundary (server side).
+//   ABORTED             the same peer's newer stream replaced this one (server side).
 //   DATA_LOSS           a gap in the peer's sequence, or a resume point outside what is retained.
-//   UNAVAILABLE         no connection within connect_timeout, a lost connection, a write that
-//                       failed, or nothing received for peer_timeout.
+//   UNAVAILABLE         no connection for connect_timeout (still trying), a lost connection, a
+//                       write that failed, or nothing received within the liveness bound.
 //   DEADLINE_EXCEEDED   WaitConnected or Drain ran out of time (the link keeps trying).
 //   CANCELLED           the link was closed while a connection ran (status() afterwards).
-// The dialer gives up for good (Send then returns the failure) on every code except UNAVAILABLE,
-// CANCELLED and DEADLINE_EXCEEDED, after which it redials. A state only a bug can reach stops the
-// process (MAPL_CHECK), it is not reported as a status.
+// The dialer never gives up: it redials until Close, and Send keeps queuing meanwhile (the
+// caller bounds the queue with WaitQueueBelow). WaitConnected reports a refusal
+// (UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, INVALID_ARGUMENT) at once. A state only a bug
+// can reach stops the process (MAPL_CHECK), it is not reported as a status.
 //
 // Threading. Every method is thread-safe. Each connection has a reader (the dialer's connection
 // thread, or the gRPC handler thread on the server) that calls the handler, and a writer thread.
@@ -173,7 +177,7 @@ class PeerServer;
 class PeerLink final : public Transport {
  public:
   // Starts the upstream end: validates `options`, then connects in the background (retrying with
-  // backoff until options.connect_timeout) and keeps reconnecting after a lost connection.
+  // backoff, for as long as it takes) and keeps reconnecting after a lost connection.
   // Only invalid options fail here; connection failures show in WaitConnected and status().
   static absl::StatusOr<std::unique_ptr<PeerLink>> Dial(const PeerLinkOptions& options,
                                                         Handler handler);

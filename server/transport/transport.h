@@ -40,16 +40,17 @@ class Transport {
   virtual ~Transport() = default;
 
   // Queues a sequenced message and returns at once; it is written in order when connected and
-  // kept until acknowledged. INVALID_ARGUMENT for a connection-level or empty body or one over the
-  // size limit; FAILED_PRECONDITION after Close; the failure after the transport failed for good.
+  // kept until acknowledged, across reconnects (a transport never gives up on its own).
+  // INVALID_ARGUMENT for a connection-level or empty body or one over the size limit;
+  // FAILED_PRECONDITION after Close.
   virtual absl::Status Send(v1::PeerMessage msg) = 0;
 
   // Waits until fewer than `bytes` of sequenced messages are unacknowledged, or `timeout` passes;
   // returns whether they are.
   virtual bool WaitQueueBelow(int64_t bytes, absl::Duration timeout) = 0;
 
-  // OK once connected (now or within `timeout`); the failure if it failed for good;
-  // DEADLINE_EXCEEDED otherwise.
+  // OK once connected (now or within `timeout`); a refusal by the peer (or of it) at once;
+  // DEADLINE_EXCEEDED or UNAVAILABLE (long without a connection) otherwise.
   virtual absl::Status WaitConnected(absl::Duration timeout) = 0;
   virtual bool connected() const = 0;
 

@@ -163,3 +163,25 @@ def test_sigterm_drains_whatever_the_blas_environment(short_tmp: Path, environme
     assert code == 0, log
     assert "signal received, draining" in log and "drained" in log, log
     assert "compute_threads=1" in log, log
+
+
+def test_the_token_is_random_private_and_never_printed(short_tmp: Path):
+    """The launcher makes a random token per launching process, writes it to a config only its
+    user can read, and neither the daemon's log nor --print_config shows it."""
+    launch = need_module("mapl.launch")
+    token = launch.LAUNCH_TOKEN
+    assert len(token) >= 32 and token != need_module("importlib").reload(launch).LAUNCH_TOKEN
+    proc = start_mapld(short_tmp, 1, [dict(BOUNDARY, id=0, role="ROLE_DOWNSTREAM")],
+                       {"peer_listen": "127.0.0.1:0", "auth_token": token})
+    try:
+        proc.ready()
+        config = short_tmp / "stage1.textproto"
+        assert config.stat().st_mode & 0o777 == 0o600
+        assert token in config.read_text()
+        r = subprocess.run([str(mapld_binary()), "--config", str(config), "--print_config"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert token not in r.stdout and 'auth_token: "<redacted>"' in r.stdout
+    finally:
+        proc.stop()
+    assert token not in proc.log()

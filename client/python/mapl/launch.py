@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -113,6 +114,12 @@ class Daemon:
         self.proc.wait()
 
 
+# The peer token of every daemon this process launches: random per launching process, so two
+# jobs on one host never accept each other's links. Daemons launched by another process need the
+# same token passed in `extra` ({"auth_token": ...}).
+LAUNCH_TOKEN = secrets.token_urlsafe(32)
+
+
 def start_mapld(directory: Path, stage: int, boundaries: List[Dict[str, object]],
                 extra: Optional[Dict[str, object]] = None,
                 args: Optional[List[str]] = None,
@@ -123,10 +130,14 @@ def start_mapld(directory: Path, stage: int, boundaries: List[Dict[str, object]]
     must exec the daemon, so that stop() signals the daemon itself)."""
     sock = str(directory / f"s{stage}.sock")
     fields: Dict[str, object] = {"stage": stage, "local_socket": sock,
-                                 "auth_token": "local-launch", "metrics_address": "127.0.0.1:0"}
+                                 "auth_token": LAUNCH_TOKEN, "metrics_address": "127.0.0.1:0"}
     fields.update(extra or {})
     path = directory / f"stage{stage}.textproto"
-    path.write_text(config_text(fields, boundaries))
+    # The config holds the token: readable by this user only, from the first byte.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(config_text(fields, boundaries))
     ready = directory / f"s{stage}.ready.json"
     ready.unlink(missing_ok=True)
     argv = (list(wrap or []) + [str(find_mapld()), "--config", str(path), "--ready_file",

@@ -37,17 +37,28 @@ using mapl::v1::PeerMessage;
 
 const char* CodeName(grpc::StatusCode code) {
   switch (code) {
-    case grpc::OK: return "OK";
-    case grpc::CANCELLED: return "CANCELLED";
-    case grpc::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
-    case grpc::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
-    case grpc::UNAUTHENTICATED: return "UNAUTHENTICATED";
-    case grpc::UNAVAILABLE: return "UNAVAILABLE";
-    case grpc::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case grpc::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
-    case grpc::NOT_FOUND: return "NOT_FOUND";
-    case grpc::INTERNAL: return "INTERNAL";
-    default: return "OTHER";
+    case grpc::OK:
+      return "OK";
+    case grpc::CANCELLED:
+      return "CANCELLED";
+    case grpc::DEADLINE_EXCEEDED:
+      return "DEADLINE_EXCEEDED";
+    case grpc::RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case grpc::UNAUTHENTICATED:
+      return "UNAUTHENTICATED";
+    case grpc::UNAVAILABLE:
+      return "UNAVAILABLE";
+    case grpc::INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case grpc::FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case grpc::NOT_FOUND:
+      return "NOT_FOUND";
+    case grpc::INTERNAL:
+      return "INTERNAL";
+    default:
+      return "OTHER";
   }
 }
 
