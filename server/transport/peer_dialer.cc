@@ -98,17 +98,8 @@ void PeerLink::NewChannel() {
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, ToMillis(options_.max_backoff));
   // One TCP connection per link, not one shared by every link to the same downstream.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  // Keepalive finds a dead connection also while a write is blocked on it; gRPC then sets
-  // TCP_USER_TIMEOUT to the keepalive timeout, so unacknowledged bytes end it too. Pings go out
-  // whether or not data flows (the server side permits that: PeerServer).
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, ToMillis(options_.keepalive_time));
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ToMillis(options_.keepalive_timeout));
-  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
-  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
-  // gRPC spaces pings at least 5 minutes apart while no data goes out, which is just when they
-  // matter: a writer blocked on a peer that grants no flow-control window sends no data.
-  args.SetInt(GRPC_ARG_HTTP2_MIN_SENT_PING_INTERVAL_WITHOUT_DATA_MS,
-              ToMillis(options_.keepalive_time));
+  SetKeepalive(options_.keepalive_time, options_.keepalive_timeout,
+               [&args](const char* name, int value) { args.SetInt(name, value); });
   channel_ =
       grpc::CreateCustomChannel(options_.address,
                                 options_.channel_credentials ? options_.channel_credentials

@@ -5,11 +5,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <thread>
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "grpc/impl/codegen/grpc_types.h"
 #include "proto/mapl/v1/peer.pb.h"
 #include "server/transport/peer_link.h"
 
@@ -28,6 +30,21 @@ inline bool ConstantTimeEquals(absl::string_view given, absl::string_view expect
 // A duration as gRPC's int milliseconds (channel arguments), capped at about 12 days.
 inline int ToMillis(absl::Duration d) {
   return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), 1 << 30));
+}
+
+// gRPC keepalive, the same on both ends, through `set(name, value)` (a channel's or a server's
+// arguments). Keepalive finds a dead connection also while a write is blocked on it; gRPC then
+// sets TCP_USER_TIMEOUT to the keepalive timeout, so unacknowledged bytes end it too. Pings go
+// out whether or not a call or data is in flight: gRPC would otherwise space them 5 minutes apart
+// while no data goes out, which is just when they matter (a writer blocked on a peer that grants
+// no flow-control window sends none).
+inline void SetKeepalive(absl::Duration time, absl::Duration timeout,
+                         const std::function<void(const char*, int)>& set) {
+  set(GRPC_ARG_KEEPALIVE_TIME_MS, ToMillis(time));
+  set(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ToMillis(timeout));
+  set(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  set(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  set(GRPC_ARG_HTTP2_MIN_SENT_PING_INTERVAL_WITHOUT_DATA_MS, ToMillis(time));
 }
 
 // The two sides of a gRPC bidi stream behind one interface, so one session code runs both.

@@ -209,14 +209,9 @@ absl::Status PeerServer::Start() {
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 4);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
                              ToMillis(options_.max_connection_idle));
-  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, ToMillis(options_.keepalive_time));
-  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ToMillis(options_.keepalive_timeout));
-  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
-  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
-  // gRPC spaces pings 5 minutes apart while no data goes out: just when a blocked writer needs
-  // them.
-  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_SENT_PING_INTERVAL_WITHOUT_DATA_MS,
-                             ToMillis(options_.keepalive_time));
+  SetKeepalive(
+      options_.keepalive_time, options_.keepalive_timeout,
+      [&builder](const char* name, int value) { builder.AddChannelArgument(name, value); });
   // Dialers ping every keepalive_time (their own setting; mapld uses one value for both): allow
   // pings that often, and drop a connection that pings much faster.
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
