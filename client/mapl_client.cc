@@ -186,15 +186,21 @@ struct Client::Impl {
     });
   }
 
-  // A gRPC status as the caller sees it: the daemon's code and message, with the socket named
-  // when the daemon itself is gone.
-  Status FromGrpc(const grpc::Status& s) const {
+  // A gRPC status as the caller sees it: the daemon's code and message; when the daemon itself is
+  // gone (the call never got its answer), the socket and `what` the call was, since no message
+  // of the daemon's names it.
+  Status FromGrpc(const grpc::Status& s, const std::string& what = "") const {
     const absl::Status status = ::mapl::FromGrpcStatus(s);
     const int code = static_cast<int>(status.code());
     std::string message(status.message());
-    if (status.code() == absl::StatusCode::kUnavailable &&
-        channel->GetState(false) != GRPC_CHANNEL_READY) {
-      message = "lost mapld at unix:" + socket_path + " (" + message + "); is it still running?";
+    // gRPC's own words when the connection died under a call (the channel may still read READY
+    // for a moment after).
+    const bool connection_lost = message == "Socket closed" ||
+                                 message.rfind("failed to connect", 0) == 0 ||
+                                 channel->GetState(false) != GRPC_CHANNEL_READY;
+    if (status.code() == absl::StatusCode::kUnavailable && connection_lost) {
+      message = (what.empty() ? std::string() : what + ": ") + "lost mapld at unix:" + socket_path +
+                " (" + message + "); is it still running?";
     }
     return MakeStatus(code, std::move(message));
   }
@@ -431,6 +437,17 @@ void SetTensorKey(uint64_t session, uint32_t boundary, Direction direction, uint
 
 }  // namespace
 
+namespace {
+// "Recv of boundary 0, forward tensor of step 5 microbatch 3": what a call was, for a failure the
+// daemon could not describe (it is gone).
+std::string CallName(const char* call, uint32_t boundary, Direction direction, uint64_t step,
+                     uint32_t microbatch) {
+  return std::string(call) + " of boundary " + std::to_string(boundary) + ", " +
+         (direction == Direction::kForward ? "forward" : "backward") + " tensor of step " +
+         std::to_string(step) + " microbatch " + std::to_string(microbatch);
+}
+}  // namespace
+
 Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
                     const TensorRef& tensor, const std::optional<TensorRef>& token_ids,
                     SendResult* result, bool wait_encoded) {
@@ -444,7 +461,7 @@ Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint3
   v1::SendReply reply;
   grpc::ClientContext ctx;
   const grpc::Status s = impl_->stub->Send(&ctx, req, &reply);
-  if (!s.ok()) return impl_->FromGrpc(s);
+  if (!s.ok()) return impl_->FromGrpc(s, CallName("Send", boundary, direction, step, microbatch));
   if (result != nullptr) *result = SendResult{reply.wire_bytes(), reply.raw_bytes()};
   return Status{};
 }
@@ -460,7 +477,7 @@ Status Client::Recv(uint32_t boundary, Direction direction, uint64_t step, uint3
   v1::RecvReply reply;
   grpc::ClientContext ctx;
   const grpc::Status s = impl_->stub->Recv(impl_->WithTimeout(&ctx, timeout_ms), req, &reply);
-  if (!s.ok()) return impl_->FromGrpc(s);
+  if (!s.ok()) return impl_->FromGrpc(s, CallName("Recv", boundary, direction, step, microbatch));
   if (result != nullptr) *result = RecvResult{reply.rows(), reply.cols()};
   return Status{};
 }
@@ -475,7 +492,7 @@ Status Client::Step(uint64_t step, uint32_t timeout_ms, StepResult* result) {
   v1::StepReply reply;
   grpc::ClientContext ctx;
   const grpc::Status s = impl_->stub->Step(impl_->WithTimeout(&ctx, timeout_ms), req, &reply);
-  if (!s.ok()) return impl_->FromGrpc(s);
+  if (!s.ok()) return impl_->FromGrpc(s, "Step(" + std::to_string(step) + ")");
   if (result != nullptr) *result = std::move(reply);
   return Status{};
 }

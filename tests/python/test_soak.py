@@ -13,9 +13,8 @@ A logical microbatch whose attempt failed is retried under a new key in a later 
 gets through: it is then "recovered". METHOD_MAPL also holds both sides' dictionary version and
 checksum equal after every step once the link is up.
 
-The soak runs once per method (a module fixture); the checks are separate tests, so that a gap
-of the daemon shows as its own expected failure (xfail, strict) with the reason, and CI stays
-green while the rest is held. The figures are printed (delivered, failed, recovered, longest
+The soak runs once per method (a module fixture); the checks are separate tests, so that each
+requirement passes or fails on its own. The figures are printed (delivered, failed, recovered, longest
 recovery, faults injected, kills).
 
 SOAK_SEED=<n> in the environment replays a run's fault schedule.
@@ -364,8 +363,8 @@ class Soak:
             msg = str(e)
             if not ("boundary 0" in msg and f"step {step}" in msg and f"microbatch {mb}" in msg):
                 if gone:
-                    # The client's own error for a daemon that died under the call: held by
-                    # test_call_to_a_killed_daemon_names_what_failed.
+                    # The client's own error for a daemon that died under the call (it names the
+                    # call too: test_call_to_a_killed_daemon_names_what_failed).
                     self.report.local_gone.append(key)
                 else:
                     self.report.unnamed.append(key)
@@ -709,49 +708,27 @@ def test_mapl_soak_decodes_within_the_fault_free_bound(learned: Report, capsys):
     assert learned.late == [] and learned.unnamed == []
 
 
-# The gaps of the daemon this soak finds after a SIGKILL restart (METHOD_MAPL). The restarted
-# daemon starts its dictionary afresh at version 0 (the seeded U), while the survivor holds the
-# other lineage: after an upstream restart the downstream keeps the dead upstream's versions;
-# after a downstream restart the upstream keeps publishing deltas on its own version N. Neither
-# engine learns of the peer's restart, which only the transport sees (LinkStats.peer_restarts).
-# So, once per restart:
-#   - the first frame after it names a version the downstream does not hold (0 after an upstream
-#     restart, N after a downstream one): it is rejected with FAILED_PRECONDITION ("unknown
-#     dictionary version"), and only then does the downstream ask for a snapshot;
-#   - until that frame arrives, the two sides' dictionary versions and checksums differ (one of
-#     them at version 0).
-# Only these failures, at most one of each per restart, are marked expected; others fail.
-RESTART_GAP = ("after a SIGKILL restart the dictionaries of the two sides differ (the restarted "
-               "one at version 0) until the first frame is rejected with FAILED_PRECONDITION "
-               "'unknown dictionary version' and only then a snapshot is asked for")
+# After a SIGKILL restart (METHOD_MAPL) the restarted daemon starts its dictionary afresh at
+# version 0 while the survivor holds the other lineage. The link tells each side's engine of the
+# peer's restart: a downstream drops the dead upstream's versions, an upstream sends its restarted
+# downstream the current dictionary at once, and a frame naming a version a snapshot brings waits
+# for it. So no frame is refused for its dictionary version. A step that closes while that first
+# snapshot is still on its way may find the restarted side at version 0, at most once a restart.
 
 
 def test_mapl_soak_failures_have_the_documented_codes(learned: Report):
-    known = [f for f in learned.bad_code
-             if "FAILED_PRECONDITION" in f and "unknown dictionary version" in f]
-    others = [f for f in learned.bad_code if f not in known]
-    assert others == [], others[:5]
-    assert len(known) <= sum(learned.kills.values()), known
-    if known:
-        pytest.xfail(f"{RESTART_GAP}: {known[0]}")
+    assert learned.bad_code == [], learned.bad_code[:5]
 
 
 def test_mapl_soak_dictionaries_agree_after_every_step(learned: Report):
     assert learned.dict_checks > 0
     assert learned.dict_mismatch == [], learned.dict_mismatch[:5]
-    known = [f for f in learned.dict_unsettled if "version 0 " in f]
-    others = [f for f in learned.dict_unsettled if f not in known]
+    in_flight = [f for f in learned.dict_unsettled if "version 0 " in f]
+    others = [f for f in learned.dict_unsettled if f not in in_flight]
     assert others == [], others[:5]
-    assert len(known) <= sum(learned.kills.values()), known
-    if known:
-        pytest.xfail(f"{RESTART_GAP}: {known[0]}")
+    assert len(in_flight) <= sum(learned.kills.values()), in_flight
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a call whose own mapld is SIGKILLed fails UNAVAILABLE with the client's message "
-    "('lost mapld at unix:<socket> (Socket closed); is it still running?', or a bare 'Socket "
-    "closed' when the channel still reads READY: client/mapl_client.cc FromGrpc), which names "
-    "neither the boundary nor the step nor the microbatch"))
 def test_call_to_a_killed_daemon_names_what_failed(short_tmp: Path):
     proc = start_mapld(short_tmp, 1, [{"id": 0, "role": "ROLE_DOWNSTREAM", "d": D,
                                        "method": "METHOD_DENSE", "max_tokens": MAX_TOKENS}],
