@@ -313,6 +313,7 @@ void BoundaryWorker::DecodeLoop() {
           absl::MutexLock el(&engine_mu_);
           SendAll(engine_->OnPeerRestart());
         }
+        dictionary_synced_ = false;
         // Parked frames are the old peer's: never decode them with the new one's tables. Their
         // Recv fails at once, saying why.
         absl::MutexLock l(&mu_);
@@ -339,6 +340,9 @@ void BoundaryWorker::DecodeLoop() {
         if (!s.ok()) {
           Log(LogLevel::kError, "peer message rejected",
               {{"boundary", absl::StrCat(config_.id())}, {"error", std::string(s.message())}});
+        }
+        if (s.ok() && (msg.has_dictionary_snapshot() || msg.has_dictionary_delta())) {
+          dictionary_synced_ = true;
         }
         if (s.ok() && !parked_.empty() &&
             (msg.has_dictionary_snapshot() || msg.has_dictionary_delta())) {
@@ -394,7 +398,10 @@ void BoundaryWorker::OnFrame(const v1::Frame& f) {
     SendAll(std::move(replies));
     // A frame of a dictionary version that a requested snapshot brings (after the peer restarted,
     // or with PCA before the first one) waits for it rather than failing the trainer's Recv.
-    if (!s.ok() && engine_->AwaitsDictionary(f) && parked_.size() < kMaxParkedFrames) {
+    // Only until this peer's first dictionary message is in: later, a missing version means a
+    // lost delta, and the frame is refused at once (the snapshot request is on its way).
+    if (!s.ok() && !dictionary_synced_ && engine_->AwaitsDictionary(f) &&
+        parked_.size() < kMaxParkedFrames) {
       parked_.push_back(f);
       absl::MutexLock l(&mu_);
       spare_inbox_.push_back(std::move(r.data));

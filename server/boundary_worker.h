@@ -138,6 +138,9 @@ class BoundaryWorker {
   // Frames whose dictionary version is on its way in a snapshot (Engine::AwaitsDictionary), in
   // arrival order; decoded again after each dictionary message. Decoder thread only.
   std::deque<v1::Frame> parked_;
+  // A dictionary message of the current peer was applied (decoder thread only); frames are held
+  // only before that.
+  bool dictionary_synced_ = false;
   struct Received {
     absl::Status status;
     int64_t rows = 0;
