@@ -55,6 +55,7 @@ echo "== sanitizers: build-asan (address, undefined; and the fuzz targets' smoke
 cmake --preset asan >/dev/null && ninja -C build-asan -j "$jobs" || exit 1
 # Abort on the first report; OpenBLAS's threads are not ours to leak-check.
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  LSAN_OPTIONS=suppressions=$PWD/tests/lsan_suppressions.txt \
   OPENBLAS_NUM_THREADS=1 run_ctest build-asan
 asan_rc=$?
 
