@@ -343,12 +343,9 @@ void BoundaryWorker::DecodeLoop() {
         }
         if (s.ok() && (msg.has_dictionary_snapshot() || msg.has_dictionary_delta())) {
           dictionary_synced_ = true;
-        }
-        if (s.ok() && !parked_.empty() &&
-            (msg.has_dictionary_snapshot() || msg.has_dictionary_delta())) {
           std::deque<v1::Frame> retry;
           retry.swap(parked_);
-          for (const v1::Frame& f : retry) OnFrame(f);  // May park again, in order.
+          for (const v1::Frame& f : retry) OnFrame(f);  // Held frames, in order.
         }
         if (msg.has_learning_signal()) {
           absl::MutexLock l(&mu_);
