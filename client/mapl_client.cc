@@ -510,5 +510,18 @@ Status Client::Stats(StatsResult* result) {
   return Status{};
 }
 
+Status Client::Checkpoint(CheckpointResult* result) {
+  Status open = impl_->CheckOpen();
+  if (!open.ok()) return open;
+  v1::CheckpointRequest req;
+  req.set_session(impl_->session);
+  v1::CheckpointReply reply;
+  grpc::ClientContext ctx;
+  const grpc::Status s = impl_->stub->Checkpoint(&ctx, req, &reply);
+  if (!s.ok()) return impl_->FromGrpc(s, "Checkpoint()");
+  if (result != nullptr) *result = std::move(reply);
+  return Status{};
+}
+
 }  // namespace client
 }  // namespace mapl

@@ -102,6 +102,7 @@ using BoundaryStats = ::mapl::v1::BoundaryStats;
 using StepResult = ::mapl::v1::StepReply;
 // Stats' result: the stage and the record of each of its boundaries.
 using StatsResult = ::mapl::v1::StatsReply;
+using CheckpointResult = ::mapl::v1::CheckpointReply;
 
 class Client {
  public:
@@ -161,6 +162,11 @@ class Client {
 
   // The stage and every boundary's record, as of now.
   Status Stats(StatsResult* result);
+
+  // Writes every boundary's learned state to the daemon's state_dir now (call it when the trainer
+  // saves its own checkpoint); `result` (may be null) lists the files. FAILED_PRECONDITION when
+  // the daemon has no state_dir.
+  Status Checkpoint(CheckpointResult* result);
 
  private:
   struct Impl;

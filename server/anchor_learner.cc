@@ -4,6 +4,7 @@
 #include <random>
 
 #include "common/status_macros.h"
+#include "server/state_store.h"
 
 namespace mapl {
 namespace {
@@ -51,6 +52,39 @@ absl::Status AnchorLearner::Step(const Backend& backend) {
         Tensor::F32(q_m_.data(), rank_, d_), Tensor::F32(q_v_.data(), rank_, d_), options));
     ++adam_steps_;
   }
+  std::fill(dp_.begin(), dp_.end(), 0.f);
+  std::fill(dq_.begin(), dq_.end(), 0.f);
+  has_grad_ = false;
+  return absl::OkStatus();
+}
+
+void AnchorLearner::Save(v1::AnchorState* out) const {
+  SaveFloats(p_, out->mutable_p());
+  SaveFloats(q_, out->mutable_q());
+  SaveFloats(p_m_, out->mutable_p_m());
+  SaveFloats(p_v_, out->mutable_p_v());
+  SaveFloats(q_m_, out->mutable_q_m());
+  SaveFloats(q_v_, out->mutable_q_v());
+  out->set_adam_steps(adam_steps_);
+}
+
+absl::Status AnchorLearner::Restore(const v1::AnchorState& state) {
+  if (state.adam_steps() < 0) return absl::InvalidArgumentError("anchors: negative adam_steps");
+  const size_t np = p_.size(), nq = q_.size();
+  std::vector<float> p, q, p_m, p_v, q_m, q_v;
+  MAPL_RETURN_IF_ERROR(RestoreFloats(state.p(), np, "anchors P", &p));
+  MAPL_RETURN_IF_ERROR(RestoreFloats(state.q(), nq, "anchors Q", &q));
+  MAPL_RETURN_IF_ERROR(RestoreFloats(state.p_m(), np, "anchors P first moment", &p_m));
+  MAPL_RETURN_IF_ERROR(RestoreFloats(state.p_v(), np, "anchors P second moment", &p_v));
+  MAPL_RETURN_IF_ERROR(RestoreFloats(state.q_m(), nq, "anchors Q first moment", &q_m));
+  MAPL_RETURN_IF_ERROR(RestoreFloats(state.q_v(), nq, "anchors Q second moment", &q_v));
+  p_ = std::move(p);
+  q_ = std::move(q);
+  p_m_ = std::move(p_m);
+  p_v_ = std::move(p_v);
+  q_m_ = std::move(q_m);
+  q_v_ = std::move(q_v);
+  adam_steps_ = state.adam_steps();
   std::fill(dp_.begin(), dp_.end(), 0.f);
   std::fill(dq_.begin(), dq_.end(), 0.f);
   has_grad_ = false;

@@ -15,6 +15,7 @@
 #include "kernels/backend.h"
 #include "kernels/tensor.h"
 #include "proto/mapl/v1/config.pb.h"
+#include "proto/mapl/v1/state.pb.h"
 
 namespace mapl {
 
@@ -32,6 +33,12 @@ class AnchorLearner {
                               const ConstTensor& g, const ConstTensor& gu, const ConstTensor& u);
   // One Adam step on P and Q when gradients were accumulated since the last Step; clears them.
   absl::Status Step(const Backend& backend);
+
+  // P, Q and their Adam moments for a checkpoint (a step's unfinished gradients are not kept).
+  // Restore: INVALID_ARGUMENT for tables of another shape or with non-finite values, the
+  // learner unchanged then.
+  void Save(v1::AnchorState* out) const;
+  absl::Status Restore(const v1::AnchorState& state);
 
  private:
   ConstTensor p() const { return ConstTensor::F32(p_.data(), vocab_, rank_); }

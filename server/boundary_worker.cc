@@ -589,6 +589,17 @@ void BoundaryWorker::Stop(absl::Time deadline) {
   if (link_monitor_.joinable()) link_monitor_.join();
 }
 
+v1::BoundaryState BoundaryWorker::SaveState() const {
+  absl::MutexLock lock(&engine_mu_);
+  return engine_->SaveState();
+}
+
+absl::Status BoundaryWorker::RestoreState(const v1::BoundaryState& state) {
+  MAPL_CHECK(transport_ == nullptr, "BoundaryWorker::RestoreState after Start");
+  absl::MutexLock lock(&engine_mu_);
+  return engine_->RestoreState(state);
+}
+
 v1::BoundaryStats BoundaryWorker::stats() const {
   v1::BoundaryStats s;
   {

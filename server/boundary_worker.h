@@ -129,6 +129,11 @@ class BoundaryWorker {
   // stops the threads; waiters get UNAVAILABLE. Idempotent.
   void Stop(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // The engine's learned state (Engine::SaveState), taken between two engine calls.
+  v1::BoundaryState SaveState() const ABSL_LOCKS_EXCLUDED(engine_mu_);
+  // Engine::RestoreState; before Start.
+  absl::Status RestoreState(const v1::BoundaryState& state) ABSL_LOCKS_EXCLUDED(engine_mu_);
+
   // The record: the engine's counters, id, role and the transport's.
   v1::BoundaryStats stats() const ABSL_LOCKS_EXCLUDED(engine_mu_);
 

@@ -2,6 +2,10 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "server/state_store.h"
+
 namespace mapl {
 namespace {
 
@@ -52,6 +56,45 @@ CodebookLearner::StepResult CodebookLearner::Step(const Backend& backend, bool r
   }
   rows_.clear();
   return result;
+}
+
+bool CodebookLearner::Save(v1::CodebookState* out) const {
+  if (!learner_.has_value()) return false;
+  const RvqCodebooks& cb = learner_->codebooks;
+  out->set_levels(cb.levels);
+  out->set_codebook_size(cb.codebook_size);
+  out->set_dim(cb.dim);
+  out->set_gain_shape(cb.gain_shape);
+  SaveFloats(cb.centroids, out->mutable_centroids());
+  SaveFloats(learner_->counts, out->mutable_counts());
+  SaveFloats(learner_->sums, out->mutable_sums());
+  out->set_rng_state(learner_->rng_state);
+  return true;
+}
+
+absl::Status CodebookLearner::Restore(const v1::CodebookState& state) {
+  if (state.levels() != static_cast<int32_t>(levels_) || state.dim() != k_ ||
+      state.codebook_size() != kMaxCodebookSize) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "codebooks: ", state.levels(), " levels of ", state.codebook_size(), " x ", state.dim(),
+        ", this config has ", levels_, " levels of ", kMaxCodebookSize, " x ", k_));
+  }
+  RvqLearner learner;
+  learner.codebooks.levels = state.levels();
+  learner.codebooks.codebook_size = state.codebook_size();
+  learner.codebooks.dim = state.dim();
+  learner.codebooks.gain_shape = state.gain_shape();
+  const size_t centroids = size_t{levels_} * kMaxCodebookSize;
+  MAPL_RETURN_IF_ERROR(RestoreFloats(state.centroids(), centroids * k_, "codebook centroids",
+                                     &learner.codebooks.centroids));
+  MAPL_RETURN_IF_ERROR(
+      RestoreFloats(state.counts(), centroids, "codebook counts", &learner.counts));
+  MAPL_RETURN_IF_ERROR(RestoreFloats(state.sums(), centroids * k_, "codebook sums", &learner.sums));
+  MAPL_RETURN_IF_ERROR(learner.codebooks.Validate());
+  learner.rng_state = state.rng_state();
+  learner_ = std::move(learner);
+  rows_.clear();
+  return absl::OkStatus();
 }
 
 }  // namespace mapl

@@ -10,9 +10,11 @@
 #include <optional>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "kernels/backend.h"
 #include "kernels/rvq.h"
 #include "proto/mapl/v1/config.pb.h"
+#include "proto/mapl/v1/state.pb.h"
 
 namespace mapl {
 
@@ -42,6 +44,12 @@ class CodebookLearner {
   StepResult Step(const Backend& backend, bool refit = false);
   // The centroids, levels x kMaxCodebookSize x k, once fitted.
   const std::vector<float>& centroids() const { return learner_->codebooks.centroids; }
+
+  // The fitted learner (codebooks, streaming statistics) for a checkpoint; false before the first
+  // fit (nothing to keep: the rows of a step are not kept). Restore: INVALID_ARGUMENT for a state
+  // that does not fit this config or holds non-finite values, the learner unchanged then.
+  bool Save(v1::CodebookState* out) const;
+  absl::Status Restore(const v1::CodebookState& state);
 
  private:
   const int64_t k_;

@@ -410,6 +410,10 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
                      c.peer_keepalive_ms()));
   }
   if (c.send_timeout_ms() == 0) c.set_send_timeout_ms(c.recv_timeout_ms());
+  if (c.checkpoint_every_steps() != 0 && c.state_dir().empty()) {
+    return absl::InvalidArgumentError(
+        "checkpoint_every_steps: needs state_dir, the directory the checkpoints go to");
+  }
   if (c.has_tls()) {
     v1::TlsConfig* tls = c.mutable_tls();
     if (tls->reload_seconds() == 0) tls->set_reload_seconds(60);

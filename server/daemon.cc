@@ -20,6 +20,7 @@
 #include "kernels/registry.h"
 #include "server/config.h"
 #include "server/local_service.h"
+#include "server/state_store.h"
 #include "server/transport/tls.h"
 
 namespace mapl {
@@ -118,6 +119,7 @@ absl::Status Daemon::Init() {
         std::make_unique<BoundaryWorker>(*std::move(engine), WorkerOptions{}, timers);
   }
 
+  MAPL_RETURN_IF_ERROR(RestoreStates());
   MAPL_RETURN_IF_ERROR(StartTransports());
   // After the transports: a scrape reads the peer server's record.
   if (config_.metrics_address() != "off") {
@@ -135,6 +137,72 @@ absl::Status Daemon::Init() {
   MAPL_RETURN_IF_ERROR(StartLocalServer());
   health_thread_ = std::thread([this] { HealthLoop(); });
   return absl::OkStatus();
+}
+
+absl::Status Daemon::RestoreStates() {
+  if (config_.state_dir().empty()) return absl::OkStatus();
+  MAPL_RETURN_IF_ERROR(PrepareStateDir(config_.state_dir()));
+  for (auto& [id, w] : workers_) {
+    const std::string path = StateFilePath(config_.state_dir(), id);
+    MAPL_ASSIGN_OR_RETURN(std::optional<v1::BoundaryState> state,
+                          ReadStateFile(config_.state_dir(), id));
+    if (!state.has_value()) {
+      Log(LogLevel::kInfo, "no saved state: starting afresh",
+          {{"boundary", absl::StrCat(id)}, {"file", path}});
+      continue;
+    }
+    MAPL_RETURN_IF_ERROR(CheckStateFitsConfig(*state, w->config(), path));
+    if (absl::Status s = w->RestoreState(*state); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("state file ", path, ": ", s.message(),
+                                                 "; move it away to start this boundary afresh"));
+    }
+    Log(LogLevel::kInfo, "restored state",
+        {{"boundary", absl::StrCat(id)},
+         {"file", path},
+         {"last_step", state->has_last_step() ? absl::StrCat(state->last_step()) : "none"},
+         {"dictionary_version",
+          state->has_published() ? absl::StrCat(state->published().version()) : "none"},
+         {"age_s", absl::StrCat(absl::ToInt64Seconds(
+                       absl::Now() - absl::FromUnixMicros(state->unix_micros())))}});
+  }
+  absl::MutexLock lock(&checkpoint_mu_);
+  state_restored_ = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::CheckpointReply> Daemon::WriteCheckpoint(absl::string_view why) {
+  absl::MutexLock lock(&checkpoint_mu_);
+  if (!state_restored_) {
+    return absl::FailedPreconditionError("checkpoint: the saved states were not restored");
+  }
+  v1::CheckpointReply reply;
+  for (const auto& [id, w] : workers_) {
+    const v1::BoundaryState state = w->SaveState();
+    int64_t bytes = 0;
+    MAPL_ASSIGN_OR_RETURN(std::string path, WriteStateFile(config_.state_dir(), state, &bytes));
+    v1::CheckpointReply::Written* written = reply.add_boundaries();
+    written->set_boundary(id);
+    written->set_path(path);
+    written->set_bytes(static_cast<uint64_t>(bytes));
+    if (state.has_last_step()) written->set_last_step(state.last_step());
+    written->set_dictionary_version(state.published().version());
+    Log(LogLevel::kInfo, "checkpoint",
+        {{"boundary", absl::StrCat(id)},
+         {"why", std::string(why)},
+         {"file", path},
+         {"bytes", absl::StrCat(bytes)},
+         {"last_step", state.has_last_step() ? absl::StrCat(state.last_step()) : "none"}});
+  }
+  return reply;
+}
+
+absl::StatusOr<v1::CheckpointReply> Daemon::Checkpoint(const v1::CheckpointRequest&) {
+  if (config_.state_dir().empty()) {
+    return absl::FailedPreconditionError(
+        "Checkpoint: this mapld has no state_dir; set state_dir in its config (a directory on a "
+        "persistent volume) to keep the learned state across restarts");
+  }
+  return WriteCheckpoint("request");
 }
 
 void Daemon::HealthLoop() {
@@ -283,6 +351,14 @@ void Daemon::Shutdown(absl::Duration drain) {
   if (health_thread_.joinable()) health_thread_.join();
   // Tensors already taken are encoded and queued first; then the transports deliver them.
   for (auto& [id, w] : workers_) w->Stop(deadline);
+  if (!config_.state_dir().empty()) {
+    // The engines are idle now; what they learned up to here survives the restart.
+    absl::StatusOr<v1::CheckpointReply> written = WriteCheckpoint("shutdown");
+    if (!written.ok() && !absl::IsFailedPrecondition(written.status())) {
+      Log(LogLevel::kError, "checkpoint at shutdown failed",
+          {{"error", std::string(written.status().message())}});
+    }
+  }
   for (auto& [id, t] : transports_) {
     absl::Status s = t->Drain(std::max(deadline - absl::Now(), absl::ZeroDuration()));
     if (drain <= absl::ZeroDuration()) continue;
@@ -439,6 +515,18 @@ absl::StatusOr<v1::StepReply> Daemon::Step(const v1::StepRequest& request) {
     for (auto& [id, w] : workers_) {
       if (w->config().role() != role) continue;
       MAPL_RETURN_IF_ERROR(w->Step(request.step(), deadline, timeout, reply.add_boundaries()));
+    }
+  }
+  const uint32_t every = config_.checkpoint_every_steps();
+  if (every != 0 && request.step() % every == 0) {
+    // The step is closed either way: a checkpoint that fails is logged and retried at the next
+    // multiple, not reported as the Step's failure (the trainer would retry a finished step).
+    absl::StatusOr<v1::CheckpointReply> written =
+        WriteCheckpoint(absl::StrCat("every ", every, " steps"));
+    if (!written.ok()) {
+      Log(LogLevel::kError, "checkpoint failed",
+          {{"step", absl::StrCat(request.step())},
+           {"error", std::string(written.status().message())}});
     }
   }
   return reply;

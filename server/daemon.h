@@ -78,6 +78,9 @@ class Daemon {
                                      const std::function<bool()>& cancelled = {});
   absl::StatusOr<v1::StepReply> Step(const v1::StepRequest& request);
   absl::StatusOr<v1::StatsReply> Stats(const v1::StatsRequest& request);
+  // Writes every boundary's learned state to state_dir (state_store.h); also called every
+  // checkpoint_every_steps steps and at Shutdown. FAILED_PRECONDITION without a state_dir.
+  absl::StatusOr<v1::CheckpointReply> Checkpoint(const v1::CheckpointRequest& request);
   bool shutting_down() const { return shutting_down_.HasBeenNotified(); }
 
  private:
@@ -89,6 +92,10 @@ class Daemon {
   std::vector<v1::BoundaryStats> AllStats() const;
   absl::Duration Timeout(uint32_t request_ms) const;
   PeerLinkOptions LinkOptions(uint32_t boundary) const;
+  // Restores each boundary's state from state_dir, where a file exists (Init, before Start).
+  absl::Status RestoreStates();
+  absl::StatusOr<v1::CheckpointReply> WriteCheckpoint(absl::string_view why)
+      ABSL_LOCKS_EXCLUDED(checkpoint_mu_);
   // Keeps the health services' statuses (both servers) in step with the links until shutdown.
   void HealthLoop();
 
@@ -111,6 +118,10 @@ class Daemon {
   absl::Notification shutting_down_;
   absl::Notification stopped_;
   absl::Mutex shutdown_mu_;
+  // One checkpoint at a time (they write the same files); set once the states were restored, so
+  // that a daemon that failed to start never overwrites a good checkpoint with a fresh state.
+  absl::Mutex checkpoint_mu_;
+  bool state_restored_ = false;
 };
 
 }  // namespace mapl

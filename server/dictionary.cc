@@ -310,6 +310,36 @@ absl::StatusOr<DictionaryOwner> DictionaryOwner::Create(const DictionaryId& id,
   return owner;
 }
 
+absl::StatusOr<DictionaryOwner> DictionaryOwner::Restore(
+    const DictionaryId& id, const std::vector<DictionaryTableSpec>& specs,
+    const v1::DictionarySnapshot& published, std::vector<std::vector<float>> learner,
+    v1::Precision precision, int history) {
+  MAPL_RETURN_IF_ERROR(ValidateHistory(history));
+  MAPL_RETURN_IF_ERROR(
+      CheckId(id, published.boundary(), published.direction(), "checkpointed dictionary"));
+  MAPL_ASSIGN_OR_RETURN(PublishedDictionary dict, PublishedDictionary::FromSnapshot(published));
+  if (dict.num_tables() != static_cast<int>(specs.size()) || learner.size() != specs.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(Where(id), ": the checkpoint holds ", dict.num_tables(), " published and ",
+                     learner.size(), " learner tables, this config has ", specs.size()));
+  }
+  for (size_t t = 0; t < specs.size(); ++t) {
+    const DictionaryTableSpec& want = specs[t];
+    const DictionaryTableSpec& got = dict.spec(static_cast<int>(t));
+    if (got.name != want.name || got.rows != want.rows || got.cols != want.cols ||
+        learner[t].size() != static_cast<size_t>(want.rows * want.cols)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          Where(id), ": the checkpoint's ", TableName(got, static_cast<int64_t>(t)), " is ",
+          got.rows, " x ", got.cols, " (learner: ", learner[t].size(),
+          " values), this config's is '", want.name, "' ", want.rows, " x ", want.cols));
+    }
+  }
+  DictionaryOwner owner(id, precision, history);
+  owner.learner_ = std::move(learner);
+  owner.history_.Reset(std::make_shared<const PublishedDictionary>(std::move(dict)));
+  return owner;
+}
+
 int64_t DictionaryOwner::RowBytes(int table) const {
   return 4 + spec(table).cols * PrecisionBytes(precision_);
 }

@@ -142,6 +142,16 @@ class DictionaryOwner {
                                                 v1::Precision precision,
                                                 int history = kDefaultDictionaryHistory);
 
+  // An owner as a checkpoint kept it: `published` (checked like a snapshot from a peer, and
+  // against `specs`) is the current published version, `learner` the learner copy of each table.
+  // INVALID_ARGUMENT or DATA_LOSS (checksum) for a state that does not fit.
+  static absl::StatusOr<DictionaryOwner> Restore(const DictionaryId& id,
+                                                 const std::vector<DictionaryTableSpec>& specs,
+                                                 const v1::DictionarySnapshot& published,
+                                                 std::vector<std::vector<float>> learner,
+                                                 v1::Precision precision,
+                                                 int history = kDefaultDictionaryHistory);
+
   const DictionaryId& id() const { return id_; }
   v1::Precision precision() const { return precision_; }
   int num_tables() const { return published()->num_tables(); }

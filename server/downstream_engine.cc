@@ -348,4 +348,24 @@ v1::BoundaryStats DownstreamEngine::stats() const {
   return s;
 }
 
+v1::BoundaryState DownstreamEngine::SaveState() const {
+  v1::BoundaryState state = StateHeader(config_, last_step_);
+  if (anchors_.has_value()) anchors_->Save(state.mutable_anchors());
+  return state;
+}
+
+absl::Status DownstreamEngine::RestoreState(const v1::BoundaryState& state) {
+  if (last_step_.has_value() || pending_.size() != 0 || stats_.frames_received() != 0) {
+    return absl::FailedPreconditionError("RestoreState: the engine is already in use");
+  }
+  if (state.has_published() || state.learner_size() != 0 || state.has_projector() ||
+      state.has_codebooks()) {
+    return absl::InvalidArgumentError("state: holds an upstream's tables, this is a downstream");
+  }
+  if (anchors_.has_value() && state.has_anchors()) {
+    MAPL_RETURN_IF_ERROR(anchors_->Restore(state.anchors()));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace mapl

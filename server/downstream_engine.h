@@ -63,6 +63,9 @@ class DownstreamEngine : public Engine {
   // snapshot instead of decoding with the old tables.
   std::vector<v1::PeerMessage> OnPeerRestart() override;
   bool AwaitsDictionary(const v1::Frame& frame) const override;
+  v1::BoundaryState SaveState() const override;
+  // The anchors (METHOD_MAPL); the upstream's dictionary comes from the upstream again.
+  absl::Status RestoreState(const v1::BoundaryState& state) override;
   absl::Status Handle(const v1::PeerMessage& message,
                       std::vector<v1::PeerMessage>* replies) override;
   // METHOD_MAPL: returns the LearningSignal (G_down of the step) and takes an Adam step on the

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/status_macros.h"
 #include "server/config.h"
 #include "server/dictionary.h"
@@ -69,6 +70,17 @@ void CountFrameReceived(const v1::Frame& frame, int64_t d, v1::BoundaryStats* st
   stats->set_frames_received(stats->frames_received() + 1);
   stats->set_raw_bytes_received(stats->raw_bytes_received() + uint64_t{frame.tokens()} * d * 2);
   stats->set_payload_bytes_received(stats->payload_bytes_received() + FrameWireBytes(frame));
+}
+
+v1::BoundaryState StateHeader(const v1::BoundaryConfig& config,
+                              const std::optional<uint64_t>& last_step) {
+  v1::BoundaryState state;
+  state.set_boundary(config.id());
+  state.set_role(config.role());
+  *state.mutable_fingerprint() = BoundaryFingerprintOf(config);
+  if (last_step.has_value()) state.set_last_step(*last_step);
+  state.set_unix_micros(absl::ToUnixMicros(absl::Now()));
+  return state;
 }
 
 absl::Status CheckStepIncreases(const std::optional<uint64_t>& last_closed, uint64_t step) {

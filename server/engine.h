@@ -45,6 +45,7 @@
 #include "proto/mapl/v1/config.pb.h"
 #include "proto/mapl/v1/local.pb.h"
 #include "proto/mapl/v1/peer.pb.h"
+#include "proto/mapl/v1/state.pb.h"
 
 namespace mapl {
 
@@ -102,7 +103,21 @@ class Engine {
   // side holds, one a snapshot already asked for will bring: the caller may hold the frame and
   // decode it once the snapshot is in.
   virtual bool AwaitsDictionary(const v1::Frame&) const { return false; }
+
+  // What this side learned and a restart would lose (state.proto BoundaryState): upstream, the
+  // dictionary it owns (published version and learner copy) and its learners' optimizer state;
+  // downstream, the anchors. A step's unfinished gradients are not part of it.
+  virtual v1::BoundaryState SaveState() const = 0;
+  // Takes back what SaveState returned, before any other call (FAILED_PRECONDITION after one).
+  // The caller has checked that the state was taken under this config (CheckStateFitsConfig);
+  // INVALID_ARGUMENT or DATA_LOSS for tables that still do not fit, the engine unchanged then.
+  virtual absl::Status RestoreState(const v1::BoundaryState& state) = 0;
 };
+
+// The fields every BoundaryState starts with: boundary, role, the config's fingerprint, the last
+// step closed and the time.
+v1::BoundaryState StateHeader(const v1::BoundaryConfig& config,
+                              const std::optional<uint64_t>& last_step);
 
 // What an engine keeps of a microbatch until its other direction comes back, keyed by
 // (step, microbatch), with a bound: beyond kMaxPending the oldest is dropped (e.g. forward-only

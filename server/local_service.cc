@@ -50,6 +50,10 @@ class LocalService final : public v1::Local::Service {
                      v1::StatsReply* reply) override {
     return Reply(daemon_->Stats(*request), reply);
   }
+  grpc::Status Checkpoint(grpc::ServerContext*, const v1::CheckpointRequest* request,
+                          v1::CheckpointReply* reply) override {
+    return Reply(daemon_->Checkpoint(*request), reply);
+  }
 
  private:
   template <typename T>

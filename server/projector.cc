@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "common/status_macros.h"
+#include "server/state_store.h"
 
 namespace mapl {
 namespace {
@@ -118,6 +120,24 @@ bool ProjectorLearner::Step(const Backend& backend, float* u, const std::vector<
   ++steps_;
   last_lr_ = options.lr;
   return true;
+}
+
+void ProjectorLearner::Save(v1::ProjectorState* out) const {
+  SaveFloats(momentum_, out->mutable_momentum());
+  out->set_steps(steps_);
+  out->set_last_lr(last_lr_);
+}
+
+absl::Status ProjectorLearner::Restore(const v1::ProjectorState& state) {
+  if (state.steps() < 0) return absl::InvalidArgumentError("projector: negative steps");
+  std::vector<float> momentum;
+  MAPL_RETURN_IF_ERROR(
+      RestoreFloats(state.momentum(), momentum_.size(), "projector momentum", &momentum));
+  momentum_ = std::move(momentum);
+  steps_ = state.steps();
+  last_lr_ = state.last_lr();
+  ClearGradient();
+  return absl::OkStatus();
 }
 
 void ProjectorLearner::ClearGradient() { std::fill(g_up_.begin(), g_up_.end(), 0.f); }

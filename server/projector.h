@@ -18,6 +18,7 @@
 #include "kernels/backend.h"
 #include "kernels/tensor.h"
 #include "proto/mapl/v1/config.pb.h"
+#include "proto/mapl/v1/state.pb.h"
 
 namespace mapl {
 
@@ -55,6 +56,11 @@ class ProjectorLearner {
   static double StepLength(double lr, uint32_t warmup, int64_t t);
 
   int64_t steps() const { return steps_; }
+  // The optimizer state (momentum, steps taken) for a checkpoint; G_up is not kept (a step cut
+  // short by a restart is not finished). Restore: INVALID_ARGUMENT for a state of another shape
+  // or with non-finite values, the learner unchanged then.
+  void Save(v1::ProjectorState* out) const;
+  absl::Status Restore(const v1::ProjectorState& state);
   double last_lr() const { return last_lr_; }
 
  private:

@@ -9,6 +9,7 @@
 #include "common/check.h"
 #include "common/log.h"
 #include "common/status_macros.h"
+#include "server/state_store.h"
 
 namespace mapl {
 namespace {
@@ -137,7 +138,10 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(uint6
     tables[0] = std::move(u);
     MAPL_RETURN_IF_ERROR(CreateOwner(std::move(tables)));
     out.push_back(SnapshotMessage());
+  } else if (snapshot_first_) {
+    out.push_back(SnapshotMessage());
   }
+  snapshot_first_ = false;
 
   v1::Frame frame = codec_.NewFrame(v1::DIRECTION_FORWARD, step, microbatch, n);
   SavedForward saved;
@@ -338,10 +342,75 @@ std::vector<v1::PeerMessage> UpstreamEngine::OnPeerRestart() {
   std::vector<v1::PeerMessage> out;
   if (projected_ && owner_.has_value()) {
     out.push_back(SnapshotMessage());
+    snapshot_first_ = false;
     Log(LogLevel::kWarning, "downstream restarted: sending it the current dictionary",
         {{"boundary", absl::StrCat(config_.id())}, {"version", absl::StrCat(owner_->version())}});
   }
   return out;
+}
+
+v1::BoundaryState UpstreamEngine::SaveState() const {
+  v1::BoundaryState state = StateHeader(config_, last_step_);
+  if (owner_.has_value()) {
+    *state.mutable_published() = owner_->Snapshot();
+    for (int t = 0; t < owner_->num_tables(); ++t) {
+      const float* learner = owner_->learner(t);
+      state.add_learner()->mutable_values()->Assign(
+          learner, learner + owner_->spec(t).rows * owner_->spec(t).cols);
+    }
+  }
+  if (projector_.has_value()) projector_->Save(state.mutable_projector());
+  if (codebooks_.has_value()) codebooks_->Save(state.mutable_codebooks());
+  state.set_last_fit_step(last_fit_step_);
+  return state;
+}
+
+absl::Status UpstreamEngine::RestoreState(const v1::BoundaryState& state) {
+  if (last_step_.has_value() || pending_.size() != 0 || stats_.frames_sent() != 0) {
+    return absl::FailedPreconditionError("RestoreState: the engine is already in use");
+  }
+  // Everything is rebuilt aside and swapped in at the end: on error the engine is unchanged.
+  std::optional<DictionaryOwner> owner;
+  if (state.has_published()) {
+    if (!projected_) {
+      return absl::InvalidArgumentError("state: METHOD_DENSE owns no dictionary");
+    }
+    const std::vector<DictionaryTableSpec> specs = DictionaryTables(config_);
+    if (state.learner_size() != static_cast<int>(specs.size())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "state: ", state.learner_size(), " learner tables, this config has ", specs.size()));
+    }
+    std::vector<std::vector<float>> learner(specs.size());
+    for (size_t t = 0; t < specs.size(); ++t) {
+      MAPL_RETURN_IF_ERROR(
+          RestoreFloats(state.learner(static_cast<int>(t)).values(), specs[t].rows * specs[t].cols,
+                        absl::StrCat("learner table ", specs[t].name), &learner[t]));
+    }
+    MAPL_ASSIGN_OR_RETURN(
+        DictionaryOwner restored,
+        DictionaryOwner::Restore({config_.id(), v1::DIRECTION_FORWARD}, specs, state.published(),
+                                 std::move(learner), config_.dictionary_precision()));
+    owner.emplace(std::move(restored));
+  } else if (owner_.has_value()) {
+    // A seeded owner exists from the start, so its state always carries it.
+    return absl::InvalidArgumentError("state: holds no dictionary, this config owns one");
+  }
+  std::optional<ProjectorLearner> projector;
+  if (mapl_) {
+    projector.emplace(config_);
+    if (state.has_projector()) MAPL_RETURN_IF_ERROR(projector->Restore(state.projector()));
+  }
+  std::optional<CodebookLearner> codebooks;
+  if (rvq_) {
+    codebooks.emplace(config_);
+    if (state.has_codebooks()) MAPL_RETURN_IF_ERROR(codebooks->Restore(state.codebooks()));
+  }
+  if (owner.has_value()) owner_.emplace(std::move(*owner));
+  if (mapl_) projector_.emplace(std::move(*projector));
+  if (rvq_) codebooks_.emplace(std::move(*codebooks));
+  last_fit_step_ = state.last_fit_step();
+  snapshot_first_ = owner_.has_value();
+  return absl::OkStatus();
 }
 
 absl::Status UpstreamEngine::Decode(const v1::Frame& frame, const Tensor& out,

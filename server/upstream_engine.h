@@ -78,6 +78,10 @@ class UpstreamEngine : public Engine {
   // The downstream restarted and holds only version 0 (or nothing, with PCA): the current
   // dictionary goes to it at once, ahead of the next frame, instead of after a refused one.
   std::vector<v1::PeerMessage> OnPeerRestart() override;
+  v1::BoundaryState SaveState() const override;
+  // A restored dictionary goes to the downstream whole, ahead of the first frame: the downstream
+  // holds another life's versions, or none.
+  absl::Status RestoreState(const v1::BoundaryState& state) override;
 
   // The forward codes' depth for a frame whose RVQ codes have relative error errors[l] at l + 1
   // levels: every level without a budget; with one, the fewest levels within it while the link
@@ -132,6 +136,7 @@ class UpstreamEngine : public Engine {
   int64_t rvq_levels_sum_ = 0;  // levels the step's RVQ frames carried (forward_rvq_levels_mean)
   int64_t rvq_frames_ = 0;
   uint64_t last_fit_step_ = 0;
+  bool snapshot_first_ = false;  // the next EncodeForward sends the whole dictionary first
   std::map<uint64_t, std::vector<float>> signals_;  // step -> G_down (d, k)
   PendingMicrobatches<SavedForward> pending_;
   // Buffers of released forwards, reused so that saving h does not page-fault fresh memory

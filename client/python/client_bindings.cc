@@ -216,6 +216,17 @@ void BindModule(py::module_& m) {
              ThrowIfError(s);
              return MessageToDict(r);  // {"stage": ..., "boundaries": [record, ...]}
            })
+      .def("checkpoint",
+           [](Client& c) {
+             CheckpointResult r;
+             Status s;
+             {
+               py::gil_scoped_release nogil;
+               s = c.Checkpoint(&r);
+             }
+             ThrowIfError(s);
+             return MessageToDict(r);  // {"boundaries": [{"boundary", "path", ...}, ...]}
+           })
       .def("close", [](Client& c) {
         py::gil_scoped_release nogil;
         c.Close();

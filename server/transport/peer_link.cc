@@ -12,7 +12,7 @@
 #include "common/check.h"
 #include "common/log.h"
 #include "google/protobuf/descriptor.h"
-#include "google/protobuf/text_format.h"
+#include "server/transport/fingerprint.h"
 #include "server/transport/peer_link_internal.h"
 
 namespace mapl {
@@ -326,22 +326,12 @@ absl::Status PeerLink::CheckPeerHello(const v1::Hello& hello) const {
       return absl::InvalidArgumentError(absl::StrCat(
           Describe(), ": the ", peer, "'s Hello carries no config fingerprint to check"));
     }
-    // Field by field, so that the message names what differs.
-    const v1::BoundaryFingerprint& mine = *options_.fingerprint;
-    const v1::BoundaryFingerprint& theirs = hello.fingerprint();
-    const google::protobuf::Descriptor* d = v1::BoundaryFingerprint::descriptor();
-    for (int i = 0; i < d->field_count(); ++i) {
-      const google::protobuf::FieldDescriptor* f = d->field(i);
-      std::string here, there;
-      google::protobuf::TextFormat::PrintFieldValueToString(mine, f, -1, &here);
-      google::protobuf::TextFormat::PrintFieldValueToString(theirs, f, -1, &there);
-      if (here != there) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            Describe(), ": the boundary configs differ: ", f->name(), " = ", here, " here, ", there,
-            " at the ", peer, "; both ends of a boundary must agree on d, k, method, ",
-            "codecs, rvq_levels, seed, vocab, max_tokens, projector_init and ",
-            "dictionary_precision"));
-      }
+    if (std::optional<FingerprintDifference> diff =
+            FirstDifference(*options_.fingerprint, hello.fingerprint())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(Describe(), ": the boundary configs differ: ", diff->field, " = ", diff->a,
+                       " here, ", diff->b, " at the ", peer,
+                       "; both ends of a boundary must agree on ", FingerprintFields()));
     }
   }
   return absl::OkStatus();

@@ -486,6 +486,15 @@ class Sidecar:
         return Stats(reply["stage"],
                      [BoundaryStats.from_record(b) for b in reply["boundaries"]])
 
+    def checkpoint(self) -> List[dict]:
+        """Write every boundary's learned state (dictionary, learners, anchors) to the daemon's
+        ``state_dir`` now; a restarted daemon restores it. Call it when the trainer saves its own
+        checkpoint, after :meth:`step`. Returns one record per boundary: ``boundary``, ``path``,
+        ``bytes``, ``last_step`` and ``dictionary_version``. Raises FailedPrecondition when the
+        daemon has no ``state_dir``."""
+        self._check_open()
+        return list(self._client.checkpoint().get("boundaries", []))
+
     # ---- internals ----
 
     def _check_open(self) -> None:
