@@ -410,6 +410,7 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
                      c.peer_keepalive_ms()));
   }
   if (c.send_timeout_ms() == 0) c.set_send_timeout_ms(c.recv_timeout_ms());
+  if (c.max_transport_queue_ms() == 0) c.set_max_transport_queue_ms(4000);
   if (c.has_tls()) {
     v1::TlsConfig* tls = c.mutable_tls();
     if (tls->reload_seconds() == 0) tls->set_reload_seconds(60);
