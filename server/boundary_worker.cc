@@ -21,6 +21,21 @@ constexpr size_t kSpareBuffers = 8;
 // one fails at once, as before.
 constexpr size_t kMaxParkedFrames = 256;
 
+// Whether every value is finite: all exponent bits set is NaN or Inf. Branch-free, so the loop
+// vectorises (a decoded tensor is checked before the trainer may see it).
+bool AllFinite(const std::vector<float>& v) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(v.data());
+  uint32_t bad = 0;
+  for (size_t i = 0; i < v.size(); ++i) {
+    bad |= static_cast<uint32_t>((bits[i] & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+
+int64_t TensorBytes(const std::vector<float>& data) {
+  return static_cast<int64_t>(data.size() * sizeof(float));
+}
+
 }  // namespace
 
 BoundaryWorker::BoundaryWorker(std::unique_ptr<Engine> engine, const WorkerOptions& options,
@@ -30,7 +45,17 @@ BoundaryWorker::BoundaryWorker(std::unique_ptr<Engine> engine, const WorkerOptio
       timers_(timers),
       sends_(engine->sends()),
       receives_(sends_ == v1::DIRECTION_FORWARD ? v1::DIRECTION_BACKWARD : v1::DIRECTION_FORWARD),
-      engine_(std::move(engine)) {}
+      engine_(std::move(engine)),
+      transport_queue_limit_(TransportQueueLimit(options, 0.0)) {}
+
+int64_t BoundaryWorker::TransportQueueLimit(const WorkerOptions& options, double goodput) {
+  if (goodput <= 0.0) return options.max_transport_queue_bytes;
+  const double bytes = goodput * absl::ToDoubleSeconds(options.max_transport_queue_time);
+  if (bytes >= static_cast<double>(options.max_transport_queue_bytes)) {
+    return options.max_transport_queue_bytes;
+  }
+  return std::max<int64_t>(1, static_cast<int64_t>(bytes));
+}
 
 BoundaryWorker::~BoundaryWorker() { Stop(absl::InfinitePast()); }
 
@@ -176,8 +201,14 @@ void BoundaryWorker::EncodeLoop() {
 
 void BoundaryWorker::Encode(EncodeJob& job) {
   // Backpressure from the transport: with a slow link its queue would otherwise grow without
-  // bound while the trainer keeps sending.
-  while (!transport_->WaitQueueBelow(options_.max_transport_queue_bytes, absl::Milliseconds(100))) {
+  // bound while the trainer keeps sending. The bound is time on the link, not bytes: a frame
+  // queued behind 256 MiB on a 20 Mbit/s link would reach the peer long after its Recv gave up.
+  int64_t queue_limit;
+  {
+    absl::MutexLock el(&engine_mu_);
+    queue_limit = transport_queue_limit_;
+  }
+  while (!transport_->WaitQueueBelow(queue_limit, absl::Milliseconds(100))) {
     absl::MutexLock l(&mu_);
     if (stop_) break;
   }
@@ -293,18 +324,29 @@ void BoundaryWorker::OnPeerRestart() {
 void BoundaryWorker::DecodeLoop() {
   for (;;) {
     v1::PeerMessage msg;
+    bool popped = false;
     {
       absl::MutexLock l(&mu_);
-      while (incoming_.empty() && !stop_) cv_.Wait(&mu_);
+      // Wakes for a message, or when the oldest held frame runs out of time.
+      const absl::Time expiry = parked_.empty() ? absl::InfiniteFuture()
+                                                : parked_.front().since + options_.max_parked_time;
+      while (incoming_.empty() && !stop_) {
+        if (cv_.WaitWithDeadline(&mu_, expiry)) break;
+      }
       if (stop_) return;
-      msg = std::move(incoming_.front());
-      incoming_.pop_front();
-      incoming_bytes_ -= static_cast<int64_t>(msg.ByteSizeLong());
-      cv_.SignalAll();  // room for the transport's reader
+      if (!incoming_.empty()) {
+        msg = std::move(incoming_.front());
+        incoming_.pop_front();
+        incoming_bytes_ -= static_cast<int64_t>(msg.ByteSizeLong());
+        cv_.SignalAll();  // room for the transport's reader
+        popped = true;
+      }
     }
+    ExpireParked(absl::Now());
+    if (!popped) continue;  // woken only to expire held frames
     switch (msg.body_case()) {
       case v1::PeerMessage::kFrame:
-        OnFrame(msg.frame());
+        OnFrame(msg.frame(), absl::Now());
         break;
       case v1::PeerMessage::kStepMarker:
         break;                         // advisory
@@ -317,13 +359,14 @@ void BoundaryWorker::DecodeLoop() {
         // Parked frames are the old peer's: never decode them with the new one's tables. Their
         // Recv fails at once, saying why.
         absl::MutexLock l(&mu_);
-        for (const v1::Frame& f : parked_) {
+        for (const Parked& p : parked_) {
+          const v1::Frame& f = p.frame;
           Received r;
           r.status = absl::DataLossError(
               absl::StrCat(Describe(f.direction(), f.step(), f.microbatch()),
                            ": lost: its sender restarted before the dictionary it was encoded "
                            "with arrived; send it again"));
-          inbox_.emplace(Key{f.step(), f.microbatch()}, std::move(r));
+          AddToInbox(Key{f.step(), f.microbatch()}, std::move(r));
         }
         if (!parked_.empty()) cv_.SignalAll();
         parked_.clear();
@@ -343,9 +386,9 @@ void BoundaryWorker::DecodeLoop() {
         }
         if (s.ok() && (msg.has_dictionary_snapshot() || msg.has_dictionary_delta())) {
           dictionary_synced_ = true;
-          std::deque<v1::Frame> retry;
+          std::deque<Parked> retry;
           retry.swap(parked_);
-          for (const v1::Frame& f : retry) OnFrame(f);  // Held frames, in order.
+          for (const Parked& p : retry) OnFrame(p.frame, p.since);  // Held frames, in order.
         }
         if (msg.has_learning_signal()) {
           absl::MutexLock l(&mu_);
@@ -357,7 +400,61 @@ void BoundaryWorker::DecodeLoop() {
   }
 }
 
-void BoundaryWorker::OnFrame(const v1::Frame& f) {
+void BoundaryWorker::ExpireParked(absl::Time now) {
+  while (!parked_.empty() && now - parked_.front().since >= options_.max_parked_time) {
+    const v1::Frame& f = parked_.front().frame;
+    const std::string what = Describe(f.direction(), f.step(), f.microbatch());
+    Received r;
+    r.status = absl::FailedPreconditionError(absl::StrCat(
+        what, ": the dictionary version ", f.dict_version(), " it needs never arrived: the frame ",
+        "was held for it ", absl::FormatDuration(options_.max_parked_time),
+        " (the upstream's snapshot is lost or stuck behind a slow link; check the peer link)"));
+    Log(LogLevel::kError, "held frame expired",
+        {{"what", what}, {"dict_version", absl::StrCat(f.dict_version())}});
+    {
+      absl::MutexLock l(&mu_);
+      ++parked_expired_;
+      AddToInbox(Key{f.step(), f.microbatch()}, std::move(r));
+    }
+    parked_.pop_front();
+  }
+}
+
+void BoundaryWorker::AddToInbox(const Key& key, Received r) {
+  const std::string what = Describe(receives_, key.first, key.second);
+  if (closed_step_.has_value() && key.first <= *closed_step_) {
+    // A late frame of a step the trainer closed: nobody will Recv it.
+    Log(LogLevel::kWarning, "frame of a closed step dropped", {{"what", what}});
+  } else if (inbox_.count(key) != 0) {
+    Log(LogLevel::kWarning, "duplicate frame ignored", {{"what", what}});
+  } else {
+    inbox_bytes_ += TensorBytes(r.data);
+    inbox_[key] = std::move(r);
+    cv_.SignalAll();
+    return;
+  }
+  if (!r.data.empty() && spare_inbox_.size() < kSpareBuffers) {
+    spare_inbox_.push_back(std::move(r.data));
+  }
+}
+
+void BoundaryWorker::EraseFromInbox(std::map<Key, Received>::iterator it) {
+  inbox_bytes_ -= TensorBytes(it->second.data);
+  inbox_.erase(it);
+  cv_.SignalAll();  // room for the decoder
+}
+
+std::string BoundaryWorker::WaitingBehindTheDecoder() const {
+  // A waiter whose tensor or signal is already in has not woken yet: it waits for nothing.
+  for (const Key& k : awaited_) {
+    if (inbox_.count(k) == 0)
+      return absl::StrCat("a Recv of step ", k.first, " microbatch ", k.second);
+  }
+  if (signal_waits_.count(signals_) != 0) return "Step's wait for the learning signal";
+  return "";
+}
+
+void BoundaryWorker::OnFrame(const v1::Frame& f, absl::Time since) {
   const Key key{f.step(), f.microbatch()};
   const std::string what = Describe(f.direction(), f.step(), f.microbatch());
   // A frame of the direction this side sends would sit in the inbox forever.
@@ -399,26 +496,59 @@ void BoundaryWorker::OnFrame(const v1::Frame& f) {
     // lost delta, and the frame is refused at once (the snapshot request is on its way).
     if (!s.ok() && !dictionary_synced_ && engine_->AwaitsDictionary(f) &&
         parked_.size() < kMaxParkedFrames) {
-      parked_.push_back(f);
+      parked_.push_back(Parked{f, since});
       absl::MutexLock l(&mu_);
       spare_inbox_.push_back(std::move(r.data));
       return;
     }
+  }
+  // A frame can pass every check of the engine and still decode to Inf (an int8 or int4 scale
+  // near the bf16 maximum, lifted through U): the trainer must never get it.
+  bool nonfinite = false;
+  if (s.ok() && !AllFinite(r.data)) {
+    nonfinite = true;
+    const absl::Status where =
+        CheckFinite(ConstTensor::F32(r.data.data(), r.rows, config_.d()), "the decoded tensor");
+    s = absl::InvalidArgumentError(absl::StrCat(
+        where.message(), " (the peer's frame is corrupt, or its scales overflow float32)"));
   }
   if (!s.ok()) {
     Log(LogLevel::kError, "frame rejected", {{"what", what}, {"error", std::string(s.message())}});
     // The trainer's Recv gets the reason at once instead of waiting for its deadline.
     r.status =
         absl::Status(s.code(), absl::StrCat(what, ": the frame was rejected: ", s.message()));
-    r.data = {};  // an error entry holds no tensor
   }
   absl::MutexLock l(&mu_);
-  if (inbox_.count(key) != 0) {
-    Log(LogLevel::kWarning, "duplicate frame ignored", {{"what", what}});
-    return;
+  if (nonfinite) ++decoded_nonfinite_;
+  if (!r.status.ok()) {
+    if (!r.data.empty() && spare_inbox_.size() < kSpareBuffers) {
+      spare_inbox_.push_back(std::move(r.data));
+    }
+    r.data = {};  // an error entry holds no tensor
   }
-  inbox_[key] = std::move(r);
-  cv_.SignalAll();
+  // Room in the inbox: wait for the trainer's Recvs to take tensors out, unless it waits for one
+  // not decoded yet (this one is let in) or for the learning signal; then waiting would deadlock
+  // and this tensor is dropped, saying so.
+  const int64_t bytes = TensorBytes(r.data);
+  while (bytes > 0 && inbox_bytes_ > 0 && inbox_bytes_ + bytes > options_.max_inbox_bytes) {
+    if (stop_) return;  // shutting down: nobody will receive it
+    if (awaited_.count(key) != 0) break;
+    if (const std::string waits = WaitingBehindTheDecoder(); !waits.empty()) {
+      r.status = absl::ResourceExhaustedError(absl::StrCat(
+          what, ": dropped: the inbox held ", inbox_.size(), " tensor(s) of ", inbox_bytes_,
+          " bytes not yet received, at its limit of ", options_.max_inbox_bytes,
+          " bytes, while the trainer waited for something behind this tensor (", waits,
+          "); receive tensors in the order they are sent, or raise the limit"));
+      Log(LogLevel::kError, "inbox full: tensor dropped",
+          {{"what", what}, {"error", std::string(r.status.message())}});
+      ++inbox_dropped_;
+      if (spare_inbox_.size() < kSpareBuffers) spare_inbox_.push_back(std::move(r.data));
+      r.data = {};
+      break;
+    }
+    cv_.Wait(&mu_);
+  }
+  AddToInbox(key, std::move(r));
 }
 
 absl::StatusOr<v1::RecvReply> BoundaryWorker::Recv(uint64_t step, uint32_t microbatch,
@@ -430,19 +560,32 @@ absl::StatusOr<v1::RecvReply> BoundaryWorker::Recv(uint64_t step, uint32_t micro
   Received r;
   {
     absl::MutexLock l(&mu_);
-    while (inbox_.count(key) == 0) {
-      if (stop_) return absl::UnavailableError(absl::StrCat(what, ": mapld is shutting down"));
-      if (cv_.WaitWithDeadline(&mu_, deadline) && inbox_.count(key) == 0) {
-        return absl::DeadlineExceededError(absl::StrCat(
-            what, " did not arrive within ", absl::FormatDuration(timeout),
-            transport_ != nullptr && !transport_->connected() ? " (the peer link is not connected)"
-                                                              : ""));
+    if (inbox_.count(key) == 0) {
+      // The decoder must not wait for inbox room while this waits (see awaited_).
+      const auto awaited = awaited_.insert(key);
+      cv_.SignalAll();
+      absl::Status waited;
+      while (inbox_.count(key) == 0) {
+        if (stop_) {
+          waited = absl::UnavailableError(absl::StrCat(what, ": mapld is shutting down"));
+          break;
+        }
+        if (cv_.WaitWithDeadline(&mu_, deadline) && inbox_.count(key) == 0) {
+          waited = absl::DeadlineExceededError(
+              absl::StrCat(what, " did not arrive within ", absl::FormatDuration(timeout),
+                           transport_ != nullptr && !transport_->connected()
+                               ? " (the peer link is not connected)"
+                               : ""));
+          break;
+        }
       }
+      awaited_.erase(awaited);
+      if (!waited.ok()) return waited;
     }
     auto it = inbox_.find(key);
     if (!it->second.status.ok()) {
       absl::Status s = it->second.status;
-      inbox_.erase(it);
+      EraseFromInbox(it);
       return s;
     }
     if (it->second.rows > into.rows) {
@@ -455,7 +598,9 @@ absl::StatusOr<v1::RecvReply> BoundaryWorker::Recv(uint64_t step, uint32_t micro
       return absl::CancelledError(absl::StrCat(what, ": the caller cancelled the Recv"));
     }
     r = std::move(it->second);
-    inbox_.erase(it);
+    it->second.data.clear();  // moved out: the bytes leave with `r`
+    inbox_bytes_ -= TensorBytes(r.data);
+    EraseFromInbox(it);
   }
   FromF32(r.data, Tensor{into.data, r.rows, config_.d(), into.dtype});
   v1::RecvReply reply;
@@ -506,15 +651,23 @@ absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Dura
         break;
       }
     }
-    // The downstream's learning signal for this step has not arrived yet: wait for it.
+    // The downstream's learning signal for this step has not arrived yet: wait for it (and let
+    // the decoder past a full inbox meanwhile: see awaited_).
     absl::MutexLock l(&mu_);
+    const auto waiting = signal_waits_.insert(seen);
+    cv_.SignalAll();
+    bool timed_out = false;
     while (signals_ == seen && !stop_) {
       if (cv_.WaitWithDeadline(&mu_, deadline) && signals_ == seen) {
-        return absl::DeadlineExceededError(
-            absl::StrCat(where, "the downstream's learning signal did not arrive within ",
-                         absl::FormatDuration(timeout), " (has the downstream trainer called Step(",
-                         step, ")?)"));
+        timed_out = true;
+        break;
       }
+    }
+    signal_waits_.erase(waiting);
+    if (timed_out) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          where, "the downstream's learning signal did not arrive within ",
+          absl::FormatDuration(timeout), " (has the downstream trainer called Step(", step, ")?)"));
     }
     if (stop_) return absl::UnavailableError("mapld is shutting down");
   }
@@ -524,10 +677,12 @@ absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Dura
     for (auto it = sent_.begin(); it != sent_.end();) {
       it = it->first <= step ? sent_.erase(it) : std::next(it);
     }
-    // Tensors of closed steps that the trainer never received would stay forever.
+    // Tensors of closed steps that the trainer never received would stay forever (and hold
+    // room in the inbox that later steps need).
     int64_t stale = 0;
     for (auto it = inbox_.begin(); it != inbox_.end();) {
       if (it->first.first <= step) {
+        inbox_bytes_ -= TensorBytes(it->second.data);
         it = inbox_.erase(it);
         ++stale;
       } else {
@@ -535,6 +690,7 @@ absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Dura
       }
     }
     if (stale > 0) {
+      cv_.SignalAll();  // room for the decoder
       Log(LogLevel::kWarning, "dropped tensors of a closed step that were never received",
           {{"boundary", absl::StrCat(config_.id())},
            {"step", absl::StrCat(step)},
@@ -556,6 +712,7 @@ void BoundaryWorker::CloseStepTiming() {
   }
   // A step that kept the link idle says nothing new about it: the last measurement stands.
   if (link.goodput.has_value()) wire_goodput_ = *link.goodput;
+  transport_queue_limit_ = TransportQueueLimit(options_, wire_goodput_);
   wire_seconds_per_microbatch_ =
       step_encoded_ > 0 && wire_goodput_ > 0.0
           ? static_cast<double>(link.bytes_handed) / step_encoded_ / wire_goodput_
@@ -608,11 +765,17 @@ v1::BoundaryStats BoundaryWorker::stats() const {
     s.set_compute_seconds_per_microbatch(compute_seconds_per_microbatch_);
     s.set_wire_seconds_per_microbatch(wire_seconds_per_microbatch_);
     s.set_wire_goodput_bytes_per_second(wire_goodput_);
+    s.set_transport_queue_limit_bytes(static_cast<uint64_t>(transport_queue_limit_));
   }
   {
     // The engine counts what reached it; NaN and Inf are refused here first.
     absl::MutexLock l(&mu_);
     s.set_nonfinite_inputs(s.nonfinite_inputs() + nonfinite_refused_);
+    s.set_inbox_bytes(static_cast<uint64_t>(inbox_bytes_));
+    s.set_inbox_entries(inbox_.size());
+    s.set_inbox_tensors_dropped(inbox_dropped_);
+    s.set_frames_decoded_nonfinite(decoded_nonfinite_);
+    s.set_held_frames_expired(parked_expired_);
   }
   s.set_id(config_.id());
   s.set_role(config_.role() == v1::ROLE_UPSTREAM ? "upstream" : "downstream");

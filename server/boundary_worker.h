@@ -3,11 +3,18 @@
 //   - the send queue: a trainer's Send copies its tensor (checking it for NaN and Inf on the way)
 //     and returns; beyond WorkerOptions::max_queued_jobs tensors a Send waits (backpressure);
 //   - the encoder thread: encodes queued tensors in Send order and hands the messages to the
-//     transport, waiting while the transport holds more than max_transport_queue_bytes;
+//     transport, waiting while the transport holds more than max_transport_queue_time of the
+//     link's measured goodput (at most max_transport_queue_bytes; that cap alone until measured);
 //   - the decoder thread: the transport's receive handler only queues a peer message; this thread
 //     decodes frames into the inbox and hands other messages to the engine, in arrival order, so
-//     the transport's reader never waits for the engine (which Step holds across the learners);
-//   - the inbox and Recv's waits for it;
+//     the transport's reader never waits for the engine (which Step holds across the learners).
+//     A decoded tensor that is not finite becomes an error entry; a frame held for its
+//     dictionary (parked_) longer than max_parked_time becomes one too;
+//   - the inbox and Recv's waits for it. The inbox holds at most max_inbox_bytes of tensors: the
+//     decoder waits for room (so the transport's reader waits too), except when the trainer
+//     waits for something behind it (a Recv of a tensor not yet decoded, a Step for the learning
+//     signal): then waiting would deadlock, and the tensor is dropped as a RESOURCE_EXHAUSTED
+//     entry that its Recv returns. Entries of closed steps are dropped at Step, and on arrival;
 //   - Step: flushes the send queue, closes the step in the engine (waiting for the peer's learning
 //     signal where needed), ships what the step sends and drops what the step made stale;
 //   - the link monitor thread: it notes when the transport's queue of unacknowledged messages
@@ -65,6 +72,19 @@ struct WorkerOptions {
   int64_t max_transport_queue_bytes = int64_t{256} << 20;
   // Received peer messages not yet decoded, in bytes, before the transport's reader waits.
   int64_t max_incoming_bytes = int64_t{256} << 20;
+  // Decoded tensors waiting for the trainer's Recv (4 bytes a value: 32 MiB a microbatch at
+  // n = 4096, d = 2048). A tensor that would go beyond waits for room (see the file comment);
+  // one tensor is always taken, whatever its size.
+  int64_t max_inbox_bytes = int64_t{512} << 20;
+  // Time-based backpressure: the encoder waits while the transport holds more than this much of
+  // the link's measured goodput (bytes / goodput), so that a frame handed over reaches the peer
+  // well within the Recv timeout even on a slow link. max_transport_queue_bytes stays the cap
+  // (256 MiB is 107 s at 20 Mbit/s) and is the only bound until the goodput is measured.
+  absl::Duration max_transport_queue_time = absl::Seconds(4);
+  // How long a frame may be held for the dictionary version it names (one a requested snapshot
+  // brings) before its Recv fails saying so. Below the Recv timeout (60 s by default), so the
+  // trainer gets that reason rather than a bare DEADLINE_EXCEEDED.
+  absl::Duration max_parked_time = absl::Seconds(30);
   // How long the peer's transport may hold an acknowledgement back (PeerLinkOptions::ack_delay,
   // whose default mapld keeps): with the link's round trip, the wait at the end of each busy
   // period that the goodput does not count.
@@ -111,15 +131,18 @@ class BoundaryWorker {
 
   // Waits until the peer's tensor of (step, microbatch) is decoded, then writes it into `into`
   // (at least its rows). DEADLINE_EXCEEDED at `deadline` (its message names `timeout`);
-  // the frame's error if it was rejected; CANCELLED when `cancelled()` says the caller left (the
-  // tensor stays for a retry); UNAVAILABLE once stopping.
+  // the frame's error if it was rejected (INVALID_ARGUMENT also when it decoded to NaN or Inf;
+  // FAILED_PRECONDITION when it was held for a dictionary version that did not come within
+  // max_parked_time); RESOURCE_EXHAUSTED when it was dropped for max_inbox_bytes; CANCELLED when
+  // `cancelled()` says the caller left (the tensor stays for a retry); UNAVAILABLE once stopping.
   absl::StatusOr<v1::RecvReply> Recv(uint64_t step, uint32_t microbatch, const Tensor& into,
                                      absl::Time deadline, absl::Duration timeout,
                                      const std::function<bool()>& cancelled)
       ABSL_LOCKS_EXCLUDED(mu_);
 
   // Closes `step` on this boundary (see the file comment); a step this boundary already closed
-  // is skipped (a retried Step). Fills `out` with the boundary's statistics.
+  // is skipped (a retried Step). Drops the inbox's entries of steps up to `step`. Fills `out`
+  // with the boundary's statistics.
   absl::Status Step(uint64_t step, absl::Time deadline, absl::Duration timeout,
                     v1::BoundaryStats* out) ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
 
@@ -137,15 +160,25 @@ class BoundaryWorker {
   // The record: the engine's counters, id, role and the transport's.
   v1::BoundaryStats stats() const ABSL_LOCKS_EXCLUDED(engine_mu_);
 
+  // The encoder's bound on the transport's queue for a link goodput of `goodput` bytes/s (0: not
+  // measured): goodput x max_transport_queue_time, at least 1 byte, at most
+  // max_transport_queue_bytes.
+  static int64_t TransportQueueLimit(const WorkerOptions& options, double goodput);
+
  private:
   using Key = std::pair<uint64_t, uint32_t>;  // (step, microbatch)
-  // A decoded tensor waiting for the trainer's Recv, or the error that its frame caused.
   // Frames whose dictionary version is on its way in a snapshot (Engine::AwaitsDictionary), in
-  // arrival order; decoded again after each dictionary message. Decoder thread only.
-  std::deque<v1::Frame> parked_;
+  // arrival order, with the time each was first held; decoded again after each dictionary
+  // message, failed after max_parked_time. Decoder thread only.
+  struct Parked {
+    v1::Frame frame;
+    absl::Time since;
+  };
+  std::deque<Parked> parked_;
   // A dictionary message of the current peer was applied (decoder thread only); frames are held
   // only before that.
   bool dictionary_synced_ = false;
+  // A decoded tensor waiting for the trainer's Recv, or the error that its frame caused.
   struct Received {
     absl::Status status;
     int64_t rows = 0;
@@ -171,7 +204,17 @@ class BoundaryWorker {
   void EncodeLoop() ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
   void Encode(EncodeJob& job) ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
   void DecodeLoop() ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
-  void OnFrame(const v1::Frame& frame) ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
+  // `since`: when the frame was first tried (held frames keep their first time).
+  void OnFrame(const v1::Frame& frame, absl::Time since) ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
+  // Fails the held frames older than max_parked_time (their Recv says which version never came).
+  void ExpireParked(absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
+  // Puts an entry in the inbox, unless its step is closed or its key is there already (both
+  // logged); an error entry holds no tensor.
+  void AddToInbox(const Key& key, Received r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EraseFromInbox(std::map<Key, Received>::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // What the trainer waits for that only the decoder can bring ("" if nothing): a Recv of a
+  // tensor not in the inbox, or a Step's learning signal not handled yet.
+  std::string WaitingBehindTheDecoder() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SendAll(std::vector<v1::PeerMessage> messages) ABSL_EXCLUSIVE_LOCKS_REQUIRED(engine_mu_);
   void LinkMonitorLoop() ABSL_LOCKS_EXCLUDED(link_mu_);
   // Rolls the step's codec time and link traffic over into the last step's gauges.
@@ -195,6 +238,8 @@ class BoundaryWorker {
   double compute_seconds_per_microbatch_ ABSL_GUARDED_BY(engine_mu_) = 0.0;
   double wire_seconds_per_microbatch_ ABSL_GUARDED_BY(engine_mu_) = 0.0;
   double wire_goodput_ ABSL_GUARDED_BY(engine_mu_) = 0.0;  // bytes/s; 0 until measured
+  // TransportQueueLimit of the goodput, renewed as each step closes.
+  int64_t transport_queue_limit_ ABSL_GUARDED_BY(engine_mu_);
 
   mutable absl::Mutex link_mu_ ABSL_ACQUIRED_AFTER(engine_mu_);
   LinkGoodput goodput_ ABSL_GUARDED_BY(link_mu_);
@@ -212,6 +257,15 @@ class BoundaryWorker {
   uint64_t signals_ ABSL_GUARDED_BY(mu_) = 0;            // learning signals handled (wakes Step)
   uint64_t nonfinite_refused_ ABSL_GUARDED_BY(mu_) = 0;  // Sends refused for NaN or Inf
   std::map<Key, Received> inbox_ ABSL_GUARDED_BY(mu_);
+  int64_t inbox_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // of the tensors in inbox_
+  // The keys of waiting Recvs, and the signals_ count each Step waiting for a learning signal
+  // started from. While one of them waits for what the decoder has not brought yet, the decoder
+  // never waits for room in the inbox (it would wait for them, and they for it).
+  std::multiset<Key> awaited_ ABSL_GUARDED_BY(mu_);
+  std::multiset<uint64_t> signal_waits_ ABSL_GUARDED_BY(mu_);
+  uint64_t inbox_dropped_ ABSL_GUARDED_BY(mu_) = 0;      // tensors dropped for max_inbox_bytes
+  uint64_t decoded_nonfinite_ ABSL_GUARDED_BY(mu_) = 0;  // frames that decoded to NaN or Inf
+  uint64_t parked_expired_ ABSL_GUARDED_BY(mu_) = 0;     // held frames failed by max_parked_time
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   // Reused buffers: fresh 32 MiB allocations cost more in page faults than the copy itself.
   std::vector<std::vector<char>> spare_tensors_ ABSL_GUARDED_BY(mu_);

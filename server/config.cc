@@ -414,6 +414,7 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
     return absl::InvalidArgumentError(
         "checkpoint_every_steps: needs state_dir, the directory the checkpoints go to");
   }
+  if (c.max_transport_queue_ms() == 0) c.set_max_transport_queue_ms(4000);
   if (c.has_tls()) {
     v1::TlsConfig* tls = c.mutable_tls();
     if (tls->reload_seconds() == 0) tls->set_reload_seconds(60);

@@ -115,8 +115,11 @@ absl::Status Daemon::Init() {
          {"forward_codec", v1::Codec_Name(c.forward_codec())},
          {"backward_codec", v1::Codec_Name(c.backward_codec())},
          {"backend", backend_->name()}});
-    workers_[bc.id()] =
-        std::make_unique<BoundaryWorker>(*std::move(engine), WorkerOptions{}, timers);
+    WorkerOptions options;
+    options.max_transport_queue_time = absl::Milliseconds(config_.max_transport_queue_ms());
+    // A frame held for its dictionary fails before the Recv waiting for it does, with the reason.
+    options.max_parked_time = absl::Milliseconds(config_.recv_timeout_ms()) / 2;
+    workers_[bc.id()] = std::make_unique<BoundaryWorker>(*std::move(engine), options, timers);
   }
 
   MAPL_RETURN_IF_ERROR(RestoreStates());

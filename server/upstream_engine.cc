@@ -82,6 +82,7 @@ v1::PeerMessage UpstreamEngine::SnapshotMessage() {
   *m.mutable_dictionary_snapshot() = owner_->Snapshot();
   stats_.set_dictionary_bytes_sent(stats_.dictionary_bytes_sent() +
                                    m.dictionary_snapshot().ByteSizeLong());
+  snapshot_sent_version_ = owner_->version();
   return m;
 }
 
@@ -334,11 +335,29 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::HandleSnapshotReque
     return absl::InvalidArgumentError("snapshot request: METHOD_DENSE has no dictionary");
   }
   std::vector<v1::PeerMessage> out;
+  // The downstream asks once per version it holds, but it may ask before a snapshot already on
+  // its way is in (a refused frame or delta ahead of it in the stream). Such a request names a
+  // version older than that snapshot's (or no state): once applied, the replica holds at least
+  // the snapshot's version. And while the dictionary has not moved since the last snapshot, a
+  // new one would repeat it. Either way the snapshot sent covers the request; a full one is
+  // sent again only for a newer version.
+  if (snapshot_sent_version_.has_value() &&
+      (request.reason() == v1::SNAPSHOT_REASON_NO_STATE ||
+       request.have_version() < *snapshot_sent_version_ ||
+       (owner_.has_value() && owner_->version() == *snapshot_sent_version_))) {
+    stats_.set_snapshot_requests_coalesced(stats_.snapshot_requests_coalesced() + 1);
+    Log(LogLevel::kInfo, "snapshot request covered by the snapshot already sent",
+        {{"boundary", absl::StrCat(config_.id())},
+         {"have_version", absl::StrCat(request.have_version())},
+         {"sent_version", absl::StrCat(*snapshot_sent_version_)}});
+    return out;
+  }
   if (owner_.has_value()) out.push_back(SnapshotMessage());
   return out;
 }
 
 std::vector<v1::PeerMessage> UpstreamEngine::OnPeerRestart() {
+  snapshot_sent_version_.reset();  // the new instance has none of what the old one was sent
   std::vector<v1::PeerMessage> out;
   if (projected_ && owner_.has_value()) {
     out.push_back(SnapshotMessage());

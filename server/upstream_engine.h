@@ -49,7 +49,8 @@ class UpstreamEngine : public Engine {
   // Holds the downstream's G_down for its step (METHOD_MAPL only).
   absl::Status HandleLearningSignal(const v1::LearningSignal& signal);
   // The snapshot of the published dictionary; empty while it does not exist yet (it will
-  // precede the first frame).
+  // precede the first frame), or when a snapshot already sent to this downstream instance
+  // covers the request (counted in snapshot_requests_coalesced).
   absl::StatusOr<std::vector<v1::PeerMessage>> HandleSnapshotRequest(
       const v1::SnapshotRequest& request);
 
@@ -126,6 +127,9 @@ class UpstreamEngine : public Engine {
   DictionaryGauges gauges_;
   CodecHealth health_;
   uint64_t payload_bytes_this_step_ = 0;
+  // The version of the last snapshot sent to the current downstream instance (none since its
+  // start or restart): requests it covers are not answered again.
+  std::optional<uint64_t> snapshot_sent_version_;
   bool link_busy_ = false;
   // forward_error_budget: the full-depth RVQ error of this step's frames (sum and count), and
   // the step of the last fit. A step whose mean error exceeds the budget refits the codebooks,

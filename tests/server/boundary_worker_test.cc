@@ -1,7 +1,8 @@
 // Tests of the per-boundary worker (server/boundary_worker.h) over real transports: an upstream
 // and a downstream worker, each with a real engine (CPU backend), joined by a gRPC peer link on
 // loopback wired as daemon.cc wires it (the link's handler calls the worker's OnPeerMessage).
-// Round trips, backpressure, the errors of Send and Recv, where decoding runs, Step and Stop.
+// Round trips, backpressure, the errors of Send and Recv, where decoding runs, the inbox's bound,
+// frames that decode to Inf, frames held for their dictionary, Step and Stop.
 #include "server/boundary_worker.h"
 
 #include <cmath>
@@ -26,6 +27,7 @@
 #include "gtest/gtest.h"
 #include "kernels/registry.h"
 #include "server/engine.h"
+#include "server/frame_codec.h"
 #include "server/transport/peer_link.h"
 #include "server/transport/peer_server.h"
 #include "tests/server/transport/peer_test_util.h"
@@ -818,6 +820,180 @@ TEST(BoundaryWorkerTest, PeerMessagesAreQueuedForTheDecoderThread) {
   EXPECT_EQ(pair.down().stats().frames_received(), 2u);
 }
 
+// ---- the inbox's bound ----
+
+// Dense frames of step 1, microbatches 0..count-1, from a separate upstream engine (the decoder
+// takes them from OnPeerMessage as from the transport).
+std::vector<v1::PeerMessage> DenseFrames(const Backend* backend, uint32_t count, int64_t rows,
+                                         std::vector<std::vector<float>>* h) {
+  std::unique_ptr<Engine> up =
+      Engine::Create(Config(v1::METHOD_DENSE, v1::ROLE_UPSTREAM), backend).value();
+  std::vector<v1::PeerMessage> frames;
+  for (uint32_t mb = 0; mb < count; ++mb) {
+    h->push_back(Random(rows * kD, 100 + mb));
+    absl::StatusOr<std::vector<v1::PeerMessage>> out =
+        up->Encode(1, mb, F32(h->back(), rows), nullptr, Engine::FiniteCheck::kCheck);
+    EXPECT_TRUE(out.ok()) << out.status();
+    if (out.ok()) frames.push_back(out->at(0));
+  }
+  return frames;
+}
+
+// Beyond max_inbox_bytes the decoder waits for the trainer's Recvs (nothing is dropped), and the
+// transport's reader behind it: the inbox's size is in the stats.
+TEST(BoundaryWorkerTest, FullInboxMakesTheDecoderWaitForRecv) {
+  constexpr int kN = 4;
+  constexpr int64_t kTensorBytes = int64_t{kN} * kD * sizeof(float);
+  WorkerOptions down;
+  down.max_inbox_bytes = 2 * kTensorBytes;
+  WorkerPair pair(v1::METHOD_DENSE, {}, down);
+  pair.Serve();
+  std::vector<std::vector<float>> h;
+  const std::vector<v1::PeerMessage> frames = DenseFrames(pair.backend(), 5, kN, &h);
+  for (const v1::PeerMessage& m : frames) pair.down().OnPeerMessage(m);
+  ASSERT_TRUE(PollUntil([&] { return pair.down().stats().inbox_entries() == 2; }, kWait));
+  absl::SleepFor(kChance);
+  v1::BoundaryStats s = pair.down().stats();
+  EXPECT_EQ(s.inbox_entries(), 2u) << "the decoder went past max_inbox_bytes";
+  EXPECT_EQ(s.inbox_bytes(), uint64_t{2} * kTensorBytes);
+  EXPECT_EQ(s.frames_received(), 3u) << "the third frame is decoded, waiting for room";
+  for (uint32_t mb = 0; mb < 5; ++mb) {
+    std::vector<float> h_hat;
+    absl::StatusOr<v1::RecvReply> r = RecvInto(pair.down(), 1, mb, &h_hat, kN);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ExpectExactToBf16(h[mb], h_hat);
+  }
+  s = pair.down().stats();
+  EXPECT_EQ(s.inbox_entries(), 0u);
+  EXPECT_EQ(s.inbox_bytes(), 0u);
+  EXPECT_EQ(s.inbox_tensors_dropped(), 0u);
+}
+
+// A trainer that waits for a tensor behind a full inbox would wait for the decoder, and the
+// decoder for it: the tensors in between are dropped instead, and their Recv says so.
+TEST(BoundaryWorkerTest, RecvBehindAFullInboxDropsTheTensorsBetweenWithAnError) {
+  constexpr int kN = 4;
+  constexpr int64_t kTensorBytes = int64_t{kN} * kD * sizeof(float);
+  WorkerOptions down;
+  down.max_inbox_bytes = 2 * kTensorBytes;
+  WorkerPair pair(v1::METHOD_DENSE, {}, down);
+  pair.Serve();
+  std::vector<std::vector<float>> h;
+  const std::vector<v1::PeerMessage> frames = DenseFrames(pair.backend(), 6, kN, &h);
+  for (const v1::PeerMessage& m : frames) pair.down().OnPeerMessage(m);
+  ASSERT_TRUE(PollUntil([&] { return pair.down().stats().inbox_entries() == 2; }, kWait));
+
+  std::vector<float> h_hat;
+  absl::StatusOr<v1::RecvReply> r = RecvInto(pair.down(), 1, 5, &h_hat, kN);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ExpectExactToBf16(h[5], h_hat);
+  for (uint32_t mb : {0, 1}) {
+    r = RecvInto(pair.down(), 1, mb, &h_hat, kN);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ExpectExactToBf16(h[mb], h_hat);
+  }
+  for (uint32_t mb : {2, 3, 4}) {
+    r = RecvInto(pair.down(), 1, mb, &h_hat, kN);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
+    EXPECT_TRUE(absl::StrContains(
+        r.status().message(),
+        absl::StrCat("boundary 7: forward tensor of step 1 microbatch ", mb, ": dropped")))
+        << r.status();
+    EXPECT_TRUE(absl::StrContains(r.status().message(),
+                                  absl::StrCat("limit of ", 2 * kTensorBytes, " bytes")))
+        << r.status();
+  }
+  const v1::BoundaryStats s = pair.down().stats();
+  EXPECT_EQ(s.inbox_tensors_dropped(), 3u);
+  EXPECT_EQ(s.inbox_entries(), 0u);
+  EXPECT_EQ(s.inbox_bytes(), 0u);
+}
+
+// A frame that passes the engine's checks but decodes to Inf (an int8 scale at the bf16 maximum)
+// never reaches the trainer: its Recv fails, naming the tensor, and it is counted.
+TEST(BoundaryWorkerTest, FrameThatDecodesToInfIsRefused) {
+  WorkerPair pair(v1::METHOD_FIXED);
+  pair.Connect();
+  constexpr int kN = 3;
+  const std::vector<float> h = Random(kN * kD, 1);
+  ASSERT_TRUE(pair.up().Send(1, 0, F32(h, kN), nullptr, false).ok());
+  std::vector<float> h_hat;
+  ASSERT_TRUE(RecvInto(pair.down(), 1, 0, &h_hat, kN).ok());
+
+  // The backward frame of (1, 0), built by engines of the same config and seed (the same U).
+  std::unique_ptr<Engine> up =
+      Engine::Create(Config(v1::METHOD_FIXED, v1::ROLE_UPSTREAM), pair.backend()).value();
+  std::unique_ptr<Engine> down =
+      Engine::Create(Config(v1::METHOD_FIXED, v1::ROLE_DOWNSTREAM), pair.backend()).value();
+  absl::StatusOr<std::vector<v1::PeerMessage>> fwd =
+      up->Encode(1, 0, F32(h, kN), nullptr, Engine::FiniteCheck::kCheck);
+  ASSERT_TRUE(fwd.ok()) << fwd.status();
+  std::vector<float> decoded(kN * kD);
+  std::vector<v1::PeerMessage> replies;
+  ASSERT_TRUE(
+      down->Decode(fwd->back().frame(), Tensor::F32(decoded.data(), kN, kD), &replies).ok());
+  const std::vector<float> g = Random(kN * kD, 2);
+  absl::StatusOr<std::vector<v1::PeerMessage>> back =
+      down->Encode(1, 0, F32(g, kN), nullptr, Engine::FiniteCheck::kCheck);
+  ASSERT_TRUE(back.ok()) << back.status();
+  v1::PeerMessage bad = back->back();
+  v1::Frame* f = bad.mutable_frame();
+  ASSERT_EQ(f->codec(), v1::CODEC_INT8);
+  for (size_t i = 0; i < f->scales().size(); i += 2) {  // 0x7f7f: the largest finite bf16
+    (*f->mutable_scales())[i] = static_cast<char>(0x7f);
+    (*f->mutable_scales())[i + 1] = static_cast<char>(0x7f);
+  }
+  for (char& c : *f->mutable_payload()) c = 127;
+  f->set_checksum(FrameChecksum(*f));
+  pair.up().OnPeerMessage(bad);
+
+  std::vector<float> dh;
+  absl::StatusOr<v1::RecvReply> r = RecvInto(pair.up(), 1, 0, &dh, kN);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_TRUE(
+      absl::StrContains(r.status().message(), "boundary 7: backward tensor of step 1 microbatch 0"))
+      << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "non-finite")) << r.status();
+  for (float v : dh) ASSERT_EQ(v, kSentinel) << "the trainer's buffer was written";
+  EXPECT_EQ(pair.up().stats().frames_decoded_nonfinite(), 1u);
+  EXPECT_EQ(pair.up().stats().inbox_entries(), 0u);
+}
+
+// A frame held for a dictionary version that never comes fails after max_parked_time, saying
+// which version it waited for, instead of leaving its Recv to time out.
+TEST(BoundaryWorkerTest, FrameHeldForADictionaryThatNeverComesFails) {
+  WorkerOptions down;
+  down.max_parked_time = absl::Milliseconds(300);
+  WorkerPair pair(v1::METHOD_MAPL, {}, down);
+  pair.Serve();
+  std::unique_ptr<Engine> up =
+      Engine::Create(Config(v1::METHOD_MAPL, v1::ROLE_UPSTREAM), pair.backend()).value();
+  constexpr int kN = 2;
+  const std::vector<float> h = Random(kN * kD, 1);
+  const std::vector<int32_t> tokens = Tokens(kN, 1);
+  absl::StatusOr<std::vector<v1::PeerMessage>> out =
+      up->Encode(1, 0, F32(h, kN), tokens.data(), Engine::FiniteCheck::kCheck);
+  ASSERT_TRUE(out.ok()) << out.status();
+  v1::PeerMessage m = out->back();
+  m.mutable_frame()->set_dict_version(5);  // a version a snapshot would bring (not checksummed)
+  const absl::Time sent = absl::Now();
+  pair.down().OnPeerMessage(m);
+
+  std::vector<float> h_hat;
+  absl::StatusOr<v1::RecvReply> r = RecvInto(pair.down(), 1, 0, &h_hat, kN);
+  const absl::Duration waited = absl::Now() - sent;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_TRUE(
+      absl::StrContains(r.status().message(), "boundary 7: forward tensor of step 1 microbatch 0"))
+      << r.status();
+  EXPECT_TRUE(
+      absl::StrContains(r.status().message(), "dictionary version 5 it needs never arrived"))
+      << r.status();
+  EXPECT_GE(waited, absl::Milliseconds(250)) << "failed at once: the frame was not held";
+  EXPECT_LT(waited, kWait);
+  EXPECT_EQ(pair.down().stats().held_frames_expired(), 1u);
+}
+
 // ---- Step ----
 
 TEST(BoundaryWorkerTest, StepDropsUnreceivedTensorsOfTheClosedStep) {
@@ -835,9 +1011,13 @@ TEST(BoundaryWorkerTest, StepDropsUnreceivedTensorsOfTheClosedStep) {
   ASSERT_TRUE(RecvInto(pair.down(), 2, 0, &h_hat, kN).ok());
 
   v1::BoundaryStats down_stats, up_stats;
+  ASSERT_TRUE(PollUntil([&] { return pair.down().stats().inbox_entries() == 2; }, kWait));
   ASSERT_TRUE(StepOf(pair.down(), 1, &down_stats).ok());
   ASSERT_TRUE(StepOf(pair.up(), 1, &up_stats).ok());
   EXPECT_EQ(down_stats.steps(), 1u);
+  // (1, 1) is gone, (2, 1) waits.
+  EXPECT_EQ(down_stats.inbox_entries(), 1u);
+  EXPECT_EQ(down_stats.inbox_bytes(), uint64_t{kN} * kD * sizeof(float));
 
   const absl::Duration timeout = absl::Milliseconds(300);
   std::vector<float> into(kN * kD);

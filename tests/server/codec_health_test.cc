@@ -641,5 +641,88 @@ TEST(WorkerHealthTest, LinkSecondsFollowTheRateCap) {
   link.server->Shutdown();
 }
 
+// The encoder's bound on the transport's queue is time on the link once the goodput is measured,
+// capped by max_transport_queue_bytes, which alone bounds it before.
+TEST(WorkerHealthTest, TransportQueueLimitIsSecondsOfGoodputCappedInBytes) {
+  WorkerOptions o;
+  o.max_transport_queue_bytes = 1 << 20;
+  o.max_transport_queue_time = absl::Seconds(4);
+  EXPECT_EQ(BoundaryWorker::TransportQueueLimit(o, 0.0), 1 << 20);
+  EXPECT_EQ(BoundaryWorker::TransportQueueLimit(o, 1000.0), 4000);
+  EXPECT_EQ(BoundaryWorker::TransportQueueLimit(o, 1e9), 1 << 20);
+  EXPECT_EQ(BoundaryWorker::TransportQueueLimit(o, 1e-6), 1);  // always room for one frame
+  // The default: 256 MiB is 107 s at 20 Mbit/s; 4 s of it is 10 MB.
+  EXPECT_EQ(BoundaryWorker::TransportQueueLimit(WorkerOptions{}, 2.5e6), 10'000'000);
+}
+
+// Over a link capped at 1 MB/s, once the goodput is measured the encoder keeps about
+// max_transport_queue_time of it in the transport (200 KB here), not max_transport_queue_bytes.
+TEST(WorkerHealthTest, EncoderKeepsTheTransportQueueWithinItsTime) {
+  namespace tp = testing_peer;
+  constexpr int64_t kD = 512, kN = 64;
+  constexpr double kRate = 1e6;
+  constexpr int64_t kFrameBytes = kN * kD * 2;  // dense bf16
+  std::unique_ptr<Backend> backend = MakeCpuBackend();
+  auto config = [](v1::Role role) {
+    v1::BoundaryConfig c;
+    c.set_id(tp::kBoundary);
+    c.set_role(role);
+    c.set_d(kD);
+    c.set_k(32);
+    c.set_method(v1::METHOD_DENSE);
+    c.set_vocab(100);
+    return c;
+  };
+  WorkerOptions options;
+  options.max_transport_queue_time = absl::Milliseconds(200);
+  auto up = std::make_unique<BoundaryWorker>(
+      Engine::Create(config(v1::ROLE_UPSTREAM), backend.get()).value(), options, CodecTimers{});
+  auto down = std::make_unique<BoundaryWorker>(
+      Engine::Create(config(v1::ROLE_DOWNSTREAM), backend.get()).value(), WorkerOptions{},
+      CodecTimers{});
+  PeerLinkOptions up_options = tp::DialerSide();
+  up_options.send_rate_bytes_per_second = kRate;
+  BoundaryWorker* u = up.get();
+  BoundaryWorker* w = down.get();
+  tp::Pair link = tp::Connect([w](v1::PeerMessage m) { w->OnPeerMessage(std::move(m)); },
+                              [u](v1::PeerMessage m) { u->OnPeerMessage(std::move(m)); },
+                              tp::ServerSide(), up_options);
+  up->Start(link.up.get());
+  down->Start(link.down);
+  EXPECT_EQ(up->stats().transport_queue_limit_bytes(), options.max_transport_queue_bytes);
+
+  const std::vector<float> h = Gaussian(kN * kD, 1);
+  for (uint32_t mb = 0; mb < 6; ++mb) {
+    ASSERT_TRUE(up->Send(1, mb, ConstTensor::F32(h.data(), kN, kD), nullptr, false).ok());
+  }
+  ASSERT_TRUE(up->Flush(absl::Now() + tp::kWait));
+  ASSERT_TRUE(link.up->Drain(tp::kWait).ok());
+  v1::BoundaryStats s;
+  ASSERT_TRUE(up->Step(1, absl::Now() + tp::kWait, tp::kWait, &s).ok());
+  ASSERT_GT(s.wire_goodput_bytes_per_second(), 0.4 * kRate);
+  ASSERT_LT(s.wire_goodput_bytes_per_second(), 2.5 * kRate);
+  const int64_t limit =
+      BoundaryWorker::TransportQueueLimit(options, s.wire_goodput_bytes_per_second());
+  EXPECT_EQ(s.transport_queue_limit_bytes(), static_cast<uint64_t>(limit));
+
+  // 12 frames, 786 KB: with the byte cap alone all of them would wait in the transport at once.
+  int64_t most = 0;
+  for (uint32_t mb = 0; mb < 12; ++mb) {
+    ASSERT_TRUE(up->Send(2, mb, ConstTensor::F32(h.data(), kN, kD), nullptr, false).ok());
+    most = std::max<int64_t>(most, link.up->stats().queued_bytes());
+  }
+  while (!up->Flush(absl::Now() + absl::Milliseconds(10))) {
+    most = std::max<int64_t>(most, link.up->stats().queued_bytes());
+  }
+  EXPECT_GT(most, kFrameBytes);
+  // The limit, plus the frame handed over when the queue went below it (and message headers).
+  EXPECT_LT(most, limit + kFrameBytes + 4096);
+
+  up->Stop(absl::Now());
+  down->Stop(absl::Now());
+  link.up->Close();
+  link.server->Shutdown();
+}
+
 }  // namespace
 }  // namespace mapl

@@ -58,6 +58,7 @@ TEST(Config, PeerLimitsTakeTheirDefaultsAndTlsFilesAreChecked) {
   EXPECT_EQ(c->peer_max_pending_streams(), 32u);
   EXPECT_EQ(c->peer_keepalive_ms(), 10000u);
   EXPECT_EQ(c->send_timeout_ms(), 7000u);  // recv_timeout_ms unless set.
+  EXPECT_EQ(c->max_transport_queue_ms(), 4000u);
   EXPECT_FALSE(c->has_tls());
   ExpectError(Finalized(kStage1, {"peer_keepalive_ms=10"}), "peer_keepalive_ms: at least 1000");
   ExpectError(Finalized(kStage1, {"tls.cert_file=/nonexistent/tls.crt"}),

@@ -387,6 +387,74 @@ TEST_F(EngineTest, BadDeltaThenSnapshotRecovers) {
   EXPECT_EQ(pair.down().stats().dictionary_checksum(), pair.up().stats().dictionary_checksum());
 }
 
+// Frames refused for a version the downstream lacks ask for one snapshot per version held, not
+// one per frame.
+TEST_F(EngineTest, DownstreamAsksOnceForTheVersionItHolds) {
+  Pair pair(Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_BF16));
+  v1::Frame frame = Forward(pair);
+  frame.set_dict_version(99);  // not covered by the checksum
+  std::vector<v1::PeerMessage> replies;
+  for (int i = 0; i < 3; ++i) {
+    h_hat_.assign(size_t(kN) * Stream::kD, 0.f);
+    EXPECT_FALSE(
+        pair.down().Decode(frame, Tensor::F32(h_hat_.data(), kN, Stream::kD), &replies).ok());
+  }
+  ASSERT_EQ(replies.size(), 1u);
+  EXPECT_TRUE(replies[0].has_snapshot_request());
+  EXPECT_EQ(pair.down().stats().snapshot_requests_sent(), 1u);
+}
+
+// The upstream answers a snapshot request with a full snapshot only when the one it already sent
+// to this downstream does not cover it: requests naming an older version (asked before that
+// snapshot was in) or no state, and requests while the dictionary has not moved since, get
+// nothing and are counted. A restarted downstream starts afresh.
+TEST_F(EngineTest, UpstreamCoalescesSnapshotRequestsTheLastSnapshotCovers) {
+  Pair pair(Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_BF16));
+  double err2 = 0, norm2 = 0;
+  ASSERT_TRUE(pair.Microbatch(1, 0, h_, tokens_, &err2, &norm2).ok());
+  ASSERT_TRUE(pair.CloseStep(1).ok());
+  ASSERT_EQ(pair.up().stats().dictionary_version(), 1u);
+  auto request = [](uint64_t have, v1::SnapshotReason reason) {
+    v1::SnapshotRequest r;
+    r.set_boundary(7);
+    r.set_direction(v1::DIRECTION_FORWARD);
+    r.set_have_version(have);
+    r.set_reason(reason);
+    return r;
+  };
+  auto answer = [&](uint64_t have, v1::SnapshotReason reason) -> std::vector<v1::PeerMessage> {
+    auto out = pair.up().HandleSnapshotRequest(request(have, reason));
+    EXPECT_TRUE(out.ok()) << out.status();
+    return out.ok() ? *out : std::vector<v1::PeerMessage>{};
+  };
+  // The first request is answered with version 1.
+  std::vector<v1::PeerMessage> out = answer(0, v1::SNAPSHOT_REASON_UNKNOWN_VERSION);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].dictionary_snapshot().version(), 1u);
+  // Asked again before that snapshot was in (version 0 held, or none), or with version 1 held
+  // while the dictionary is still at version 1: covered.
+  EXPECT_TRUE(answer(0, v1::SNAPSHOT_REASON_BASE_VERSION_MISMATCH).empty());
+  EXPECT_TRUE(answer(0, v1::SNAPSHOT_REASON_NO_STATE).empty());
+  EXPECT_TRUE(answer(1, v1::SNAPSHOT_REASON_CHECKSUM_MISMATCH).empty());
+  EXPECT_EQ(pair.up().stats().snapshot_requests_coalesced(), 3u);
+
+  // Version 2 exists: a replica at version 1 that lost its delta gets it whole.
+  ASSERT_TRUE(pair.Microbatch(2, 0, h_, tokens_, &err2, &norm2).ok());
+  ASSERT_TRUE(pair.CloseStep(2).ok());
+  ASSERT_EQ(pair.up().stats().dictionary_version(), 2u);
+  out = answer(1, v1::SNAPSHOT_REASON_BASE_VERSION_MISMATCH);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].dictionary_snapshot().version(), 2u);
+  EXPECT_TRUE(answer(1, v1::SNAPSHOT_REASON_UNKNOWN_VERSION).empty());
+  EXPECT_EQ(pair.up().stats().snapshot_requests_coalesced(), 4u);
+
+  // A restarted downstream is sent the dictionary at once, whatever the old one was sent; its
+  // requests from before that snapshot was in are covered by it.
+  ASSERT_EQ(pair.up().OnPeerRestart().size(), 1u);
+  EXPECT_TRUE(answer(0, v1::SNAPSHOT_REASON_NO_STATE).empty());
+  EXPECT_EQ(pair.up().stats().snapshot_requests_coalesced(), 5u);
+}
+
 // A restarted upstream numbers its dictionary versions from 0 again, with other tables: its
 // version 1 is not the old version 1. After OnPeerRestart the downstream holds only version 0, so
 // a new-lineage frame naming version 1 is refused (a snapshot is asked for) instead of being

@@ -283,6 +283,8 @@ TEST(StatsFamiliesTest, KnownSeriesByHand) {
   records[0].set_dictionary_version(12);
   records[1].set_orthogonality_error(2.5e-7);
   records[1].set_has_dictionary(true);
+  records[0].set_inbox_bytes(3 << 20);
+  records[0].set_inbox_tensors_dropped(2);
   records[0].mutable_link()->set_bytes_sent(123456789012ULL);
   records[0].mutable_link()->set_last_rtt_seconds(0.004);
   (*records[1].mutable_link()->mutable_sent())["frame"].set_messages(41);
@@ -293,6 +295,10 @@ TEST(StatsFamiliesTest, KnownSeriesByHand) {
   EXPECT_EQ(FamilyType(f, "mapl_boundary_frames_sent_total"), prometheus::MetricType::Counter);
   EXPECT_EQ(SeriesValue(f, "mapl_boundary_dictionary_version", kDown), 12);
   EXPECT_EQ(FamilyType(f, "mapl_boundary_dictionary_version"), prometheus::MetricType::Gauge);
+  // The worker's inbox.
+  EXPECT_EQ(SeriesValue(f, "mapl_boundary_inbox_bytes", kDown), 3 << 20);
+  EXPECT_EQ(FamilyType(f, "mapl_boundary_inbox_bytes"), prometheus::MetricType::Gauge);
+  EXPECT_EQ(SeriesValue(f, "mapl_boundary_inbox_tensors_dropped_total", kDown), 2);
   EXPECT_EQ(SeriesValue(f, "mapl_boundary_orthogonality_error", kUp), 2.5e-7);
   EXPECT_EQ(SeriesValue(f, "mapl_boundary_has_dictionary", kUp), 1);
   EXPECT_EQ(SeriesValue(f, "mapl_link_bytes_sent_total", kDown), 123456789012.0);
