@@ -1,6 +1,7 @@
 // Tests of the gRPC peer link (server/transport/peer_link.h) over loopback: ordering and
 // exactly-once delivery, large messages, the send-rate cap, late servers, drain, backpressure,
-// heartbeats, close, reconnect with resend, and the LinkStats record. Refusals, protocol
+// heartbeats, close, reconnect with resend, the LinkStats record, and a downstream that dials its
+// upstream (delivery across breaks, restarts of either end, the stage check). Refusals, protocol
 // violations and the health service are in peer_server_test.cc.
 #include "server/transport/peer_link.h"
 
