@@ -356,6 +356,10 @@ absl::StatusOr<v1::BoundaryConfig> BoundaryConfigWithDefaults(const v1::Boundary
   return c;
 }
 
+bool DialsPeer(const v1::BoundaryConfig& config) {
+  return config.has_dial() ? config.dial() : config.role() == v1::ROLE_UPSTREAM;
+}
+
 absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
   v1::DaemonConfig c = in;
   if (c.local_socket().empty()) c.set_local_socket(DefaultSocketPath(c.stage()));
@@ -367,6 +371,9 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
   if (c.metrics_address() != "off") {
     MAPL_RETURN_IF_ERROR(CheckAddress("metrics_address", c.metrics_address()));
   }
+  // An upstream that listens (dial: false) needs an address its downstream can reach; the
+  // loopback default serves only a downstream on the same host, so it is not assumed there.
+  const bool peer_listen_given = !c.peer_listen().empty();
   if (c.peer_listen().empty()) c.set_peer_listen("127.0.0.1:0");
   MAPL_RETURN_IF_ERROR(CheckAddress("peer_listen", c.peer_listen()));
   if (c.client_buffers() == 0) c.set_client_buffers(8);
@@ -448,14 +455,30 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
           c.stage() == 0 ? std::string("(none: stage 0 is first)") : absl::StrCat(c.stage() - 1),
           ", not ", b->id()));
     }
-    if (b->role() == v1::ROLE_UPSTREAM) {
+    if (b->role() == v1::ROLE_UPSTREAM && DialsPeer(*b)) {
       if (b->peer_address().empty()) {
         return absl::InvalidArgumentError(
             absl::StrCat(field,
                          ".peer_address: required on the upstream side (the downstream daemon's "
-                         "peer_listen address)"));
+                         "peer_listen address), unless the downstream dials: then set dial: false "
+                         "here and dial: true there"));
       }
       MAPL_RETURN_IF_ERROR(CheckAddress(field + ".peer_address", b->peer_address()));
+    }
+    if (b->role() == v1::ROLE_DOWNSTREAM && DialsPeer(*b)) {
+      if (b->peer_address().empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            field,
+            ".peer_address: required with dial: true (this downstream dials its upstream): set it "
+            "to the upstream daemon's peer_listen address"));
+      }
+      MAPL_RETURN_IF_ERROR(CheckAddress(field + ".peer_address", b->peer_address()));
+    }
+    if (b->role() == v1::ROLE_UPSTREAM && !DialsPeer(*b) && !peer_listen_given) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "peer_listen: required because ", field,
+          " has dial: false (this upstream listens for its downstream, which dials it): set it to "
+          "an address the downstream daemon can reach, and the downstream's peer_address to it"));
     }
     MAPL_ASSIGN_OR_RETURN(*b, BoundaryConfigWithDefaults(*b, field));
     // A trainer stages one whole microbatch (float32) and its token ids in one buffer.

@@ -43,6 +43,10 @@ absl::StatusOr<v1::DaemonConfig> LoadConfig(const std::string& path,
 // $XDG_RUNTIME_DIR/mapld-<stage>.sock, else /tmp/mapld-<uid>-<stage>.sock.
 std::string DefaultSocketPath(uint32_t stage);
 
+// Whether this side of boundary `config` dials its peer daemon (BoundaryConfig.dial; unset: the
+// upstream dials and the downstream listens).
+bool DialsPeer(const v1::BoundaryConfig& config);
+
 // The TLS files of `tls` (DaemonConfig.tls) as the transport takes them.
 TlsFiles TlsFilesOf(const v1::TlsConfig& tls);
 

@@ -246,11 +246,12 @@ void Daemon::HealthLoop() {
 }
 
 absl::Status Daemon::StartTransports() {
-  // The peer listener, for the boundaries this stage is downstream of; it and the local server
-  // both serve grpc.health.v1.Health.
+  // The peer listener, for the boundaries this stage listens on (BoundaryConfig.dial: those it is
+  // downstream of, unless it dials them, and those it is upstream of with dial: false); it and
+  // the local server both serve grpc.health.v1.Health.
   grpc::EnableDefaultHealthCheckService(true);
   bool serves_peers = false;
-  for (const auto& [id, w] : workers_) serves_peers |= w->config().role() == v1::ROLE_DOWNSTREAM;
+  for (const auto& [id, w] : workers_) serves_peers |= !DialsPeer(w->config());
   if (config_.has_tls()) {
     Log(LogLevel::kInfo, "peer links use TLS",
         {{"cert_file", config_.tls().cert_file()},
@@ -267,7 +268,7 @@ absl::Status Daemon::StartTransports() {
         absl::Milliseconds(config_.peer_keepalive_ms());
     options.max_message_bytes = 0;
     for (const auto& [id, w] : workers_) {
-      if (w->config().role() != v1::ROLE_DOWNSTREAM) continue;
+      if (DialsPeer(w->config())) continue;
       options.max_message_bytes =
           std::max(options.max_message_bytes, MaxPeerMessageBytes(w->config()));
     }
@@ -280,7 +281,7 @@ absl::Status Daemon::StartTransports() {
     }
     MAPL_ASSIGN_OR_RETURN(peer_server_, PeerServer::Create(options));
     for (auto& [id, w] : workers_) {
-      if (w->config().role() != v1::ROLE_DOWNSTREAM) continue;
+      if (DialsPeer(w->config())) continue;
       BoundaryWorker* worker = w.get();
       MAPL_ASSIGN_OR_RETURN(PeerLink * link, peer_server_->RegisterBoundary(
                                                  LinkOptions(id), [worker](v1::PeerMessage m) {
@@ -293,9 +294,9 @@ absl::Status Daemon::StartTransports() {
     Log(LogLevel::kInfo, "peer listener",
         {{"address", absl::StrCat(HostOf(config_.peer_listen()), ":", peer_port_)}});
   }
-  // Upstream links dial in the background: the downstream daemon may start later.
+  // The other links dial in the background: the listening daemon may start later.
   for (auto& [id, w] : workers_) {
-    if (w->config().role() != v1::ROLE_UPSTREAM) continue;
+    if (!DialsPeer(w->config())) continue;
     PeerLinkOptions options = LinkOptions(id);
     options.address = w->config().peer_address();
     options.connect_timeout = absl::Milliseconds(config_.peer_connect_timeout_ms());

@@ -64,7 +64,7 @@ class Daemon {
   void Shutdown(absl::Duration drain);
 
   const v1::DaemonConfig& config() const { return config_; }
-  int peer_port() const { return peer_port_; }
+  int peer_port() const { return peer_port_; }  // The peer listener's; 0 when no boundary listens.
   int metrics_port() const { return metrics_ != nullptr ? metrics_->port() : 0; }
 
   // ---- the local API, called by LocalService (server/local_service.cc) ----
@@ -103,7 +103,7 @@ class Daemon {
   std::unique_ptr<Backend> backend_;
   SessionRegistry sessions_;
   std::map<uint32_t, std::unique_ptr<BoundaryWorker>> workers_;
-  // Transports: the downstream ends belong to peer_server_, the upstream ends to dialed_.
+  // Transports: the listening ends belong to peer_server_, the dialing ends to dialed_.
   std::unique_ptr<PeerServer> peer_server_;
   std::vector<std::unique_ptr<Transport>> dialed_;
   std::map<uint32_t, Transport*> transports_;

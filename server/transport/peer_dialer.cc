@@ -1,5 +1,6 @@
-// The upstream end of a peer link: Dial, the connection thread that dials and redials, and the
-// client side of a stream. See peer_link.h for the contract.
+// The dialing end of a peer link (the upstream's, or a downstream's that dials its upstream): Dial,
+// the connection thread that dials and redials, and the client side of a stream. See peer_link.h
+// for the contract.
 #include <algorithm>
 #include <memory>
 #include <string>
@@ -93,10 +94,10 @@ void PeerLink::NewChannel() {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options_.max_message_bytes);
   args.SetMaxSendMessageSize(options_.max_message_bytes);
-  // The channel's own reconnect backoff decides how soon a downstream that starts late is seen.
+  // The channel's own reconnect backoff decides how soon a listener that starts late is seen.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, ToMillis(options_.initial_backoff));
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, ToMillis(options_.max_backoff));
-  // One TCP connection per link, not one shared by every link to the same downstream.
+  // One TCP connection per link, not one shared by every link to the same listener.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   SetKeepalive(options_.keepalive_time, options_.keepalive_timeout,
                [&args](const char* name, int value) { args.SetInt(name, value); });
@@ -204,16 +205,16 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
     result =
         WithPrefix(absl::StrCat(Describe(), ": ", options_.address, " refused the link: "), result);
     if (IsRefusal(result.code())) {
-      Log(LogLevel::kError, "peer link refused by the downstream", {{"status", result.ToString()}});
+      Log(LogLevel::kError, "peer link refused by the listener", {{"status", result.ToString()}});
     }
   } else {
     if (reply.protocol_version() != kPeerProtocolVersion) {
       result = absl::FailedPreconditionError(
-          absl::StrCat(Describe(), ": the downstream speaks protocol version ",
+          absl::StrCat(Describe(), ": the ", PeerSide(), " speaks protocol version ",
                        reply.protocol_version(), ", this side ", kPeerProtocolVersion));
     } else if (!reply.has_hello()) {
       result = absl::FailedPreconditionError(
-          absl::StrCat(Describe(), ": the downstream's first message is a '",
+          absl::StrCat(Describe(), ": the ", PeerSide(), "'s first message is a '",
                        PeerBodyName(reply.body_case()), "', not a Hello"));
     } else {
       result = CheckPeerHello(reply.hello());

@@ -106,17 +106,13 @@ absl::Status PeerLink::ValidateOptions(Role role, const PeerLinkOptions& o,
     return invalid("send_rate_bytes_per_second must be >= 0 and send_burst_bytes >= 1");
   }
   if (!handler) return invalid("a handler is required");
-  if (role == Role::kServer) {
-    if (o.stage != o.boundary + 1) {
-      return invalid(absl::StrCat("the serving (downstream) side must be stage ", o.boundary + 1,
-                                  ", not ", o.stage));
-    }
-    return absl::OkStatus();
+  // Either end may dial: the stage says which side of the boundary this end is, the role only
+  // who opens the connection (a downstream behind NAT dials its upstream's listener).
+  if (o.stage != o.boundary && o.stage != o.boundary + 1) {
+    return invalid(absl::StrCat("stage must be ", o.boundary, " (upstream) or ", o.boundary + 1,
+                                " (downstream), not ", o.stage));
   }
-  if (o.stage != o.boundary) {
-    return invalid(
-        absl::StrCat("the dialing (upstream) side must be stage ", o.boundary, ", not ", o.stage));
-  }
+  if (role == Role::kServer) return absl::OkStatus();
   if (o.address.empty()) return invalid("address is required");
   if (o.connect_timeout <= absl::ZeroDuration() || o.initial_backoff <= absl::ZeroDuration() ||
       o.max_backoff < o.initial_backoff) {
@@ -132,10 +128,16 @@ absl::Status PeerLink::ValidateOptions(Role role, const PeerLinkOptions& o,
 }
 
 std::string PeerLink::Describe() const {
+  // The role is named only where it is not the usual one (the upstream dials).
+  const char* reversed = upstream() == (role_ == Role::kDialer) ? ""
+                         : role_ == Role::kDialer               ? ", dialing"
+                                                                : ", listening";
   return absl::StrCat("peer link for boundary ", options_.boundary,
-                      role_ == Role::kDialer ? " (upstream, stage " : " (downstream, stage ",
-                      options_.stage, ")");
+                      upstream() ? " (upstream, stage " : " (downstream, stage ", options_.stage,
+                      reversed, ")");
 }
+
+const char* PeerLink::PeerSide() const { return upstream() ? "downstream" : "upstream"; }
 
 bool PeerLink::OnReaderThread() const { return reader_thread_ == std::this_thread::get_id(); }
 
@@ -276,7 +278,7 @@ void PeerLink::Close() {
       }
       auto gone = [this]()
                       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return active_session_ == nullptr; };
-      // The dialer half-closes and lets the downstream end the stream; the server side can only
+      // The dialer half-closes and lets the listener end the stream; the server side can only
       // cancel (a handler ends its stream by returning, and ours is blocked reading).
       if (role_ == Role::kServer ||
           !mu_.AwaitWithTimeout(absl::Condition(&gone), options_.close_grace)) {
@@ -296,7 +298,7 @@ void PeerLink::Close() {
 // ---- handshake ----
 
 absl::Status PeerLink::CheckPeerHello(const v1::Hello& hello) const {
-  const char* peer = role_ == Role::kDialer ? "downstream" : "upstream";
+  const char* peer = PeerSide();
   if (hello.protocol_version() != kPeerProtocolVersion) {
     return absl::FailedPreconditionError(
         absl::StrCat(Describe(), ": the ", peer, " speaks protocol version ",
@@ -311,8 +313,8 @@ absl::Status PeerLink::CheckPeerHello(const v1::Hello& hello) const {
     return absl::FailedPreconditionError(
         absl::StrCat(Describe(), ": the ", peer, " serves boundary ", hello.boundary()));
   }
-  const uint32_t expected_stage =
-      role_ == Role::kDialer ? options_.boundary + 1 : options_.boundary;
+  // The other side of the boundary, whichever end dialed.
+  const uint32_t expected_stage = upstream() ? options_.boundary + 1 : options_.boundary;
   if (hello.stage() != expected_stage) {
     return absl::FailedPreconditionError(absl::StrCat(
         Describe(), ": the ", peer, " says stage ", hello.stage(), ", expected ", expected_stage));

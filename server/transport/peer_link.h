@@ -4,10 +4,16 @@
 // retains and resends PeerMessages, authenticates the peer, and measures liveness and round-trip
 // time.
 //
-// The upstream (stage == boundary) dials; the downstream (stage == boundary + 1) serves through a
-// PeerServer (peer_server.h):
+// One end dials, the other listens through a PeerServer (peer_server.h). Which does is
+// independent of the pipeline: usually the upstream (stage == boundary) dials and the downstream
+// (stage == boundary + 1) listens, but a downstream that cannot be reached (behind NAT) dials its
+// upstream's listener instead. Either way the dialer is the TLS client and the listener the TLS
+// server, each end checks that the peer is the other side of the boundary (its Hello's stage),
+// and everything below (sequencing, acknowledgement, restarts, keepalive, liveness, redialing by
+// the dialer) is the same in both directions:
 //
-//   // Downstream: one server per daemon, one registered link per boundary it serves.
+//   // Listener (here the downstream): one server per daemon, one registered link per boundary it
+//   // listens for.
 //   mapl::PeerServerOptions server_options;
 //   server_options.listen_address = "0.0.0.0:7000";
 //   MAPL_ASSIGN_OR_RETURN(std::unique_ptr<mapl::PeerServer> server,
@@ -22,8 +28,10 @@
 //                         }));
 //   MAPL_RETURN_IF_ERROR(server->Start());
 //
-//   // Upstream: Dial returns at once and connects in the background, retrying for as long as it
-//   // takes (the downstream may start later, or restart).
+//   // Dialer (here the upstream): Dial returns at once and connects in the background, retrying
+//   // for as long as it takes (the listener may start later, or restart). To dial the other way,
+//   // register up_options (stage 3) on the upstream's server and Dial with down_options (stage 4)
+//   // and the upstream's address.
 //   mapl::PeerLinkOptions up_options = down_options;
 //   up_options.stage = 3;
 //   up_options.address = "stage4:7000";
@@ -50,7 +58,7 @@
 //   PERMISSION_DENIED   the peer's certificate lacks peer_identity.
 //   FAILED_PRECONDITION the link was closed; the peer speaks another protocol version, serves
 //                       another boundary or stage.
-//   NOT_FOUND           the downstream does not serve this boundary.
+//   NOT_FOUND           the listener does not serve this boundary.
 //   ALREADY_EXISTS      another peer instance holds a live stream for the boundary (server side).
 //   ABORTED             the same peer's newer stream replaced this one (server side).
 //   DATA_LOSS           a gap in the peer's sequence, or a resume point outside what is retained.
@@ -69,8 +77,8 @@
 // but must not block for long (it stalls reading and acknowledging) and must not destroy the link.
 //
 // Code: peer_link.cc holds sequencing, the handshake's checks and one connection's reader and
-// writer; peer_dialer.cc the upstream's dialing; peer_server.cc the downstream's PeerServer and
-// the server side of a stream.
+// writer; peer_dialer.cc the dialing; peer_server.cc the listener's PeerServer and the server
+// side of a stream.
 #ifndef MAPL_SERVER_TRANSPORT_PEER_LINK_H_
 #define MAPL_SERVER_TRANSPORT_PEER_LINK_H_
 
@@ -104,9 +112,10 @@ inline constexpr uint32_t kPeerProtocolVersion = 1;
 // one makes Dial / RegisterBoundary fail with INVALID_ARGUMENT.
 struct PeerLinkOptions {
   uint32_t boundary = 0;
-  // This side's pipeline stage: boundary for the upstream (dialer), boundary + 1 downstream.
+  // This side's pipeline stage: boundary for the upstream, boundary + 1 for the downstream. The
+  // peer must be the other one. Either may dial (the role is Dial or RegisterBoundary).
   uint32_t stage = 0;
-  // Dial only: the downstream's "host:port".
+  // Dial only: the listening peer's "host:port".
   std::string address;
   // Shared secret, required (non-empty); both sides present it and check the other's in constant
   // time. Only confidential over TLS (channel_credentials).
@@ -172,11 +181,11 @@ absl::string_view PeerBodyName(v1::PeerMessage::BodyCase body);
 
 class PeerServer;
 
-// One end of one boundary's peer stream. Created by PeerLink::Dial (upstream) or
-// PeerServer::RegisterBoundary (downstream); see the file comment.
+// One end of one boundary's peer stream. Created by PeerLink::Dial (the dialing end) or
+// PeerServer::RegisterBoundary (the listening end); see the file comment.
 class PeerLink final : public Transport {
  public:
-  // Starts the upstream end: validates `options`, then connects in the background (retrying with
+  // Starts the dialing end: validates `options`, then connects in the background (retrying with
   // backoff, for as long as it takes) and keeps reconnecting after a lost connection.
   // Only invalid options fail here; connection failures show in WaitConnected and status().
   static absl::StatusOr<std::unique_ptr<PeerLink>> Dial(const PeerLinkOptions& options,
@@ -299,7 +308,12 @@ class PeerLink final : public Transport {
   // When the current connection counts as dead if nothing more arrives: peer_timeout after the
   // last message, extended for an announced large message (PeerLinkOptions::peer_timeout).
   absl::Time PeerDeadline() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::string Describe() const;  // "peer link for boundary 3 (upstream, stage 3)".
+  // "peer link for boundary 3 (upstream, stage 3)"; ", dialing" or ", listening" is added where
+  // the role is not the usual one for the stage.
+  std::string Describe() const;
+  // This end's side of the boundary (its stage), whichever role it has; and the peer's, by name.
+  bool upstream() const { return options_.stage == options_.boundary; }
+  const char* PeerSide() const;  // "downstream" or "upstream".
 
   const Role role_;
   const PeerLinkOptions options_;

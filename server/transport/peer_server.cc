@@ -1,5 +1,6 @@
-// The downstream end of the peer links: PeerServer (the Peer service) and the server side of one
-// stream. See peer_link.h and peer_server.h for the contract.
+// The listening end of the peer links (the downstream's, or an upstream's whose downstream dials):
+// PeerServer (the Peer service) and the server side of one stream. See peer_link.h and
+// peer_server.h for the contract.
 #include "server/transport/peer_server.h"
 
 #include <algorithm>
@@ -108,9 +109,9 @@ absl::Status PeerLink::ServeStream(grpc::ServerContext* context,
     reason = RunSession(&session);
     if (reason.ok()) {
       clean = !context->IsCancelled();
-      reason = absl::UnavailableError(
-          absl::StrCat(Describe(), clean ? ": the upstream closed the link"
-                                         : ": connection to the upstream lost"));
+      reason =
+          absl::UnavailableError(absl::StrCat(Describe(), clean ? ": the " : ": connection to the ",
+                                              PeerSide(), clean ? " closed the link" : " lost"));
     }
   }
   absl::MutexLock lock(&mu_);

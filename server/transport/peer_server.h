@@ -1,5 +1,6 @@
-// The downstream's side of the peer links: one gRPC server for the Peer service per daemon, owning
-// one PeerLink (peer_link.h) per pipeline boundary it serves. See peer_link.h for an example.
+// The listening side of the peer links: one gRPC server for the Peer service per daemon, owning one
+// PeerLink (peer_link.h) per pipeline boundary it listens for (as the downstream, as usual, or as
+// the upstream of a downstream that dials). See peer_link.h for an example.
 #ifndef MAPL_SERVER_TRANSPORT_PEER_SERVER_H_
 #define MAPL_SERVER_TRANSPORT_PEER_SERVER_H_
 
@@ -25,7 +26,7 @@
 
 namespace mapl {
 
-// Settings of the downstream's Peer service. The limits bound what anyone who reaches the port can
+// Settings of the listener's Peer service. The limits bound what anyone who reaches the port can
 // hold before authenticating: a thread and one message per stream, for hello_timeout at most.
 struct PeerServerOptions {
   // "host:port"; port 0 picks a free port (see PeerServer::port()).
@@ -56,7 +57,7 @@ struct PeerServerOptions {
   std::function<void(grpc::ServerBuilder&)> configure;
 };
 
-// The downstream's gRPC server for the Peer service, owning one PeerLink per registered boundary.
+// The listener's gRPC server for the Peer service, owning one PeerLink per registered boundary.
 // A stream's first message must be a Hello whose token one of the registered links holds, within
 // hello_timeout; otherwise it ends with UNAUTHENTICATED (or DEADLINE_EXCEEDED) and learns nothing
 // of this server. An authenticated stream for an unregistered boundary is NOT_FOUND. While a
@@ -73,8 +74,9 @@ class PeerServer {
   PeerServer& operator=(const PeerServer&) = delete;
   ~PeerServer();  // Shutdown()s.
 
-  // Adds the server end of `options.boundary` (options.stage must be boundary + 1; address and
-  // the dial-only settings are ignored). The link lives as long as this server. INVALID_ARGUMENT
+  // Adds the server end of `options.boundary` (options.stage is either side of it, boundary or
+  // boundary + 1, and the dialer must be the other; address and the dial-only settings are
+  // ignored). The link lives as long as this server. INVALID_ARGUMENT
   // for invalid options; ALREADY_EXISTS if the boundary is registered. May be called before or
   // after Start.
   absl::StatusOr<PeerLink*> RegisterBoundary(const PeerLinkOptions& options,

@@ -131,6 +131,47 @@ TEST(Config, InvalidFieldsStopStartupNamingTheField) {
   ExpectError(Finalized(kStage1, {"backend=tpu"}), "(it has: cpu)");
 }
 
+// BoundaryConfig.dial: unset, the upstream dials and the downstream listens; a downstream that
+// dials needs the upstream's address, and an upstream that listens an explicit peer_listen.
+TEST(Config, DialSaysWhichSideOpensTheLinkAndWhatEachSideNeeds) {
+  constexpr char kStage0[] = R"pb(
+    stage: 0
+    auth_token: "t"
+    boundaries { id: 0 role: ROLE_UPSTREAM d: 512 vocab: 256 }
+  )pb";
+  absl::StatusOr<v1::DaemonConfig> c = Finalized(kStage1);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(DialsPeer(c->boundaries(0)));
+  c = Finalized(kStage0, {"boundaries[0].peer_address=10.0.0.2:7000"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(DialsPeer(c->boundaries(0)));
+  ExpectError(Finalized(kStage0), "unless the downstream dials: then set dial: false here");
+
+  // The downstream dials the upstream's listener.
+  ExpectError(Finalized(kStage1, {"boundaries[0].dial=true"}),
+              "boundaries[0].peer_address: required with dial: true (this downstream dials its "
+              "upstream)");
+  ExpectError(Finalized(kStage1, {"boundaries[0].dial=true", "boundaries[0].peer_address=up"}),
+              "boundaries[0].peer_address");
+  c = Finalized(kStage1, {"boundaries[0].dial=true", "boundaries[0].peer_address=10.0.0.1:7000"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(DialsPeer(c->boundaries(0)));
+  c = Finalized(kStage1, {"boundaries[0].dial=false"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(DialsPeer(c->boundaries(0)));
+
+  // The upstream listens for it: the loopback default would not be reachable from another host.
+  ExpectError(Finalized(kStage0, {"boundaries[0].dial=false"}),
+              "peer_listen: required because boundaries[0] has dial: false");
+  c = Finalized(kStage0, {"boundaries[0].dial=false", "peer_listen=0.0.0.0:7000"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(DialsPeer(c->boundaries(0)));
+  EXPECT_EQ(c->peer_listen(), "0.0.0.0:7000");
+  c = Finalized(kStage0, {"boundaries[0].dial=true", "boundaries[0].peer_address=10.0.0.2:7000"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(DialsPeer(c->boundaries(0)));
+}
+
 TEST(Config, Int4IsAcceptedForBothDirectionsOfProjectedMethods) {
   for (const char* method : {"METHOD_MAPL", "METHOD_FIXED"}) {
     absl::StatusOr<v1::DaemonConfig> c =

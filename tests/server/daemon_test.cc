@@ -5,6 +5,8 @@
 //   - a downstream that loses a delta asks for exactly one snapshot and follows the one it gets
 //     (the upstream is this test, dialing with its own PeerLink);
 //   - a send-rate cap holds on the wire;
+//   - a downstream that dials its listening upstream (BoundaryConfig.dial) carries both
+//     directions;
 //   - three stages step in order, including a Step retried on the middle stage after a timeout;
 //   - every deploy/examples config starts and shuts down.
 // Waits poll with a deadline; nothing sleeps to synchronise.
@@ -392,6 +394,79 @@ TEST(DaemonHealthTest, ReadinessFollowsTheLinkAndLivenessDoesNot) {
             HealthCheckResponse::NOT_SERVING);
   EXPECT_EQ(Health(port, "liveness"), HealthCheckResponse::SERVING);
   (*down)->Shutdown(absl::Seconds(1));
+}
+
+// A downstream that cannot be reached (behind NAT) dials its upstream (BoundaryConfig.dial): the
+// upstream listens and serves the health service on its peer port, the downstream has no
+// listener, and a tensor goes forward and its gradient backward, then a step's delta.
+TEST(DaemonDialTest, ADownstreamThatDialsCarriesBothDirectionsThroughTheUpstreamsListener) {
+  TempDir dir;
+  Shape shape;
+  absl::StatusOr<std::unique_ptr<Daemon>> up =
+      StartStage(dir, 0, {{0, true, ""}}, shape, {"boundaries[0].dial=false"});
+  ASSERT_TRUE(up.ok()) << up.status();
+  const int port = (*up)->peer_port();
+  ASSERT_GT(port, 0);
+  EXPECT_EQ(AwaitHealth(port, "", HealthCheckResponse::NOT_SERVING),
+            HealthCheckResponse::NOT_SERVING);
+  absl::StatusOr<std::unique_ptr<Daemon>> down =
+      StartStage(dir, 1, {{0, false, ""}}, shape,
+                 {"boundaries[0].dial=true", "boundaries[0].peer_address=" + Loopback(port)});
+  ASSERT_TRUE(down.ok()) << down.status();
+  EXPECT_EQ((*down)->peer_port(), 0);  // Nothing listens downstream.
+  EXPECT_EQ(AwaitHealth(port, "", HealthCheckResponse::SERVING), HealthCheckResponse::SERVING);
+  EXPECT_EQ(Health(port, "boundary/0"), HealthCheckResponse::SERVING);
+
+  std::unique_ptr<mc::Client> up_client, down_client;
+  ASSERT_TRUE(mc::Client::Connect((*up)->config().local_socket(), "up", 5000, &up_client).ok());
+  ASSERT_TRUE(
+      mc::Client::Connect((*down)->config().local_socket(), "down", 5000, &down_client).ok());
+  constexpr uint32_t kRows = 8;
+  auto [h, ids] = FillActivation(up_client.get(), 0, 0, kRows, shape, 1);
+  mc::SendResult sent;
+  mc::Status s = up_client->Send(0, mc::Direction::kForward, 1, 0, h, ids, &sent,
+                                 /*wait_encoded=*/true);
+  ASSERT_TRUE(s.ok()) << s.message;
+  mc::RecvResult r;
+  s = down_client->Recv(0, mc::Direction::kForward, 1, 0,
+                        mc::TensorRef{1, 0, shape.max_tokens, shape.d, mc::DType::kF32}, 0, &r);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_EQ(r.rows, kRows);
+  // The gradient: the decoded activation itself, scaled down (any finite tensor will do).
+  float* g = static_cast<float*>(down_client->data(1));
+  for (uint32_t i = 0; i < kRows * shape.d; ++i) g[i] *= 0.1f;
+  s = down_client->Send(0, mc::Direction::kBackward, 1, 0,
+                        mc::TensorRef{1, 0, kRows, shape.d, mc::DType::kF32}, std::nullopt, &sent,
+                        /*wait_encoded=*/true);
+  ASSERT_TRUE(s.ok()) << s.message;
+  s = up_client->Recv(0, mc::Direction::kBackward, 1, 0,
+                      mc::TensorRef{1, 0, shape.max_tokens, shape.d, mc::DType::kF32}, 0, &r);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_EQ(r.rows, kRows);
+  const float* grad = static_cast<const float*>(up_client->data(1));
+  for (uint32_t i = 0; i < kRows * shape.d; ++i) ASSERT_TRUE(std::isfinite(grad[i])) << i;
+  mc::StepResult stepped;
+  s = down_client->Step(1, 10000, &stepped);
+  ASSERT_TRUE(s.ok()) << s.message;
+  s = up_client->Step(1, 10000, &stepped);
+  ASSERT_TRUE(s.ok()) << s.message;
+  // The step's delta applied downstream, and everything sequenced acknowledged both ways.
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        const v1::BoundaryStats u = BoundaryOf(**up, 0), d = BoundaryOf(**down, 0);
+        return u.dictionary_version() > 0 && d.dictionary_version() == u.dictionary_version() &&
+               u.link().last_acked_seq() == u.link().last_seq() &&
+               d.link().last_acked_seq() == d.link().last_seq();
+      },
+      absl::Seconds(10)));
+
+  up_client.reset();
+  down_client.reset();
+  // The listening upstream sees the dialer go away: not ready any more.
+  (*down)->Shutdown(absl::Seconds(1));
+  EXPECT_EQ(AwaitHealth(port, "", HealthCheckResponse::NOT_SERVING),
+            HealthCheckResponse::NOT_SERVING);
+  (*up)->Shutdown(absl::Seconds(1));
 }
 
 TEST_F(DaemonPairTest, MetricsOverHttpCountTrafficInBothDirectionsOnTheRightSide) {

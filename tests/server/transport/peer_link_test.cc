@@ -1,6 +1,7 @@
 // Tests of the gRPC peer link (server/transport/peer_link.h) over loopback: ordering and
 // exactly-once delivery, large messages, the send-rate cap, late servers, drain, backpressure,
-// heartbeats, close, reconnect with resend, and the LinkStats record. Refusals, protocol
+// heartbeats, close, reconnect with resend, the LinkStats record, and a downstream that dials its
+// upstream (delivery across breaks, restarts of either end, the stage check). Refusals, protocol
 // violations and the health service are in peer_server_test.cc.
 #include "server/transport/peer_link.h"
 
@@ -11,6 +12,7 @@
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
@@ -30,6 +32,7 @@ using ::testing::HasSubstr;
 using testing_peer::Connect;
 using testing_peer::DialerSide;
 using testing_peer::Ignore;
+using testing_peer::kBoundary;
 using testing_peer::kWait;
 using testing_peer::MakeFrame;
 using testing_peer::MakeServer;
@@ -495,6 +498,151 @@ TEST(PeerLinkTest, StatsCountExactlyTheTrafficAcrossABreakAndResend) {
   EXPECT_EQ(down.sent().at("heartbeat").bytes(), up.received().at("heartbeat").bytes());
   EXPECT_THAT(up.received(), ::testing::SizeIs(2));
   EXPECT_THAT(down.sent(), ::testing::SizeIs(2));
+}
+
+// ---- the downstream dials (a downstream behind NAT dials its upstream's listener) ----
+
+// `o` moved to the other side of the boundary (stage 3 <-> 4), keeping its role settings:
+// ServerSide() becomes a listening upstream, DialerSide() a dialing downstream.
+PeerLinkOptions OtherSide(PeerLinkOptions o) {
+  o.stage = o.stage == kBoundary ? kBoundary + 1 : kBoundary;
+  return o;
+}
+
+// The downstream (stage 4) dials, the upstream (stage 3) listens: frames go both ways exactly once
+// and in order across connections broken from either side, as in the usual direction.
+TEST(PeerLinkTest, DownstreamThatDialsAndUpstreamThatListensDeliverBothWaysAcrossBreaks) {
+  constexpr int64_t kCount = 2000;
+  const std::string pool = RandomBytes(64 << 10, 61);
+  Recorder at_up(kCount, &pool);
+  Recorder at_down(kCount, &pool);
+  PeerLink* up = nullptr;    // Listening, stage 3.
+  PeerLink* down = nullptr;  // Dialing, stage 4.
+  at_up.on_message = [&up](int64_t n) {
+    if (n == 500 || n == 1500) up->BreakConnectionForTesting();
+  };
+  at_down.on_message = [&down](int64_t n) {
+    if (n == 1000) down->BreakConnectionForTesting();
+  };
+  // Connect registers its first options on its server and dials with the second.
+  Pair p =
+      Connect(at_up.handler(), at_down.handler(), OtherSide(ServerSide()), OtherSide(DialerSide()));
+  up = p.down;
+  down = p.up.get();
+  std::thread up_sender([&] { SendFrames(up, kCount, 4096, pool, 62, 1 << 20); });
+  std::thread down_sender([&] { SendFrames(down, kCount, 4096, pool, 63, 1 << 20); });
+  up_sender.join();
+  down_sender.join();
+  ASSERT_TRUE(at_up.WaitDone()) << at_up.received();
+  ASSERT_TRUE(at_down.WaitDone()) << at_down.received();
+  EXPECT_TRUE(up->Drain(kWait).ok());
+  EXPECT_TRUE(down->Drain(kWait).ok());
+  EXPECT_EQ(at_up.errors(), "");
+  EXPECT_EQ(at_down.errors(), "");
+  // The dialer (here the downstream) redials after each break; nobody restarted.
+  EXPECT_GE(down->stats().reconnects(), 2u);
+  EXPECT_EQ(down->stats().peer_restarts(), 0u);
+  EXPECT_EQ(up->stats().peer_restarts(), 0u);
+  // Closing the listening upstream is seen by the dialing downstream, named by its side.
+  up->Close();
+  ASSERT_TRUE(down->WaitDisconnected(kWait));
+  EXPECT_THAT(up->status().message(), HasSubstr("(upstream, stage 3, listening)"));
+}
+
+// Restarts in the reversed direction: a new instance of the dialing downstream is announced at
+// the listening upstream, and a new instance of the listening upstream at the dialing downstream,
+// each between the old instance's last message and the new one's first.
+TEST(PeerLinkTest, RestartsOfEitherEndAreAnnouncedWhenTheDownstreamDials) {
+  const std::string pool = RandomBytes(4096, 64);
+  absl::Mutex mu;
+  std::vector<std::string> at_up, at_down;  // "frame <step>" and "restart", in order.
+  auto recorder = [&mu](std::vector<std::string>* seen) {
+    return [&mu, seen](v1::PeerMessage m) {
+      absl::MutexLock l(&mu);
+      seen->push_back(absl::StrCat("frame ", m.frame().step()));
+    };
+  };
+  auto restarts = [&mu](std::vector<std::string>* seen) {
+    return [&mu, seen] {
+      absl::MutexLock l(&mu);
+      seen->push_back("restart");
+    };
+  };
+  PeerLinkOptions up_options = OtherSide(ServerSide());
+  up_options.on_peer_restart = restarts(&at_up);
+  PeerLinkOptions down_options = OtherSide(DialerSide());
+  down_options.on_peer_restart = restarts(&at_down);
+
+  // The downstream dials twice, as two instances.
+  std::unique_ptr<PeerServer> server = MakeServer();
+  absl::StatusOr<PeerLink*> up = server->RegisterBoundary(up_options, recorder(&at_up));
+  ASSERT_TRUE(up.ok());
+  ASSERT_TRUE(server->Start().ok());
+  const int port = server->port();
+  down_options.address = absl::StrCat("127.0.0.1:", port);
+  for (int life = 0; life < 2; ++life) {
+    absl::StatusOr<std::unique_ptr<PeerLink>> down = PeerLink::Dial(down_options, Ignore);
+    ASSERT_TRUE(down.ok());
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_TRUE((*down)->Send(MakeFrame(10 * life + i, 10, i, pool)).ok());
+    }
+    ASSERT_TRUE((*down)->Drain(kWait).ok());
+    (*down)->Close();
+  }
+  EXPECT_EQ((*up)->stats().peer_restarts(), 1u);
+
+  // The upstream restarts (a new server and link on the same port) under one dialing downstream.
+  absl::StatusOr<std::unique_ptr<PeerLink>> down = PeerLink::Dial(down_options, recorder(&at_down));
+  ASSERT_TRUE(down.ok());
+  for (int life = 0; life < 2; ++life) {
+    server->Shutdown();
+    server = MakeServer(port);
+    up = server->RegisterBoundary(up_options, Ignore);
+    ASSERT_TRUE(up.ok());
+    ASSERT_TRUE(server->Start().ok());
+    for (int i = 0; i < 3; ++i)
+      ASSERT_TRUE((*up)->Send(MakeFrame(10 * life + i, 10, i, pool)).ok());
+    ASSERT_TRUE((*up)->Drain(kWait).ok());
+  }
+  EXPECT_EQ((*down)->stats().peer_restarts(), 1u);
+  absl::MutexLock l(&mu);
+  EXPECT_EQ(absl::StrJoin(at_up, ", "),
+            "frame 0, frame 1, frame 2, restart, frame 10, frame 11, frame 12");
+  EXPECT_EQ(absl::StrJoin(at_down, ", "),
+            "frame 0, frame 1, frame 2, restart, frame 10, frame 11, frame 12");
+}
+
+// Each end expects its peer to be the other side of the boundary, whichever dials: a dialer at
+// the listener's own stage is turned away, and the listener names what it expected.
+TEST(PeerLinkTest, EachEndExpectsTheOtherSideOfTheBoundaryWhicheverDials) {
+  struct Case {
+    PeerLinkOptions listener;
+    PeerLinkOptions dialer;
+    const char* says;
+  };
+  const Case cases[] = {
+      // Two downstreams: the usual listener and a downstream that dials.
+      {ServerSide(), OtherSide(DialerSide()),
+       "(downstream, stage 4): the upstream says stage 4, expected 3"},
+      // Two upstreams: a listening upstream and the usual dialer.
+      {OtherSide(ServerSide()), DialerSide(),
+       "(upstream, stage 3, listening): the downstream says stage 3, expected 4"},
+  };
+  for (const Case& c : cases) {
+    std::unique_ptr<PeerServer> server = MakeServer();
+    absl::StatusOr<PeerLink*> listener = server->RegisterBoundary(c.listener, Ignore);
+    ASSERT_TRUE(listener.ok());
+    ASSERT_TRUE(server->Start().ok());
+    PeerLinkOptions dialer_options = c.dialer;
+    dialer_options.address = absl::StrCat("127.0.0.1:", server->port());
+    absl::StatusOr<std::unique_ptr<PeerLink>> dialer = PeerLink::Dial(dialer_options, Ignore);
+    ASSERT_TRUE(dialer.ok());
+    ASSERT_TRUE((*listener)->AwaitStats(
+        [](const v1::LinkStats& s) { return s.handshakes_rejected() >= 1; }, kWait));
+    EXPECT_THAT((*listener)->status().message(), HasSubstr(c.says));
+    EXPECT_EQ((*listener)->status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_FALSE((*dialer)->connected());
+  }
 }
 
 }  // namespace

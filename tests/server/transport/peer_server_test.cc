@@ -81,18 +81,20 @@ TEST(PeerServerTest, InvalidUseIsRejected) {
   PeerLinkOptions o = DialerSide(1);
   o.auth_token.clear();
   EXPECT_EQ(PeerLink::Dial(o, Ignore).status().code(), absl::StatusCode::kInvalidArgument);
+  // Either side of the boundary may dial or listen, but it must be one of its two sides.
   o = DialerSide(1);
-  o.stage = kBoundary + 1;
+  o.stage = kBoundary + 2;
   const absl::Status wrong_stage = PeerLink::Dial(o, Ignore).status();
   EXPECT_EQ(wrong_stage.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(wrong_stage.message(), HasSubstr("must be stage 3, not 4"));
+  EXPECT_THAT(wrong_stage.message(),
+              HasSubstr("stage must be 3 (upstream) or 4 (downstream), not 5"));
   EXPECT_EQ(PeerLink::Dial(DialerSide(1), nullptr).status().code(),
             absl::StatusCode::kInvalidArgument);
 
   std::unique_ptr<PeerServer> server = MakeServer();
-  PeerLinkOptions upstream_stage = ServerSide();
-  upstream_stage.stage = kBoundary;
-  EXPECT_EQ(server->RegisterBoundary(upstream_stage, Ignore).status().code(),
+  PeerLinkOptions other_stage = ServerSide();
+  other_stage.stage = kBoundary - 1;
+  EXPECT_EQ(server->RegisterBoundary(other_stage, Ignore).status().code(),
             absl::StatusCode::kInvalidArgument);
   ASSERT_TRUE(server->RegisterBoundary(ServerSide(), Ignore).ok());
   EXPECT_EQ(server->RegisterBoundary(ServerSide(), Ignore).status().code(),

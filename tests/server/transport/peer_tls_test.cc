@@ -1,7 +1,8 @@
 // The peer link over TLS (server/transport/tls.h) with certificates made at test time by the
 // openssl command: mutual TLS carries frames; a plaintext peer, a peer without a client
 // certificate, a certificate from another CA and a certificate with the wrong identity are refused
-// and counted; a rotated certificate is picked up without a restart.
+// and counted; a rotated certificate is picked up without a restart; a downstream that dials its
+// upstream is the TLS client.
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -29,6 +31,7 @@ namespace {
 using ::testing::HasSubstr;
 using testing_peer::DialerSide;
 using testing_peer::Ignore;
+using testing_peer::kBoundary;
 using testing_peer::kWait;
 using testing_peer::MakeFrame;
 using testing_peer::RandomBytes;
@@ -208,6 +211,60 @@ TEST(PeerTlsTest, DialerRefusesAServerWithTheWrongIdentity) {
   EXPECT_EQ(connected.code(), absl::StatusCode::kPermissionDenied) << connected;
   EXPECT_THAT(connected.message(), HasSubstr(kDownIdentity));
   EXPECT_GE(up->stats().identity_rejected(), 1u);
+}
+
+// A downstream behind NAT dials its upstream's TLS listener (BoundaryConfig.dial): the dialer is
+// the TLS client and the listener the server whatever their stages, each checks the other's
+// identity, and frames go both ways. A certificate of the same CA with another name, dialing as
+// the downstream, is refused by the listening upstream.
+TEST(PeerTlsTest, DownstreamDialingItsUpstreamIsTheTlsClientAndBothIdentitiesAreChecked) {
+  const Certs& certs = Certs::Get();
+  const std::string pool = RandomBytes(1 << 16, 7);
+  Recorder at_up(100, &pool);
+  Recorder at_down(100, &pool);
+  PeerServerOptions server_options;
+  server_options.listen_address = "127.0.0.1:0";
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> server_credentials =
+      TlsServerCredentials(certs.Files("up"));
+  ASSERT_TRUE(server_credentials.ok()) << server_credentials.status();
+  server_options.credentials = *server_credentials;
+  std::unique_ptr<PeerServer> server = *PeerServer::Create(server_options);
+  PeerLinkOptions up_options = ServerSide();
+  up_options.stage = kBoundary;
+  up_options.peer_identity = kDownIdentity;
+  absl::StatusOr<PeerLink*> up = server->RegisterBoundary(up_options, at_up.handler());
+  ASSERT_TRUE(up.ok()) << up.status();
+  ASSERT_TRUE(server->Start().ok());
+
+  auto dial_as_downstream = [&](const std::string& leaf, Transport::Handler handler) {
+    PeerLinkOptions o = DialerSide(server->port());
+    o.stage = kBoundary + 1;
+    o.peer_identity = kUpIdentity;
+    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+        TlsChannelCredentials(certs.Files(leaf), kUpIdentity);
+    EXPECT_TRUE(credentials.ok()) << credentials.status();
+    o.channel_credentials = *credentials;
+    return *PeerLink::Dial(o, std::move(handler));
+  };
+  std::unique_ptr<PeerLink> down = dial_as_downstream("down", at_down.handler());
+  ASSERT_TRUE(down->WaitConnected(kWait).ok()) << down->status();
+  for (int i = 0; i < 100; ++i) {
+    ASSERT_TRUE((*up)->Send(MakeFrame(i, 1000, i, pool)).ok());
+    ASSERT_TRUE(down->Send(MakeFrame(i, 1000, 2 * i, pool)).ok());
+  }
+  ASSERT_TRUE(at_up.WaitDone());
+  ASSERT_TRUE(at_down.WaitDone());
+  EXPECT_EQ(at_up.errors(), "");
+  EXPECT_EQ(at_down.errors(), "");
+  EXPECT_EQ((*up)->stats().handshakes_rejected(), 0u);
+
+  std::unique_ptr<PeerLink> intruder = dial_as_downstream("intruder", Ignore);
+  const absl::Status connected = intruder->WaitConnected(kWait);
+  EXPECT_EQ(connected.code(), absl::StatusCode::kPermissionDenied) << connected;
+  EXPECT_THAT(connected.message(), HasSubstr(kDownIdentity));
+  EXPECT_THAT(connected.message(), HasSubstr("intruder.mapl.test"));
+  EXPECT_GE((*up)->stats().identity_rejected(), 1u);
+  EXPECT_TRUE(down->connected());
 }
 
 TEST(PeerTlsTest, RotatedServerCertificateIsUsedWithoutARestart) {
