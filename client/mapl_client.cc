@@ -356,6 +356,10 @@ Status Client::Connect(const std::string& socket_path, const std::string& client
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 50);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 50);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
+  // Its own connection: gRPC shares subchannels between the channels of a process by default,
+  // and a client made after its daemon restarted on the same socket path would otherwise be
+  // handed the connection to the daemon that is gone ("Broken pipe" at Attach).
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   im.channel =
       grpc::CreateCustomChannel("unix:" + socket_path, grpc::InsecureChannelCredentials(), args);
   im.stub = v1::Local::NewStub(im.channel);
