@@ -751,6 +751,16 @@ v1::BoundaryState BoundaryWorker::SaveState() const {
   return engine_->SaveState();
 }
 
+void BoundaryWorker::CountCheckpoint(bool written, absl::Time when) {
+  absl::MutexLock lock(&engine_mu_);
+  if (written) {
+    ++checkpoints_written_;
+    last_checkpoint_unix_seconds_ = absl::ToDoubleSeconds(when - absl::UnixEpoch());
+  } else {
+    ++checkpoint_failures_;
+  }
+}
+
 absl::Status BoundaryWorker::RestoreState(const v1::BoundaryState& state) {
   MAPL_CHECK(transport_ == nullptr, "BoundaryWorker::RestoreState after Start");
   absl::MutexLock lock(&engine_mu_);
@@ -766,6 +776,9 @@ v1::BoundaryStats BoundaryWorker::stats() const {
     s.set_wire_seconds_per_microbatch(wire_seconds_per_microbatch_);
     s.set_wire_goodput_bytes_per_second(wire_goodput_);
     s.set_transport_queue_limit_bytes(static_cast<uint64_t>(transport_queue_limit_));
+    s.set_checkpoints_written(checkpoints_written_);
+    s.set_checkpoint_failures(checkpoint_failures_);
+    s.set_last_checkpoint_unix_seconds(last_checkpoint_unix_seconds_);
   }
   {
     // The engine counts what reached it; NaN and Inf are refused here first.

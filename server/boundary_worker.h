@@ -154,6 +154,8 @@ class BoundaryWorker {
 
   // The engine's learned state (Engine::SaveState), taken between two engine calls.
   v1::BoundaryState SaveState() const ABSL_LOCKS_EXCLUDED(engine_mu_);
+  // Counts a checkpoint of SaveState's state: written to disk at `when`, or failed.
+  void CountCheckpoint(bool written, absl::Time when) ABSL_LOCKS_EXCLUDED(engine_mu_);
   // Engine::RestoreState; before Start.
   absl::Status RestoreState(const v1::BoundaryState& state) ABSL_LOCKS_EXCLUDED(engine_mu_);
 
@@ -238,6 +240,9 @@ class BoundaryWorker {
   double compute_seconds_per_microbatch_ ABSL_GUARDED_BY(engine_mu_) = 0.0;
   double wire_seconds_per_microbatch_ ABSL_GUARDED_BY(engine_mu_) = 0.0;
   double wire_goodput_ ABSL_GUARDED_BY(engine_mu_) = 0.0;  // bytes/s; 0 until measured
+  uint64_t checkpoints_written_ ABSL_GUARDED_BY(engine_mu_) = 0;
+  uint64_t checkpoint_failures_ ABSL_GUARDED_BY(engine_mu_) = 0;
+  double last_checkpoint_unix_seconds_ ABSL_GUARDED_BY(engine_mu_) = 0.0;
   // TransportQueueLimit of the goodput, renewed as each step closes.
   int64_t transport_queue_limit_ ABSL_GUARDED_BY(engine_mu_);
 

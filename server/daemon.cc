@@ -182,7 +182,10 @@ absl::StatusOr<v1::CheckpointReply> Daemon::WriteCheckpoint(absl::string_view wh
   for (const auto& [id, w] : workers_) {
     const v1::BoundaryState state = w->SaveState();
     int64_t bytes = 0;
-    MAPL_ASSIGN_OR_RETURN(std::string path, WriteStateFile(config_.state_dir(), state, &bytes));
+    absl::StatusOr<std::string> path_or = WriteStateFile(config_.state_dir(), state, &bytes);
+    w->CountCheckpoint(path_or.ok(), absl::Now());
+    if (!path_or.ok()) return path_or.status();
+    const std::string& path = *path_or;
     v1::CheckpointReply::Written* written = reply.add_boundaries();
     written->set_boundary(id);
     written->set_path(path);

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "server/config.h"
 #include "server/transport/fingerprint.h"
 
@@ -58,16 +59,19 @@ absl::Status PrepareStateDir(const std::string& dir) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> WriteStateFile(const std::string& dir, const v1::BoundaryState& state,
-                                           int64_t* bytes) {
+absl::StatusOr<std::string> SerializeStateFile(const v1::BoundaryState& state) {
   v1::StateFile file;
   file.set_format(kStateFormat);
   if (!state.SerializeToString(file.mutable_state())) {
     return absl::InternalError("checkpoint: the boundary state does not serialize (over 2 GiB?)");
   }
   file.set_checksum(XXH3_64bits(file.state().data(), file.state().size()));
-  const std::string data = file.SerializeAsString();
+  return file.SerializeAsString();
+}
 
+absl::StatusOr<std::string> WriteStateFile(const std::string& dir, const v1::BoundaryState& state,
+                                           int64_t* bytes) {
+  MAPL_ASSIGN_OR_RETURN(const std::string data, SerializeStateFile(state));
   const std::string path = StateFilePath(dir, state.boundary());
   const std::string tmp = absl::StrCat(path, ".tmp");
   auto fail = [&](absl::string_view what) {
@@ -111,11 +115,16 @@ absl::StatusOr<std::optional<v1::BoundaryState>> ReadStateFile(const std::string
   }
   std::ostringstream contents;
   contents << in.rdbuf();
+  return ParseStateFile(contents.str(), path, boundary);
+}
+
+absl::StatusOr<v1::BoundaryState> ParseStateFile(absl::string_view bytes, absl::string_view path,
+                                                 uint32_t boundary) {
   const std::string what_to_do =
       "; restore it from a backup, or move it away to start this boundary afresh (the learned "
       "dictionary and anchors are then lost)";
   v1::StateFile file;
-  if (!file.ParseFromString(contents.str())) {
+  if (!file.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
     return absl::DataLossError(
         absl::StrCat("state file ", path, ": damaged (does not parse)", what_to_do));
   }

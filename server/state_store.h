@@ -47,6 +47,13 @@ absl::StatusOr<std::string> WriteStateFile(const std::string& dir, const v1::Bou
 absl::StatusOr<std::optional<v1::BoundaryState>> ReadStateFile(const std::string& dir,
                                                                uint32_t boundary);
 
+// The bytes of a state file holding `state` (StateFile: format, state, checksum), and the state a
+// file's bytes hold, with the checks ReadStateFile makes (`path` only names the file in errors).
+// SerializeStateFile fails only for a state over protobuf's 2 GiB.
+absl::StatusOr<std::string> SerializeStateFile(const v1::BoundaryState& state);
+absl::StatusOr<v1::BoundaryState> ParseStateFile(absl::string_view bytes, absl::string_view path,
+                                                 uint32_t boundary);
+
 // FAILED_PRECONDITION unless `state` was taken by this boundary (id, role) under a config with the
 // same fingerprint; the message names `path` and the first field that differs.
 absl::Status CheckStateFitsConfig(const v1::BoundaryState& state, const v1::BoundaryConfig& config,

@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "proto/mapl/v1/local.pb.h"
+#include "server/state_store.h"
 #include "tests/fuzz/fuzz_util.h"
 
 namespace {
@@ -170,6 +171,23 @@ void TensorRefCorpus() {
 
 }  // namespace
 
+// Checkpoints of both sides of each variant: as files, and as states for the harness to wrap.
+void StateCorpus(int v) {
+  const std::string name = fuzz::VariantName(v);
+  for (const bool upstream : {true, false}) {
+    const v1::BoundaryState state = upstream ? fuzz::UpstreamWithPending(v, nullptr)->SaveState()
+                                             : fuzz::TrainedDownstream(v)->SaveState();
+    absl::StatusOr<std::string> file = SerializeStateFile(state);
+    if (!file.ok()) fuzz::Fail("cannot serialize a state: " + std::string(file.status().message()));
+    const std::string side = upstream ? "-up" : "-down";
+    const int head = v + fuzz::kNumVariants * (upstream ? 1 : 0);
+    Write("state_fuzzer", name + side + "-file", std::string(1, static_cast<char>(head)) + *file);
+    Write("state_fuzzer", name + side + "-state",
+          std::string(1, static_cast<char>(head + 2 * fuzz::kNumVariants)) +
+              state.SerializeAsString());
+  }
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s CORPUS_DIR (tests/fuzz/corpus)\n", argv[0]);
@@ -180,6 +198,7 @@ int main(int argc, char** argv) {
   for (int v = 0; v < fuzz::kNumVariants; ++v) {
     FrameCorpus(v);
     SequenceCorpus(v);
+    StateCorpus(v);
   }
   DictionaryCorpus();
   ConfigCorpus();

@@ -13,9 +13,10 @@ set -uo pipefail
 seconds=${1:-600}
 build=${2:-build-asan}
 cd "$(dirname "$0")/../.." || exit 1
-targets=(frame_fuzzer peer_sequence_fuzzer dictionary_fuzzer config_fuzzer tensor_ref_fuzzer)
+targets=(frame_fuzzer peer_sequence_fuzzer dictionary_fuzzer config_fuzzer tensor_ref_fuzzer state_fuzzer)
 declare -A max_len=([frame_fuzzer]=16384 [peer_sequence_fuzzer]=131072
-                    [dictionary_fuzzer]=65536 [config_fuzzer]=4096 [tensor_ref_fuzzer]=1024)
+                    [dictionary_fuzzer]=65536 [config_fuzzer]=4096 [tensor_ref_fuzzer]=1024
+                    [state_fuzzer]=262144)
 
 if [ ! -f "$build/build.ninja" ]; then
   if [ "$build" != build-asan ]; then

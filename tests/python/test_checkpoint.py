@@ -81,6 +81,7 @@ def test_state_survives_sigkill_and_sigterm(short_tmp: Path):
         # Steps 5 and 10 were checkpointed by the upstream on its own.
         assert len(re.findall(r'msg=checkpoint .*why="every 5 steps"', up_proc.log())) == 2, \
             up_proc.log()
+        assert up.stats().boundary(0).checkpoints_written == 2
         written = down.checkpoint()
         assert [w["boundary"] for w in written] == [0]
         assert written[0]["last_step"] == 10 and written[0]["bytes"] > 0
@@ -137,3 +138,46 @@ def test_state_survives_sigkill_and_sigterm(short_tmp: Path):
             s.close()
         for p in procs:
             p.stop()
+
+
+def test_checkpoint_call_says_what_is_wrong(short_tmp: Path):
+    """Without a state_dir the call names the setting; a state_dir that cannot be written any
+    more fails the call naming the file, is counted, and leaves the last checkpoint in place."""
+    mapld_binary()
+    boundary = dict(BOUNDARY, role="ROLE_DOWNSTREAM")
+    proc = start_mapld(short_tmp, 1, [boundary], {"peer_listen": "127.0.0.1:0"})
+    try:
+        sidecar = proc.connect("trainer")
+        try:
+            sidecar.checkpoint()
+            raise AssertionError("checkpoint() without a state_dir succeeded")
+        except mapl.FailedPrecondition as e:
+            assert "state_dir" in str(e), e
+        sidecar.close()
+    finally:
+        assert proc.stop() == 0
+
+    state = short_tmp / "state"
+    proc = start_mapld(short_tmp, 1, [boundary],
+                       {"peer_listen": "127.0.0.1:0", "state_dir": str(state)})
+    try:
+        sidecar = proc.connect("trainer")
+        written = sidecar.checkpoint()
+        kept = Path(written[0]["path"]).read_bytes()
+        stats = sidecar.stats().boundary(0)
+        assert stats.checkpoints_written == 1 and stats.checkpoint_failures == 0
+        assert abs(stats.last_checkpoint_unix_seconds - time.time()) < 60
+        # The directory is replaced by a file: nothing can be written under it.
+        state.rename(short_tmp / "state.moved")
+        state.write_text("not a directory")
+        try:
+            sidecar.checkpoint()
+            raise AssertionError("checkpoint() into a file succeeded")
+        except mapl.Unavailable as e:
+            assert "boundary-0.state.tmp" in str(e) and "previous checkpoint is kept" in str(e), e
+        assert sidecar.stats().boundary(0).checkpoint_failures == 1
+        assert (short_tmp / "state.moved" / "boundary-0.state").read_bytes() == kept
+        sidecar.close()
+    finally:
+        proc.stop()
+    assert "checkpoint at shutdown failed" in proc.log(), proc.log()
