@@ -562,39 +562,55 @@ TEST(EngineHealthTest, DenseLeavesTheCodecGaugesAtZero) {
 
 // ---- the worker's compute and link seconds ----
 
+// Two workers of a METHOD_DENSE boundary (d = 512) over a loopback link whose upstream sends at
+// `rate` bytes a second; the upstream worker takes `up_options`.
+struct CappedWorkers {
+  static constexpr int64_t kD = 512;
+  CappedWorkers(double rate, const WorkerOptions& up_options) : backend(MakeCpuBackend()) {
+    namespace tp = testing_peer;
+    auto config = [](v1::Role role) {
+      v1::BoundaryConfig c;
+      c.set_id(tp::kBoundary);
+      c.set_role(role);
+      c.set_d(kD);
+      c.set_k(32);
+      c.set_method(v1::METHOD_DENSE);
+      c.set_vocab(100);
+      return c;
+    };
+    up = std::make_unique<BoundaryWorker>(
+        Engine::Create(config(v1::ROLE_UPSTREAM), backend.get()).value(), up_options,
+        CodecTimers{});
+    down = std::make_unique<BoundaryWorker>(
+        Engine::Create(config(v1::ROLE_DOWNSTREAM), backend.get()).value(), WorkerOptions{},
+        CodecTimers{});
+    PeerLinkOptions dialer = tp::DialerSide();
+    dialer.send_rate_bytes_per_second = rate;
+    BoundaryWorker* u = up.get();
+    BoundaryWorker* w = down.get();
+    link = tp::Connect([w](v1::PeerMessage m) { w->OnPeerMessage(std::move(m)); },
+                       [u](v1::PeerMessage m) { u->OnPeerMessage(std::move(m)); }, tp::ServerSide(),
+                       dialer);
+    up->Start(link.up.get());
+    down->Start(link.down);
+  }
+
+  std::unique_ptr<Backend> backend;
+  testing_peer::Pair link;  // declared before the workers: they stop before it goes
+  std::unique_ptr<BoundaryWorker> up, down;
+};
+
 // Dense frames of 64 KiB each over a link capped at 1 MB/s: the goodput is the cap (not the
 // average over the idle second between the steps), the link takes ~65 ms a microbatch and the
 // codec a small fraction of that.
 TEST(WorkerHealthTest, LinkSecondsFollowTheRateCap) {
   namespace tp = testing_peer;
-  constexpr int64_t kD = 512, kN = 64, kMicrobatches = 6;
+  constexpr int64_t kD = CappedWorkers::kD, kN = 64, kMicrobatches = 6;
   constexpr double kRate = 1e6;
-  std::unique_ptr<Backend> backend = MakeCpuBackend();
-  auto config = [](v1::Role role) {
-    v1::BoundaryConfig c;
-    c.set_id(tp::kBoundary);
-    c.set_role(role);
-    c.set_d(kD);
-    c.set_k(32);
-    c.set_method(v1::METHOD_DENSE);
-    c.set_vocab(100);
-    return c;
-  };
-  auto up = std::make_unique<BoundaryWorker>(
-      Engine::Create(config(v1::ROLE_UPSTREAM), backend.get()).value(), WorkerOptions{},
-      CodecTimers{});
-  auto down = std::make_unique<BoundaryWorker>(
-      Engine::Create(config(v1::ROLE_DOWNSTREAM), backend.get()).value(), WorkerOptions{},
-      CodecTimers{});
-  PeerLinkOptions up_options = tp::DialerSide();
-  up_options.send_rate_bytes_per_second = kRate;
-  BoundaryWorker* u = up.get();
-  BoundaryWorker* w = down.get();
-  tp::Pair link = tp::Connect([w](v1::PeerMessage m) { w->OnPeerMessage(std::move(m)); },
-                              [u](v1::PeerMessage m) { u->OnPeerMessage(std::move(m)); },
-                              tp::ServerSide(), up_options);
-  up->Start(link.up.get());
-  down->Start(link.down);
+  CappedWorkers workers(kRate, WorkerOptions{});
+  std::unique_ptr<BoundaryWorker>& up = workers.up;
+  std::unique_ptr<BoundaryWorker>& down = workers.down;
+  tp::Pair& link = workers.link;
 
   const std::vector<float> h = Gaussian(kN * kD, 1);
   for (uint64_t step = 1; step <= 2; ++step) {
@@ -659,36 +675,15 @@ TEST(WorkerHealthTest, TransportQueueLimitIsSecondsOfGoodputCappedInBytes) {
 // max_transport_queue_time of it in the transport (200 KB here), not max_transport_queue_bytes.
 TEST(WorkerHealthTest, EncoderKeepsTheTransportQueueWithinItsTime) {
   namespace tp = testing_peer;
-  constexpr int64_t kD = 512, kN = 64;
+  constexpr int64_t kD = CappedWorkers::kD, kN = 64;
   constexpr double kRate = 1e6;
   constexpr int64_t kFrameBytes = kN * kD * 2;  // dense bf16
-  std::unique_ptr<Backend> backend = MakeCpuBackend();
-  auto config = [](v1::Role role) {
-    v1::BoundaryConfig c;
-    c.set_id(tp::kBoundary);
-    c.set_role(role);
-    c.set_d(kD);
-    c.set_k(32);
-    c.set_method(v1::METHOD_DENSE);
-    c.set_vocab(100);
-    return c;
-  };
   WorkerOptions options;
   options.max_transport_queue_time = absl::Milliseconds(200);
-  auto up = std::make_unique<BoundaryWorker>(
-      Engine::Create(config(v1::ROLE_UPSTREAM), backend.get()).value(), options, CodecTimers{});
-  auto down = std::make_unique<BoundaryWorker>(
-      Engine::Create(config(v1::ROLE_DOWNSTREAM), backend.get()).value(), WorkerOptions{},
-      CodecTimers{});
-  PeerLinkOptions up_options = tp::DialerSide();
-  up_options.send_rate_bytes_per_second = kRate;
-  BoundaryWorker* u = up.get();
-  BoundaryWorker* w = down.get();
-  tp::Pair link = tp::Connect([w](v1::PeerMessage m) { w->OnPeerMessage(std::move(m)); },
-                              [u](v1::PeerMessage m) { u->OnPeerMessage(std::move(m)); },
-                              tp::ServerSide(), up_options);
-  up->Start(link.up.get());
-  down->Start(link.down);
+  CappedWorkers workers(kRate, options);
+  std::unique_ptr<BoundaryWorker>& up = workers.up;
+  std::unique_ptr<BoundaryWorker>& down = workers.down;
+  tp::Pair& link = workers.link;
   EXPECT_EQ(up->stats().transport_queue_limit_bytes(), options.max_transport_queue_bytes);
 
   const std::vector<float> h = Gaussian(kN * kD, 1);
