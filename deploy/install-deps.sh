@@ -14,7 +14,7 @@ PACKAGES=(
   prometheus-cpp-dev libucx-dev
   python3-faiss python3-torch python3-matplotlib
   bible-kjv iperf3
-  openssl
+  openssl gdb
 )
 
 missing=()

@@ -4,11 +4,13 @@
 #include <algorithm>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "absl/memory/memory.h"
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "common/check.h"
 #include "common/grpc_status.h"
@@ -58,6 +60,30 @@ const char* ChannelStateName(grpc_connectivity_state state) {
       return "SHUTDOWN";
   }
   return "?";
+}
+
+using ClientReaderWriter = grpc::ClientReaderWriter<v1::PeerMessage, v1::PeerMessage>;
+
+// The stream's status, waiting at most `grace` for the listener's. A stream whose Read failed
+// on this side, on a message that did not parse (corrupted in flight: plaintext TCP has no
+// integrity check past its own checksum), is still open at the listener, which keeps it while it
+// hears keepalives; Finish alone would wait for it forever. Such a stream is cancelled after
+// `grace`, and `*cut` says so. A stream the listener ended has its status already.
+grpc::Status FinishWithin(grpc::ClientContext* context, ClientReaderWriter* rw,
+                          absl::Duration grace, bool* cut) {
+  absl::Notification finished;
+  bool cancelled = false;
+  std::thread canceller([&] {
+    if (!finished.WaitForNotificationWithTimeout(grace)) {
+      cancelled = true;
+      context->TryCancel();
+    }
+  });
+  grpc::Status status = rw->Finish();
+  finished.Notify();
+  canceller.join();
+  *cut = cancelled;
+  return status;
 }
 
 }  // namespace
@@ -200,7 +226,13 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
   if (!rw->Write(hello) || !rw->Read(&reply)) {
     // Turned away (the server's status says why: NOT_FOUND, UNAUTHENTICATED...) or no
     // connection after all.
-    result = FromGrpcStatus(rw->Finish());
+    bool cut = false;
+    result = FromGrpcStatus(FinishWithin(&context, rw.get(), options_.close_grace, &cut));
+    if (cut) {
+      result = absl::UnavailableError(absl::StrCat(
+          "the Hello exchange broke off and the listener did not end the stream within ",
+          absl::FormatDuration(options_.close_grace)));
+    }
     if (result.ok()) result = absl::UnavailableError("stream ended before the Hello exchange");
     result =
         WithPrefix(absl::StrCat(Describe(), ": ", options_.address, " refused the link: "), result);
@@ -240,7 +272,15 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
     } else {
       *established = true;
       const absl::Status reason = RunSession(&session);
-      const absl::Status finish = FromGrpcStatus(rw->Finish());
+      bool cut = false;
+      absl::Status finish =
+          FromGrpcStatus(FinishWithin(&context, rw.get(), options_.close_grace, &cut));
+      if (cut) {
+        finish = absl::UnavailableError(absl::StrCat(
+            "a message from the ", PeerSide(), " did not arrive intact (it did not parse) and the ",
+            PeerSide(), " did not end the stream within ",
+            absl::FormatDuration(options_.close_grace), "; cancelled it"));
+      }
       result = !reason.ok()  ? reason
                : finish.ok() ? absl::CancelledError(Describe() + ": stream ended")
                              : WithPrefix(absl::StrCat(Describe(), ": connection to ",

@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -206,6 +207,7 @@ class Soak:
         self.pending_recovery: List[Tuple[str, float]] = []
         self.stop = threading.Event()
         self.schedule = self._schedule(faults)
+        self.begun = 0  # schedule entries the chaos thread has started
 
     # ---- daemons and trainers ----
 
@@ -244,7 +246,22 @@ class Soak:
             self.alive[stage] = True
             self.cv.notify_all()
 
+    def dump_stacks(self) -> None:
+        """Every live daemon's thread stacks (gdb, where installed) into the kept directory, for
+        the post-mortem of a stall."""
+        gdb = shutil.which("gdb")
+        if gdb is None:
+            return
+        for stage, p in self.procs.items():
+            if p.proc.poll() is None:
+                with open(self.dir / f"s{stage}.stacks.txt", "w") as out:
+                    subprocess.run([gdb, "-p", str(p.proc.pid), "-batch", "-ex",
+                                    "thread apply all bt"], stdout=out, stderr=subprocess.STDOUT,
+                                   timeout=60, check=False)
+
     def close(self) -> None:
+        if self.report.stalled_out:
+            self.dump_stacks()
         self.stop.set()
         with self.cv:
             self.cv.notify_all()
@@ -286,6 +303,9 @@ class Soak:
                                  self.stop.is_set())
             if self.stop.is_set():
                 return
+            with self.cv:
+                self.begun += 1  # the trainers may go on
+                self.cv.notify_all()
             time.sleep(self.rng.uniform(0.0, 0.05))  # land anywhere within a step
             self.fault_active = True
             self.inject(event)
@@ -533,6 +553,11 @@ class Soak:
             if time.monotonic() - self.last_delivery > 45:
                 rep.stalled_out = True  # the link never came back: stop, and say so
                 break
+            # The trainers do not outrun the schedule: every fault due by now has begun (a fast
+            # run would otherwise end before most of them were injected).
+            with self.cv:
+                due = sum(threshold <= self.delivered_count for threshold, _ in self.schedule)
+                self.cv.wait_for(lambda: self.begun >= due, timeout=30)
             step += 1
             batch = queue[:MICROBATCHES]
             queue = queue[MICROBATCHES:]

@@ -21,7 +21,9 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "proto/mapl/v1/peer.grpc.pb.h"
 #include "server/transport/peer_server.h"
 #include "tests/server/transport/peer_test_util.h"
 
@@ -33,6 +35,7 @@ using testing_peer::Connect;
 using testing_peer::DialerSide;
 using testing_peer::Ignore;
 using testing_peer::kBoundary;
+using testing_peer::kToken;
 using testing_peer::kWait;
 using testing_peer::MakeFrame;
 using testing_peer::MakeServer;
@@ -189,6 +192,105 @@ TEST(PeerLinkTest, DialerReportsAnUnreachablePeerAndNeverGivesUp) {
   EXPECT_TRUE((*up)->WaitConnected(kWait).ok()) << (*up)->status();
   ASSERT_TRUE(at_down.WaitDone());
   EXPECT_EQ(at_down.errors(), "");
+}
+
+// A listener that completes the handshake, then sends bytes that do not parse as a PeerMessage
+// (as one corrupted byte in flight can make them; plaintext gRPC has no integrity check past TCP's
+// checksum) and keeps its end of the stream open, saying nothing more: a listener that never
+// learns its message was lost. Raw, so that it can send what the generated code would not.
+class GarblingListener final : public v1::Peer::WithRawCallbackMethod_Link<v1::Peer::Service> {
+ public:
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Link(
+      grpc::CallbackServerContext*) override {
+    return new Garbler(this);
+  }
+  int garbled() const {
+    absl::MutexLock l(&mu_);
+    return garbled_;
+  }
+
+ private:
+  class Garbler final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+   public:
+    explicit Garbler(GarblingListener* owner) : owner_(owner) { StartRead(&in_); }
+    void OnReadDone(bool ok) override {
+      if (!ok) {  // the dialer went
+        reading_ = false;
+        if (!writing_) Finish(grpc::Status::OK);
+        return;
+      }
+      if (!replied_) {
+        replied_ = true;
+        v1::PeerMessage reply;
+        reply.set_protocol_version(kPeerProtocolVersion);
+        v1::Hello* hello = reply.mutable_hello();
+        hello->set_protocol_version(kPeerProtocolVersion);
+        hello->set_stage(kBoundary + 1);
+        hello->set_boundary(kBoundary);
+        hello->set_auth_token(kToken);
+        hello->set_instance_id(77);
+        Write(reply.SerializeAsString());
+      }
+      StartRead(&in_);
+    }
+    void OnWriteDone(bool ok) override {
+      writing_ = false;
+      if (ok && !garbled_) {
+        garbled_ = true;
+        // Field 1 as a varint of more than ten bytes: no protobuf parser accepts it.
+        Write("\x08" + std::string(10, '\xff') + "\x01");
+        return;
+      }
+      if (ok) {
+        absl::MutexLock l(&owner_->mu_);
+        ++owner_->garbled_;
+      }
+      if (!reading_) Finish(grpc::Status::OK);
+    }
+    void OnDone() override { delete this; }
+
+   private:
+    void Write(const std::string& bytes) {
+      grpc::Slice slice(bytes);
+      out_ = grpc::ByteBuffer(&slice, 1);
+      writing_ = true;
+      StartWrite(&out_);
+    }
+
+    GarblingListener* const owner_;
+    grpc::ByteBuffer in_;
+    grpc::ByteBuffer out_;
+    bool replied_ = false;
+    bool garbled_ = false;
+    bool reading_ = true;
+    bool writing_ = false;
+  };
+
+  mutable absl::Mutex mu_;
+  int garbled_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// The dialer's Read fails on a message that does not parse, while the listener's end of the
+// stream stays open: the dialer cuts the stream after close_grace and redials, rather than wait
+// for the listener's status forever (a soak run once hung so, its link down for good).
+TEST(PeerLinkTest, DialerCutsAStreamWhoseMessageDidNotParseAndRedials) {
+  GarblingListener listener;
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&listener);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  PeerLinkOptions o = DialerSide(port);
+  o.close_grace = absl::Milliseconds(300);
+  absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(o, Ignore);
+  ASSERT_TRUE(up.ok());
+  // A third connection comes only after the first two streams were cut.
+  EXPECT_TRUE((*up)->AwaitStats([](const v1::LinkStats& s) { return s.connections() >= 3; }, kWait))
+      << (*up)->stats().DebugString();
+  EXPECT_GE(listener.garbled(), 2);
+  up->reset();
+  server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
 }
 
 // A restarted dialer (a new instance) is seen by the server side: on_peer_restart runs once,
