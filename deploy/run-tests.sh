@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # All tests on a fresh Debian 12 machine: install what is missing, build, then
 #   1. compile every C++ library, mapld and the C++ tests with clang 14's thread-safety analysis
-#      (build-tsa/, the CMake preset "tsa"): a lock annotation the code breaks fails the run here,
+#      and ThreadSanitizer (build-tsan/, the CMake preset "tsan"): a lock annotation the code
+#      breaks fails the build; then run the C++ tests under TSan, with Abseil built with TSan
+#      (deploy/tsan-abseil.sh) first on the library path and the library-only suppressions of
+#      tests/tsan_suppressions.txt,
 #   2. run the C++ kernel and server tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #      (build-asan/, the CMake preset "asan": clang 14), with a short run of each libFuzzer target
 #      of tests/fuzz from its seed corpus (ctest label fuzz, MAPL_FUZZ_SMOKE_SECONDS each), and
@@ -40,16 +43,22 @@ run_ctest() {
   return "${PIPESTATUS[0]}"
 }
 
-echo "== thread safety: build-tsa (clang 14, -Werror=thread-safety: Abseil lock annotations) =="
+echo "== threads: build-tsan (clang 14: -Werror=thread-safety for Abseil's lock annotations, and ThreadSanitizer) =="
 start=$SECONDS
+absl_tsan=$(bash deploy/tsan-abseil.sh) || exit 1
 # -k 0: one run lists every file that breaks an annotation, not just the first.
-if ! { cmake --preset tsa >/dev/null && ninja -C build-tsa -j "$jobs" -k 0; }; then
+if ! { cmake --preset tsan >/dev/null && ninja -C build-tsan -j "$jobs" -k 0; }; then
   echo "thread-safety build failed: a [-Wthread-safety-*] error above is code that touches a"
   echo "ABSL_GUARDED_BY member or calls an ABSL_EXCLUSIVE_LOCKS_REQUIRED function without the"
   echo "mutex it names (or an annotation that is wrong): take the lock or correct the annotation"
   exit 1
 fi
-echo "build-tsa: no thread-safety warnings ($((SECONDS - start)) s)"
+echo "build-tsan: no thread-safety warnings ($((SECONDS - start)) s)"
+# A test fails on its first report; second_deadlock_stack shows both stacks of a lock inversion.
+LD_LIBRARY_PATH="$absl_tsan${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan_suppressions.txt" \
+  OPENBLAS_NUM_THREADS=1 run_ctest build-tsan
+tsan_rc=$?
 
 echo "== sanitizers: build-asan (address, undefined; and the fuzz targets' smoke runs) =="
 cmake --preset asan >/dev/null && ninja -C build-asan -j "$jobs" || exit 1
@@ -62,10 +71,14 @@ asan_rc=$?
 echo "== build/ (RelWithDebInfo): all tests =="
 bash deploy/build.sh || exit 1
 note=""
+if [ "$tsan_rc" -ne 0 ]; then
+  note="ThreadSanitizer run failed (exit $tsan_rc): see its failures above, under '== threads'"
+fi
 if [ "$asan_rc" -ne 0 ]; then
-  note="sanitizer run failed (exit $asan_rc): see its failures above, under '== sanitizers'"
+  note="${note:+$note; }sanitizer run failed (exit $asan_rc): see its failures above, under '== sanitizers'"
 fi
 OPENBLAS_NUM_THREADS=1 run_ctest build "$note"
 main_rc=$?
+if [ "$tsan_rc" -ne 0 ]; then exit "$tsan_rc"; fi
 if [ "$asan_rc" -ne 0 ]; then exit "$asan_rc"; fi
 exit "$main_rc"
