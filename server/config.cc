@@ -4,11 +4,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <set>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -30,6 +33,25 @@ constexpr int64_t kMaxFrameElements = int64_t{1} << 28;
 constexpr uint32_t kMaxVocab = 1u << 24;
 constexpr uint32_t kMaxAnchorRank = 1024;
 constexpr int64_t kMaxAnchorElements = int64_t{1} << 28;
+
+// The shared secret from auth_token_file, without the trailing newline an editor or
+// `kubectl create secret --from-file` leaves.
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("auth_token_file: cannot read '", path, "': ", std::strerror(errno),
+                     "; check the path and that mapld's user may read it"));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  std::string token(absl::StripTrailingAsciiWhitespace(text.str()));
+  if (token.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("auth_token_file: '", path, "' is empty; put the shared secret in it"));
+  }
+  return token;
+}
 
 // Defaults of config.proto. The projector's and the anchors' were tuned on the acceptance
 // scenario of tests/server/engine_test.cc (see the report there).
@@ -426,6 +448,14 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
     v1::TlsConfig* tls = c.mutable_tls();
     if (tls->reload_seconds() == 0) tls->set_reload_seconds(60);
     MAPL_RETURN_IF_ERROR(ValidateTlsFiles(TlsFilesOf(*tls)));
+  }
+  if (!c.auth_token_file().empty()) {
+    if (!c.auth_token().empty()) {
+      return absl::InvalidArgumentError(
+          "auth_token and auth_token_file: give one of them, not both");
+    }
+    MAPL_ASSIGN_OR_RETURN(std::string token, ReadTokenFile(c.auth_token_file()));
+    c.set_auth_token(std::move(token));
   }
   if (c.auth_token().empty()) {
     return absl::InvalidArgumentError(

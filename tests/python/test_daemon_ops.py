@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Dict, FrozenSet, Tuple
@@ -185,3 +186,45 @@ def test_the_token_is_random_private_and_never_printed(short_tmp: Path):
     finally:
         proc.stop()
     assert token not in proc.log()
+
+
+def _probe(socket: str, service: str) -> Tuple[int, str]:
+    """mapl-health, built next to mapld, against `socket`: (exit status, what it printed)."""
+    probe = mapld_binary().parent / "mapl-health"
+    r = subprocess.run([str(probe), "--socket", socket, "--service", service,
+                        "--timeout_ms", "2000"], capture_output=True, text=True, timeout=30)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_health_probe_follows_readiness_and_liveness(short_tmp: Path):
+    """mapl-health (the containers' and Kubernetes' probe) over the local socket: a daemon whose
+    peer is away is alive but not ready; once its peer links it is ready; a stopped one is
+    unreachable (exit 2, not 1, so a probe log tells the two apart)."""
+    alone = start_mapld(short_tmp, 1, [dict(BOUNDARY, id=0, role="ROLE_DOWNSTREAM")],
+                        {"peer_listen": "127.0.0.1:0"})
+    try:
+        alone.ready()
+        assert _probe(alone.socket_path, "liveness") == (0, "liveness: SERVING\n")
+        code, out = _probe(alone.socket_path, "")
+        assert (code, out) == (1, "readiness: NOT_SERVING\n")
+        code, out = _probe(alone.socket_path, "boundary/0")
+        assert (code, out) == (1, "boundary/0: NOT_SERVING\n")
+        code, out = _probe(alone.socket_path, "boundary/7")
+        assert code == 1 and "SERVICE_UNKNOWN" in out, out
+    finally:
+        alone.stop()
+    code, out = _probe(alone.socket_path, "liveness")
+    assert code == 2 and "UNREACHABLE" in out, out
+
+    (short_tmp / "p").mkdir()
+    up_proc, down_proc = start_pair(short_tmp / "p", BOUNDARY)
+    try:
+        for proc in (up_proc, down_proc):
+            deadline = time.monotonic() + 20
+            while _probe(proc.socket_path, "")[0] != 0:
+                assert time.monotonic() < deadline, _probe(proc.socket_path, "")
+                time.sleep(0.2)
+            assert _probe(proc.socket_path, "boundary/0") == (0, "boundary/0: SERVING\n")
+    finally:
+        up_proc.stop()
+        down_proc.stop()

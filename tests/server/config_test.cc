@@ -1,6 +1,8 @@
 // Config loading: text format, --set overrides, defaults, and errors that name the field.
 #include "server/config.h"
 
+#include <cstdio>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -73,6 +75,33 @@ TEST(Config, PrintedConfigHidesTheToken) {
   EXPECT_EQ(printed.find("s3cret-token"), std::string::npos) << printed;
   EXPECT_NE(printed.find("<redacted>"), std::string::npos) << printed;
   EXPECT_EQ(c->auth_token(), "s3cret-token");  // The config itself keeps it.
+}
+
+TEST(Config, TokenFromAFileWithoutItsTrailingNewline) {
+  const std::string dir = ::testing::TempDir();
+  const std::string path = dir + "/mapl-config-test-token";
+  {
+    std::ofstream out(path, std::ios::trunc);
+    out << "s3cret-from-file\n";
+  }
+  absl::StatusOr<v1::DaemonConfig> c =
+      Finalized("stage: 1 boundaries { id: 0 role: ROLE_DOWNSTREAM d: 512 vocab: 256 }",
+                {"auth_token_file=" + path});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->auth_token(), "s3cret-from-file");
+  EXPECT_EQ(RedactedConfig(*c).DebugString().find("s3cret"), std::string::npos);
+  ExpectError(Finalized(kStage1, {"auth_token_file=" + path}), "not both");
+  ExpectError(Finalized("stage: 1 boundaries { id: 0 role: ROLE_DOWNSTREAM d: 512 vocab: 256 }",
+                        {"auth_token_file=" + dir + "/no-such-token"}),
+              "auth_token_file: cannot read");
+  {
+    std::ofstream out(path, std::ios::trunc);
+    out << "\n";
+  }
+  ExpectError(Finalized("stage: 1 boundaries { id: 0 role: ROLE_DOWNSTREAM d: 512 vocab: 256 }",
+                        {"auth_token_file=" + path}),
+              "is empty");
+  std::remove(path.c_str());
 }
 
 TEST(Config, MaxPeerMessageBytesCoversTheLargestMessage) {

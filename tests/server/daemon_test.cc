@@ -44,13 +44,13 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kernels/registry.h"
+#include "proto/grpc/health/v1/health.grpc.pb.h"
 #include "server/config.h"
 #include "server/dictionary.h"
 #include "server/engine.h"
 #include "server/transport/peer_link.h"
 #include "server/upstream_engine.h"
 #include "tests/server/http_get.h"
-#include "tests/server/transport/health.grpc.pb.h"
 
 #ifndef MAPL_SOURCE_DIR
 #error "MAPL_SOURCE_DIR must name the repository root (tests/server/CMakeLists.txt sets it)"

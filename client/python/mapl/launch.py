@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -28,14 +29,19 @@ class LaunchError(RuntimeError):
 
 
 def find_mapld() -> Path:
-    """$MAPLD, else server/mapld of the build this package was imported from."""
+    """$MAPLD, else server/mapld of the build this package was imported from, else mapld on
+    PATH (the installed package's /usr/bin/mapld)."""
     if os.environ.get("MAPLD"):
         return Path(os.environ["MAPLD"])
     here = Path(__file__).resolve().parents[2] / "server" / "mapld"  # <build>/python/mapl/..
     if here.is_file():
         return here
-    raise LaunchError(f"mapld is not built ({here} does not exist): build the project first "
-                      "(bash deploy/build.sh), or set MAPLD to the binary")
+    installed = shutil.which("mapld")
+    if installed:
+        return Path(installed)
+    raise LaunchError(f"mapld not found: not built ({here} does not exist) and not on PATH; build "
+                      "the project (bash deploy/build.sh), install its package, or set MAPLD to "
+                      "the binary")
 
 
 # Enum-valued config fields: their values go bare (METHOD_MAPL); every other string is quoted,

@@ -14,8 +14,8 @@
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "proto/grpc/health/v1/health.grpc.pb.h"
 #include "server/transport/peer_link.h"
-#include "tests/server/transport/health.grpc.pb.h"
 #include "tests/server/transport/peer_test_util.h"
 
 namespace mapl {
