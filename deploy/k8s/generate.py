@@ -68,22 +68,22 @@ def overlay_files(path: Path) -> Dict[str, str]:
             desc, target, n, header=head.lstrip("# ").rstrip("\n")
             + f"\nStage {n} of pipeline {desc.name} (site {site}); proto/mapl/v1/config.proto "
             "documents every field.")
-        trainer = [f"              - name: trainer",
-                   f"                env:",
-                   f"                  - name: MAPL_STAGE",
+        trainer = ["              - name: trainer",
+                   "                env:",
+                   "                  - name: MAPL_STAGE",
                    f"                    value: {_q(str(n))}"]
         if st.image:
             trainer.append(f"                image: {_q(st.image)}")
         if st.command:
             trainer.append(f"                command: [{', '.join(_q(c) for c in st.command)}]")
-        volumes = [f"              - name: token",
-                   f"                secret:",
+        volumes = ["              - name: token",
+                   "                secret:",
                    f"                  secretName: {desc.name}-token"]
         components = ""
         if desc.tls is not None:
             components = "components:\n  - ../../../components/tls\n"
-            volumes += [f"              - name: tls",
-                        f"                secret:",
+            volumes += ["              - name: tls",
+                        "                secret:",
                         f"                  secretName: {desc.name}-stage{n}-tls"]
         files[f"stage{n}/kustomization.yaml"] = (
             head
@@ -111,7 +111,7 @@ def overlay_files(path: Path) -> Dict[str, str]:
     for site, stages in sites.items():
         files[f"site-{site}/kustomization.yaml"] = (
             head + f"# The stages of pipeline {desc.name} at site {site}: apply this at that "
-            f"site's cluster (kubectl apply -k).\n"
+            "site's cluster (kubectl apply -k).\n"
             + "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n"
             + "".join(f"  - ../stage{n}\n" for n in stages))
     files["kustomization.yaml"] = (

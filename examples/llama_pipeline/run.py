@@ -178,6 +178,29 @@ def pipeline_description(cfg: RunConfig) -> Any:
     return desc
 
 
+def _described_settings(cfg: RunConfig, log: Log = print) -> Dict[str, Any]:
+    """RunConfig fields that cfg.pipeline's description fixes, so that the run's log and summary
+    tell its truth: the send cap, and the method, k and codecs when every boundary has the same
+    (otherwise the log's boundary line shows the command line's, and this logs each)."""
+    desc = pipeline_description(cfg)
+    out: Dict[str, Any] = {"send_rate_mbit": float(desc.daemon.get("send_rate_mbit", 0.0))}
+    keys = ("method", "k", "forward_codec", "backward_codec", "rvq_levels")
+    first = desc.boundaries[0].fields
+    if all(b.fields.get(k) == first.get(k) for b in desc.boundaries for k in keys):
+        out["method"] = first.get("method", "METHOD_MAPL")[len("METHOD_"):]
+        for key in ("forward_codec", "backward_codec"):
+            if key in first:
+                out[key] = first[key][len("CODEC_"):]
+        for key in ("k", "rvq_levels"):
+            if key in first:
+                out[key] = first[key]
+    else:
+        for b in desc.boundaries:
+            log(f"pipeline {Path(cfg.pipeline).name}: boundary {b.index}: "
+                + ", ".join(f"{k} {b.fields[k]}" for k in keys if k in b.fields))
+    return out
+
+
 class Pipeline:
     """The daemons and stage processes of one run; a context manager that stops them all."""
 
@@ -695,7 +718,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             else "",
             data_step_offset=args.data_step_offset,
             pipeline=str(args.pipeline.resolve()) if args.pipeline else "")
-        pipeline_description(cfg)  # a bad description stops the run before any setup
+        if cfg.pipeline:  # a bad description stops the run before any setup
+            from dataclasses import replace
+            cfg = replace(cfg, **_described_settings(cfg))
         run(cfg, args.out.resolve(), minutes=args.minutes, max_steps=args.steps)
     except (ValueError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
