@@ -6,7 +6,8 @@
 #   3. kubectl kustomize renders the base, every overlay and every site-<site>/ of one;
 #   4. every rendered object, and deploy/k8s/examples/*.yaml, validates against the Kubernetes
 #      API schemas of the npm package kubernetes-models (and prometheus-operator's for the
-#      ServiceMonitor); a kind it has no schema for is an error;
+#      ServiceMonitor), and fields their types do not have are refused (validate.js); a kind it
+#      has no schema for is an error;
 #   5. every field of every mapld config the manifests set (each rendered ConfigMap's
 #      *.textproto, nested blocks included) is a field of proto/mapl/v1/config.proto, and every
 #      file such a config names (token, certificates, socket) lies on a volume its StatefulSet
