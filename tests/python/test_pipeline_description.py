@@ -113,3 +113,20 @@ def test_downstream_dialing_over_mutual_tls_carries_a_tensor(short_tmp: Path) ->
     assert codes == [0, 0]
     config = (short_tmp / "stage1.textproto").read_text()
     assert "dial: true" in config and "tls {" in config
+
+
+def test_two_stage_toml_is_the_main_jobs_default_run(tmp_path: Path) -> None:
+    """deploy/pipelines/two-stage.toml describes what run.py runs with its defaults: both make
+    the same daemon configs, field order aside (the README says so)."""
+    import sys
+    sys.path.insert(0, str(REPO / "examples"))
+    from llama_pipeline.config import RunConfig
+    from llama_pipeline.run import pipeline_description
+
+    made = pipeline_description(RunConfig())
+    described = pipeline.load(PIPELINES / "two-stage.toml", PROTO)
+    target = pipeline.LocalTarget(directory=tmp_path, token="t",
+                                  peer_address={1: "127.0.0.1:7001"})
+    for s in range(2):  # as dicts: the fields' order differs
+        assert (pipeline._stage_config(made, target, s)
+                == pipeline._stage_config(described, target, s))
