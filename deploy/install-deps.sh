@@ -15,12 +15,24 @@ PACKAGES=(
   python3-faiss python3-torch python3-matplotlib
   bible-kjv iperf3
   openssl gdb
+  python3-yaml
 )
+# Tools wanted as commands (tests/k8s/check_manifests.sh): package=command. The package is
+# installed only when the command is missing, so a kubectl or node from another source (the
+# Kubernetes apt repository, NodeSource's nodejs, which bundles npm) is left alone. The
+# manifests need kustomize v5 (kubectl 1.27+); Debian 12's kubernetes-client 1.20 only stands
+# in until a newer kubectl is installed, and the check says so.
+TOOLS=(kubernetes-client=kubectl nodejs=node npm=npm)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
     missing+=("$p")
+  fi
+done
+for t in "${TOOLS[@]}"; do
+  if ! command -v "${t#*=}" >/dev/null 2>&1; then
+    missing+=("${t%%=*}")
   fi
 done
 

@@ -64,6 +64,10 @@ class RunConfig:
     # {"dictionary_budget_fraction": 1.0, "dictionary_precision": "PRECISION_BF16"}. Values are
     # numbers or enum names; the daemon validates them at startup.
     boundary_options: Dict[str, Any] = field(default_factory=dict)
+    # A pipeline description (TOML, mapl.pipeline; deploy/pipelines/): its boundaries and daemon
+    # settings replace the boundary fields above (method, k, codecs, send_rate_mbit, ...); the
+    # model's d_model and stages must match it. Empty: the run's own settings make one.
+    pipeline: str = ""
 
     def __post_init__(self) -> None:
         self.method, self.forward_codec = self.method.upper(), self.forward_codec.upper()

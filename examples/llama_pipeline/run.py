@@ -142,6 +142,65 @@ class _StageProc:
         self._log.close()
 
 
+def pipeline_description(cfg: RunConfig) -> Any:
+    """The run's mapl.pipeline.Description: cfg.pipeline's file, checked against the model
+    (d of every boundary is d_model, one [[stages]] table per stage, max_tokens holds a
+    microbatch), or else one made from the run's own settings (method, k, codecs, seeds,
+    send_rate_mbit), so that both make the daemons' configs the same way. ValueError
+    (mapl.pipeline.DescriptionError) naming the file and what differs."""
+    from mapl import pipeline
+    if not cfg.pipeline:
+        data: Dict[str, Any] = {
+            "pipeline": {"name": "llama"},
+            "daemon": {"send_rate_mbit": cfg.send_rate_mbit} if cfg.send_rate_mbit > 0 else {},
+            "stages": [{"site": "local"} for _ in range(cfg.stages)],
+            "boundaries": {str(b): {k: v for k, v in cfg.boundary(b).items() if k != "id"}
+                           for b in range(cfg.stages - 1)}}
+        return pipeline.parse(data, "<the run's settings>")
+    desc = pipeline.load(cfg.pipeline)
+    if len(desc.stages) != cfg.stages:
+        raise pipeline.DescriptionError(
+            f"{cfg.pipeline}: {len(desc.stages)} stages ([[stages]] tables), but the run has "
+            f"{cfg.stages}: pass --stages {len(desc.stages)} (and at least as many --layers)")
+    rows = cfg.microbatch_size * cfg.seq_len
+    for b in desc.boundaries:
+        if b.fields["d"] != cfg.d_model:
+            raise pipeline.DescriptionError(
+                f"{cfg.pipeline}: boundary {b.index} has d = {b.fields['d']}, but the model's "
+                f"d_model is {cfg.d_model}: pass --d-model {b.fields['d']} or change d in "
+                "[boundary] / [boundaries.N]")
+        if b.fields.get("max_tokens", 4096) < rows:
+            raise pipeline.DescriptionError(
+                f"{cfg.pipeline}: boundary {b.index} has max_tokens = "
+                f"{b.fields.get('max_tokens', 4096)}, fewer than a microbatch's {rows} rows "
+                f"({cfg.microbatch_size} sequences of {cfg.seq_len}): raise max_tokens or "
+                "shrink --batch / --seq-len")
+    return desc
+
+
+def _described_settings(cfg: RunConfig, log: Log = print) -> Dict[str, Any]:
+    """RunConfig fields that cfg.pipeline's description fixes, so that the run's log and summary
+    tell its truth: the send cap, and the method, k and codecs when every boundary has the same
+    (otherwise the log's boundary line shows the command line's, and this logs each)."""
+    desc = pipeline_description(cfg)
+    out: Dict[str, Any] = {"send_rate_mbit": float(desc.daemon.get("send_rate_mbit", 0.0))}
+    keys = ("method", "k", "forward_codec", "backward_codec", "rvq_levels")
+    first = desc.boundaries[0].fields
+    if all(b.fields.get(k) == first.get(k) for b in desc.boundaries for k in keys):
+        out["method"] = first.get("method", "METHOD_MAPL")[len("METHOD_"):]
+        for key in ("forward_codec", "backward_codec"):
+            if key in first:
+                out[key] = first[key][len("CODEC_"):]
+        for key in ("k", "rvq_levels"):
+            if key in first:
+                out[key] = first[key]
+    else:
+        for b in desc.boundaries:
+            log(f"pipeline {Path(cfg.pipeline).name}: boundary {b.index}: "
+                + ", ".join(f"{k} {b.fields[k]}" for k in keys if k in b.fields))
+    return out
+
+
 class Pipeline:
     """The daemons and stage processes of one run; a context manager that stops them all."""
 
@@ -166,33 +225,25 @@ class Pipeline:
         from mapl import launch  # the daemons' side of the package; needs the built mapld
 
         cfg = self.cfg
+        desc = pipeline_description(cfg)
         tensor_bytes = cfg.microbatch_size * cfg.seq_len * cfg.d_model * 4
         extra: Dict[str, Any] = {
             "client_buffers": 4, "client_buffer_bytes": max(4 << 20, 8 * tensor_bytes),
             "recv_timeout_ms": int(cfg.timeout_s * 1000)}
-        if cfg.send_rate_mbit > 0:
-            extra["send_rate_mbit"] = cfg.send_rate_mbit
-        # Downstream daemons listen, upstream ones dial: start from the last stage.
+        # Each boundary's listener starts first (by default the downstream: from the last
+        # stage); a placement's dial address is where its stage dials the next one.
+        peer_address = {s + 1: p.dial for s, p in enumerate(self.placement) if p.dial}
+        try:
+            # Loopback delivers in milliseconds: a short drain bounds the stop when a peer is
+            # gone.
+            self.daemons.update(launch.start_pipeline(
+                desc, self.tmp, daemon=extra, args=["--drain_seconds", "5"],
+                peer_listen={s: p.peer_listen for s, p in enumerate(self.placement)},
+                peer_address=peer_address,
+                wrap={s: p.wrap for s, p in enumerate(self.placement) if p.wrap}))
+        except launch.LaunchError as e:
+            raise PipelineError(str(e)) from None
         daemons = self.daemons
-        port = None
-        for s in reversed(range(cfg.stages)):
-            place = self.placement[s]
-            boundaries = []
-            if s > 0:
-                boundaries.append(dict(cfg.boundary(s - 1), role="ROLE_DOWNSTREAM"))
-            if s < cfg.stages - 1:
-                boundaries.append(dict(cfg.boundary(s), role="ROLE_UPSTREAM",
-                                       peer_address=place.dial or f"127.0.0.1:{port}"))
-            fields = dict(extra, peer_listen=place.peer_listen)
-            try:
-                # Loopback delivers in milliseconds: a short drain bounds the stop when a peer
-                # is gone.
-                daemons[s] = launch.start_mapld(self.tmp, s, boundaries, fields,
-                                                args=["--drain_seconds", "5"],
-                                                **({"wrap": place.wrap} if place.wrap else {}))
-                port = daemons[s].ready(timeout=30)["peer_port"]
-            except launch.LaunchError as e:
-                raise PipelineError(f"mapld of stage {s} did not start: {e}") from None
         import mapl
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
         env["PYTHONPATH"] = os.pathsep.join(
@@ -646,6 +697,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--data-step-offset", type=int, default=d.data_step_offset,
                     help="step s trains on the batches of step s + this (to continue a run)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="summary, plot and logs")
+    ap.add_argument("--pipeline", type=Path, default=None, metavar="FILE",
+                    help="a pipeline description (TOML, e.g. deploy/pipelines/two-stage.toml): "
+                    "its boundary and daemon settings replace --method, --k, the codecs and "
+                    "--send-rate-mbit; --stages and --d-model must match it")
     args = ap.parse_args(argv)
     try:
         cfg = RunConfig(
@@ -661,7 +716,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             else "",
             save_checkpoint=str(Path(args.save_checkpoint).resolve()) if args.save_checkpoint
             else "",
-            data_step_offset=args.data_step_offset)
+            data_step_offset=args.data_step_offset,
+            pipeline=str(args.pipeline.resolve()) if args.pipeline else "")
+        if cfg.pipeline:  # a bad description stops the run before any setup
+            from dataclasses import replace
+            cfg = replace(cfg, **_described_settings(cfg))
         run(cfg, args.out.resolve(), minutes=args.minutes, max_steps=args.steps)
     except (ValueError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)

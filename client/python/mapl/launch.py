@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["Daemon", "LaunchError", "find_mapld", "config_text", "start_mapld", "start_pair"]
+__all__ = ["Daemon", "LaunchError", "find_mapld", "config_text", "start_mapld", "start_pair",
+           "start_config", "start_pipeline"]
 
 
 class LaunchError(RuntimeError):
@@ -138,17 +139,25 @@ def start_mapld(directory: Path, stage: int, boundaries: List[Dict[str, object]]
     fields: Dict[str, object] = {"stage": stage, "local_socket": sock,
                                  "auth_token": LAUNCH_TOKEN, "metrics_address": "127.0.0.1:0"}
     fields.update(extra or {})
+    return start_config(directory, stage, config_text(fields, boundaries), sock, args, wrap)
+
+
+def start_config(directory: Path, stage: int, text: str, socket_path: str,
+                 args: Optional[List[str]] = None,
+                 wrap: Optional[List[str]] = None) -> Daemon:
+    """mapld for `stage` with the text-format config `text` (whose local_socket is
+    `socket_path`), written with its log and ready file in `directory`."""
     path = directory / f"stage{stage}.textproto"
     # The config holds the token: readable by this user only, from the first byte.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(config_text(fields, boundaries))
+        f.write(text)
     ready = directory / f"s{stage}.ready.json"
     ready.unlink(missing_ok=True)
     argv = (list(wrap or []) + [str(find_mapld()), "--config", str(path), "--ready_file",
                                 str(ready)] + (args or []))
-    return Daemon(argv, directory / f"s{stage}.log", sock, ready)
+    return Daemon(argv, directory / f"s{stage}.log", socket_path, ready)
 
 
 def start_pair(directory: Path, boundary: Dict[str, object],
@@ -170,3 +179,48 @@ def start_pair(directory: Path, boundary: Dict[str, object],
                 d.stop()
         raise
     return up, down
+
+
+def start_pipeline(desc, directory: Path, daemon: Optional[Dict[str, object]] = None,
+                   tls: bool = True, peer_listen: Optional[Dict[int, str]] = None,
+                   peer_address: Optional[Dict[int, str]] = None,
+                   args: Optional[List[str]] = None,
+                   wrap: Optional[Dict[int, List[str]]] = None,
+                   timeout: float = 30.0) -> Dict[int, Daemon]:
+    """Every stage's mapld of a pipeline description (`desc`: a mapl.pipeline.Description, or
+    the path of its TOML file) on this machine, each ready; returns them by stage. Each
+    boundary's listener starts first and its port goes into the dialer's config. `directory`
+    holds configs, sockets, logs (keep its path short) and, when the description turns TLS on
+    and `tls` is True, throwaway certificates (mapl.pipeline.make_certificates); `tls=False`
+    runs the links in plaintext whatever the description says. `daemon`: further DaemonConfig
+    fields for every stage (buffer sizes, timeouts). `peer_listen` / `peer_address`: per stage,
+    where its daemon listens and where the others reach it (default 127.0.0.1, a free port).
+    `wrap`: per stage, a command-line prefix (start_mapld). On failure the daemons already
+    started are stopped and LaunchError names the stage."""
+    from . import pipeline
+    if not isinstance(desc, pipeline.Description):
+        desc = pipeline.load(desc)
+    directory = Path(directory)
+    target = pipeline.LocalTarget(directory=directory, token=LAUNCH_TOKEN, tls=tls,
+                                  peer_listen=dict(peer_listen or {}),
+                                  peer_address=dict(peer_address or {}),
+                                  daemon=dict(daemon or {}))
+    if desc.tls is not None and tls:
+        target.tls_dir = pipeline.make_certificates(desc, directory / "tls")
+    daemons: Dict[int, Daemon] = {}
+    try:
+        for s in pipeline.start_order(desc):
+            text = pipeline.daemon_config(desc, target, s)
+            daemons[s] = start_config(directory, s, text, target.socket(s), args,
+                                      (wrap or {}).get(s))
+            try:
+                port = daemons[s].ready(timeout)["peer_port"]
+            except LaunchError as e:
+                raise LaunchError(f"mapld of stage {s} did not start: {e}") from None
+            if port and s not in target.peer_address:  # 0: this stage listens for none
+                target.peer_address[s] = f"127.0.0.1:{port}"
+    except BaseException:
+        for d in daemons.values():
+            d.stop()
+        raise
+    return daemons
