@@ -47,6 +47,9 @@ __all__ = ["RunConfig", "PipelineError", "StagePlacement", "run", "main"]
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = EXAMPLES_DIR.parent / "out" / "llama_pipeline"
+# The dense run the demo compares itself with (run.py --method DENSE --write-reference ...; the
+# command and the machine are in the README's "The main job" section).
+DENSE_REFERENCE = EXAMPLES_DIR / "llama_pipeline" / "dense_reference.json"
 EVAL_FRACTIONS = (0.25, 0.5, 0.75)  # of the run, besides the final evaluation
 Log = Callable[[str], None]
 
@@ -399,14 +402,18 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
         placement: Optional[List[StagePlacement]] = None,
         eval_fractions: Optional[List[float]] = None,
         stop_below: Optional[float] = None,
-        on_train_start: Optional[Callable[[float], None]] = None) -> Dict[str, Any]:
+        on_train_start: Optional[Callable[[float], None]] = None,
+        sample_bytes: int = 0, reference: Optional[Path] = None) -> Dict[str, Any]:
     """Trains until ``max_steps`` or ``minutes`` of training (whichever comes first; 0: no
     limit, but one is needed) and returns the summary (also written to out_dir/summary.json).
     ``placement``: one StagePlacement per stage (default: all on loopback).
     ``eval_fractions``: when to evaluate, as fractions of the run, besides at the end (default
     EVAL_FRACTIONS). ``stop_below``: end the run at the first evaluation whose validation loss
     is at or below this. ``on_train_start``: called with time.monotonic() of the moment
-    training starts (the zero of the history's seconds), once every process is up."""
+    training starts (the zero of the history's seconds), once every process is up.
+    ``sample_bytes``: after training, generate this much text through the pipeline (and so
+    through the sidecars) from a held-out prompt. ``reference``: a reference run's curve
+    (written by --write-reference) to compare the validation loss with, step by step."""
     fractions_eval = sorted(EVAL_FRACTIONS if eval_fractions is None else eval_fractions)
     if minutes <= 0 and max_steps <= 0:
         raise ValueError("give a time budget (minutes) or a number of steps")
@@ -414,6 +421,7 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     text = load_text(cfg.corpus or None)
+    default_corpus = not cfg.corpus
     if not cfg.corpus:
         cfg.corpus = str(out_dir / "corpus.txt")
         Path(cfg.corpus).write_bytes(text)
@@ -517,12 +525,18 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
                 break
         train_s = time.monotonic() - t0
         _settle(pipe, history)
+        sample = None
+        if sample_bytes > 0:
+            sample = _generate(pipe, cfg, step + 1, _prompt(text), sample_bytes)
         if cfg.save_checkpoint:
             pipe.send_all({"cmd": "save", "dir": cfg.save_checkpoint})
             pipe.wait("saved", timeout=60)
             log(f"checkpoint: {cfg.save_checkpoint}")
     summary = _summary(cfg, history, train_s, params, out_dir)
     summary["train_started_monotonic"] = t0
+    summary["sample"], summary["default_corpus"] = sample, default_corpus
+    summary["max_steps"], summary["minutes"] = max_steps, minutes
+    summary["reference"] = _reference(summary, reference) if reference else None
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     _print_summary(summary, log)
     if plot:
@@ -531,6 +545,83 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
         log(f"loss curve: {png}")
     log(f"total wall time {time.monotonic() - started:.0f} s")
     return summary
+
+
+# Text generation after training: sampling settings, and the prompt taken from held-out text.
+SAMPLE_TEMPERATURE = 0.5
+HELD_OUT_FRACTION = 0.9  # data.Corpus: the first 90 % of the bytes train, the rest is held out
+
+
+def _prompt(text: bytes) -> bytes:
+    """The start of the first whole line of the held-out text, cut after a word, about 30 bytes:
+    a prompt the model never trained on."""
+    held_out = text[int(len(text) * HELD_OUT_FRACTION):]
+    start = held_out.find(b"\n") + 1
+    end = held_out.find(b" ", start + 30)
+    if end < 0 or b"\n" in held_out[start:end]:
+        end = start + 30
+    return held_out[start:end + 1]
+
+
+def _generate(pipe: Pipeline, cfg: RunConfig, step: int, prompt: bytes,
+              n: int) -> Dict[str, Any]:
+    """``n`` bytes after ``prompt``, each a forward pass through every stage and its sidecars
+    (mapl step ``step``, microbatch i for byte i, forward only); the step is then closed."""
+    context = list(prompt)
+    begun = time.monotonic()
+    for i in range(n):
+        pipe.send_all({"cmd": "generate", "step": step, "mb": i,
+                       "context": context[-cfg.seq_len:], "temperature": SAMPLE_TEMPERATURE})
+        context.append(pipe.wait("generated", timeout=cfg.timeout_s)[cfg.stages - 1]["byte"])
+    pipe.send_all({"cmd": "close", "step": step})
+    pipe.wait("closed", timeout=cfg.timeout_s)
+    return {"prompt": prompt.decode("utf-8", "replace"), "bytes": n,
+            "text": bytes(context[len(prompt):]).decode("utf-8", "replace"),
+            "seconds": time.monotonic() - begun, "temperature": SAMPLE_TEMPERATURE}
+
+
+# What must agree for a reference curve to compare step by step: the model, the data, the
+# optimizer and its schedule (which follows the step budget), and the evaluation set.
+_REFERENCE_KEYS = ("d_model", "layers", "heads", "seq_len", "stages", "batch", "microbatches",
+                   "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "seed", "eval_batches",
+                   "init_checkpoint", "data_step_offset")
+
+
+def _reference_record(s: Dict[str, Any]) -> Dict[str, Any]:
+    """What --write-reference keeps of a run: its settings and its validation curve."""
+    cfg = s["config"]
+    return {"settings": {k: cfg[k] for k in _REFERENCE_KEYS},
+            "default_corpus": s["default_corpus"], "max_steps": s["max_steps"],
+            "method": cfg["method"], "send_rate_mbit": cfg["send_rate_mbit"],
+            "val_steps": s["val_steps"], "val_loss": s["val_loss"],
+            "raw_bytes": s["raw_bytes"],
+            "wire_bytes": s["wire_payload_bytes"] + s["wire_dictionary_bytes"]}
+
+
+def _reference(s: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    """The reference curve at this run's evaluation steps (linear between its points), or why it
+    does not apply: {"path", "method", "val_loss" (None where out of its range), ...}."""
+    try:
+        ref = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return {"path": str(path), "unusable": f"cannot read it: {e}"}
+    mine = _reference_record(s)
+    differ = [k for k in _REFERENCE_KEYS if ref["settings"].get(k) != mine["settings"][k]]
+    if ref["default_corpus"] != mine["default_corpus"]:
+        differ.append("corpus")
+    if not s["max_steps"] or s["minutes"] or ref["max_steps"] != s["max_steps"]:
+        differ.append(f"step budget (the reference ran --steps {ref['max_steps']} and no "
+                      "time budget; the learning-rate schedule follows the budget)")
+    if differ:
+        return {"path": str(path), "unusable": "its run differs in " + ", ".join(differ)}
+    xs, ys = ref["val_steps"], ref["val_loss"]
+
+    def at(step: int) -> Optional[float]:
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if x0 <= step <= x1:
+                return y0 + (y1 - y0) * (step - x0) / max(x1 - x0, 1)
+        return ys[0] if xs and step == xs[0] else None
+    return dict(ref, path=str(path), at_val_steps=[at(st) for st in s["val_steps"]])
 
 
 def _summary(cfg: RunConfig, history: History, train_s: float, params: List[int],
@@ -594,6 +685,44 @@ def _print_summary(s: Dict[str, Any], log: Log) -> None:
             f"{1e3 * up['wire_seconds_per_microbatch']:.2f}, backward codec "
             f"{1e3 * down['compute_seconds_per_microbatch']:.2f} / wire "
             f"{1e3 * down['wire_seconds_per_microbatch']:.2f}")
+    _print_outcome(s, log)
+
+
+def _print_outcome(s: Dict[str, Any], log: Log) -> None:
+    """The one screen a user reads: what the model learned (its text, its validation loss
+    against the dense reference's at the same steps) and what the compression saved."""
+    cfg, ref, sample = s["config"], s.get("reference"), s.get("sample")
+    if sample:
+        log("")
+        log(f"== text the trained model wrote through the sidecars ({len(sample['text'])} bytes "
+            f"after a held-out prompt, temperature {sample['temperature']:g}, "
+            f"{sample['seconds']:.1f} s) ==")
+        log(f"  prompt: {sample['prompt']}")
+        for i, line in enumerate(sample["text"].split("\n")):
+            log(("  model:  " if i == 0 else "          ") + line)
+    if s["val_loss"]:
+        log("")
+        ok = ref is not None and "unusable" not in ref
+        log("== validation loss, nats per byte (ln 256 = 5.545 is a uniform guess) ==")
+        what = "this run" if cfg["method"] == "DENSE" else f"{cfg['method']} ({s['compression']:.1f}x)"
+        log(f"  {'step':>6}  {what:>16}" + (f"  {'dense bf16 (reference)':>24}" if ok else ""))
+        for i, (st, v) in enumerate(zip(s["val_steps"], s["val_loss"])):
+            r = ref["at_val_steps"][i] if ok else None
+            log(f"  {st:>6}  {v:>16.3f}" + (f"  {r:>24.3f}" if r is not None else ""))
+        if ok:
+            gap = (s["val_loss"][-1] / ref["at_val_steps"][-1] - 1) * 100
+            log(f"  at step {s['val_steps'][-1]}: {gap:+.1f} % against dense, for "
+                f"{s['compression']:.1f}x fewer bytes (reference: {ref['path']}, the same "
+                "run with METHOD_DENSE, bf16 both ways)")
+        elif ref is not None:
+            log(f"  (no dense reference: {ref['path']}: {ref['unusable']})")
+    saved = s["raw_bytes"] - s["wire_payload_bytes"] - s["wire_dictionary_bytes"]
+    if cfg["method"] != "DENSE" and s["raw_bytes"]:
+        wire = s["raw_bytes"] - saved
+        log("")
+        log(f"== bytes: the boundaries carried {_human(s['raw_bytes'])} of activations and "
+            f"gradients (dense bf16) as {_human(wire)}: {_human(saved)} saved, "
+            f"{s['compression']:.1f}x ==")
 
 
 def _plot(cfg: RunConfig, history: History, summary: Dict[str, Any], path: Path) -> Path:
@@ -614,6 +743,10 @@ def _plot(cfg: RunConfig, history: History, summary: Dict[str, Any], path: Path)
     if history.val_loss:
         ax.plot(history.val_steps, history.val_loss, "o-", color="tab:red",
                 label="validation loss (held out)")
+    ref = summary.get("reference")
+    if ref and "unusable" not in ref:
+        ax.plot(ref["val_steps"], ref["val_loss"], "s--", color="gray",
+                label=f"validation loss, dense bf16 reference ({Path(ref['path']).name})")
     ax.set_ylabel("cross-entropy (nats per byte)")
     method = cfg.method if cfg.method == "DENSE" else f"{cfg.method}, k={cfg.k}"
     ax.set_title(f"{cfg.stages}-stage LLaMA-style pipeline through mapl ({method}): "
@@ -674,6 +807,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--minutes", type=float, default=3.0,
                     help="training time budget (0: none; then --steps)")
     ap.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: none)")
+    ap.add_argument("--evals", type=int, default=len(EVAL_FRACTIONS) + 1,
+                    help="validation passes, evenly spread over the run, the last at its end")
+    ap.add_argument("--sample-bytes", type=int, default=0,
+                    help="after training, generate this many bytes of text through the pipeline")
+    ap.add_argument("--reference", type=Path, default=DENSE_REFERENCE,
+                    help="a reference curve to print and plot the validation loss against, when "
+                    "its run had the same settings and step budget")
+    ap.add_argument("--write-reference", type=Path, default=None,
+                    help="write this run's settings and validation curve here (a reference)")
     ap.add_argument("--method", default=d.method, type=str.upper, choices=METHODS)
     ap.add_argument("--k", type=int, default=0, help="projection rank (0: d_model / 16)")
     ap.add_argument("--forward-codec", default=d.forward_codec, type=str.upper, choices=CODECS)
@@ -721,7 +863,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cfg.pipeline:  # a bad description stops the run before any setup
             from dataclasses import replace
             cfg = replace(cfg, **_described_settings(cfg))
-        run(cfg, args.out.resolve(), minutes=args.minutes, max_steps=args.steps)
+        if args.evals < 1:
+            raise ValueError(f"--evals must be at least 1, got {args.evals}")
+        summary = run(cfg, args.out.resolve(), minutes=args.minutes, max_steps=args.steps,
+                      eval_fractions=[i / args.evals for i in range(1, args.evals)],
+                      sample_bytes=args.sample_bytes,
+                      reference=args.reference if args.reference.is_file() else None)
+        if args.write_reference:
+            record = dict(_reference_record(summary), command=" ".join(
+                ["examples/llama_pipeline/run.py"] + list(sys.argv[1:] if argv is None else argv)))
+            args.write_reference.write_text(json.dumps(record, indent=1) + "\n")
+            print(f"reference: {args.write_reference}")
     except (ValueError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,10 +5,13 @@ to the neighbouring stages.
 
 The launcher (``run.py``) drives it in lock step over stdin and stdout, one JSON object a line.
 In: ``{"cmd": "step", "step": s, "lr": lr, "eval": bool}``, ``{"cmd": "stats"}``,
-``{"cmd": "save", "dir": path}`` (the stage's weights to path/stage<i>.pt) or
+``{"cmd": "save", "dir": path}`` (the stage's weights to path/stage<i>.pt),
+``{"cmd": "generate", "step": s, "mb": i, "context": [bytes], "temperature": t}`` (one byte of
+text through the pipeline), ``{"cmd": "close", "step": s}`` (Sidecar.step after generating) or
 ``{"cmd": "stop"}``. Out: ``{"event": "ready", ...}`` once attached, ``{"event": "step", ...}``
 after each step (loss on the last stage, the sidecar's stats), ``{"event": "stats", ...}``,
-``{"event": "saved", "path": ...}``, and ``{"event": "error", "message": ...}`` before exiting
+``{"event": "saved", "path": ...}``, ``{"event": "generated", "byte": b}`` (None but on the last
+stage), ``{"event": "closed"}``, and ``{"event": "error", "message": ...}`` before exiting
 with 1.
 Anything else the process prints goes to stderr (the stage's log).
 
@@ -140,6 +143,31 @@ class StageTrainer:
                 self.sc.send_activation(self.b_out, step, mb, out, token_ids=x)
         return total / count if self.last else None
 
+    @torch.no_grad()
+    def generate_byte(self, step: int, mb: int, context: list, temperature: float,
+                      seed: int) -> Optional[int]:
+        """One byte of text generation, forward only, through the sidecars like training: the
+        context (the last seq_len bytes) goes in as microbatch ``mb`` of ``step``, one sequence
+        of its length; the last stage samples the next byte from the logits of the last
+        position (temperature, then the top 40) and returns it, the others return None."""
+        cfg = self.cfg
+        self.model.eval()
+        ids = torch.tensor(context[-cfg.seq_len:], dtype=torch.long).unsqueeze(0)
+        if self.first:
+            inp = ids
+        else:
+            inp = tp.recv_forward(self.sc, self.b_in, step, mb, timeout=cfg.timeout_s,
+                                  shape=(1, ids.shape[1], cfg.d_model), requires_grad=False)
+        out = self.model(inp)
+        if not self.last:
+            self.sc.send_activation(self.b_out, step, mb, out, token_ids=ids)
+            return None
+        logits = out[0, -1].double() / max(temperature, 1e-6)
+        top = torch.topk(logits, 40)
+        probs = torch.softmax(top.values, dim=0)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + mb)
+        return int(top.indices[torch.multinomial(probs, 1, generator=g)])
+
     def save(self, directory: str) -> str:
         path = checkpoint_path(directory, self.index)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +202,13 @@ def serve(cfg: RunConfig, index: int, socket_path: str, commands: TextIO, out: T
                 break
             if cmd["cmd"] == "save":
                 emit({"event": "saved", "stage": index, "path": trainer.save(cmd["dir"])})
+            elif cmd["cmd"] == "generate":
+                byte = trainer.generate_byte(int(cmd["step"]), int(cmd["mb"]), cmd["context"],
+                                             float(cmd["temperature"]), trainer.cfg.seed)
+                emit({"event": "generated", "stage": index, "byte": byte})
+            elif cmd["cmd"] == "close":  # the end of a step that only generated
+                sc.step(int(cmd["step"]), timeout=trainer.cfg.timeout_s)
+                emit({"event": "closed", "stage": index})
             elif cmd["cmd"] == "stats":
                 emit({"event": "stats", "stage": index,
                       "boundaries": [asdict(b) for b in sc.stats().boundaries]})
