@@ -62,10 +62,13 @@ class StagePlacement:
     ``["ip", "netns", "exec", "ns0"]``: a network namespace; the wrapper must exec the command).
     ``peer_listen``: where the stage's daemon accepts the link from the stage before it.
     ``dial``: the address its daemon dials for the link to the next stage (a relay, say);
-    empty: 127.0.0.1 and the port the next stage's daemon got."""
+    empty: 127.0.0.1 and the port the next stage's daemon got. ``daemon_wrap`` prefixes the
+    daemon's command line only, after ``wrap`` (for example ``buildah run CONTAINER --``: the daemon
+    in a container, the trainer outside it; $MAPLD then names mapld's path in the container)."""
     wrap: List[str] = field(default_factory=list)
     peer_listen: str = "127.0.0.1:0"
     dial: str = ""
+    daemon_wrap: List[str] = field(default_factory=list)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -189,7 +192,8 @@ class Pipeline:
                 # is gone.
                 daemons[s] = launch.start_mapld(self.tmp, s, boundaries, fields,
                                                 args=["--drain_seconds", "5"],
-                                                **({"wrap": place.wrap} if place.wrap else {}))
+                                                **({"wrap": place.wrap + place.daemon_wrap}
+                                                   if place.wrap or place.daemon_wrap else {}))
                 port = daemons[s].ready(timeout=30)["peer_port"]
             except launch.LaunchError as e:
                 raise PipelineError(f"mapld of stage {s} did not start: {e}") from None
