@@ -53,7 +53,8 @@ phase tools
 mirror() {
   if [ -n "${MAPL_DEBIAN_MIRROR:-}" ]; then echo "$MAPL_DEBIAN_MIRROR"; return; fi
   local uri
-  uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null |
+  uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
+            /etc/apt/sources.list.d/*.list 2>/dev/null |
         grep -v '^\s*#' | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -n1 | tr -d ' ') || true
   echo "${uri:-http://deb.debian.org/debian}"
 }
@@ -94,8 +95,8 @@ path-include /usr/share/locale/en*
 EOF
   find "$root/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
   rm -rf "$root/usr/share/man/"* "$root/usr/share/info/"* "$root/usr/share/locale/"*
-  rm -rf "$root/var/lib/apt/lists/"* "$root/var/cache/apt/"*.bin "$root/var/cache/apt/archives/"*.deb \
-         "$root/var/log/"*.log "$root/var/log/apt/"*
+  rm -rf "$root/var/lib/apt/lists/"* "$root/var/cache/apt/"*.bin \
+         "$root/var/cache/apt/archives/"*.deb "$root/var/log/"*.log "$root/var/log/apt/"*
   tar -C "$root" --numeric-owner -cf "$work/rootfs.tar" .
   # debootstrap takes bookworm's point release; the updates and security fixes since come from
   # the two other suites (squashed into one layer, as Debian's images are).
@@ -107,7 +108,8 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y \
 CMD ["bash"]
 EOF
   phase debootstrap
-  buildah bud --pull=never --format docker --squash -q -t "$BASE" -f "$work/Containerfile" "$work" >/dev/null
+  buildah bud --pull=never --format docker --squash -q -t "$BASE" \
+    -f "$work/Containerfile" "$work" >/dev/null
   rm -rf "$work"
   trap - EXIT
   phase "base image import"

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2154  # c0, c1, c2: new_container sets them (printf -v)
 # The container image, built and used for real with buildah (chroot isolation, vfs storage; root,
 # no registry): builds it with deploy/image.sh, checks its configuration (non-root user mapl,
 # HEALTHCHECK, ENTRYPOINT), runs mapld --help and `import mapl` in it, then
@@ -41,7 +42,10 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
-  for c in "${containers[@]}"; do buildah umount "$c" >/dev/null 2>&1; buildah rm "$c" >/dev/null 2>&1; done
+  for c in "${containers[@]}"; do
+    buildah umount "$c" >/dev/null 2>&1
+    buildah rm "$c" >/dev/null 2>&1
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -61,7 +65,8 @@ fi
 buildah images "$IMAGE" | sed 's/^/  /'
 
 inspect() { buildah inspect --type image --format "$1" "$IMAGE"; }
-config=$(inspect '{{.Docker.Config.User}}|{{.Docker.Config.Entrypoint}}|{{.Docker.Config.Cmd}}|{{.Docker.Config.ExposedPorts}}')
+config=$(inspect '{{.Docker.Config.User}}|{{.Docker.Config.Entrypoint}}|{{.Docker.Config.Cmd}}|'\
+'{{.Docker.Config.ExposedPorts}}')
 echo "  user|entrypoint|cmd|ports: $config"
 [[ "$config" == "mapl|[mapld]|[--config /etc/mapl/mapld.textproto]|"*7000/tcp*9400/tcp* ]] &&
   pass "image config: user mapl, ENTRYPOINT mapld, CMD --config, ports 7000 and 9400" ||
@@ -91,9 +96,11 @@ user=$(buildah run "$c0" -- id -un)
 env_path=$(buildah run "$c0" -- sh -c 'echo "${PYTHONPATH:-unset}"')
 where=$(buildah run "$c0" -- python3 -c 'import mapl, mapl.launch; print(mapl.__file__)' 2>&1)
 [ "$env_path" = unset ] && [[ "$where" == /usr/lib/python3/dist-packages/mapl/* ]] &&
-  pass "python3 imports mapl with no PYTHONPATH: $where" || fail "import mapl: $where (PYTHONPATH $env_path)"
+  pass "python3 imports mapl with no PYTHONPATH: $where" ||
+  fail "import mapl: $where (PYTHONPATH $env_path)"
 help=$(buildah run "$c0" -- mapld --help 2>&1)
-grep -q -- "--config" <<<"$help" && pass "mapld --help lists its flags" || fail "mapld --help: $help"
+grep -q -- "--config" <<<"$help" && pass "mapld --help lists its flags" ||
+  fail "mapld --help: $help"
 
 # ---- 1. two daemons as the image's user, mapl-health in the image ----
 mkdir -p "$work/etc" "$work/run"
@@ -145,7 +152,8 @@ if ready1=$(wait_ready 1); then
   daemon_config 0 ROLE_UPSTREAM "127.0.0.1:$port" >"$work/etc/stage0.textproto"
   chmod 0644 "$work/etc/stage0.textproto"
   start_daemon "$c0" 0
-  wait_ready 0 >/dev/null && pass "two daemons of the image started as mapl (stage 1 listens on 127.0.0.1:$port)" ||
+  wait_ready 0 >/dev/null &&
+    pass "two daemons of the image started as mapl (stage 1 listens on 127.0.0.1:$port)" ||
     fail "the stage 0 daemon did not start"
 else
   fail "the stage 1 daemon did not start"
@@ -178,13 +186,15 @@ pids=()
 mnt=$(buildah mount "$c0") && cp -a "$mnt/usr/lib/python3/dist-packages/mapl" "$work/py-mapl" &&
   buildah umount "$c0" >/dev/null || fail "copying the image's Python package"
 mkdir -p "$work/py" && mv "$work/py-mapl" "$work/py/mapl"
-[ -e /usr/bin/mapld ] && echo "  note: this host has /usr/bin/mapld too; the daemons still run in the containers"
+[ -e /usr/bin/mapld ] &&
+  echo "  note: this host has /usr/bin/mapld too; the daemons still run in the containers"
 t=$(date +%s)
 if env -u PYTHONPATH MAPLD=/usr/bin/mapld PYTHONPATH="$work/py" OPENBLAS_NUM_THREADS=1 \
      /usr/bin/python3 -u "$here/run_example.py" "$repo/examples" "$work/example" \
      "$here/buildah_run.sh" "$c0" "$c1" >"$work/example.log" 2>&1 &&
    grep -qx "mapl from $work/py/mapl/__init__.py" "$work/example.log"; then
-  pass "the two-stage example, trainers on the host, daemons in the image's containers ($(($(date +%s) - t)) s): $(tail -n 1 "$work/example.log")"
+  pass "the two-stage example, trainers on the host, daemons in the image's containers" \
+    "($(($(date +%s) - t)) s): $(tail -n 1 "$work/example.log")"
 else
   tail -n 40 "$work/example.log"
   fail "the two-stage example through the image's daemons"
@@ -199,7 +209,8 @@ if buildah inspect --type image "$TRAINER_IMAGE" >/dev/null 2>&1; then
        python3 -u /opt/mapl-test/run_example.py /opt/mapl/examples /tmp/mapl-example \
        >"$work/trainer.log" 2>&1 &&
      grep -qx "mapl from /usr/lib/python3/dist-packages/mapl/__init__.py" "$work/trainer.log"; then
-    pass "the two-stage example inside $TRAINER_IMAGE as $(buildah run "$c2" -- id -un), its daemons beside it ($(($(date +%s) - t)) s): $(tail -n 1 "$work/trainer.log")"
+    pass "the two-stage example inside $TRAINER_IMAGE as $(buildah run "$c2" -- id -un)," \
+      "its daemons beside it ($(($(date +%s) - t)) s): $(tail -n 1 "$work/trainer.log")"
   else
     tail -n 40 "$work/trainer.log"
     fail "the two-stage example inside $TRAINER_IMAGE"
