@@ -65,10 +65,13 @@ class StagePlacement:
     ``["ip", "netns", "exec", "ns0"]``: a network namespace; the wrapper must exec the command).
     ``peer_listen``: where the stage's daemon accepts the link from the stage before it.
     ``dial``: the address its daemon dials for the link to the next stage (a relay, say);
-    empty: 127.0.0.1 and the port the next stage's daemon got."""
+    empty: 127.0.0.1 and the port the next stage's daemon got. ``daemon_wrap`` prefixes the
+    daemon's command line only, after ``wrap`` (for example ``buildah run CONTAINER --``: the daemon
+    in a container, the trainer outside it; $MAPLD then names mapld's path in the container)."""
     wrap: List[str] = field(default_factory=list)
     peer_listen: str = "127.0.0.1:0"
     dial: str = ""
+    daemon_wrap: List[str] = field(default_factory=list)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -243,7 +246,8 @@ class Pipeline:
                 desc, self.tmp, daemon=extra, args=["--drain_seconds", "5"],
                 peer_listen={s: p.peer_listen for s, p in enumerate(self.placement)},
                 peer_address=peer_address,
-                wrap={s: p.wrap for s, p in enumerate(self.placement) if p.wrap}))
+                wrap={s: p.wrap + p.daemon_wrap for s, p in enumerate(self.placement)
+                      if p.wrap or p.daemon_wrap}))
         except launch.LaunchError as e:
             raise PipelineError(str(e)) from None
         daemons = self.daemons
