@@ -51,7 +51,13 @@ done
 [ -n "$socket" ] || fail "the installed Python package did not carry the boundary"
 stats=$("$work/consumer/mapl_consumer" "$socket") || fail "the consumer could not read stats"
 echo "$stats" | sed 's/^/  consumer: /'
-health=$("$root/usr/bin/mapl-health" --socket "$socket") || fail "mapl-health: $health"
+# The installed probe: readiness follows the link, which the health loop samples every 200 ms
+# (and which a loaded machine can take a moment to show), so it is asked until it says SERVING.
+for _ in $(seq 100); do
+  health=$("$root/usr/bin/mapl-health" --socket "$socket") && break
+  sleep 0.2
+done
+[[ "$health" == "readiness: SERVING" ]] || fail "mapl-health: $health"
 echo "  mapl-health: $health"
 grep -q "boundary 0 frames_sent 4 frames_received 4" <<<"$stats" ||
   fail "the consumer read unexpected stats"
