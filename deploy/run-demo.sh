@@ -11,7 +11,7 @@ bash deploy/install-deps.sh
 MAPL_BUILD_TARGETS="mapld mapl_python mapl_python_client" bash deploy/build.sh
 # MAPL with 8 RVQ levels (measured at the end: 35x fewer bytes than dense bf16 for +5.7 % in
 # validation loss; with 4 levels 42x for +24 %). A fixed training budget, whatever setup took:
-# 600 steps (1.2 M tokens), about 3 minutes on two idle cores, the budget of the dense reference
+# 600 steps (1.2 M tokens), about 4 minutes on two idle cores, the budget of the dense reference
 # run the result is compared with (examples/llama_pipeline/dense_reference.json), so that the
 # learning-rate schedules agree step by step. A --steps or --minutes given here wins.
 # Debian's PyTorch does its maths in OpenBLAS: one BLAS thread, or the cores are oversubscribed.
