@@ -14,6 +14,11 @@ from mapl import launch  # noqa: E402
 
 assert Path(mapl.__file__).resolve().is_relative_to(root), mapl.__file__
 assert launch.find_mapld().resolve().is_relative_to(root), launch.find_mapld()
+# Pipeline descriptions are checked against the installed config.proto, not the source tree's.
+from mapl import pipeline  # noqa: E402
+assert pipeline.find_config_proto().resolve().is_relative_to(root), pipeline.find_config_proto()
+description = Path(__file__).resolve().parents[2] / "deploy" / "pipelines" / "two-stage.toml"
+pipeline.load(description)
 boundary = {"d": 64, "k": 8, "method": "METHOD_DENSE", "vocab": 256, "max_tokens": 64, "seed": 7}
 up, down = launch.start_pair(work, boundary, {"client_buffers": 2,
                                               "client_buffer_bytes": 1 << 20})

@@ -24,6 +24,8 @@ contents=$(dpkg-deb -c "$deb" | awk '{print $6}')
 for path in ./usr/bin/mapld ./usr/bin/mapl-health ./usr/lib/systemd/system/mapld@.service ./usr/lib/sysusers.d/mapl.conf \
             ./usr/include/mapl/client/mapl_client.h ./usr/include/mapl/proto/mapl/v1/local.pb.h \
             ./usr/lib/python3/dist-packages/mapl/__init__.py \
+            ./usr/lib/python3/dist-packages/mapl/pipeline.py \
+            ./usr/lib/python3/dist-packages/mapl/config.proto \
             ./usr/lib/cmake/mapl/maplConfig.cmake; do
   grep -qx "$path" <<<"$contents" || fail "the package lacks $path"
 done
