@@ -720,9 +720,9 @@ def _print_outcome(s: Dict[str, Any], log: Log) -> None:
                 "run with METHOD_DENSE, bf16 both ways)")
         elif ref is not None:
             log(f"  (no dense reference: {ref['path']}: {ref['unusable']})")
-    saved = s["raw_bytes"] - s["wire_payload_bytes"] - s["wire_dictionary_bytes"]
     if cfg["method"] != "DENSE" and s["raw_bytes"]:
-        wire = s["raw_bytes"] - saved
+        wire = s["wire_payload_bytes"] + s["wire_dictionary_bytes"]
+        saved = s["raw_bytes"] - wire
         log("")
         log(f"== bytes: the boundaries carried {_human(s['raw_bytes'])} of activations and "
             f"gradients (dense bf16) as {_human(wire)}: {_human(saved)} saved, "
