@@ -455,13 +455,23 @@ std::string CallName(const char* call, uint32_t boundary, Direction direction, u
 Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
                     const TensorRef& tensor, const std::optional<TensorRef>& token_ids,
                     SendResult* result, bool wait_encoded) {
+  SendOptions options;
+  options.wait_encoded = wait_encoded;
+  return Send(boundary, direction, step, microbatch, tensor, token_ids, options, result);
+}
+
+Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
+                    const TensorRef& tensor, const std::optional<TensorRef>& token_ids,
+                    const SendOptions& options, SendResult* result) {
   Status open = impl_->CheckOpen();
   if (!open.ok()) return open;
   v1::SendRequest req;
   SetTensorKey(impl_->session, boundary, direction, step, microbatch, &req);
   ToProto(tensor, req.mutable_tensor());
   if (token_ids.has_value()) ToProto(*token_ids, req.mutable_token_ids());
-  req.set_wait_encoded(wait_encoded);
+  req.set_wait_encoded(options.wait_encoded);
+  req.mutable_shape()->Assign(options.shape.begin(), options.shape.end());
+  req.set_evaluation(options.evaluation);
   v1::SendReply reply;
   grpc::ClientContext ctx;
   const grpc::Status s = impl_->stub->Send(&ctx, req, &reply);
@@ -472,17 +482,34 @@ Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint3
 
 Status Client::Recv(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
                     const TensorRef& into, uint32_t timeout_ms, RecvResult* result) {
+  return Recv(boundary, direction, step, microbatch, into, timeout_ms, RecvOptions{}, result);
+}
+
+Status Client::Recv(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
+                    const TensorRef& into, uint32_t timeout_ms, const RecvOptions& options,
+                    RecvResult* result) {
   Status open = impl_->CheckOpen();
   if (!open.ok()) return open;
   v1::RecvRequest req;
   SetTensorKey(impl_->session, boundary, direction, step, microbatch, &req);
   ToProto(into, req.mutable_into());
   req.set_timeout_ms(timeout_ms);
+  if (options.token_ids.has_value()) ToProto(*options.token_ids, req.mutable_token_ids_into());
+  req.mutable_expect_shape()->Assign(options.expect_shape.begin(), options.expect_shape.end());
   v1::RecvReply reply;
   grpc::ClientContext ctx;
   const grpc::Status s = impl_->stub->Recv(impl_->WithTimeout(&ctx, timeout_ms), req, &reply);
   if (!s.ok()) return impl_->FromGrpc(s, CallName("Recv", boundary, direction, step, microbatch));
-  if (result != nullptr) *result = RecvResult{reply.rows(), reply.cols()};
+  if (result != nullptr) {
+    RecvResult r;
+    r.rows = reply.rows();
+    r.cols = reply.cols();
+    r.shape.assign(reply.shape().begin(), reply.shape().end());
+    if (reply.dtype() == v1::DTYPE_F32) r.dtype = DType::kF32;
+    if (reply.dtype() == v1::DTYPE_BF16) r.dtype = DType::kBF16;
+    r.has_token_ids = reply.has_token_ids();
+    *result = std::move(r);
+  }
   return Status{};
 }
 

@@ -94,6 +94,30 @@ struct SendResult {
 struct RecvResult {
   uint32_t rows = 0;  // n actually written.
   uint32_t cols = 0;  // d.
+  // The shape the sender handed the tensor in as ([n, d] when it gave none), its dtype then
+  // (kF32 or kBF16; unset when the frame did not say), and whether token ids came with it and
+  // were written into RecvOptions::token_ids.
+  std::vector<uint32_t> shape;
+  std::optional<DType> dtype;
+  bool has_token_ids = false;
+};
+
+// Send's optional parts (local.proto SendRequest).
+struct SendOptions {
+  bool wait_encoded = false;
+  // The tensor's shape as the trainer holds it, e.g. {batch, seq, d}; empty: (n, d). The last
+  // dimension must be d and the product of the others n (INVALID_ARGUMENT otherwise).
+  std::vector<uint32_t> shape;
+  // Evaluation traffic: encoded and decoded as usual, but it trains nothing on either side.
+  bool evaluation = false;
+};
+
+// Recv's optional parts (local.proto RecvRequest).
+struct RecvOptions {
+  // Where the token ids that came with the tensor go: (capacity, 1) kI32.
+  std::optional<TensorRef> token_ids;
+  // The shape expected; another one is INVALID_ARGUMENT and the tensor stays for a later Recv.
+  std::vector<uint32_t> expect_shape;
 };
 
 // The statistics record of one boundary (local.proto BoundaryStats), as the daemon sent it.
@@ -146,15 +170,28 @@ class Client {
   // (copied and checked) the tensor, so the buffer regions may be reused; the frame is encoded
   // in the background, in Send order. wait_encoded: return only once the frame is queued on the
   // peer link, with result->wire_bytes set and any encoder error.
+  // An encode failure of an earlier Send that did not wait is returned once by the next Send (its
+  // tensor then not taken) and the next Step, with its code.
   Status Send(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
               const TensorRef& tensor, const std::optional<TensorRef>& token_ids,
               SendResult* result, bool wait_encoded = false);
+  // The same with a shape and evaluation (SendOptions).
+  Status Send(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
+              const TensorRef& tensor, const std::optional<TensorRef>& token_ids,
+              const SendOptions& options, SendResult* result);
 
   // Blocks until the tensor for (boundary, direction, step, microbatch) is decoded into `into`
   // (its rows are the capacity; kF32 or kBF16). timeout_ms 0: the daemon's recv_timeout_ms.
   // No tensor in time: DEADLINE_EXCEEDED.
+  // Errors (docs/ARCHITECTURE.md, "Errors"): FAILED_PRECONDITION at once for a closed step or a
+  // tensor already received; INVALID_ARGUMENT for `into` or the ids' buffer too small or another
+  // shape than options.expect_shape (the tensor stays); UNAVAILABLE or ABORTED for a transient
+  // failure (retry the microbatch); DATA_LOSS for a corrupt frame.
   Status Recv(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
               const TensorRef& into, uint32_t timeout_ms, RecvResult* result);
+  Status Recv(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
+              const TensorRef& into, uint32_t timeout_ms, const RecvOptions& options,
+              RecvResult* result);
 
   // Tells the daemon the optimizer finished `step`, so the compressors run their own update;
   // `result` (may be null) gets every boundary's record after it.

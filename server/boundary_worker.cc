@@ -2,11 +2,14 @@
 #include "server/boundary_worker.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/check.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 #include "prometheus/histogram.h"
 #include "server/frame_codec.h"
 
@@ -34,6 +37,23 @@ bool AllFinite(const std::vector<float>& v) {
 
 int64_t TensorBytes(const std::vector<float>& data) {
   return static_cast<int64_t>(data.size() * sizeof(float));
+}
+
+// What the trainer's Recv says of a frame the engine rejected (docs/ARCHITECTURE.md, "Errors"):
+// the engine's INVALID_ARGUMENT is a malformed frame, corrupt data like a failed checksum
+// (DATA_LOSS); UNAVAILABLE (its dictionary version is not here yet) stays retryable; a frame that
+// no longer fits this side's state (FAILED_PRECONDITION: its forward is gone; ALREADY_EXISTS: a
+// second frame of the tensor) is the exchange failing, not the Recv's caller (ABORTED).
+absl::StatusCode RecvStatusCode(absl::StatusCode engine) {
+  switch (engine) {
+    case absl::StatusCode::kInvalidArgument:
+      return absl::StatusCode::kDataLoss;
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kAlreadyExists:
+      return absl::StatusCode::kAborted;
+    default:
+      return engine;
+  }
 }
 
 }  // namespace
@@ -77,16 +97,36 @@ std::string BoundaryWorker::Describe(int direction, uint64_t step, uint32_t micr
 
 absl::StatusOr<v1::SendReply> BoundaryWorker::Send(uint64_t step, uint32_t microbatch,
                                                    const ConstTensor& t, const int32_t* token_ids,
-                                                   bool wait_encoded, absl::Time deadline) {
+                                                   bool wait_encoded, absl::Time deadline,
+                                                   const SendOptions& options) {
   const std::string what = Describe(sends_, step, microbatch);
-  const bool mapl_forward = sends_ == v1::DIRECTION_FORWARD && config_.method() == v1::METHOD_MAPL;
-  if (mapl_forward && token_ids == nullptr) {
+  {
+    // An earlier Send's tensor failed in the encoder after that Send returned: this is the
+    // first call that can tell the trainer.
+    absl::MutexLock l(&mu_);
+    if (!send_error_.ok()) {
+      const absl::Status earlier = std::exchange(send_error_, absl::OkStatus());
+      return absl::Status(earlier.code(), absl::StrCat("an earlier Send failed in the background: ",
+                                                       earlier.message(), " (this Send's tensor, ",
+                                                       what, ", was not taken: send it again)"));
+    }
+  }
+  const bool forward = sends_ == v1::DIRECTION_FORWARD;
+  if (forward && config_.method() == v1::METHOD_MAPL && token_ids == nullptr) {
     return absl::InvalidArgumentError(
         absl::StrCat("token_ids: boundary ", config_.id(),
                      " runs METHOD_MAPL, whose anchors need the token ids of every forward "
                      "microbatch"));
   }
+  if (!forward && token_ids != nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": token_ids: only forward activations carry token ids"));
+  }
   MAPL_CHECK(t.cols == config_.d(), "the daemon checked the tensor's columns against d");
+  if (!options.shape.empty()) {
+    MAPL_RETURN_IF_ERROR(
+        CheckTensorShape(options.shape, t.rows, config_.d(), absl::StrCat(what, ": shape")));
+  }
   const Key key{step, microbatch};
   const size_t elem = t.dtype == DType::kF32 ? 4 : 2;
   const size_t bytes = static_cast<size_t>(t.size()) * elem;
@@ -95,6 +135,8 @@ absl::StatusOr<v1::SendReply> BoundaryWorker::Send(uint64_t step, uint32_t micro
   job.microbatch = microbatch;
   job.dtype = t.dtype;
   job.rows = t.rows;
+  job.shape = options.shape;
+  job.evaluation = options.evaluation;
   {
     absl::MutexLock l(&mu_);
     // The checks run before the wait (a caller's mistake is reported at once) and again after
@@ -102,6 +144,12 @@ absl::StatusOr<v1::SendReply> BoundaryWorker::Send(uint64_t step, uint32_t micro
     // may have taken it, or Step closed the step.
     for (bool waited : {false, true}) {
       if (stop_) return absl::UnavailableError("mapld is shutting down; tensor not taken");
+      if (!forward && evaluation_received_.count(key) != 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            what,
+            ": its forward was an evaluation tensor, which trains nothing and takes no "
+            "backward; send backwards only of training forwards"));
+      }
       if (closed_step_.has_value() && step <= *closed_step_) {
         return absl::FailedPreconditionError(
             absl::StrCat(what, ": step ", step, " was already closed by Step(", *closed_step_,
@@ -144,13 +192,15 @@ absl::StatusOr<v1::SendReply> BoundaryWorker::Send(uint64_t step, uint32_t micro
     taken = CheckFinite(ConstTensor{job.tensor.data(), t.rows, t.cols, t.dtype}, "tensor");
     nonfinite_checked = taken.ok();
   }
-  if (taken.ok() && mapl_forward) {
+  if (taken.ok() && token_ids != nullptr) {
     job.token_ids.assign(token_ids, token_ids + t.rows);
+    const uint32_t vocab = config_.vocab();  // 0: none configured (any id >= 0)
     for (int64_t i = 0; i < t.rows && taken.ok(); ++i) {
-      if (job.token_ids[i] < 0 || static_cast<uint32_t>(job.token_ids[i]) >= config_.vocab()) {
-        taken = absl::InvalidArgumentError(absl::StrCat("token_ids[", i, "] = ", job.token_ids[i],
-                                                        ": must be in [0, vocab=", config_.vocab(),
-                                                        ")"));
+      if (job.token_ids[i] < 0 ||
+          (vocab != 0 && static_cast<uint32_t>(job.token_ids[i]) >= vocab)) {
+        taken = absl::InvalidArgumentError(
+            absl::StrCat("token_ids[", i, "] = ", job.token_ids[i], ": must be in [0, ",
+                         vocab != 0 ? absl::StrCat("vocab=", vocab) : "2^31", ")"));
       }
     }
   }
@@ -224,33 +274,58 @@ void BoundaryWorker::Encode(EncodeJob& job) {
     // Send took the tensor with CopyAndCheckFinite: only finite ones reach the queue.
     absl::StatusOr<std::vector<v1::PeerMessage>> out = engine_->Encode(
         job.step, job.microbatch, t, job.token_ids.empty() ? nullptr : job.token_ids.data(),
-        Engine::FiniteCheck::kCheckedByCaller);
+        Engine::FiniteCheck::kCheckedByCaller, job.evaluation);
     status = out.status();
     if (out.ok()) {
       const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
       if (timers_.encode_seconds != nullptr) timers_.encode_seconds->Observe(seconds);
       step_codec_seconds_ += seconds;
       ++step_encoded_;
-      for (const v1::PeerMessage& m : *out) {
-        if (m.has_frame()) wire += FrameWireBytes(m.frame());
+      for (v1::PeerMessage& m : *out) {
+        if (!m.has_frame()) continue;
+        wire += FrameWireBytes(m.frame());
+        // The shape as the trainer handed the tensor in (outside the checksum, like the header).
+        v1::Frame* f = m.mutable_frame();
+        if (job.shape.empty()) {
+          f->add_shape(static_cast<uint32_t>(job.rows));
+          f->add_shape(config_.d());
+        } else {
+          f->mutable_shape()->Assign(job.shape.begin(), job.shape.end());
+        }
       }
       SendAll(*std::move(out));
+    } else {
+      // The request was checked when it was taken; this is the engine's verdict (for example a
+      // backward whose forward was evicted). No frame of it will come: the peer hears so in the
+      // frame's place, so that its Recv fails at once instead of by its deadline.
+      status = absl::Status(status.code(), absl::StrCat(Describe(sends_, job.step, job.microbatch),
+                                                        ": ", status.message()));
+      v1::PeerMessage m;
+      v1::FrameFailed* failed = m.mutable_frame_failed();
+      failed->set_boundary(config_.id());
+      failed->set_direction(sends_);
+      failed->set_step(job.step);
+      failed->set_microbatch(job.microbatch);
+      failed->set_reason(std::string(status.message()));
+      std::vector<v1::PeerMessage> notice;
+      notice.push_back(std::move(m));
+      SendAll(std::move(notice));
     }
   }
   if (!status.ok()) {
-    // The request was checked when it was taken; this is the engine's verdict (for example a
-    // backward whose forward was evicted). The frame is not sent; the peer's Recv will say so by
-    // its deadline, and this log line (or the waiting Send) says why.
-    status = absl::Status(status.code(), absl::StrCat(Describe(sends_, job.step, job.microbatch),
-                                                      ": ", status.message()));
     Log(LogLevel::kError, "encode failed", {{"error", std::string(status.message())}});
   }
+  absl::MutexLock l(&mu_);
   if (job.result != nullptr) {
-    absl::MutexLock l(&mu_);
     job.result->status = status;
     job.result->wire_bytes = wire;
     job.result->done = true;
     cv_.SignalAll();
+  } else if (!status.ok()) {
+    // Nobody waits for this tensor: the next Send and the next Step say it (the first failure is
+    // kept; later ones until then are only logged).
+    if (send_error_.ok()) send_error_ = status;
+    if (step_error_.ok()) step_error_ = status;
   }
 }
 
@@ -349,7 +424,10 @@ void BoundaryWorker::DecodeLoop() {
         OnFrame(msg.frame(), absl::Now());
         break;
       case v1::PeerMessage::kStepMarker:
-        break;                         // advisory
+        break;  // advisory
+      case v1::PeerMessage::kFrameFailed:
+        OnFrameFailed(msg.frame_failed());
+        break;
       case v1::PeerMessage::kHello: {  // OnPeerRestart's marker
         {
           absl::MutexLock el(&engine_mu_);
@@ -362,7 +440,7 @@ void BoundaryWorker::DecodeLoop() {
         for (const Parked& p : parked_) {
           const v1::Frame& f = p.frame;
           Received r;
-          r.status = absl::DataLossError(
+          r.status = absl::AbortedError(
               absl::StrCat(Describe(f.direction(), f.step(), f.microbatch()),
                            ": lost: its sender restarted before the dictionary it was encoded "
                            "with arrived; send it again"));
@@ -405,7 +483,8 @@ void BoundaryWorker::ExpireParked(absl::Time now) {
     const v1::Frame& f = parked_.front().frame;
     const std::string what = Describe(f.direction(), f.step(), f.microbatch());
     Received r;
-    r.status = absl::FailedPreconditionError(absl::StrCat(
+    // Transient: the link or the upstream is slow; the trainer may retry the microbatch.
+    r.status = absl::UnavailableError(absl::StrCat(
         what, ": the dictionary version ", f.dict_version(), " it needs never arrived: the frame ",
         "was held for it ", absl::FormatDuration(options_.max_parked_time),
         " (the upstream's snapshot is lost or stuck behind a slow link; check the peer link)"));
@@ -420,11 +499,32 @@ void BoundaryWorker::ExpireParked(absl::Time now) {
   }
 }
 
+void BoundaryWorker::OnFrameFailed(const v1::FrameFailed& failed) {
+  if (failed.boundary() != config_.id() || failed.direction() != receives_) {
+    Log(LogLevel::kError, "frame failure notice of another boundary or direction dropped",
+        {{"boundary", absl::StrCat(config_.id())},
+         {"notice_boundary", absl::StrCat(failed.boundary())},
+         {"direction", absl::StrCat(failed.direction())}});
+    return;
+  }
+  const std::string what = Describe(receives_, failed.step(), failed.microbatch());
+  Log(LogLevel::kError, "the peer failed to encode a tensor",
+      {{"what", what}, {"reason", failed.reason()}});
+  Received r;
+  r.status = absl::AbortedError(absl::StrCat(
+      what, ": the peer's mapld failed to encode it, so it will never arrive: ", failed.reason(),
+      " (the sending trainer's next Send or Step reports it too)"));
+  absl::MutexLock l(&mu_);
+  AddToInbox(Key{failed.step(), failed.microbatch()}, std::move(r));
+}
+
 void BoundaryWorker::AddToInbox(const Key& key, Received r) {
   const std::string what = Describe(receives_, key.first, key.second);
   if (closed_step_.has_value() && key.first <= *closed_step_) {
     // A late frame of a step the trainer closed: nobody will Recv it.
     Log(LogLevel::kWarning, "frame of a closed step dropped", {{"what", what}});
+  } else if (received_.count(key) != 0) {
+    Log(LogLevel::kWarning, "frame of a tensor already received ignored", {{"what", what}});
   } else if (inbox_.count(key) != 0) {
     Log(LogLevel::kWarning, "duplicate frame ignored", {{"what", what}});
   } else {
@@ -467,8 +567,8 @@ void BoundaryWorker::OnFrame(const v1::Frame& f, absl::Time since) {
   r.rows = f.tokens();
   absl::Status s;
   if (f.tokens() == 0 || f.tokens() > config_.max_tokens()) {
-    s = absl::InvalidArgumentError(
-        absl::StrCat("frame of ", f.tokens(), " tokens (max_tokens ", config_.max_tokens(), ")"));
+    s = absl::DataLossError(absl::StrCat("corrupt: a frame of ", f.tokens(), " tokens (max_tokens ",
+                                         config_.max_tokens(), ")"));
   } else {
     {
       absl::MutexLock l(&mu_);
@@ -509,16 +609,24 @@ void BoundaryWorker::OnFrame(const v1::Frame& f, absl::Time since) {
     nonfinite = true;
     const absl::Status where =
         CheckFinite(ConstTensor::F32(r.data.data(), r.rows, config_.d()), "the decoded tensor");
-    s = absl::InvalidArgumentError(absl::StrCat(
+    s = absl::DataLossError(absl::StrCat(
         where.message(), " (the peer's frame is corrupt, or its scales overflow float32)"));
   }
   if (!s.ok()) {
     Log(LogLevel::kError, "frame rejected", {{"what", what}, {"error", std::string(s.message())}});
-    // The trainer's Recv gets the reason at once instead of waiting for its deadline.
-    r.status =
-        absl::Status(s.code(), absl::StrCat(what, ": the frame was rejected: ", s.message()));
+    // The trainer's Recv gets the reason at once instead of waiting for its deadline, with a
+    // code that says what it can do (RecvStatusCode).
+    r.status = absl::Status(RecvStatusCode(s.code()),
+                            absl::StrCat(what, ": the frame was rejected: ", s.message()));
+  } else {
+    r.shape = FrameShape(f, config_.d());
+    r.dtype = f.dtype();
+    r.token_ids = FrameTokenIds(f);  // checked by the engine's FrameCodec::Check
   }
   absl::MutexLock l(&mu_);
+  if (s.ok() && f.evaluation() && receives_ == v1::DIRECTION_FORWARD) {
+    evaluation_received_.insert(key);
+  }
   if (nonfinite) ++decoded_nonfinite_;
   if (!r.status.ok()) {
     if (!r.data.empty() && spare_inbox_.size() < kSpareBuffers) {
@@ -554,12 +662,28 @@ void BoundaryWorker::OnFrame(const v1::Frame& f, absl::Time since) {
 absl::StatusOr<v1::RecvReply> BoundaryWorker::Recv(uint64_t step, uint32_t microbatch,
                                                    const Tensor& into, absl::Time deadline,
                                                    absl::Duration timeout,
-                                                   const std::function<bool()>& cancelled) {
+                                                   const std::function<bool()>& cancelled,
+                                                   const RecvOptions& options) {
   const Key key{step, microbatch};
   const std::string what = Describe(receives_, step, microbatch);
+  // A tensor that can no longer come: its step is closed, or it was received already. Said at
+  // once rather than by the deadline.
+  auto gone = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (closed_step_.has_value() && step <= *closed_step_) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, ": step ", step, " was already closed by Step(", *closed_step_,
+                       "), which dropped its tensors; receive a step's tensors before its Step"));
+    }
+    if (received_.count(key) != 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, " was already received; each (step, microbatch) is received once"));
+    }
+    return absl::Status();
+  };
   Received r;
   {
     absl::MutexLock l(&mu_);
+    MAPL_RETURN_IF_ERROR(gone());
     if (inbox_.count(key) == 0) {
       // The decoder must not wait for inbox room while this waits (see awaited_).
       const auto awaited = awaited_.insert(key);
@@ -570,6 +694,8 @@ absl::StatusOr<v1::RecvReply> BoundaryWorker::Recv(uint64_t step, uint32_t micro
           waited = absl::UnavailableError(absl::StrCat(what, ": mapld is shutting down"));
           break;
         }
+        // Step closed the step, or a concurrent Recv took the tensor, while this waited.
+        if (waited = gone(); !waited.ok()) break;
         if (cv_.WaitWithDeadline(&mu_, deadline) && inbox_.count(key) == 0) {
           waited = absl::DeadlineExceededError(
               absl::StrCat(what, " did not arrive within ", absl::FormatDuration(timeout),
@@ -588,9 +714,24 @@ absl::StatusOr<v1::RecvReply> BoundaryWorker::Recv(uint64_t step, uint32_t micro
       EraseFromInbox(it);
       return s;
     }
-    if (it->second.rows > into.rows) {
+    // The caller's mistakes leave the tensor in the inbox for a Recv that fits.
+    const Received& in = it->second;
+    if (!options.expect_shape.empty() && options.expect_shape != in.shape) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " has shape ", ShapeString(in.shape), ", but the Recv expects ",
+          ShapeString(options.expect_shape), "; the tensor stays for a Recv that expects ",
+          ShapeString(in.shape), " (or none)"));
+    }
+    if (in.rows > into.rows) {
       return absl::InvalidArgumentError(
-          absl::StrCat(what, " has ", it->second.rows, " rows; `into` holds only ", into.rows));
+          absl::StrCat(what, " has ", in.rows, " rows; `into` holds only ", into.rows,
+                       " (its shape is ", ShapeString(in.shape), "); the tensor stays"));
+    }
+    if (options.token_ids != nullptr && !in.token_ids.empty() &&
+        static_cast<int64_t>(in.token_ids.size()) > options.token_ids_capacity) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " came with ", in.token_ids.size(), " token ids; token_ids_into holds only ",
+          options.token_ids_capacity, "; the tensor stays"));
     }
     // A client that gave up (its own deadline, or it died) may already reuse `into` for
     // something else: leave the tensor in the inbox for a retry instead of writing there.
@@ -601,11 +742,18 @@ absl::StatusOr<v1::RecvReply> BoundaryWorker::Recv(uint64_t step, uint32_t micro
     it->second.data.clear();  // moved out: the bytes leave with `r`
     inbox_bytes_ -= TensorBytes(r.data);
     EraseFromInbox(it);
+    received_.insert(key);
   }
   FromF32(r.data, Tensor{into.data, r.rows, config_.d(), into.dtype});
   v1::RecvReply reply;
   reply.set_rows(static_cast<uint32_t>(r.rows));
   reply.set_cols(static_cast<uint32_t>(config_.d()));
+  reply.mutable_shape()->Assign(r.shape.begin(), r.shape.end());
+  reply.set_dtype(r.dtype);
+  if (options.token_ids != nullptr && !r.token_ids.empty()) {
+    std::copy(r.token_ids.begin(), r.token_ids.end(), options.token_ids);
+    reply.set_has_token_ids(true);
+  }
   absl::MutexLock l(&mu_);
   if (spare_inbox_.size() < kSpareBuffers) spare_inbox_.push_back(std::move(r.data));
   return reply;
@@ -624,6 +772,7 @@ absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Dura
     closed = closed_step_.has_value() && *closed_step_ >= step;
   }
   if (closed) {
+    if (absl::Status earlier = TakeStepError(); !earlier.ok()) return earlier;
     *out = stats();
     return absl::OkStatus();
   }
@@ -633,6 +782,7 @@ absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Dura
         absl::StrCat(where, "tensors sent in this step were not encoded within ",
                      absl::FormatDuration(timeout)));
   }
+  if (absl::Status earlier = TakeStepError(); !earlier.ok()) return earlier;
   for (;;) {
     uint64_t seen;
     {
@@ -674,9 +824,10 @@ absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Dura
   {
     absl::MutexLock l(&mu_);
     closed_step_ = step;
-    for (auto it = sent_.begin(); it != sent_.end();) {
-      it = it->first <= step ? sent_.erase(it) : std::next(it);
+    for (std::set<Key>* keys : {&sent_, &received_, &evaluation_received_}) {
+      keys->erase(keys->begin(), keys->upper_bound(Key{step, UINT32_MAX}));
     }
+    cv_.SignalAll();  // Recvs waiting for a tensor of the step fail now
     // Tensors of closed steps that the trainer never received would stay forever (and hold
     // room in the inbox that later steps need).
     int64_t stale = 0;
@@ -699,6 +850,15 @@ absl::Status BoundaryWorker::Step(uint64_t step, absl::Time deadline, absl::Dura
   }
   *out = stats();
   return absl::OkStatus();
+}
+
+absl::Status BoundaryWorker::TakeStepError() {
+  absl::MutexLock l(&mu_);
+  if (step_error_.ok()) return absl::OkStatus();
+  const absl::Status earlier = std::exchange(step_error_, absl::OkStatus());
+  return absl::Status(earlier.code(),
+                      absl::StrCat("an earlier Send failed in the background: ", earlier.message(),
+                                   " (the step is not closed: call Step again)"));
 }
 
 void BoundaryWorker::CloseStepTiming() {

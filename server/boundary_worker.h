@@ -91,6 +91,24 @@ struct WorkerOptions {
   absl::Duration peer_ack_delay = absl::Milliseconds(5);
 };
 
+// What a Send says of its tensor beyond the tensor itself.
+struct SendOptions {
+  // The shape the trainer handed the tensor in as (SendRequest.shape); empty: [n, d]. It travels
+  // with the frame.
+  std::vector<uint32_t> shape;
+  // Trains nothing on either side (SendRequest.evaluation; engine.h).
+  bool evaluation = false;
+};
+
+// What a Recv asks beyond the tensor.
+struct RecvOptions {
+  // Where the token ids that came with the tensor go (null: nowhere), and its capacity.
+  int32_t* token_ids = nullptr;
+  int64_t token_ids_capacity = 0;
+  // The shape the caller expects (RecvRequest.expect_shape); empty: any.
+  std::vector<uint32_t> expect_shape;
+};
+
 // Histograms of encode and decode time (may be null).
 struct CodecTimers {
   prometheus::Histogram* encode_seconds = nullptr;
@@ -118,31 +136,46 @@ class BoundaryWorker {
 
   // Takes the tensor this side sends (activation upstream, gradient downstream) of
   // (step, microbatch): copies it, checks it (finite; token ids in range) and queues it.
+  // token_ids: forward only (required for METHOD_MAPL); they travel with the frame.
   // wait_encoded: returns once it is encoded and handed to the transport, with the wire bytes
-  // (an encode failure is then this call's error). INVALID_ARGUMENT for bad input;
-  // ALREADY_EXISTS for a (step, microbatch) already sent; FAILED_PRECONDITION for a step
-  // already closed; UNAVAILABLE once stopping.
+  // (an encode failure is then this call's error). Otherwise an encode failure in the background
+  // is kept: the next Send (its tensor not taken) and the next Step each return it once, with
+  // its code ("an earlier Send failed in the background: ..."); and the peer hears of it
+  // (FrameFailed), so that its Recv of the tensor fails at once.
+  // INVALID_ARGUMENT for bad input (a shape that does not describe the tensor, token ids out of
+  // range or on a backward); ALREADY_EXISTS for a (step, microbatch) already sent;
+  // FAILED_PRECONDITION for a step already closed, or a backward of an evaluation forward;
+  // UNAVAILABLE once stopping.
   // A Send that finds the queue full waits for room until `deadline`, then fails with UNAVAILABLE
   // naming the boundary, step, microbatch and the link's state (the tensor is not taken).
   absl::StatusOr<v1::SendReply> Send(uint64_t step, uint32_t microbatch, const ConstTensor& t,
                                      const int32_t* token_ids, bool wait_encoded,
-                                     absl::Time deadline = absl::InfiniteFuture())
+                                     absl::Time deadline = absl::InfiniteFuture(),
+                                     const SendOptions& options = {})
       ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
 
   // Waits until the peer's tensor of (step, microbatch) is decoded, then writes it into `into`
-  // (at least its rows). DEADLINE_EXCEEDED at `deadline` (its message names `timeout`);
-  // the frame's error if it was rejected (INVALID_ARGUMENT also when it decoded to NaN or Inf;
-  // FAILED_PRECONDITION when it was held for a dictionary version that did not come within
-  // max_parked_time); RESOURCE_EXHAUSTED when it was dropped for max_inbox_bytes; CANCELLED when
-  // `cancelled()` says the caller left (the tensor stays for a retry); UNAVAILABLE once stopping.
+  // (at least its rows) and its token ids, if it came with any, into options.token_ids; the
+  // reply says its rows, shape, dtype as sent and whether ids were written.
+  // The caller's mistakes: FAILED_PRECONDITION at once for a step already closed by Step or a
+  // tensor already received; INVALID_ARGUMENT when `into` or options.token_ids is too small or
+  // the tensor's shape is not options.expect_shape (the tensor stays for a Recv that fits).
+  // Transient: UNAVAILABLE when the frame named a dictionary version that never came (held
+  // max_parked_time for it), or once stopping; ABORTED when the peer's encoder failed on the
+  // tensor (FrameFailed), its frame came from a peer that restarted, or it no longer fits this
+  // side's state (a backward whose forward is gone). DATA_LOSS for a corrupt frame (checksum,
+  // a malformed or contradictory header, a decode to NaN or Inf). RESOURCE_EXHAUSTED when it was
+  // dropped for max_inbox_bytes; DEADLINE_EXCEEDED at `deadline` (its message names `timeout`);
+  // CANCELLED when `cancelled()` says the caller left (the tensor stays for a retry).
   absl::StatusOr<v1::RecvReply> Recv(uint64_t step, uint32_t microbatch, const Tensor& into,
                                      absl::Time deadline, absl::Duration timeout,
-                                     const std::function<bool()>& cancelled)
-      ABSL_LOCKS_EXCLUDED(mu_);
+                                     const std::function<bool()>& cancelled,
+                                     const RecvOptions& options = {}) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Closes `step` on this boundary (see the file comment); a step this boundary already closed
   // is skipped (a retried Step). Drops the inbox's entries of steps up to `step`. Fills `out`
-  // with the boundary's statistics.
+  // with the boundary's statistics. An encode failure kept from a background Send is returned
+  // once instead, after the flush and before the step closes (a retry closes it).
   absl::Status Step(uint64_t step, absl::Time deadline, absl::Duration timeout,
                     v1::BoundaryStats* out) ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
 
@@ -185,6 +218,9 @@ class BoundaryWorker {
     absl::Status status;
     int64_t rows = 0;
     std::vector<float> data;
+    std::vector<uint32_t> shape;  // as the sender handed it in ([n, d] when it said nothing)
+    v1::DType dtype = v1::DTYPE_UNSPECIFIED;
+    std::vector<int32_t> token_ids;  // empty: none came
   };
   // What a Send waiting for its frame (wait_encoded) learns when the encoder is done.
   struct JobResult {
@@ -200,6 +236,8 @@ class BoundaryWorker {
     int64_t rows = 0;
     std::vector<char> tensor;  // rows x d elements of dtype
     std::vector<int32_t> token_ids;
+    std::vector<uint32_t> shape;  // empty: [rows, d]
+    bool evaluation = false;
     std::shared_ptr<JobResult> result;  // null unless the sender waits
   };
 
@@ -208,6 +246,8 @@ class BoundaryWorker {
   void DecodeLoop() ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
   // `since`: when the frame was first tried (held frames keep their first time).
   void OnFrame(const v1::Frame& frame, absl::Time since) ABSL_LOCKS_EXCLUDED(mu_, engine_mu_);
+  // The peer's encoder failed on a tensor: its Recv fails at once (ABORTED).
+  void OnFrameFailed(const v1::FrameFailed& failed) ABSL_LOCKS_EXCLUDED(mu_);
   // Fails the held frames older than max_parked_time (their Recv says which version never came).
   void ExpireParked(absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
   // Puts an entry in the inbox, unless its step is closed or its key is there already (both
@@ -221,6 +261,8 @@ class BoundaryWorker {
   void LinkMonitorLoop() ABSL_LOCKS_EXCLUDED(link_mu_);
   // Rolls the step's codec time and link traffic over into the last step's gauges.
   void CloseStepTiming() ABSL_EXCLUSIVE_LOCKS_REQUIRED(engine_mu_) ABSL_LOCKS_EXCLUDED(link_mu_);
+  // The kept background encode failure for Step, once (ok: none).
+  absl::Status TakeStepError() ABSL_LOCKS_EXCLUDED(mu_);
   std::string Describe(int direction, uint64_t step, uint32_t microbatch) const;
 
   const v1::BoundaryConfig config_;
@@ -253,9 +295,16 @@ class BoundaryWorker {
   mutable absl::Mutex mu_;
   absl::CondVar cv_;  // a job queued or finished, an inbox entry, a learning signal, stopping
   std::deque<EncodeJob> jobs_ ABSL_GUARDED_BY(mu_);
-  int encoding_ ABSL_GUARDED_BY(mu_) = 0;     // jobs the encoder has taken and not finished
-  size_t reserved_ ABSL_GUARDED_BY(mu_) = 0;  // Sends copying their tensor, not yet queued
-  std::set<Key> sent_ ABSL_GUARDED_BY(mu_);   // tensors the trainer handed in, until Step
+  int encoding_ ABSL_GUARDED_BY(mu_) = 0;        // jobs the encoder has taken and not finished
+  size_t reserved_ ABSL_GUARDED_BY(mu_) = 0;     // Sends copying their tensor, not yet queued
+  std::set<Key> sent_ ABSL_GUARDED_BY(mu_);      // tensors the trainer handed in, until Step
+  std::set<Key> received_ ABSL_GUARDED_BY(mu_);  // tensors the trainer's Recv took, until Step
+  // Evaluation forwards decoded here (downstream), until Step: a backward of one is refused.
+  std::set<Key> evaluation_received_ ABSL_GUARDED_BY(mu_);
+  // The first encode failure of a Send that did not wait, until the next Send and the next Step
+  // have each returned it (ok: none).
+  absl::Status send_error_ ABSL_GUARDED_BY(mu_);
+  absl::Status step_error_ ABSL_GUARDED_BY(mu_);
   std::optional<uint64_t> closed_step_ ABSL_GUARDED_BY(mu_);  // the last step closed here
   std::deque<v1::PeerMessage> incoming_ ABSL_GUARDED_BY(mu_);
   int64_t incoming_bytes_ ABSL_GUARDED_BY(mu_) = 0;

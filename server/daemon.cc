@@ -19,6 +19,7 @@
 #include "grpcpp/server_builder.h"
 #include "kernels/registry.h"
 #include "server/config.h"
+#include "server/frame_codec.h"
 #include "server/local_service.h"
 #include "server/state_store.h"
 #include "server/transport/tls.h"
@@ -478,15 +479,20 @@ absl::StatusOr<v1::SendReply> Daemon::Send(const v1::SendRequest& request) {
   const int32_t* tokens = nullptr;
   if (request.has_token_ids()) {
     if (request.direction() != v1::DIRECTION_FORWARD) {
-      return absl::InvalidArgumentError("token_ids: only forward activations carry token ids");
+      return absl::InvalidArgumentError(
+          "token_ids: only forward activations carry token ids; leave it unset on a backward "
+          "Send");
     }
     MAPL_ASSIGN_OR_RETURN(tokens, TokenIdsView(*session, request.token_ids(), t.rows));
   }
+  SendOptions options;
+  options.shape.assign(request.shape().begin(), request.shape().end());
+  options.evaluation = request.evaluation();
   // `session` keeps the buffers mapped until the worker has copied the tensor.
   const absl::Duration timeout = absl::Milliseconds(
       request.timeout_ms() != 0 ? request.timeout_ms() : config_.send_timeout_ms());
   return w->Send(request.step(), request.microbatch(), ConstTensor{t.data, t.rows, t.cols, t.dtype},
-                 tokens, request.wait_encoded(), absl::Now() + timeout);
+                 tokens, request.wait_encoded(), absl::Now() + timeout, options);
 }
 
 absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,
@@ -504,11 +510,29 @@ absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,
                                                    w->config().id(), " has d = ", w->config().d()));
   }
   MAPL_ASSIGN_OR_RETURN(char* dst, ResolveTensorRef(*session, into, "into"));
+  RecvOptions options;
+  if (request.has_token_ids_into()) {
+    const v1::TensorRef& ids = request.token_ids_into();
+    if (ids.dtype() != v1::DTYPE_I32 || ids.cols() != 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token_ids_into: must be (capacity, 1) DTYPE_I32, got (", ids.rows(), ", ",
+                       ids.cols(), ") ", v1::DType_Name(ids.dtype())));
+    }
+    MAPL_ASSIGN_OR_RETURN(char* p, ResolveTensorRef(*session, ids, "token_ids_into"));
+    options.token_ids = reinterpret_cast<int32_t*>(p);
+    options.token_ids_capacity = ids.rows();
+  }
+  if (request.expect_shape_size() > kMaxShapeDims) {
+    return absl::InvalidArgumentError(absl::StrCat("expect_shape: ", request.expect_shape_size(),
+                                                   " dimensions; a shape has at most ",
+                                                   kMaxShapeDims));
+  }
+  options.expect_shape.assign(request.expect_shape().begin(), request.expect_shape().end());
   const absl::Duration timeout = Timeout(request.timeout_ms());
   const Tensor out{dst, into.rows(), into.cols(),
                    into.dtype() == v1::DTYPE_F32 ? DType::kF32 : DType::kBF16};
   return w->Recv(request.step(), request.microbatch(), out, absl::Now() + timeout, timeout,
-                 cancelled);
+                 cancelled, options);
 }
 
 absl::StatusOr<v1::StepReply> Daemon::Step(const v1::StepRequest& request) {

@@ -91,7 +91,7 @@ absl::Status DownstreamEngine::DecodeForwardImpl(const v1::Frame& frame, const T
     return absl::FailedPreconditionError(
         absl::StrCat(FrameName(frame), ": step already closed by Step(", *last_step_, ")"));
   }
-  if (pending_.contains(key)) {
+  if (pending_.contains(key) || evaluated_.contains(key)) {
     return absl::AlreadyExistsError(absl::StrCat(FrameName(frame), ": already decoded"));
   }
   const int64_t n = frame.tokens();
@@ -100,15 +100,16 @@ absl::Status DownstreamEngine::DecodeForwardImpl(const v1::Frame& frame, const T
   if (!projected_) {
     MAPL_RETURN_IF_ERROR(codec_.DecodeDense(frame, h_hat));
   } else {
+    // Both are transient: the snapshot that brings the version is asked for (Decode).
     if (!replica_.has_value()) {
-      return absl::FailedPreconditionError(absl::StrCat(
+      return absl::UnavailableError(absl::StrCat(
           FrameName(frame), ": no dictionary yet (waiting for the upstream's snapshot)"));
     }
     saved.dict = replica_->Find(frame.dict_version());
     if (saved.dict == nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(FrameName(frame), ": unknown dictionary version ", frame.dict_version(),
-                       " (current: ", replica_->version(), ")"));
+      return absl::UnavailableError(absl::StrCat(
+          FrameName(frame), ": unknown dictionary version ", frame.dict_version(), " (current: ",
+          replica_->version(), "; a snapshot of the upstream's dictionary is on its way)"));
     }
     if (mapl_) MAPL_RETURN_IF_ERROR(codec_.UnpackTokenIds(frame, &saved.tokens));
     const RvqCodebooks* cb = nullptr;
@@ -126,15 +127,26 @@ absl::Status DownstreamEngine::DecodeForwardImpl(const v1::Frame& frame, const T
     }
   }
   CountFrameReceived(frame, d_, &stats_);
-  pending_.Insert(key, std::move(saved));
+  if (frame.evaluation()) {
+    evaluated_.Insert(key, true);  // nothing kept: an evaluation forward takes no backward
+  } else {
+    pending_.Insert(key, std::move(saved));
+  }
   return absl::OkStatus();
 }
 
 absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step, uint32_t microbatch,
                                                                  const ConstTensor& g,
-                                                                 FiniteCheck finite) {
+                                                                 FiniteCheck finite,
+                                                                 bool evaluation) {
   SavedForward* saved = pending_.Find({step, microbatch});
   if (saved == nullptr) {
+    if (evaluated_.contains({step, microbatch})) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "EncodeBackward: the forward of ", KeyName(step, microbatch),
+          " was an evaluation tensor, which trains nothing and takes no backward; send backwards "
+          "only of training forwards"));
+    }
     return absl::FailedPreconditionError(absl::StrCat(
         "EncodeBackward: no forward of ", KeyName(step, microbatch), " was decoded here"));
   }
@@ -147,6 +159,8 @@ absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step, 
     }
   }
   v1::Frame frame = codec_.NewFrame(v1::DIRECTION_BACKWARD, step, microbatch, n);
+  frame.set_dtype(g.dtype == DType::kF32 ? v1::DTYPE_F32 : v1::DTYPE_BF16);
+  frame.set_evaluation(evaluation);
   if (!projected_) {
     codec_.EncodeDense(g, &frame);
   } else {
@@ -157,7 +171,7 @@ absl::StatusOr<v1::PeerMessage> DownstreamEngine::EncodeBackward(uint64_t step, 
         codec_.EncodeProjected(config_.backward_codec(), gz.data(), n, nullptr, &frame));
     MAPL_RETURN_IF_ERROR(health_.AddFrame(codec_, g, gz.data(), frame, nullptr));
     frame.set_dict_version(saved->dict->version());
-    if (mapl_) {
+    if (mapl_ && !evaluation) {
       MAPL_RETURN_IF_ERROR(
           AccumulateLearning(*saved, g, ConstTensor::F32(gz.data(), n, k_),
                              SampleLearnerRows(n, config_.learner_rows(), step, microbatch)));
@@ -206,8 +220,9 @@ absl::Status DownstreamEngine::AccumulateLearning(const SavedForward& saved, con
 }
 
 absl::StatusOr<std::vector<v1::PeerMessage>> DownstreamEngine::Encode(
-    uint64_t step, uint32_t microbatch, const ConstTensor& t, const int32_t*, FiniteCheck finite) {
-  MAPL_ASSIGN_OR_RETURN(v1::PeerMessage m, EncodeBackward(step, microbatch, t, finite));
+    uint64_t step, uint32_t microbatch, const ConstTensor& t, const int32_t*, FiniteCheck finite,
+    bool evaluation) {
+  MAPL_ASSIGN_OR_RETURN(v1::PeerMessage m, EncodeBackward(step, microbatch, t, finite, evaluation));
   std::vector<v1::PeerMessage> out;
   out.push_back(std::move(m));
   return out;
@@ -279,7 +294,7 @@ std::optional<v1::PeerMessage> DownstreamEngine::SnapshotRequest(v1::SnapshotRea
 absl::Status DownstreamEngine::Decode(const v1::Frame& frame, const Tensor& out,
                                       std::vector<v1::PeerMessage>* replies) {
   absl::Status s = DecodeForward(frame, out);
-  if (s.code() == absl::StatusCode::kFailedPrecondition && projected_ &&
+  if (s.code() == absl::StatusCode::kUnavailable && projected_ &&
       (!replica_.has_value() || replica_->Find(frame.dict_version()) == nullptr)) {
     if (std::optional<v1::PeerMessage> m =
             SnapshotRequest(v1::SNAPSHOT_REASON_UNKNOWN_VERSION, s)) {
@@ -335,6 +350,7 @@ absl::StatusOr<std::vector<v1::PeerMessage>> DownstreamEngine::Step(uint64_t ste
     out.push_back(std::move(m));
   }
   pending_.DropThrough(step);
+  evaluated_.DropThrough(step);
   last_step_ = step;
   health_.FinishStep(*backend_, nullptr, &stats_);
   stats_.set_steps(stats_.steps() + 1);

@@ -29,14 +29,17 @@ class DownstreamEngine : public Engine {
 
   // Checks and decodes a forward frame into h_hat: (n, d) f32/bf16. METHOD_MAPL:
   // h_hat = zq U^T + a - (a U) U^T with a = P[t] Q; METHOD_FIXED: zq U^T; METHOD_DENSE: the
-  // dense values. Keeps (zq, token ids, dictionary version) for the backward. A frame naming a
-  // dictionary version this side does not hold fails with FAILED_PRECONDITION.
+  // dense values. Keeps (zq, token ids, dictionary version) for the backward (not for an
+  // evaluation frame). A frame naming a dictionary version this side does not hold fails with
+  // UNAVAILABLE (Decode asks for a snapshot).
   absl::Status DecodeForward(const v1::Frame& frame, const Tensor& h_hat);
   // Encodes g = dL/dh_hat: (n, d) f32/bf16 of a decoded forward: gz = g U with the U that forward
-  // used, in the backward codec. Accumulates G_down and the anchor gradients (METHOD_MAPL).
+  // used, in the backward codec. Accumulates G_down and the anchor gradients (METHOD_MAPL),
+  // unless `evaluation`. FAILED_PRECONDITION for a forward that was an evaluation one.
   absl::StatusOr<v1::PeerMessage> EncodeBackward(uint64_t step, uint32_t microbatch,
                                                  const ConstTensor& g,
-                                                 FiniteCheck finite = FiniteCheck::kCheck);
+                                                 FiniteCheck finite = FiniteCheck::kCheck,
+                                                 bool evaluation = false);
   // Applies the owner's delta / snapshot (untrusted: every check of DictionaryReplica).
   absl::Status HandleDelta(const v1::DictionaryDelta& delta);
   absl::Status HandleSnapshot(const v1::DictionarySnapshot& snapshot);
@@ -51,8 +54,8 @@ class DownstreamEngine : public Engine {
   v1::Direction sends() const override { return v1::DIRECTION_BACKWARD; }
   absl::StatusOr<std::vector<v1::PeerMessage>> Encode(uint64_t step, uint32_t microbatch,
                                                       const ConstTensor& t,
-                                                      const int32_t* token_ids,
-                                                      FiniteCheck finite) override;
+                                                      const int32_t* token_ids, FiniteCheck finite,
+                                                      bool evaluation = false) override;
   // DecodeForward, plus a snapshot request when the frame names a version not held.
   absl::Status Decode(const v1::Frame& frame, const Tensor& out,
                       std::vector<v1::PeerMessage>* replies) override;
@@ -110,6 +113,8 @@ class DownstreamEngine : public Engine {
   DictionaryGauges gauges_;
   CodecHealth health_;
   PendingMicrobatches<SavedForward> pending_;
+  // The evaluation forwards of open steps: they keep nothing, and a backward of one is refused.
+  PendingMicrobatches<bool> evaluated_;
   uint64_t snapshot_asked_at_ = ~uint64_t{0};  // the version held when we last asked
 };
 

@@ -24,8 +24,17 @@
 // whose checksum does not match (and a delta or snapshot whose state checksum does not match);
 // ALREADY_EXISTS for a second tensor or signal of the same (step, microbatch); FAILED_PRECONDITION
 // when the state needed is missing or gone: a step already closed, a forward not seen (or
-// evicted) before its backward, the learning signal not yet here, a frame naming a dictionary
-// version not held; RESOURCE_EXHAUSTED when too many learning signals wait. After any error the
+// evicted) before its backward (or a backward of an evaluation forward, which keeps nothing),
+// the learning signal not yet here;
+// UNAVAILABLE for a frame naming a dictionary version not held (yet: a snapshot is asked for);
+// RESOURCE_EXHAUSTED when too many learning signals wait.
+//
+// Evaluation tensors (Encode's `evaluation`, Frame.evaluation) are encoded and decoded with the
+// current dictionary and counted in the statistics (codec health included), but feed no learner:
+// upstream, no RVQ rows (Observe), no RVQ error toward a refit, no payload bytes toward the
+// dictionary's byte budget, no saved forward (so no G_up); downstream, no saved forward (so no
+// G_down and no anchor gradient), and an evaluation backward accumulates neither. The learned
+// state after a step is then the same as if they had not been sent. After any error the
 // engine's state is unchanged, and non-finite input never reaches the learners. A broken
 // invariant stops the process (MAPL_CHECK).
 #ifndef MAPL_SERVER_ENGINE_H_
@@ -67,12 +76,15 @@ class Engine {
   virtual v1::Direction sends() const = 0;
 
   // Encodes the tensor this side's trainer sends: the activation h upstream (token_ids: one id
-  // per row, required for METHOD_MAPL), the gradient g of a decoded forward downstream. Returns
-  // the messages to send, in order.
+  // per row, required for METHOD_MAPL, optional otherwise; they travel in the frame), the
+  // gradient g of a decoded forward downstream. The frame says the tensor's dtype. `evaluation`:
+  // the tensor feeds no learner (engine.h's file comment), and the frame says so. Returns the
+  // messages to send, in order.
   virtual absl::StatusOr<std::vector<v1::PeerMessage>> Encode(uint64_t step, uint32_t microbatch,
                                                               const ConstTensor& t,
                                                               const int32_t* token_ids,
-                                                              FiniteCheck finite) = 0;
+                                                              FiniteCheck finite,
+                                                              bool evaluation = false) = 0;
   // Checks and decodes a frame from the peer into `out` (n, d) f32/bf16. May add messages to
   // send to `replies` (a snapshot request for a dictionary version it lacks).
   virtual absl::Status Decode(const v1::Frame& frame, const Tensor& out,

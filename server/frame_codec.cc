@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/check.h"
 #include "common/status_macros.h"
 
@@ -49,6 +50,52 @@ uint64_t FrameChecksum(const v1::Frame& frame) {
     XXH3_64bits_update(state.get(), s->data(), s->size());
   }
   return XXH3_64bits_digest(state.get());
+}
+
+std::string ShapeString(const std::vector<uint32_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+absl::Status CheckTensorShape(const std::vector<uint32_t>& shape, int64_t rows, int64_t d,
+                              const std::string& what) {
+  const std::string tensor = absl::StrCat("a tensor of (", rows, ", ", d, ")");
+  if (shape.empty() || shape.size() > static_cast<size_t>(kMaxShapeDims)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " ", ShapeString(shape), " has ",
+                                                   shape.size(), " dimensions; it takes 1 to ",
+                                                   kMaxShapeDims, ", the last d (", tensor, ")"));
+  }
+  if (shape.back() != d) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " ", ShapeString(shape), " must end in the hidden size d = ", d, " (", tensor, ")"));
+  }
+  // Each dimension fits 32 bits: stopping past 2^31 keeps the product from overflowing 64.
+  constexpr int64_t kCap = int64_t{1} << 31;
+  int64_t product = 1;
+  for (size_t i = 0; i + 1 < shape.size() && product <= kCap; ++i) product *= shape[i];
+  if (product != rows) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " ", ShapeString(shape), ": its dimensions before the last multiply to ",
+                     product > kCap ? absl::StrCat("more than ", kCap) : absl::StrCat(product),
+                     ", but the tensor has ", rows, " rows (", tensor, ")"));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<uint32_t> FrameShape(const v1::Frame& frame, int64_t d) {
+  if (frame.shape_size() == 0) return {frame.tokens(), static_cast<uint32_t>(d)};
+  return std::vector<uint32_t>(frame.shape().begin(), frame.shape().end());
+}
+
+std::vector<int32_t> FrameTokenIds(const v1::Frame& frame) {
+  const int64_t n = frame.tokens();
+  const int bytes = static_cast<int>(frame.token_id_bytes());
+  std::vector<int32_t> ids(frame.token_ids().empty() ? 0 : n);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    uint32_t t = 0;
+    std::memcpy(&t, frame.token_ids().data() + i * bytes, bytes);
+    ids[i] = static_cast<int32_t>(t);
+  }
+  return ids;
 }
 
 uint64_t FrameWireBytes(const v1::Frame& f) {
@@ -268,7 +315,13 @@ int FrameCodec::TokenIdBytes(uint32_t vocab) {
 }
 
 void FrameCodec::PackTokenIds(const int32_t* ids, int64_t n, v1::Frame* frame) const {
-  const int bytes = TokenIdBytes(config_.vocab());
+  uint32_t vocab = config_.vocab();
+  if (vocab == 0) {  // no vocab configured: wide enough for the largest id
+    int32_t largest = 0;
+    for (int64_t i = 0; i < n; ++i) largest = std::max(largest, ids[i]);
+    vocab = static_cast<uint32_t>(largest) + 1;
+  }
+  const int bytes = TokenIdBytes(vocab);
   frame->set_token_id_bytes(bytes);
   std::string* out = frame->mutable_token_ids();
   out->resize(n * bytes);
@@ -285,7 +338,7 @@ absl::Status FrameCodec::UnpackTokenIds(const v1::Frame& frame, std::vector<int3
   for (int64_t i = 0; i < n; ++i) {
     uint32_t t = 0;
     std::memcpy(&t, frame.token_ids().data() + i * bytes, bytes);
-    if (t >= config_.vocab()) {
+    if (config_.vocab() != 0 && t >= config_.vocab()) {
       return absl::InvalidArgumentError(absl::StrCat(FrameName(frame), ": token_ids[", i, "] = ", t,
                                                      " is not below vocab = ", config_.vocab()));
     }
@@ -360,14 +413,17 @@ absl::Status FrameCodec::Check(const v1::Frame& f, v1::Direction direction, int6
   if (static_cast<int64_t>(f.scales().size()) != scales) {
     return bad("scales has ", f.scales().size(), " bytes, expected ", scales);
   }
-  if (direction == v1::DIRECTION_FORWARD && mapl_) {
+  // Forward frames carry token ids with METHOD_MAPL always, with the other methods when the
+  // upstream trainer gave them; backward frames never.
+  const bool ids = direction == v1::DIRECTION_FORWARD && (mapl_ || !f.token_ids().empty());
+  if (ids) {
     // Ids wider than the narrowest are valid (a peer built before 1-byte ids sends 2 bytes for
     // a vocabulary of 256); narrower ones cannot hold every id of the vocabulary.
     const uint32_t width = f.token_id_bytes();
     if (width != 1 && width != 2 && width != 4) {
       return bad("token_id_bytes must be 1, 2 or 4, got ", width);
     }
-    if (width < static_cast<uint32_t>(TokenIdBytes(config_.vocab()))) {
+    if (config_.vocab() != 0 && width < static_cast<uint32_t>(TokenIdBytes(config_.vocab()))) {
       return bad("token_id_bytes ", width, " cannot hold the ids of vocab ", config_.vocab(),
                  " (at least ", TokenIdBytes(config_.vocab()), ")");
     }
@@ -375,14 +431,40 @@ absl::Status FrameCodec::Check(const v1::Frame& f, v1::Direction direction, int6
       return bad("token_ids has ", f.token_ids().size(), " bytes, expected ",
                  n * f.token_id_bytes());
     }
-  } else if (!f.token_ids().empty()) {
-    return bad("unexpected token_ids (", f.token_ids().size(), " bytes)");
+  } else if (!f.token_ids().empty() || f.token_id_bytes() != 0) {
+    return bad("unexpected token_ids (", f.token_ids().size(), " bytes, token_id_bytes ",
+               f.token_id_bytes(), ")");
   }
   const uint64_t sum = FrameChecksum(f);
   if (sum != f.checksum()) {
     return absl::DataLossError(absl::StrCat(name, ": checksum mismatch (frame says ",
                                             absl::Hex(f.checksum()), ", data hashes to ",
                                             absl::Hex(sum), ")"));
+  }
+  // What the header says of the trainer's tensor must agree with the frame: a frame that
+  // contradicts itself is corrupt, whatever its checksum (which covers only the data).
+  if (f.shape_size() != 0) {
+    const std::vector<uint32_t> shape(f.shape().begin(), f.shape().end());
+    if (absl::Status s = CheckTensorShape(shape, n, d_, "shape"); !s.ok()) {
+      return absl::DataLossError(
+          absl::StrCat(name, ": corrupt: ", s.message(), " contradicts its ", n, " tokens"));
+    }
+  }
+  if (f.dtype() != v1::DTYPE_UNSPECIFIED && f.dtype() != v1::DTYPE_F32 &&
+      f.dtype() != v1::DTYPE_BF16) {
+    return absl::DataLossError(absl::StrCat(name, ": corrupt: dtype ", f.dtype(),
+                                            " (a tensor is handed in as F32 or BF16)"));
+  }
+  // Ids past the vocabulary would index past the anchors' table (and mean nothing to the
+  // downstream trainer).
+  if (ids && config_.vocab() != 0) {
+    const std::vector<int32_t> tokens = FrameTokenIds(f);
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      if (static_cast<uint32_t>(tokens[i]) >= config_.vocab()) {
+        return bad("token_ids[", i, "] = ", static_cast<uint32_t>(tokens[i]),
+                   " is not below vocab = ", config_.vocab());
+      }
+    }
   }
   return absl::OkStatus();
 }

@@ -40,6 +40,22 @@ uint64_t FrameWireBytes(const v1::Frame& frame);
 // "DIRECTION_FORWARD frame (step 3, microbatch 1)", for messages.
 std::string FrameName(const v1::Frame& frame);
 
+// The most dimensions a tensor's shape may have (local.proto SendRequest.shape, Frame.shape).
+inline constexpr int kMaxShapeDims = 8;
+
+// Whether `shape` describes a tensor of `rows` rows of width `d`: 1 to kMaxShapeDims dimensions,
+// the last d and the product of the others `rows`. INVALID_ARGUMENT naming `what`, the shape
+// and (rows, d) otherwise. An empty shape is the caller's to default.
+absl::Status CheckTensorShape(const std::vector<uint32_t>& shape, int64_t rows, int64_t d,
+                              const std::string& what);
+// "[4, 128, 512]".
+std::string ShapeString(const std::vector<uint32_t>& shape);
+// The frame's shape, [tokens, d] when it carries none (a sender of protocol version 1).
+std::vector<uint32_t> FrameShape(const v1::Frame& frame, int64_t d);
+
+// The token ids of a checked frame (Check: width and size; ids below vocab when it is set).
+std::vector<int32_t> FrameTokenIds(const v1::Frame& frame);
+
 // Decodes `count` dense values of `precision` from `bytes` into dst. INVALID_ARGUMENT names
 // `what` and the first non-finite value (values come from the peer). `bytes` must hold them.
 absl::Status DecodeDenseValues(const std::string& bytes, v1::Precision precision, int64_t count,
@@ -81,15 +97,18 @@ class FrameCodec {
   // The narrowest width of a token id below `vocab`: 1 byte up to a vocabulary of 256, 2 up to
   // 65536, else 4.
   static int TokenIdBytes(uint32_t vocab);
-  // Token ids travel as TokenIdBytes(vocab) little-endian bytes each.
+  // Token ids (each >= 0, below vocab when the boundary has one) travel as TokenIdBytes(vocab)
+  // little-endian bytes each; without a vocab, as the narrowest width that holds the largest.
   void PackTokenIds(const int32_t* ids, int64_t n, v1::Frame* frame) const;
   // INVALID_ARGUMENT for an id not below vocab.
   absl::Status UnpackTokenIds(const v1::Frame& frame, std::vector<int32_t>* ids) const;
 
   // Every check of an incoming frame: boundary, direction, token count (and `tokens_expected`
   // when >= 0), the output's shape, codec, dim, levels, payload / scales / token id sizes, a
-  // token id width of 1, 2 or 4 bytes and at least TokenIdBytes(vocab) (INVALID_ARGUMENT), then
-  // the checksum (DATA_LOSS). Forward frames of a CODEC_RVQ boundary
+  // token id width of 1, 2 or 4 bytes and at least TokenIdBytes(vocab), ids below vocab
+  // (INVALID_ARGUMENT); then the checksum, and a shape or dtype that contradicts the frame
+  // (DATA_LOSS). Token ids: required on forward frames of METHOD_MAPL, optional on the other
+  // methods' forward frames, never on backward frames. Forward frames of a CODEC_RVQ boundary
   // may also be CODEC_BF16 (before the codebooks exist) or CODEC_INT8 (codes that would exceed
   // forward_error_budget), and may carry 1 to rvq_levels levels.
   absl::Status Check(const v1::Frame& frame, v1::Direction direction, int64_t tokens_expected,

@@ -87,7 +87,8 @@ v1::PeerMessage UpstreamEngine::SnapshotMessage() {
 }
 
 absl::Status UpstreamEngine::CheckInput(uint64_t step, uint32_t microbatch, const ConstTensor& h,
-                                        const int32_t* token_ids, FiniteCheck finite) {
+                                        const int32_t* token_ids, FiniteCheck finite,
+                                        bool evaluation) {
   const int64_t n = h.rows;
   if (n < 1 || n > config_.max_tokens()) {
     return absl::InvalidArgumentError(
@@ -108,27 +109,33 @@ absl::Status UpstreamEngine::CheckInput(uint64_t step, uint32_t microbatch, cons
     return absl::AlreadyExistsError(
         absl::StrCat("EncodeForward: ", KeyName(step, microbatch), " was already encoded"));
   }
-  if (mapl_) {
-    if (token_ids == nullptr) {
-      return absl::InvalidArgumentError("token_ids: required for METHOD_MAPL (anchors)");
-    }
+  if (mapl_ && token_ids == nullptr) {
+    return absl::InvalidArgumentError("token_ids: required for METHOD_MAPL (anchors)");
+  }
+  if (token_ids != nullptr) {
     for (int64_t i = 0; i < n; ++i) {
-      if (token_ids[i] < 0 || static_cast<uint32_t>(token_ids[i]) >= config_.vocab()) {
-        return absl::InvalidArgumentError(absl::StrCat("token_ids[", i, "] = ", token_ids[i],
-                                                       ": must be in [0, vocab=", config_.vocab(),
-                                                       ")"));
+      if (token_ids[i] < 0 ||
+          (config_.vocab() != 0 && static_cast<uint32_t>(token_ids[i]) >= config_.vocab())) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "token_ids[", i, "] = ", token_ids[i], ": must be in [0, ",
+            config_.vocab() != 0 ? absl::StrCat("vocab=", config_.vocab()) : "2^31", ")"));
       }
     }
+  }
+  if (evaluation && projected_ && !owner_.has_value()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "EncodeForward: ", KeyName(step, microbatch),
+        " is an evaluation forward, but no dictionary exists yet: with PROJECTOR_INIT_PCA the "
+        "first training forward builds it (evaluation trains nothing); send a training forward "
+        "first"));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(uint64_t step,
-                                                                           uint32_t microbatch,
-                                                                           const ConstTensor& h,
-                                                                           const int32_t* token_ids,
-                                                                           FiniteCheck finite) {
-  MAPL_RETURN_IF_ERROR(CheckInput(step, microbatch, h, token_ids, finite));
+absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(
+    uint64_t step, uint32_t microbatch, const ConstTensor& h, const int32_t* token_ids,
+    FiniteCheck finite, bool evaluation) {
+  MAPL_RETURN_IF_ERROR(CheckInput(step, microbatch, h, token_ids, finite, evaluation));
   const int64_t n = h.rows;
   std::vector<v1::PeerMessage> out;
   if (projected_ && !owner_.has_value()) {
@@ -145,6 +152,8 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(uint6
   snapshot_first_ = false;
 
   v1::Frame frame = codec_.NewFrame(v1::DIRECTION_FORWARD, step, microbatch, n);
+  frame.set_dtype(h.dtype == DType::kF32 ? v1::DTYPE_F32 : v1::DTYPE_BF16);
+  frame.set_evaluation(evaluation);
   SavedForward saved;
   saved.rows = n;
   if (!projected_) {
@@ -160,8 +169,10 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(uint6
       std::vector<double> errors;
       MAPL_RETURN_IF_ERROR(codec_.RvqCodesWithErrors(z.data(), n, *cb, &codes, &errors));
       const int depth = ChooseRvqDepth(errors, config_.forward_error_budget(), link_busy_);
-      rvq_error_sum_ += errors.back();
-      ++rvq_error_frames_;
+      if (!evaluation) {  // the refit decision learns from training traffic only
+        rvq_error_sum_ += errors.back();
+        ++rvq_error_frames_;
+      }
       if (depth == 0) {
         MAPL_RETURN_IF_ERROR(codec_.EncodeProjected(v1::CODEC_INT8, z.data(), n, nullptr, &frame));
         stats_.set_forward_budget_fallbacks(stats_.forward_budget_fallbacks() + 1);
@@ -178,17 +189,23 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::EncodeForward(uint6
     }
     MAPL_RETURN_IF_ERROR(health_.AddFrame(codec_, h, z.data(), frame, cb));
     frame.set_dict_version(saved.dict->version());
-    if (mapl_) codec_.PackTokenIds(token_ids, n, &frame);
-    if (rvq_) codebooks_->Observe(z.data(), n);
+    if (rvq_ && !evaluation) codebooks_->Observe(z.data(), n);
   }
-  if (mapl_) {  // kept only for G_up = h^T gzq
+  if (token_ids != nullptr) codec_.PackTokenIds(token_ids, n, &frame);
+  if (mapl_ && !evaluation) {  // kept only for G_up = h^T gzq
     saved.sample = SampleLearnerRows(n, config_.learner_rows(), step, microbatch);
     SaveH(h, &saved);
   }
   FrameCodec::Seal(&frame);
   CountFrameSent(frame, d_, &stats_);
-  payload_bytes_this_step_ += FrameWireBytes(frame);
-  pending_.Insert({step, microbatch}, std::move(saved));
+  // An evaluation forward keeps nothing for a backward, and its bytes do not buy dictionary
+  // updates (the budget is a share of the training traffic).
+  if (!evaluation) {
+    payload_bytes_this_step_ += FrameWireBytes(frame);
+    pending_.Insert({step, microbatch}, std::move(saved));
+  } else {
+    evaluated_.Insert({step, microbatch}, true);
+  }
   out.push_back(Wrap(std::move(frame)));
   return out;
 }
@@ -251,7 +268,10 @@ absl::Status UpstreamEngine::DecodeBackwardImpl(const v1::Frame& frame, const Te
   SavedForward* saved = pending_.Find({frame.step(), frame.microbatch()});
   if (saved == nullptr) {
     return absl::FailedPreconditionError(
-        absl::StrCat(FrameName(frame), ": no forward of it is pending here"));
+        absl::StrCat(FrameName(frame), ": no forward of it is pending here",
+                     evaluated_.contains({frame.step(), frame.microbatch()})
+                         ? " (its forward was an evaluation one, which takes no backward)"
+                         : " (its step was closed, or it was evicted behind newer forwards)"));
   }
   MAPL_RETURN_IF_ERROR(codec_.Check(frame, v1::DIRECTION_BACKWARD, saved->rows, dh));
   const int64_t n = saved->rows;
@@ -267,7 +287,7 @@ absl::Status UpstreamEngine::DecodeBackwardImpl(const v1::Frame& frame, const Te
     MAPL_RETURN_IF_ERROR(codec_.DecodeProjected(frame, nullptr, gzq.data()));
     const ConstTensor gz = ConstTensor::F32(gzq.data(), n, k_);
     MAPL_RETURN_IF_ERROR(backend_->Lift(gz, saved->dict->tensor(0), dh));
-    if (mapl_) {
+    if (mapl_ && !frame.evaluation()) {
       if (saved->sample.all()) {
         MAPL_RETURN_IF_ERROR(projector_->AccumulateUp(*backend_, saved->h(), gz));
       } else {
@@ -529,6 +549,7 @@ absl::StatusOr<std::vector<v1::PeerMessage>> UpstreamEngine::Step(uint64_t step)
   payload_bytes_this_step_ = 0;
   signals_.erase(signals_.begin(), signals_.upper_bound(step));
   pending_.DropThrough(step);
+  evaluated_.DropThrough(step);
   last_step_ = step;
   health_.FinishStep(*backend_, owner_.has_value() ? owner_->published() : nullptr, &stats_);
   stats_.set_steps(stats_.steps() + 1);

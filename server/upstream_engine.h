@@ -40,11 +40,15 @@ class UpstreamEngine : public Engine {
   // (PROJECTOR_INIT_PCA: U = principal subspace of this first h), then the Frame. Keeps h for the
   // backward (METHOD_MAPL). With CODEC_RVQ, frames travel as CODEC_BF16 until the codebooks are
   // fitted; the Step() that fits them publishes them whole (outside the budget).
+  // token_ids given with another method travel in the frame too. `evaluation`: see engine.h
+  // (with PROJECTOR_INIT_PCA, FAILED_PRECONDITION before the first training forward built the
+  // dictionary).
   absl::StatusOr<std::vector<v1::PeerMessage>> EncodeForward(
       uint64_t step, uint32_t microbatch, const ConstTensor& h, const int32_t* token_ids,
-      FiniteCheck finite = FiniteCheck::kCheck);
+      FiniteCheck finite = FiniteCheck::kCheck, bool evaluation = false);
   // Decodes a backward frame into dh: (n, d) f32/bf16, dh = gzq U^T with the U its forward was
-  // encoded with, and accumulates G_up += h^T gzq (METHOD_MAPL). Releases the saved forward.
+  // encoded with, and accumulates G_up += h^T gzq (METHOD_MAPL; not for an evaluation frame).
+  // Releases the saved forward.
   absl::Status DecodeBackward(const v1::Frame& frame, const Tensor& dh);
   // Holds the downstream's G_down for its step (METHOD_MAPL only).
   absl::Status HandleLearningSignal(const v1::LearningSignal& signal);
@@ -59,9 +63,9 @@ class UpstreamEngine : public Engine {
   v1::Direction sends() const override { return v1::DIRECTION_FORWARD; }
   absl::StatusOr<std::vector<v1::PeerMessage>> Encode(uint64_t step, uint32_t microbatch,
                                                       const ConstTensor& t,
-                                                      const int32_t* token_ids,
-                                                      FiniteCheck finite) override {
-    return EncodeForward(step, microbatch, t, token_ids, finite);
+                                                      const int32_t* token_ids, FiniteCheck finite,
+                                                      bool evaluation = false) override {
+    return EncodeForward(step, microbatch, t, token_ids, finite, evaluation);
   }
   absl::Status Decode(const v1::Frame& frame, const Tensor& out,
                       std::vector<v1::PeerMessage>* replies) override;
@@ -104,7 +108,7 @@ class UpstreamEngine : public Engine {
   UpstreamEngine(const v1::BoundaryConfig& config, const Backend* backend);
   absl::Status CreateOwner(std::vector<std::vector<float>> tables);
   absl::Status CheckInput(uint64_t step, uint32_t microbatch, const ConstTensor& h,
-                          const int32_t* token_ids, FiniteCheck finite);
+                          const int32_t* token_ids, FiniteCheck finite, bool evaluation);
   void SaveH(const ConstTensor& h, SavedForward* saved);  // the sampled rows of h
   absl::Status DecodeBackwardImpl(const v1::Frame& frame, const Tensor& dh);
   v1::PeerMessage SnapshotMessage();
@@ -143,6 +147,9 @@ class UpstreamEngine : public Engine {
   bool snapshot_first_ = false;  // the next EncodeForward sends the whole dictionary first
   std::map<uint64_t, std::vector<float>> signals_;  // step -> G_down (d, k)
   PendingMicrobatches<SavedForward> pending_;
+  // The evaluation forwards of open steps (they keep nothing; only to say why a backward of one
+  // is refused).
+  PendingMicrobatches<bool> evaluated_;
   // Buffers of released forwards, reused so that saving h does not page-fault fresh memory
   // (32 MiB a microbatch at n = 4096, d = 2048: ~10 ms of page faults against ~2 ms of copy).
   std::vector<std::vector<float>> spare_h_f32_;

@@ -17,6 +17,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "client/mapl_client.h"
 #include "client/python/proto_dict.h"
@@ -159,39 +160,58 @@ void BindModule(py::module_& m) {
       .def(
           "send",
           [](Client& c, uint32_t boundary, int direction, uint64_t step, uint32_t microbatch,
-             const RefTuple& tensor, const std::optional<RefTuple>& token_ids, bool wait_encoded) {
-            const TensorRef t = ToRef(tensor);
+             const RefTuple& tensor_ref, const std::optional<RefTuple>& ids_ref, bool wait,
+             const std::vector<uint32_t>& shape, bool evaluation) {
+            const TensorRef t = ToRef(tensor_ref);
             std::optional<TensorRef> ids;
-            if (token_ids.has_value()) ids = ToRef(*token_ids);
+            if (ids_ref.has_value()) ids = ToRef(*ids_ref);
             const Direction dir = ToDirection(direction);
+            SendOptions options;
+            options.wait_encoded = wait;
+            options.shape = shape;
+            options.evaluation = evaluation;
             SendResult r;
             Status s;
             {
               py::gil_scoped_release nogil;
-              s = c.Send(boundary, dir, step, microbatch, t, ids, &r, wait_encoded);
+              s = c.Send(boundary, dir, step, microbatch, t, ids, options, &r);
             }
             ThrowIfError(s);
             return std::make_tuple(r.wire_bytes, r.raw_bytes);
           },
           py::arg("boundary"), py::arg("direction"), py::arg("step"), py::arg("microbatch"),
-          py::arg("tensor"), py::arg("token_ids") = py::none(), py::arg("wait_encoded") = false)
+          py::arg("tensor_ref"), py::arg("ids_ref") = py::none(), py::arg("wait") = false,
+          py::arg("shape") = std::vector<uint32_t>(), py::arg("evaluation") = false,
+          "Hands a tensor to mapld; returns (wire_bytes, raw_bytes). shape: the tensor's shape as "
+          "the trainer holds it (last dimension d); evaluation: it trains nothing.")
       .def(
           "recv",
           [](Client& c, uint32_t boundary, int direction, uint64_t step, uint32_t microbatch,
-             const RefTuple& into, uint32_t timeout_ms) {
-            const TensorRef t = ToRef(into);
+             const RefTuple& into_ref, uint32_t timeout_ms, const std::optional<RefTuple>& ids_ref,
+             const std::vector<uint32_t>& expect_shape) {
+            const TensorRef t = ToRef(into_ref);
             const Direction dir = ToDirection(direction);
+            RecvOptions options;
+            if (ids_ref.has_value()) options.token_ids = ToRef(*ids_ref);
+            options.expect_shape = expect_shape;
             RecvResult r;
             Status s;
             {
               py::gil_scoped_release nogil;
-              s = c.Recv(boundary, dir, step, microbatch, t, timeout_ms, &r);
+              s = c.Recv(boundary, dir, step, microbatch, t, timeout_ms, options, &r);
             }
             ThrowIfError(s);
-            return std::make_tuple(r.rows, r.cols);
+            py::list shape;
+            for (uint32_t v : r.shape) shape.append(v);
+            const int dtype = r.dtype.has_value() ? static_cast<int>(*r.dtype) : 0;
+            return py::make_tuple(r.rows, r.cols, shape, dtype, r.has_token_ids);
           },
           py::arg("boundary"), py::arg("direction"), py::arg("step"), py::arg("microbatch"),
-          py::arg("into"), py::arg("timeout_ms"))
+          py::arg("into_ref"), py::arg("timeout_ms"), py::arg("ids_ref") = py::none(),
+          py::arg("expect_shape") = std::vector<uint32_t>(),
+          "Receives a tensor into into_ref (and its token ids into ids_ref, (capacity, 1) I32); "
+          "returns (rows, cols, shape, dtype_code, has_token_ids). dtype_code: 1 F32, 2 BF16 as "
+          "sent, 0 when the frame did not say.")
       .def(
           "step",
           [](Client& c, uint64_t step, uint32_t timeout_ms) {

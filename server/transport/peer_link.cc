@@ -32,6 +32,7 @@ bool IsSequenced(v1::PeerMessage::BodyCase body) {
     case v1::PeerMessage::kSnapshotRequest:
     case v1::PeerMessage::kLearningSignal:
     case v1::PeerMessage::kStepMarker:
+    case v1::PeerMessage::kFrameFailed:
       return true;
     case v1::PeerMessage::kHello:
     case v1::PeerMessage::kAck:

@@ -106,7 +106,7 @@
 namespace mapl {
 
 // The protocol version this build speaks (PeerMessage.protocol_version, Hello.protocol_version).
-inline constexpr uint32_t kPeerProtocolVersion = 1;
+inline constexpr uint32_t kPeerProtocolVersion = 2;
 
 // Settings of one end of one boundary's link. A missing setting takes its default; an invalid
 // one makes Dial / RegisterBoundary fail with INVALID_ARGUMENT.

@@ -949,7 +949,8 @@ TEST(BoundaryWorkerTest, FrameThatDecodesToInfIsRefused) {
 
   std::vector<float> dh;
   absl::StatusOr<v1::RecvReply> r = RecvInto(pair.up(), 1, 0, &dh, kN);
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  // Corrupt data, not the caller's mistake.
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
   EXPECT_TRUE(
       absl::StrContains(r.status().message(), "boundary 7: backward tensor of step 1 microbatch 0"))
       << r.status();
@@ -982,7 +983,8 @@ TEST(BoundaryWorkerTest, FrameHeldForADictionaryThatNeverComesFails) {
   std::vector<float> h_hat;
   absl::StatusOr<v1::RecvReply> r = RecvInto(pair.down(), 1, 0, &h_hat, kN);
   const absl::Duration waited = absl::Now() - sent;
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+  // Transient (a slow or broken link), so retryable: UNAVAILABLE.
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
   EXPECT_TRUE(
       absl::StrContains(r.status().message(), "boundary 7: forward tensor of step 1 microbatch 0"))
       << r.status();
@@ -1023,8 +1025,11 @@ TEST(BoundaryWorkerTest, StepDropsUnreceivedTensorsOfTheClosedStep) {
   std::vector<float> into(kN * kD);
   absl::StatusOr<v1::RecvReply> r =
       pair.down().Recv(1, 1, Tensor::F32(into.data(), kN, kD), absl::Now() + timeout, timeout, {});
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded)
+  // At once, saying so, rather than by the deadline.
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition)
       << "a tensor of the closed step was still served: " << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "was already closed by Step(1)"))
+      << r.status();
   // A later step's tensor stays.
   r = RecvInto(pair.down(), 2, 1, &h_hat, kN);
   ASSERT_TRUE(r.ok()) << r.status();
@@ -1080,6 +1085,341 @@ TEST(BoundaryWorkerTest, StopWakesWaitersWithUnavailable) {
   r = pair.down().Send(6, 0, F32(h, 2), nullptr, true);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
   pair.StopWorkers();  // idempotent
+}
+
+// ---- self-describing frames ----
+
+// Recv with the test's deadline, into `into` (capacity rows) and `ids` (ids_capacity), with an
+// expected shape.
+absl::StatusOr<v1::RecvReply> RecvWith(BoundaryWorker& w, uint64_t step, uint32_t mb,
+                                       std::vector<float>* into, int64_t capacity,
+                                       std::vector<int32_t>* ids, int64_t ids_capacity,
+                                       std::vector<uint32_t> expect_shape = {}) {
+  into->assign(static_cast<size_t>(capacity) * kD, kSentinel);
+  RecvOptions options;
+  if (ids != nullptr) {
+    ids->assign(static_cast<size_t>(ids_capacity), -1);
+    options.token_ids = ids->data();
+    options.token_ids_capacity = ids_capacity;
+  }
+  options.expect_shape = std::move(expect_shape);
+  return w.Recv(step, mb, Tensor::F32(into->data(), capacity, kD), absl::Now() + kWait, kWait, {},
+                options);
+}
+
+std::vector<uint32_t> ShapeOf(const v1::RecvReply& r) {
+  return std::vector<uint32_t>(r.shape().begin(), r.shape().end());
+}
+
+// The shape and dtype the upstream trainer handed in, and its token ids (optional with
+// METHOD_FIXED), reach the downstream's Recv; a backward without a shape arrives as [n, d].
+TEST(BoundaryWorkerTest, ShapeDtypeAndTokenIdsTravelWithTheFrame) {
+  WorkerPair pair(v1::METHOD_FIXED);
+  pair.Connect();
+  constexpr int kN = 12;
+  const std::vector<float> h = Random(kN * kD, 1);
+  const std::vector<bf16_t> h16 = ToBf16(h);
+  const std::vector<int32_t> tokens = Tokens(kN, 1);
+  SendOptions send;
+  send.shape = {2, 6, kD};
+  absl::StatusOr<v1::SendReply> sent =
+      pair.up().Send(1, 0, ConstTensor::BF16(h16.data(), kN, kD), tokens.data(), false,
+                     absl::InfiniteFuture(), send);
+  ASSERT_TRUE(sent.ok()) << sent.status();
+  std::vector<float> h_hat;
+  std::vector<int32_t> ids;
+  absl::StatusOr<v1::RecvReply> got =
+      RecvWith(pair.down(), 1, 0, &h_hat, kN + 4, &ids, kN + 4, {2, 6, kD});
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->rows(), static_cast<uint32_t>(kN));
+  EXPECT_EQ(ShapeOf(*got), (std::vector<uint32_t>{2, 6, kD}));
+  EXPECT_EQ(got->dtype(), v1::DTYPE_BF16);
+  ASSERT_TRUE(got->has_token_ids());
+  for (int i = 0; i < kN; ++i) EXPECT_EQ(ids[i], tokens[i]) << "id " << i;
+  EXPECT_EQ(ids[kN], -1) << "written past the ids that came";
+
+  // A forward without ids or shape: [n, d], f32, no ids (the ids' buffer is left alone).
+  ASSERT_TRUE(pair.up().Send(1, 1, F32(h, kN), nullptr, false).ok());
+  got = RecvWith(pair.down(), 1, 1, &h_hat, kN, &ids, kN);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(ShapeOf(*got), (std::vector<uint32_t>{kN, kD}));
+  EXPECT_EQ(got->dtype(), v1::DTYPE_F32);
+  EXPECT_FALSE(got->has_token_ids());
+  EXPECT_EQ(ids[0], -1);
+
+  // The gradient's shape and dtype reach the upstream the same way.
+  const std::vector<float> g = Random(kN * kD, 2);
+  SendOptions back;
+  back.shape = {3, 4, kD};
+  ASSERT_TRUE(
+      pair.down().Send(1, 0, F32(g, kN), nullptr, false, absl::InfiniteFuture(), back).ok());
+  std::vector<float> dh;
+  got = RecvWith(pair.up(), 1, 0, &dh, kN, nullptr, 0);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(ShapeOf(*got), (std::vector<uint32_t>{3, 4, kD}));
+  EXPECT_EQ(got->dtype(), v1::DTYPE_F32);
+  EXPECT_FALSE(got->has_token_ids());
+}
+
+// A shape that does not describe the tensor is the caller's mistake, said before the tensor is
+// taken (nothing is queued: the key can still be sent).
+TEST(BoundaryWorkerTest, SendWithAShapeThatDoesNotFitIsInvalidArgument) {
+  WorkerPair pair(v1::METHOD_DENSE);
+  pair.Connect();
+  constexpr int kN = 6;
+  const std::vector<float> h = Random(kN * kD, 1);
+  struct Case {
+    std::vector<uint32_t> shape;
+    const char* says;
+  };
+  const std::vector<Case> cases = {
+      {{2, 3, kD + 1}, "must end in the hidden size d = 64"},
+      {{4, 2, kD}, "multiply to 8, but the tensor has 6 rows"},
+      {{1, 1, 1, 1, 1, 1, 1, 6, kD}, "has 9 dimensions; it takes 1 to 8"},
+      {{kD}, "multiply to 1, but the tensor has 6 rows"},
+  };
+  for (const Case& c : cases) {
+    SendOptions o;
+    o.shape = c.shape;
+    absl::StatusOr<v1::SendReply> r =
+        pair.up().Send(1, 0, F32(h, kN), nullptr, false, absl::InfiniteFuture(), o);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_TRUE(absl::StrContains(r.status().message(), c.says)) << r.status();
+    EXPECT_TRUE(absl::StrContains(r.status().message(), ShapeString(c.shape))) << r.status();
+    EXPECT_TRUE(absl::StrContains(r.status().message(), "a tensor of (6, 64)")) << r.status();
+  }
+  SendOptions o;
+  o.shape = {3, 2, kD};
+  EXPECT_TRUE(pair.up().Send(1, 0, F32(h, kN), nullptr, false, absl::InfiniteFuture(), o).ok());
+}
+
+// The wrong expected shape, or too small a buffer for the ids, leaves the tensor in the inbox for a
+// Recv that fits.
+TEST(BoundaryWorkerTest, RecvExpectingAnotherShapeOrWithTooFewIdsLeavesTheTensor) {
+  WorkerPair pair(v1::METHOD_DENSE);
+  pair.Connect();
+  constexpr int kN = 8;
+  const std::vector<float> h = Random(kN * kD, 1);
+  const std::vector<int32_t> tokens = Tokens(kN, 1);
+  SendOptions send;
+  send.shape = {2, 4, kD};
+  ASSERT_TRUE(
+      pair.up().Send(1, 0, F32(h, kN), tokens.data(), false, absl::InfiniteFuture(), send).ok());
+  std::vector<float> h_hat;
+  std::vector<int32_t> ids;
+  absl::StatusOr<v1::RecvReply> r = RecvWith(pair.down(), 1, 0, &h_hat, kN, &ids, kN, {kN, kD});
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_TRUE(
+      absl::StrContains(r.status().message(), "has shape [2, 4, 64], but the Recv expects [8, 64]"))
+      << r.status();
+  for (float v : h_hat) ASSERT_EQ(v, kSentinel) << "a refused Recv wrote into `into`";
+  r = RecvWith(pair.down(), 1, 0, &h_hat, kN, &ids, kN - 1);
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_TRUE(
+      absl::StrContains(r.status().message(), "came with 8 token ids; token_ids_into holds only 7"))
+      << r.status();
+  for (int32_t v : ids) ASSERT_EQ(v, -1) << "a refused Recv wrote the ids";
+  EXPECT_EQ(pair.down().stats().inbox_entries(), 1u);
+  r = RecvWith(pair.down(), 1, 0, &h_hat, kN, &ids, kN, {2, 4, kD});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ExpectExactToBf16(h, h_hat);
+  EXPECT_EQ(ids, tokens);
+}
+
+// A frame whose shape contradicts its tokens (or whose dtype is no tensor dtype) is corrupt: it
+// is rejected and counted, never decoded, and its Recv says so (DATA_LOSS).
+TEST(BoundaryWorkerTest, FrameWithAContradictoryShapeIsRejectedAsDataLoss) {
+  WorkerPair pair(v1::METHOD_FIXED);
+  pair.Serve();
+  std::unique_ptr<Engine> up =
+      Engine::Create(Config(v1::METHOD_FIXED, v1::ROLE_UPSTREAM), pair.backend()).value();
+  constexpr int kN = 6;
+  const std::vector<float> h = Random(kN * kD, 1);
+  for (uint32_t mb = 0; mb < 3; ++mb) {
+    absl::StatusOr<std::vector<v1::PeerMessage>> out =
+        up->Encode(1, mb, F32(h, kN), nullptr, Engine::FiniteCheck::kCheck);
+    ASSERT_TRUE(out.ok()) << out.status();
+    v1::PeerMessage m = out->back();
+    v1::Frame* f = m.mutable_frame();
+    if (mb == 0) {
+      for (uint32_t v : {2u, 4u, static_cast<uint32_t>(kD)}) f->add_shape(v);  // 8 rows, not 6
+    } else if (mb == 1) {
+      for (uint32_t v : {2u, 3u, 32u}) f->add_shape(v);  // not d
+    } else {
+      f->set_dtype(v1::DTYPE_I32);
+    }
+    pair.down().OnPeerMessage(m);
+  }
+  for (uint32_t mb = 0; mb < 3; ++mb) {
+    std::vector<float> h_hat;
+    absl::StatusOr<v1::RecvReply> r = RecvInto(pair.down(), 1, mb, &h_hat, kN);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
+    EXPECT_TRUE(absl::StrContains(r.status().message(), "corrupt")) << r.status();
+    for (float v : h_hat) ASSERT_EQ(v, kSentinel) << "a corrupt frame was decoded";
+  }
+  EXPECT_EQ(pair.down().stats().frames_rejected(), 3u);
+  EXPECT_EQ(pair.down().stats().frames_received(), 0u);
+}
+
+// ---- evaluation traffic ----
+
+// Runs `steps` steps of kMicrobatches training microbatches (forward, backward) on a METHOD_MAPL
+// pair with CODEC_RVQ (the fit in step 1, an update in step 2); with `evaluation`, each step
+// also sends kEvaluation evaluation forwards of other data, which the downstream receives.
+// Returns the learned state of (upstream, downstream), without the time it was taken.
+std::pair<v1::BoundaryState, v1::BoundaryState> TrainWithEvaluation(bool evaluation) {
+  constexpr int kSteps = 2, kMicrobatches = 4, kEvaluation = 3, kN = 256;
+  WorkerPair pair(v1::METHOD_MAPL);
+  pair.Connect();
+  for (uint64_t step = 1; step <= kSteps; ++step) {
+    for (uint32_t mb = 0; mb < kMicrobatches; ++mb) {
+      const uint64_t seed = step * 100 + mb;
+      const std::vector<float> h = Random(kN * kD, seed);
+      const std::vector<int32_t> tokens = Tokens(kN, seed);
+      EXPECT_TRUE(pair.up().Send(step, mb, F32(h, kN), tokens.data(), false).ok());
+      if (evaluation && mb == 1) {
+        // Evaluation forwards between training ones, of data the training never sees.
+        for (uint32_t e = 0; e < kEvaluation; ++e) {
+          const std::vector<float> x = Random(kN * kD, 7000 + step * 10 + e);
+          const std::vector<int32_t> ids = Tokens(kN, 7000 + e);
+          SendOptions o;
+          o.evaluation = true;
+          absl::StatusOr<v1::SendReply> r = pair.up().Send(step, 100 + e, F32(x, kN), ids.data(),
+                                                           false, absl::InfiniteFuture(), o);
+          EXPECT_TRUE(r.ok()) << r.status();
+          std::vector<float> x_hat;
+          absl::StatusOr<v1::RecvReply> got = RecvInto(pair.down(), step, 100 + e, &x_hat, kN);
+          EXPECT_TRUE(got.ok()) << got.status();
+          EXPECT_GT(FiniteNorm2(x_hat, x_hat.size()), 0.0);
+          // An evaluation forward takes no backward, said at once.
+          absl::StatusOr<v1::SendReply> back =
+              pair.down().Send(step, 100 + e, F32(x, kN), nullptr, false);
+          EXPECT_EQ(back.status().code(), absl::StatusCode::kFailedPrecondition) << back.status();
+          EXPECT_TRUE(absl::StrContains(back.status().message(), "evaluation")) << back.status();
+        }
+      }
+      std::vector<float> h_hat;
+      EXPECT_TRUE(RecvInto(pair.down(), step, mb, &h_hat, kN).ok());
+      const std::vector<float> g = Random(kN * kD, seed + 7);
+      EXPECT_TRUE(pair.down().Send(step, mb, F32(g, kN), nullptr, false).ok());
+      std::vector<float> dh;
+      EXPECT_TRUE(RecvInto(pair.up(), step, mb, &dh, kN).ok());
+    }
+    v1::BoundaryStats down_stats, up_stats;
+    absl::Status s = StepOf(pair.down(), step, &down_stats);
+    EXPECT_TRUE(s.ok()) << s;
+    s = StepOf(pair.up(), step, &up_stats);
+    EXPECT_TRUE(s.ok()) << s;
+    // Counted as usual.
+    const uint64_t frames = step * (kMicrobatches + (evaluation ? kEvaluation : 0));
+    EXPECT_EQ(up_stats.frames_sent(), frames);
+    EXPECT_EQ(down_stats.frames_received(), frames);
+  }
+  v1::BoundaryState up = pair.up().SaveState(), down = pair.down().SaveState();
+  up.clear_unix_micros();
+  down.clear_unix_micros();
+  return {up, down};
+}
+
+// Evaluation forwards leave every learned table exactly as a run without them: the published
+// dictionary (and its checksum), the learner copy, the projector's and the codebooks' state,
+// the anchors.
+TEST(BoundaryWorkerTest, EvaluationFramesTrainNothing) {
+  const auto [up, down] = TrainWithEvaluation(false);
+  const auto [up_eval, down_eval] = TrainWithEvaluation(true);
+  ASSERT_TRUE(up.has_published());
+  ASSERT_TRUE(up.has_codebooks()) << "the RVQ codebooks were not fitted: the test is too short";
+  EXPECT_GT(up.published().version(), 0u);
+  EXPECT_EQ(up_eval.published().version(), up.published().version());
+  EXPECT_EQ(up_eval.published().checksum(), up.published().checksum());
+  EXPECT_EQ(up_eval.SerializeAsString(), up.SerializeAsString())
+      << "the upstream learned from evaluation frames";
+  ASSERT_TRUE(down.has_anchors());
+  EXPECT_EQ(down_eval.SerializeAsString(), down.SerializeAsString())
+      << "the downstream learned from evaluation frames";
+}
+
+// ---- errors where and when they happen ----
+
+// An encode failure after a Send that did not wait: the peer's Recv of the tensor fails at once
+// (ABORTED, with the reason); this side's next Send and next Step each return it once, with its
+// code; after that both work.
+TEST(BoundaryWorkerTest, BackgroundEncodeFailureReachesThePeerTheNextSendAndTheNextStep) {
+  WorkerPair pair(v1::METHOD_DENSE);
+  pair.Connect();
+  constexpr int kN = 4;
+  const std::vector<float> h = Random(kN * kD, 1);
+  ASSERT_TRUE(pair.up().Send(1, 0, F32(h, kN), nullptr, false).ok());
+  std::vector<float> buffer;
+  ASSERT_TRUE(RecvInto(pair.down(), 1, 0, &buffer, kN).ok());
+  // The downstream never decoded a forward of (1, 5): its encoder refuses the gradient, after
+  // this Send returned.
+  ASSERT_TRUE(pair.down().Send(1, 5, F32(h, kN), nullptr, false).ok());
+
+  const absl::Time start = absl::Now();
+  absl::StatusOr<v1::RecvReply> r = RecvInto(pair.up(), 1, 5, &buffer, kN);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kAborted) << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "backward tensor of step 1 microbatch 5"))
+      << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "failed to encode it")) << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "no forward of (step 1, microbatch 5)"))
+      << r.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10)) << "the Recv waited instead of failing";
+
+  ASSERT_TRUE(pair.down().Flush(absl::Now() + kWait));
+  absl::StatusOr<v1::SendReply> s = pair.down().Send(1, 0, F32(h, kN), nullptr, false);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition) << s.status();
+  EXPECT_TRUE(absl::StrContains(s.status().message(),
+                                "an earlier Send failed in the background: boundary 7: backward "
+                                "tensor of step 1 microbatch 5"))
+      << s.status();
+  EXPECT_TRUE(absl::StrContains(s.status().message(), "was not taken")) << s.status();
+  // Once: the same Send again is taken.
+  s = pair.down().Send(1, 0, F32(h, kN), nullptr, false);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE(RecvInto(pair.up(), 1, 0, &buffer, kN).ok());
+
+  v1::BoundaryStats stats;
+  absl::Status step = StepOf(pair.down(), 1, &stats);
+  EXPECT_EQ(step.code(), absl::StatusCode::kFailedPrecondition) << step;
+  EXPECT_TRUE(absl::StrContains(step.message(), "an earlier Send failed in the background"))
+      << step;
+  step = StepOf(pair.down(), 1, &stats);
+  EXPECT_TRUE(step.ok()) << step;
+  EXPECT_EQ(stats.steps(), 1u);
+}
+
+// A Recv of a tensor that can no longer come fails at once, saying why: one already received,
+// one of a step closed while the Recv waited.
+TEST(BoundaryWorkerTest, RecvOfATensorAlreadyReceivedOrOfAClosedStepFailsAtOnce) {
+  WorkerPair pair(v1::METHOD_DENSE);
+  pair.Connect();
+  constexpr int kN = 3;
+  const std::vector<float> h = Random(kN * kD, 1);
+  ASSERT_TRUE(pair.up().Send(1, 0, F32(h, kN), nullptr, false).ok());
+  std::vector<float> h_hat;
+  ASSERT_TRUE(RecvInto(pair.down(), 1, 0, &h_hat, kN).ok());
+  absl::Time start = absl::Now();
+  absl::StatusOr<v1::RecvReply> r = RecvInto(pair.down(), 1, 0, &h_hat, kN);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "was already received")) << r.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+
+  // Waiting for (1, 1), which never comes; Step(1) closes the step meanwhile.
+  Async<absl::StatusOr<v1::RecvReply>> waiting([&] {
+    std::vector<float> into;
+    return RecvInto(pair.down(), 1, 1, &into, kN);
+  });
+  EXPECT_FALSE(waiting.Wait(kChance));
+  start = absl::Now();
+  v1::BoundaryStats stats;
+  ASSERT_TRUE(StepOf(pair.down(), 1, &stats).ok());
+  ASSERT_TRUE(WaitOrStop(waiting, pair));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  EXPECT_EQ(waiting.result().status().code(), absl::StatusCode::kFailedPrecondition)
+      << waiting.result().status();
+  EXPECT_TRUE(absl::StrContains(waiting.result().status().message(), "already closed by Step(1)"))
+      << waiting.result().status();
 }
 
 }  // namespace

@@ -791,13 +791,13 @@ TEST(DaemonSnapshotTest, ALostDeltaAsksForOneSnapshotAndTheReplicaFollowsTheOneI
   EXPECT_EQ(third.reason(), v1::SNAPSHOT_REASON_UNKNOWN_VERSION);
   EXPECT_NE(third.detail().find("version 9"), std::string::npos) << third.detail();
   EXPECT_EQ(BoundaryOf(*down, 0).snapshot_requests_sent(), 3u);
-  // The trainer's Recv of such a frame says why at once.
+  // The trainer's Recv of such a frame says why at once, as a transient fault (retryable).
   std::unique_ptr<mc::Client> trainer;
   ASSERT_TRUE(mc::Client::Connect(down->config().local_socket(), "down", 5000, &trainer).ok());
   mc::RecvResult r;
   mc::Status recv = trainer->Recv(0, mc::Direction::kForward, 1, 0,
                                   mc::TensorRef{0, 0, kRows, shape.d, mc::DType::kF32}, 5000, &r);
-  EXPECT_EQ(recv.code, mc::kFailedPrecondition) << recv.message;
+  EXPECT_EQ(recv.code, mc::kUnavailable) << recv.message;
   EXPECT_NE(recv.message.find("rejected"), std::string::npos) << recv.message;
 
   // The same, as exported.
@@ -822,6 +822,76 @@ TEST(DaemonSnapshotTest, ALostDeltaAsksForOneSnapshotAndTheReplicaFollowsTheOneI
 
 // send_rate_mbit on the upstream: a burst of Sends returns at once (the tensors wait in the
 // transport), and the wire carries them at the configured rate: 4 Mbit/s = 500,000 bytes/s.
+// Through the client and two daemons: a tensor's shape, dtype and token ids (optional with
+// METHOD_FIXED) reach the downstream trainer; a Recv expecting another shape leaves the tensor
+// for a later one; an encode failure after a non-waiting Send fails the peer's Recv at once
+// (ABORTED) and the sender's next Send and Step (once each).
+TEST_F(DaemonPairTest, FramesCarryShapeDtypeAndIdsAndEncodeFailuresReachBothTrainers) {
+  Shape shape;
+  shape.method = "METHOD_FIXED";
+  ASSERT_NO_FATAL_FAILURE(StartPair(shape));
+  constexpr uint32_t kN = 8;
+  auto [h, ids] = FillActivation(up_client_.get(), 0, 0, kN, shape_, 3);
+  const int32_t* sent_ids =
+      reinterpret_cast<const int32_t*>(static_cast<const char*>(up_client_->data(0)) + ids.offset);
+  mc::SendOptions send;
+  send.shape = {2, 4, shape_.d};
+  mc::SendResult sent;
+  mc::Status s = up_client_->Send(0, mc::Direction::kForward, 1, 0, h, ids, send, &sent);
+  ASSERT_TRUE(s.ok()) << s.message;
+  // A shape that does not describe the tensor: refused before it is taken.
+  send.shape = {3, 4, shape_.d};
+  s = up_client_->Send(0, mc::Direction::kForward, 1, 1, h, ids, send, &sent);
+  EXPECT_EQ(s.code, mc::kInvalidArgument) << s.message;
+  EXPECT_NE(s.message.find("[3, 4, 32]"), std::string::npos) << s.message;
+  EXPECT_NE(s.message.find("(8, 32)"), std::string::npos) << s.message;
+
+  const mc::TensorRef into{1, 0, shape_.max_tokens, shape_.d, mc::DType::kBF16};
+  const uint64_t ids_at = 4096;
+  mc::RecvOptions recv;
+  recv.token_ids = mc::TensorRef{1, ids_at, shape_.max_tokens, 1, mc::DType::kI32};
+  recv.expect_shape = {kN, shape_.d};
+  mc::RecvResult r;
+  s = down_client_->Recv(0, mc::Direction::kForward, 1, 0, into, 5000, recv, &r);
+  EXPECT_EQ(s.code, mc::kInvalidArgument) << s.message;
+  EXPECT_NE(s.message.find("[2, 4, 32]"), std::string::npos) << s.message;
+  EXPECT_NE(s.message.find("[8, 32]"), std::string::npos) << s.message;
+  recv.expect_shape = {2, 4, shape_.d};
+  s = down_client_->Recv(0, mc::Direction::kForward, 1, 0, into, 5000, recv, &r);
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(r.rows, kN);
+  EXPECT_EQ(r.shape, (std::vector<uint32_t>{2, 4, shape_.d}));
+  ASSERT_TRUE(r.dtype.has_value());
+  EXPECT_EQ(*r.dtype, mc::DType::kF32);
+  ASSERT_TRUE(r.has_token_ids);
+  const int32_t* got_ids =
+      reinterpret_cast<const int32_t*>(static_cast<const char*>(down_client_->data(1)) + ids_at);
+  for (uint32_t i = 0; i < kN; ++i) EXPECT_EQ(got_ids[i], sent_ids[i]) << "id " << i;
+
+  // The downstream never received (1, 7): its encoder refuses the gradient after Send returned.
+  s = down_client_->Send(0, mc::Direction::kBackward, 1, 7,
+                         mc::TensorRef{1, 0, kN, shape_.d, mc::DType::kBF16}, std::nullopt, &sent);
+  ASSERT_TRUE(s.ok()) << s.message;
+  const absl::Time start = absl::Now();
+  s = up_client_->Recv(0, mc::Direction::kBackward, 1, 7,
+                       mc::TensorRef{1, 0, shape_.max_tokens, shape_.d, mc::DType::kF32}, 0, &r);
+  EXPECT_EQ(s.code, 10 /* ABORTED */) << s.message;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5)) << "the Recv waited for its deadline";
+  absl::SleepFor(absl::Milliseconds(200));  // the encoder has failed by now (the peer heard)
+  s = down_client_->Send(0, mc::Direction::kBackward, 1, 0,
+                         mc::TensorRef{1, 0, kN, shape_.d, mc::DType::kBF16}, std::nullopt, &sent);
+  EXPECT_EQ(s.code, mc::kFailedPrecondition) << s.message;
+  EXPECT_NE(s.message.find("an earlier Send failed in the background"), std::string::npos)
+      << s.message;
+  mc::StepResult step;
+  s = down_client_->Step(1, 5000, &step);
+  EXPECT_EQ(s.code, mc::kFailedPrecondition) << s.message;
+  EXPECT_NE(s.message.find("an earlier Send failed in the background"), std::string::npos)
+      << s.message;
+  s = down_client_->Step(1, 5000, &step);
+  EXPECT_TRUE(s.ok()) << s.message;
+}
+
 TEST_F(DaemonPairTest, SendRateCapHoldsOnTheWireAfterABurst) {
   Shape shape;
   shape.d = 256;

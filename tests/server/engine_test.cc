@@ -65,12 +65,13 @@ TEST_F(EngineTest, CorruptFrameIsDataLoss) {
   ASSERT_TRUE(Decode(pair, frame).ok());
 }
 
-TEST_F(EngineTest, UnknownDictionaryVersionIsRejected) {
+// Transient, not the caller's fault: a snapshot that brings the version is asked for.
+TEST_F(EngineTest, UnknownDictionaryVersionIsRejectedAsUnavailable) {
   Pair pair(Config(v1::ROLE_UPSTREAM, v1::METHOD_MAPL, v1::CODEC_BF16));
   v1::Frame frame = Forward(pair);
   frame.set_dict_version(99);  // not covered by the checksum
   absl::Status s = Decode(pair, frame);
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
   EXPECT_TRUE(absl::StrContains(s.message(), "unknown dictionary version 99")) << s;
 }
 
@@ -254,7 +255,7 @@ TEST_F(EngineTest, PcaInitSendsSnapshotFirst) {
   ASSERT_TRUE(out->at(0).has_dictionary_snapshot());
   ASSERT_TRUE(out->at(1).has_frame());
   // Before the snapshot the frame cannot be decoded ...
-  EXPECT_EQ(Decode(pair, out->at(1).frame()).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(Decode(pair, out->at(1).frame()).code(), absl::StatusCode::kUnavailable);
   // ... after it, it can; U is the principal subspace, so only the offsets are missing.
   ASSERT_TRUE(pair.down().HandleSnapshot(out->at(0).dictionary_snapshot()).ok());
   ASSERT_TRUE(Decode(pair, out->at(1).frame()).ok());
@@ -336,7 +337,8 @@ TEST_F(EngineTest, Int8ForwardRoundTrip) {
   EXPECT_EQ(frame.codec(), v1::CODEC_INT8);
   EXPECT_EQ(frame.payload().size(), size_t(kN) * 32);
   EXPECT_EQ(frame.scales().size(), size_t(kN) * 2);
-  EXPECT_TRUE(frame.token_ids().empty());  // FIXED has no anchors
+  // FIXED has no anchors, but the ids the trainer gave travel (for the downstream's trainer).
+  EXPECT_EQ(frame.token_ids().size(), size_t(kN) * frame.token_id_bytes());
   ASSERT_TRUE(Decode(pair, frame).ok());
   // FIXED: h_hat = zq U^T is the (quantized) projection of h, so |h_hat|^2 <= |h|^2 and
   // h_hat . (h - h_hat) ~ 0.

@@ -583,7 +583,7 @@ class Sidecar:
         arrived, valid inside the ``with`` only (the region is freed after it)."""
         with _Staging(self, capacity, d, dtype) as staging:
             n, got = self._client.recv(boundary, direction, step, microbatch, staging.ref,
-                                       _timeout_ms(timeout))
+                                       _timeout_ms(timeout))[:2]
             if n * got > capacity * d:
                 raise Internal(f"mapld reported ({n}, {got}) written into ({capacity}, {d})")
             yield staging.tensor.view(-1)[:n * got].view(n, got)
@@ -611,7 +611,7 @@ class Sidecar:
         if where is not None:  # in shared memory: the daemon writes there itself
             ref = (where[0], where[1], capacity, info.d, _DTYPE_CODE[out.dtype])
             n, _ = self._client.recv(boundary, direction, step, microbatch, ref,
-                                     _timeout_ms(timeout))
+                                     _timeout_ms(timeout))[:2]
             return out[:n]
         with self._staged_recv(boundary, direction, step, microbatch, timeout, capacity,
                                info.d, out.dtype) as view:

@@ -35,6 +35,10 @@ namespace {
 using mapl::v1::Peer;
 using mapl::v1::PeerMessage;
 
+// The protocol version mapld speaks (server/transport/peer_link.h kPeerProtocolVersion; this tool
+// links only the protos).
+constexpr uint32_t kPeerProtocolVersion = 2;
+
 const char* CodeName(grpc::StatusCode code) {
   switch (code) {
     case grpc::OK:
@@ -103,7 +107,7 @@ std::map<std::string, int> Big(const std::string& target, int64_t bytes) {
   s.context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   s.rw = s.stub->Link(&s.context);
   PeerMessage m;
-  m.set_protocol_version(1);
+  m.set_protocol_version(kPeerProtocolVersion);
   m.mutable_frame()->mutable_payload()->assign(static_cast<size_t>(bytes), 'x');
   s.rw->Write(m);
   s.rw->WritesDone();
@@ -123,8 +127,8 @@ std::map<std::string, int> Brute(const std::string& target, int n) {
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     auto rw = stub->Link(&context);
     PeerMessage hello;
-    hello.set_protocol_version(1);
-    hello.mutable_hello()->set_protocol_version(1);
+    hello.set_protocol_version(kPeerProtocolVersion);
+    hello.mutable_hello()->set_protocol_version(kPeerProtocolVersion);
     hello.mutable_hello()->set_boundary(0);
     hello.mutable_hello()->set_stage(0);
     hello.mutable_hello()->set_instance_id(rng() | 1);

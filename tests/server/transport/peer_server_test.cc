@@ -135,7 +135,8 @@ class RawPeer {
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     return args;
   }
-  static v1::PeerMessage Hello(absl::string_view token = kToken, uint32_t version = 1) {
+  static v1::PeerMessage Hello(absl::string_view token = kToken,
+                               uint32_t version = kPeerProtocolVersion) {
     v1::PeerMessage m;
     m.set_protocol_version(version);
     v1::Hello* h = m.mutable_hello();
@@ -173,7 +174,7 @@ TEST(PeerServerTest, ProtocolViolationsEndTheStreamWithAClearStatus) {
   {
     RawPeer peer(server->port());
     v1::PeerMessage ack;
-    ack.set_protocol_version(1);
+    ack.set_protocol_version(kPeerProtocolVersion);
     ack.mutable_ack()->set_seq(1);
     ASSERT_TRUE(peer.Write(ack));
     const grpc::Status s = peer.Finish();
@@ -182,10 +183,11 @@ TEST(PeerServerTest, ProtocolViolationsEndTheStreamWithAClearStatus) {
   }
   {
     RawPeer peer(server->port());
-    ASSERT_TRUE(peer.Write(RawPeer::Hello(kToken, /*version=*/2)));
+    // Version 1: a peer of the release before FrameFailed.
+    ASSERT_TRUE(peer.Write(RawPeer::Hello(kToken, /*version=*/1)));
     const grpc::Status s = peer.Finish();
     EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
-    EXPECT_THAT(s.error_message(), HasSubstr("protocol_version 2"));
+    EXPECT_THAT(s.error_message(), HasSubstr("protocol_version 1"));
   }
   {
     // A Hello whose envelope lacks protocol_version: the message names that field, not the
@@ -216,7 +218,7 @@ TEST(PeerServerTest, ProtocolViolationsEndTheStreamWithAClearStatus) {
     ASSERT_TRUE(reply.has_hello());
     EXPECT_EQ(reply.hello().resume_from_seq(), 1u);
     v1::PeerMessage frame = MakeFrame(0, 0, 0, "");
-    frame.set_protocol_version(1);
+    frame.set_protocol_version(kPeerProtocolVersion);
     frame.set_seq(5);
     ASSERT_TRUE(peer.Write(frame));
     const grpc::Status s = peer.Finish();
@@ -230,7 +232,7 @@ TEST(PeerServerTest, ProtocolViolationsEndTheStreamWithAClearStatus) {
     v1::PeerMessage reply;
     ASSERT_TRUE(peer.Read(&reply));
     v1::PeerMessage ack;
-    ack.set_protocol_version(1);
+    ack.set_protocol_version(kPeerProtocolVersion);
     ack.mutable_ack()->set_seq(9);
     ASSERT_TRUE(peer.Write(ack));
     const grpc::Status s = peer.Finish();
