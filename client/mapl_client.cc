@@ -18,6 +18,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <utility>
 
@@ -140,6 +141,9 @@ struct Client::Impl {
   bool stream_done = false;  // Guarded by mu.
   Status stream_status;      // Guarded by mu.
   bool closed = false;       // Guarded by mu.
+  // The calls in flight (Send, Recv, Step): Close() cancels them, so that a Recv blocked on a
+  // thread of the trainer's ends at once instead of at its deadline. Guarded by mu.
+  std::set<grpc::ClientContext*> calls;
   std::once_flag join_once;
 
   ~Impl() {
@@ -179,6 +183,7 @@ struct Client::Impl {
     {
       std::lock_guard<std::mutex> lock(mu);
       closed = true;
+      for (grpc::ClientContext* call : calls) call->TryCancel();
     }
     attach_ctx.TryCancel();
     std::call_once(join_once, [this] {
@@ -208,10 +213,49 @@ struct Client::Impl {
   // FAILED_PRECONDITION after Close(), the stream's end status after the daemon ended it.
   Status CheckOpen() {
     std::lock_guard<std::mutex> lock(mu);
+    return CheckOpenLocked();
+  }
+
+  // The status of a call that failed: as FromGrpc, but a call that Close() cancelled says so.
+  Status CallFailed(const grpc::Status& s, const std::string& what) {
+    if (s.error_code() == grpc::StatusCode::CANCELLED) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (closed) {
+        return MakeStatus(kFailedPrecondition,
+                          what + ": the mapl client was closed while this call waited");
+      }
+    }
+    return FromGrpc(s, what);
+  }
+
+  Status CheckOpenLocked() {
     if (closed) return MakeStatus(kFailedPrecondition, "the mapl client is closed");
     if (stream_done) return stream_status;
     return Status{};
   }
+
+  // A call in flight, registered in `calls` for its lifetime (see Close). `status` is not OK
+  // when the client was closed (or its stream ended) first: the call must not start.
+  class Call {
+   public:
+    explicit Call(Impl* impl) : impl_(impl) {
+      std::lock_guard<std::mutex> lock(impl_->mu);
+      status = impl_->CheckOpenLocked();
+      if (status.ok()) impl_->calls.insert(&ctx);
+    }
+    ~Call() {
+      std::lock_guard<std::mutex> lock(impl_->mu);
+      impl_->calls.erase(&ctx);
+    }
+    Call(const Call&) = delete;
+    Call& operator=(const Call&) = delete;
+
+    grpc::ClientContext ctx;
+    Status status;
+
+   private:
+    Impl* impl_;
+  };
 
   // Collects the buffers' memfds from the daemon's buffer socket (presenting the session's
   // secret), checks each is sealed against shrinking, maps it and closes the fd. Waits until
@@ -463,8 +507,8 @@ Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint3
 Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
                     const TensorRef& tensor, const std::optional<TensorRef>& token_ids,
                     const SendOptions& options, SendResult* result) {
-  Status open = impl_->CheckOpen();
-  if (!open.ok()) return open;
+  Impl::Call call(impl_.get());
+  if (!call.status.ok()) return call.status;
   v1::SendRequest req;
   SetTensorKey(impl_->session, boundary, direction, step, microbatch, &req);
   ToProto(tensor, req.mutable_tensor());
@@ -473,9 +517,10 @@ Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint3
   req.mutable_shape()->Assign(options.shape.begin(), options.shape.end());
   req.set_evaluation(options.evaluation);
   v1::SendReply reply;
-  grpc::ClientContext ctx;
-  const grpc::Status s = impl_->stub->Send(&ctx, req, &reply);
-  if (!s.ok()) return impl_->FromGrpc(s, CallName("Send", boundary, direction, step, microbatch));
+  const grpc::Status s = impl_->stub->Send(&call.ctx, req, &reply);
+  if (!s.ok()) {
+    return impl_->CallFailed(s, CallName("Send", boundary, direction, step, microbatch));
+  }
   if (result != nullptr) *result = SendResult{reply.wire_bytes(), reply.raw_bytes()};
   return Status{};
 }
@@ -488,8 +533,8 @@ Status Client::Recv(uint32_t boundary, Direction direction, uint64_t step, uint3
 Status Client::Recv(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
                     const TensorRef& into, uint32_t timeout_ms, const RecvOptions& options,
                     RecvResult* result) {
-  Status open = impl_->CheckOpen();
-  if (!open.ok()) return open;
+  Impl::Call call(impl_.get());
+  if (!call.status.ok()) return call.status;
   v1::RecvRequest req;
   SetTensorKey(impl_->session, boundary, direction, step, microbatch, &req);
   ToProto(into, req.mutable_into());
@@ -497,9 +542,10 @@ Status Client::Recv(uint32_t boundary, Direction direction, uint64_t step, uint3
   if (options.token_ids.has_value()) ToProto(*options.token_ids, req.mutable_token_ids_into());
   req.mutable_expect_shape()->Assign(options.expect_shape.begin(), options.expect_shape.end());
   v1::RecvReply reply;
-  grpc::ClientContext ctx;
-  const grpc::Status s = impl_->stub->Recv(impl_->WithTimeout(&ctx, timeout_ms), req, &reply);
-  if (!s.ok()) return impl_->FromGrpc(s, CallName("Recv", boundary, direction, step, microbatch));
+  const grpc::Status s = impl_->stub->Recv(impl_->WithTimeout(&call.ctx, timeout_ms), req, &reply);
+  if (!s.ok()) {
+    return impl_->CallFailed(s, CallName("Recv", boundary, direction, step, microbatch));
+  }
   if (result != nullptr) {
     RecvResult r;
     r.rows = reply.rows();
@@ -514,16 +560,15 @@ Status Client::Recv(uint32_t boundary, Direction direction, uint64_t step, uint3
 }
 
 Status Client::Step(uint64_t step, uint32_t timeout_ms, StepResult* result) {
-  Status open = impl_->CheckOpen();
-  if (!open.ok()) return open;
+  Impl::Call call(impl_.get());
+  if (!call.status.ok()) return call.status;
   v1::StepRequest req;
   req.set_session(impl_->session);
   req.set_step(step);
   req.set_timeout_ms(timeout_ms);
   v1::StepReply reply;
-  grpc::ClientContext ctx;
-  const grpc::Status s = impl_->stub->Step(impl_->WithTimeout(&ctx, timeout_ms), req, &reply);
-  if (!s.ok()) return impl_->FromGrpc(s, "Step(" + std::to_string(step) + ")");
+  const grpc::Status s = impl_->stub->Step(impl_->WithTimeout(&call.ctx, timeout_ms), req, &reply);
+  if (!s.ok()) return impl_->CallFailed(s, "Step(" + std::to_string(step) + ")");
   if (result != nullptr) *result = std::move(reply);
   return Status{};
 }

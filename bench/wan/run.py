@@ -393,7 +393,8 @@ def train(method: str, index: int, args: argparse.Namespace, link: Link, work: P
 
     cfg = RunConfig(d_model=args.d_model, layers=args.layers, heads=args.heads,
                     seq_len=args.seq_len, batch=args.batch, microbatches=args.microbatches,
-                    seed=args.seed, eval_batches=args.eval_batches, corpus=str(corpus),
+                    schedule=args.schedule, seed=args.seed, eval_batches=args.eval_batches,
+                    corpus=str(corpus),
                     method=method, k=args.k or max(1, args.d_model // 8),
                     forward_codec=args.forward_codec, backward_codec=args.backward_codec,
                     rvq_levels=args.rvq_levels, send_rate_mbit=0.0, timeout_s=300.0,
@@ -644,6 +645,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--schedule", default="gpipe", choices=("gpipe", "1f1b"),
+                    help="the stages' pipeline schedule")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--k", type=int, default=0, help="projection rank (0: d_model / 8)")
     ap.add_argument("--forward-codec", default="INT8", type=str.upper,

@@ -26,6 +26,10 @@ _OWNED_BOUNDARY_FIELDS = frozenset((
 _FIELD_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 
 
+# The pipeline schedules a stage can run (stage.schedule).
+SCHEDULES = ("gpipe", "1f1b")
+
+
 @dataclass
 class RunConfig:
     # Model.
@@ -36,7 +40,8 @@ class RunConfig:
     # Schedule and optimizer.
     stages: int = 2
     batch: int = 16              # sequences per optimizer step
-    microbatches: int = 4        # GPipe: forward all, then backward all
+    microbatches: int = 4
+    schedule: str = "gpipe"      # gpipe (forward all, then backward all) or 1f1b (interleaved)
     lr: float = 2e-3
     min_lr_ratio: float = 0.1    # cosine decay to lr * this at the end of the run
     warmup_steps: int = 20
@@ -90,6 +95,9 @@ class RunConfig:
         if self.layers < self.stages:
             raise ValueError(f"{self.stages} stages need at least as many layers, not "
                              f"{self.layers}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not "
+                             f"{self.schedule!r}")
         if self.microbatches < 1 or self.batch % self.microbatches:
             raise ValueError(f"batch {self.batch} must split into {self.microbatches} equal "
                              "microbatches")
@@ -147,6 +155,9 @@ def add_shape_args(ap: Any) -> None:
     ap.add_argument("--seq-len", type=int, default=d.seq_len)
     ap.add_argument("--batch", type=int, default=d.batch, help="sequences a step")
     ap.add_argument("--microbatches", type=int, default=d.microbatches)
+    ap.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
+                    help="pipeline schedule: gpipe (every forward, then every backward) or 1f1b "
+                         "(one forward, one backward in turn once the pipeline is full)")
 
 
 def _check_boundary_options(options: Any) -> None:

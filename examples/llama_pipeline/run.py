@@ -74,6 +74,10 @@ class StagePlacement:
     daemon_wrap: List[str] = field(default_factory=list)
 
 
+# How the log names each pipeline schedule (config.SCHEDULES).
+SCHEDULE_NAMES = {"gpipe": "GPipe", "1f1b": "1F1B"}
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(errors="replace").rstrip().splitlines()
@@ -456,7 +460,8 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
         log(f"weights: from the checkpoint {cfg.init_checkpoint}"
             + ("; MAPL's U from the principal subspace of the first batch"
                if cfg.method == "MAPL" and cfg.projector_init == "PCA" else ""))
-    log(f"schedule: GPipe, {cfg.batch} sequences a step in {cfg.microbatches} microbatches "
+    log(f"schedule: {SCHEDULE_NAMES[cfg.schedule]}, {cfg.batch} sequences a step in "
+        f"{cfg.microbatches} microbatches "
         f"({cfg.tokens_per_step:,} tokens), AdamW lr {cfg.lr:g}; validation: "
         f"{cfg.eval_batches * cfg.microbatch_size} held-out sequences")
 
@@ -531,7 +536,7 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
         _settle(pipe, history)
         sample = None
         if sample_bytes > 0:
-            sample = _generate(pipe, cfg, step + 1, _prompt(text), sample_bytes)
+            sample = _generate(pipe, cfg, _prompt(text), sample_bytes)
         if cfg.save_checkpoint:
             pipe.send_all({"cmd": "save", "dir": cfg.save_checkpoint})
             pipe.wait("saved", timeout=60)
@@ -567,18 +572,15 @@ def _prompt(text: bytes) -> bytes:
     return held_out[start:end + 1]
 
 
-def _generate(pipe: Pipeline, cfg: RunConfig, step: int, prompt: bytes,
-              n: int) -> Dict[str, Any]:
+def _generate(pipe: Pipeline, cfg: RunConfig, prompt: bytes, n: int) -> Dict[str, Any]:
     """``n`` bytes after ``prompt``, each a forward pass through every stage and its sidecars
-    (mapl step ``step``, microbatch i for byte i, forward only); the step is then closed."""
+    (evaluation traffic: no compressor learns from it)."""
     context = list(prompt)
     begun = time.monotonic()
     for i in range(n):
-        pipe.send_all({"cmd": "generate", "step": step, "mb": i,
-                       "context": context[-cfg.seq_len:], "temperature": SAMPLE_TEMPERATURE})
+        pipe.send_all({"cmd": "generate", "index": i, "context": context[-cfg.seq_len:],
+                       "temperature": SAMPLE_TEMPERATURE})
         context.append(pipe.wait("generated", timeout=cfg.timeout_s)[cfg.stages - 1]["byte"])
-    pipe.send_all({"cmd": "close", "step": step})
-    pipe.wait("closed", timeout=cfg.timeout_s)
     return {"prompt": prompt.decode("utf-8", "replace"), "bytes": n,
             "text": bytes(context[len(prompt):]).decode("utf-8", "replace"),
             "seconds": time.monotonic() - begun, "temperature": SAMPLE_TEMPERATURE}
@@ -852,7 +854,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = RunConfig(
             d_model=args.d_model, layers=args.layers, heads=args.heads, seq_len=args.seq_len,
             stages=args.stages, batch=args.batch,
-            microbatches=args.microbatches, lr=args.lr, seed=args.seed,
+            microbatches=args.microbatches, schedule=args.schedule, lr=args.lr, seed=args.seed,
             eval_batches=args.eval_batches,
             corpus=str(Path(args.corpus).resolve()) if args.corpus else "",
             method=args.method, k=args.k, forward_codec=args.forward_codec,

@@ -6,21 +6,18 @@ to the neighbouring stages.
 The launcher (``run.py``) drives it in lock step over stdin and stdout, one JSON object a line.
 In: ``{"cmd": "step", "step": s, "lr": lr, "eval": bool}``, ``{"cmd": "stats"}``,
 ``{"cmd": "save", "dir": path}`` (the stage's weights to path/stage<i>.pt),
-``{"cmd": "generate", "step": s, "mb": i, "context": [bytes], "temperature": t}`` (one byte of
-text through the pipeline), ``{"cmd": "close", "step": s}`` (Sidecar.step after generating) or
-``{"cmd": "stop"}``. Out: ``{"event": "ready", ...}`` once attached, ``{"event": "step", ...}``
-after each step (loss on the last stage, the sidecar's stats), ``{"event": "stats", ...}``,
-``{"event": "saved", "path": ...}``, ``{"event": "generated", "byte": b}`` (None but on the last
-stage), ``{"event": "closed"}``, and ``{"event": "error", "message": ...}`` before exiting
-with 1.
-Anything else the process prints goes to stderr (the stage's log).
+``{"cmd": "generate", "index": i, "context": [bytes], "temperature": t}`` (one byte of text
+through the pipeline) or ``{"cmd": "stop"}``. Out: ``{"event": "ready", ...}`` once attached,
+``{"event": "step", ...}`` after each step (loss on the last stage, the sidecar's stats),
+``{"event": "stats", ...}``, ``{"event": "saved", "path": ...}``, ``{"event": "generated",
+"byte": b}`` (None but on the last stage), and ``{"event": "error", "message": ...}`` before
+exiting with 1. Anything else the process prints goes to stderr (the stage's log).
 
-Step numbering. Training step s uses mapl step s; its M microbatches are 0 .. M-1. A step that
-also evaluates runs the validation microbatches after the optimizer step, in the same mapl step,
-as microbatches M .. M+E-1 (forward only), and only then calls ``Sidecar.step(s)``. Eval thus
-goes through the sidecars like training does, the steps the daemons close stay 1, 2, 3, ...,
-and no extra daemon step runs: a daemon step without gradients would still move the learned
-projection (SPEL follows its momentum) and advance its step-length schedule.
+The stage talks to its sidecar only through step scopes (mapl.torch_pipeline): a training step
+is ``with sc.step()``, whose activations cross with ``st.recv()`` / ``st.send()`` and whose
+gradients cross inside ``backward()``; evaluation and generation are ``with
+sc.step(evaluation=True)``, which trains no compressor. A middle stage needs no data: the token
+ids come with the activations and go on with them.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -41,7 +38,6 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import mapl  # noqa: E402
-from mapl import torch_pipeline as tp  # noqa: E402
 
 from .config import RunConfig  # noqa: E402
 from .data import Corpus, load_text  # noqa: E402
@@ -55,8 +51,27 @@ def checkpoint_path(directory: str, index: int) -> Path:
     return Path(directory) / f"stage{index}.pt"
 
 
+def schedule(name: str, microbatches: int, stages: int, index: int) -> List[Tuple[str, int]]:
+    """The order of stage ``index``'s forward ("F", mb) and backward ("B", mb) passes in one
+    step. GPipe: every forward, then every backward (the last stage runs each backward right
+    after its forward: nothing downstream waits, and its activations go at once). 1F1B: as many
+    forwards as stages below this one, then one forward and one backward in turn, then the
+    remaining backwards; at most (stages - index) microbatches are in flight on a stage."""
+    m = microbatches
+    if name == "gpipe":
+        if index == stages - 1:
+            return [op for i in range(m) for op in (("F", i), ("B", i))]
+        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+    warmup = min(stages - index - 1, m)
+    order = [("F", i) for i in range(warmup)]
+    for i in range(m - warmup):
+        order += [("F", warmup + i), ("B", i)]
+    return order + [("B", i) for i in range(m - warmup, m)]
+
+
 class StageTrainer:
-    """Stage ``index`` of the run: receives from boundary index-1, sends on boundary index."""
+    """Stage ``index`` of the run: receives activations from the stage before it (unless it is
+    the first), sends them to the stage after it (unless it is the last)."""
 
     def __init__(self, cfg: RunConfig, index: int, sidecar: mapl.Sidecar) -> None:
         self.cfg, self.index, self.sc = cfg, index, sidecar
@@ -71,101 +86,83 @@ class StageTrainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=cfg.lr, betas=(0.9, 0.95))
-        self.corpus = Corpus(load_text(cfg.corpus))
-        self.corpus.check(cfg.seq_len)
-        self.shape = (cfg.microbatch_size, cfg.seq_len, cfg.d_model)
+        # Only the first stage (inputs) and the last (targets) read the data.
+        self.corpus = Corpus(load_text(cfg.corpus)) if self.first or self.last else None
+        if self.corpus is not None:
+            self.corpus.check(cfg.seq_len)
 
-    # The boundaries on either side of this stage.
-    @property
-    def b_in(self) -> int:
-        return self.index - 1
-
-    @property
-    def b_out(self) -> int:
-        return self.index
-
-    def train_step(self, step: int, lr: float) -> Optional[float]:
-        """One GPipe step: forward every microbatch, then backward every one; AdamW. Returns the
-        mean training loss on the last stage, None elsewhere."""
-        cfg, timeout = self.cfg, self.cfg.timeout_s
+    def train_step(self, step: int, lr: float) -> Tuple[Optional[float], Any]:
+        """One step of the configured schedule and AdamW. Returns (the mean training loss on
+        the last stage, else None; the sidecar's stats after the step closed)."""
+        cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         self.model.train()
-        losses = []
-        for mb in range(cfg.microbatches):
-            x, y = self.corpus.train_batch(cfg.seed, step + cfg.data_step_offset, mb,
-                                           cfg.microbatch_size, cfg.seq_len)
-            if self.first:
-                inp = x
-            else:
-                inp = tp.recv_forward(self.sc, self.b_in, step, mb, timeout=timeout,
-                                      shape=self.shape)
-            out = self.model(inp)
-            if self.last:
-                # The last stage runs each microbatch's backward as soon as its forward is done:
-                # in GPipe nothing downstream waits for it, and its activations are freed at once.
-                loss = F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1))
-                (loss / cfg.microbatches).backward()
-                losses.append(float(loss))
-                tp.send_backward(self.sc, self.b_in, step, mb)
-            else:
-                tp.send_forward(self.sc, self.b_out, step, mb, out, token_ids=x)
-        if not self.last:
-            for mb in range(cfg.microbatches):
-                tp.backward_from_peer(self.sc, self.b_out, step, mb, timeout=timeout)
-                if not self.first:
-                    tp.send_backward(self.sc, self.b_in, step, mb)
-        self.opt.step()
-        return sum(losses) / len(losses) if losses else None
+        losses: List[float] = []
+        outputs: Dict[int, torch.Tensor] = {}  # what each microbatch's backward starts from
+        with self.sc.step(timeout=cfg.timeout_s) as st:
+            # Every receive of the step posted at once: each arrives while the stage computes.
+            inputs = [] if self.first else [st.irecv() for _ in range(cfg.microbatches)]
+            for op, mb in schedule(cfg.schedule, cfg.microbatches, cfg.stages, self.index):
+                if op == "B":
+                    outputs.pop(mb).backward()
+                    continue
+                x = y = None
+                if self.corpus is not None:
+                    x, y = self.corpus.train_batch(cfg.seed, step + cfg.data_step_offset, mb,
+                                                   cfg.microbatch_size, cfg.seq_len)
+                out = self.model(x if self.first else inputs[mb].wait())
+                if self.last:
+                    loss = F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1))
+                    losses.append(float(loss))
+                    outputs[mb] = loss / cfg.microbatches
+                else:
+                    outputs[mb] = st.send(out, token_ids=x)
+            self.opt.step()
+        return (sum(losses) / len(losses) if losses else None), st.stats
 
     @torch.no_grad()
-    def evaluate(self, step: int) -> Optional[float]:
-        """Forward passes over the fixed validation set as microbatches M, M+1, ... of ``step``;
-        returns the mean validation loss (nats a byte) on the last stage, None elsewhere."""
+    def evaluate(self) -> Optional[float]:
+        """Forward passes over the fixed validation set through the sidecars, as evaluation
+        traffic; returns the mean validation loss (nats a byte) on the last stage."""
         cfg = self.cfg
         self.model.eval()
         total, count = 0.0, 0
-        for j in range(cfg.eval_batches):
-            mb = cfg.microbatches + j
-            x, y = self.corpus.val_batch(j, cfg.microbatch_size, cfg.seq_len)
-            if self.first:
-                inp = x
-            else:
-                inp = tp.recv_forward(self.sc, self.b_in, step, mb, timeout=cfg.timeout_s,
-                                      shape=self.shape, requires_grad=False)
-            out = self.model(inp)
-            if self.last:
-                total += float(F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1),
-                                               reduction="sum"))
-                count += y.numel()
-            else:
-                self.sc.send_activation(self.b_out, step, mb, out, token_ids=x)
+        with self.sc.step(evaluation=True, timeout=cfg.timeout_s) as st:
+            for j in range(cfg.eval_batches):
+                x = y = None
+                if self.corpus is not None:
+                    x, y = self.corpus.val_batch(j, cfg.microbatch_size, cfg.seq_len)
+                out = self.model(x if self.first else st.recv())
+                if self.last:
+                    total += float(F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1),
+                                                   reduction="sum"))
+                    count += y.numel()
+                else:
+                    st.send(out, token_ids=x)
         return total / count if self.last else None
 
     @torch.no_grad()
-    def generate_byte(self, step: int, mb: int, context: list, temperature: float,
+    def generate_byte(self, index: int, context: list, temperature: float,
                       seed: int) -> Optional[int]:
-        """One byte of text generation, forward only, through the sidecars like training: the
-        context (the last seq_len bytes) goes in as microbatch ``mb`` of ``step``, one sequence
-        of its length; the last stage samples the next byte from the logits of the last
-        position (temperature, then the top 40) and returns it, the others return None."""
-        cfg = self.cfg
+        """One byte of text generation through the sidecars: the context (the last seq_len
+        bytes) goes in as one sequence; the last stage samples the next byte from the logits of
+        the last position (temperature, then the top 40) and returns it, the others None."""
         self.model.eval()
-        ids = torch.tensor(context[-cfg.seq_len:], dtype=torch.long).unsqueeze(0)
-        if self.first:
-            inp = ids
-        else:
-            inp = tp.recv_forward(self.sc, self.b_in, step, mb, timeout=cfg.timeout_s,
-                                  shape=(1, ids.shape[1], cfg.d_model), requires_grad=False)
-        out = self.model(inp)
-        if not self.last:
-            self.sc.send_activation(self.b_out, step, mb, out, token_ids=ids)
-            return None
+        with self.sc.step(evaluation=True, timeout=self.cfg.timeout_s) as st:
+            if self.first:
+                ids = torch.tensor(context[-self.cfg.seq_len:], dtype=torch.long).unsqueeze(0)
+                out = self.model(ids)
+            else:
+                out = self.model(st.recv())
+            if not self.last:
+                st.send(out, token_ids=ids if self.first else None)
+                return None
         logits = out[0, -1].double() / max(temperature, 1e-6)
         top = torch.topk(logits, 40)
         probs = torch.softmax(top.values, dim=0)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + mb)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + index)
         return int(top.indices[torch.multinomial(probs, 1, generator=g)])
 
     def save(self, directory: str) -> str:
@@ -176,11 +173,10 @@ class StageTrainer:
 
     def run_step(self, step: int, lr: float, do_eval: bool) -> Dict[str, Any]:
         start = time.perf_counter()
-        loss = self.train_step(step, lr)
+        loss, stats = self.train_step(step, lr)
         evaluating = time.perf_counter()
-        val = self.evaluate(step) if do_eval else None
+        val = self.evaluate() if do_eval else None
         eval_s = time.perf_counter() - evaluating
-        stats = self.sc.step(step, timeout=self.cfg.timeout_s)
         return {"event": "step", "stage": self.index, "step": step, "loss": loss,
                 "val_loss": val, "seconds": time.perf_counter() - start, "eval_seconds": eval_s,
                 "boundaries": [asdict(b) for b in stats.boundaries]}
@@ -203,12 +199,9 @@ def serve(cfg: RunConfig, index: int, socket_path: str, commands: TextIO, out: T
             if cmd["cmd"] == "save":
                 emit({"event": "saved", "stage": index, "path": trainer.save(cmd["dir"])})
             elif cmd["cmd"] == "generate":
-                byte = trainer.generate_byte(int(cmd["step"]), int(cmd["mb"]), cmd["context"],
+                byte = trainer.generate_byte(int(cmd["index"]), cmd["context"],
                                              float(cmd["temperature"]), trainer.cfg.seed)
                 emit({"event": "generated", "stage": index, "byte": byte})
-            elif cmd["cmd"] == "close":  # the end of a step that only generated
-                sc.step(int(cmd["step"]), timeout=trainer.cfg.timeout_s)
-                emit({"event": "closed", "stage": index})
             elif cmd["cmd"] == "stats":
                 emit({"event": "stats", "stage": index,
                       "boundaries": [asdict(b) for b in sc.stats().boundaries]})

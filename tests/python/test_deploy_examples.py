@@ -212,7 +212,8 @@ def test_readme_two_sidecars_by_hand(short_tmp: Path):
                 raise
             outputs.append(out)
             assert proc.returncode == 0, f"{source}\n-> exit {proc.returncode}:\n{out}"
-        assert "grad torch.Size([256, 512])" in outputs[0], outputs[0]
+        assert "grad torch.Size([512, 512])" in outputs[0], outputs[0]
+        assert "got (4, 64, 512) ids (4, 64)" in outputs[1], outputs[1]
     finally:
         codes = []
         for proc, _ in reversed(daemons):  # SIGTERM: deliver what is in flight, then exit 0

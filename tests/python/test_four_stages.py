@@ -7,7 +7,8 @@ the openssl command (as tests/server/transport/peer_tls_test.cc does), each nami
 the stage's SPIFFE id, so the description runs unchanged, identity checks included.
 
 A small shape: d = 256 (the description's), 4 layers (one a stage), 32-byte sequences, 8 a step
-in 4 microbatches, 50 GPipe steps.
+in 4 microbatches, 50 steps, once with GPipe and once with 1F1B (the stages' step code is the
+same step scope either way; only the order of forwards and backwards differs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
+
+import pytest
 
 from conftest import REPO, mapld_binary, missing, need_module
 
@@ -49,7 +52,9 @@ def _processes_mentioning(text: str) -> List[int]:
     return found
 
 
-def test_four_stages_from_the_description(short_tmp: Path, monkeypatch: Any) -> None:
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_four_stages_from_the_description(short_tmp: Path, monkeypatch: Any,
+                                          schedule: str) -> None:
     mapld_binary()  # skips (fails under CI=true) while the daemon is not built
     if not shutil.which("openssl"):
         missing("the openssl command makes the test certificates: install Debian's openssl "
@@ -70,12 +75,13 @@ def test_four_stages_from_the_description(short_tmp: Path, monkeypatch: Any) -> 
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
 
     cfg = RunConfig(d_model=256, layers=4, heads=4, seq_len=32, batch=8,
-                    microbatches=MICROBATCHES, lr=3e-3, warmup_steps=5, stages=4,
+                    microbatches=MICROBATCHES, schedule=schedule, lr=3e-3, warmup_steps=5,
+                    stages=4,
                     eval_batches=EVAL_BATCHES, corpus=corpus_file(short_tmp),
                     timeout_s=60.0, pipeline=str(DESCRIPTION))
     started = time.monotonic()
     summary = run(cfg, out_dir=short_tmp / "out", max_steps=STEPS, plot=False)
-    print(f"4 stages, {STEPS} steps: {time.monotonic() - started:.1f} s; loss "
+    print(f"4 stages, {schedule}, {STEPS} steps: {time.monotonic() - started:.1f} s; loss "
           f"{summary['first_loss']:.3f} -> {summary['final_loss_mean10']:.3f}, val "
           f"{summary['val_loss']}")
 

@@ -112,3 +112,29 @@ def test_generates_text_through_the_sidecars_and_compares_with_a_reference(
                 plot=False, eval_fractions=[0.5])
     assert "lr" in _reference(other, reference)["unusable"]
     assert "step budget" in _reference(dict(second, max_steps=7), reference)["unusable"]
+
+
+def test_schedules_run_every_pass_once_and_bound_what_is_in_flight() -> None:
+    """GPipe and 1F1B as stage.schedule orders them: every microbatch's forward once, then its
+    backward once, backwards in forward order; 1F1B holds at most (stages - index) microbatches
+    between their forward and backward, GPipe all of them (but on the last stage)."""
+    from llama_pipeline.stage import schedule
+
+    for stages in (2, 3, 4):
+        for index in range(stages):
+            for m in (1, 3, 8):
+                for name in ("gpipe", "1f1b"):
+                    order = schedule(name, m, stages, index)
+                    assert [mb for op, mb in order if op == "F"] == list(range(m))
+                    assert [mb for op, mb in order if op == "B"] == list(range(m))
+                    in_flight, peak = set(), 0
+                    for op, mb in order:
+                        if op == "F":
+                            in_flight.add(mb)
+                        else:
+                            assert mb in in_flight, (name, stages, index, m, order)
+                            in_flight.remove(mb)
+                        peak = max(peak, len(in_flight))
+                    last = index == stages - 1
+                    bound = 1 if last else (min(m, stages - index) if name == "1f1b" else m)
+                    assert peak == bound, (name, stages, index, m, order)

@@ -18,7 +18,6 @@ from conftest import mapld_binary, need_module, proto_fields, start_mapld, start
 
 torch = need_module("torch")
 mapl = need_module("mapl")
-tp = need_module("mapl.torch_pipeline")
 
 D, K, VOCAB, MAX_TOKENS = 64, 8, 1000, 256
 TIMEOUT = 20.0
@@ -266,8 +265,9 @@ def test_recv_into_a_wrong_tensor_is_refused_before_the_tensor_leaves(pair: Pair
 
 def test_two_stage_pipeline_trains_through_the_sidecars(pair: Pair):
     """Stage 0 (Linear D -> D) and stage 1 (Linear D -> 1) fit y = x w together, GPipe-style
-    (all forwards, then all backwards), each with its own optimizer, the boundary's activations
-    and gradients going only through the daemons; the loss must fall."""
+    (all forwards, then all backwards), each with its own optimizer, in step scopes whose
+    boundaries autograd drives, the activations and gradients going only through the daemons;
+    the loss must fall."""
     torch.manual_seed(0)
     stage0, stage1 = torch.nn.Linear(D, D), torch.nn.Linear(D, 1)
     ref0, ref1 = torch.nn.Linear(D, D), torch.nn.Linear(D, 1)
@@ -282,40 +282,41 @@ def test_two_stage_pipeline_trains_through_the_sidecars(pair: Pair):
         xs = [torch.randn(rows, D) for _ in range(microbatches)]
         data.append((xs, [x @ w for x in xs],
                      [torch.randint(0, VOCAB, (rows,)) for _ in range(microbatches)]))
-    step_numbers = [pair.new_step() for _ in range(steps)]
     first_grad = {}  # each stage's weight gradient of the first step
+    start = pair.new_step()
+    for sc in (pair.up, pair.down):  # the step scopes number the steps from here
+        sc.next_step = start
 
     def up(sc):
-        for (xs, _, ids), step in zip(data, step_numbers):
-            for mb, x in enumerate(xs):
-                tp.send_forward(sc, 0, step, mb, stage0(x), ids[mb])
-            for mb in range(microbatches):
-                tp.backward_from_peer(sc, 0, step, mb, timeout=TIMEOUT)
-            first_grad.setdefault(0, stage0.weight.grad.clone())
-            opt0.step()
-            opt0.zero_grad()
-            stats = sc.step(step, timeout=TIMEOUT)
-        return stats
+        for xs, _, ids in data:
+            with sc.step(timeout=TIMEOUT) as st:
+                outs = [st.send(stage0(x), ids[mb]) for mb, x in enumerate(xs)]
+                for out in outs:  # GPipe: every forward, then every backward
+                    out.backward()
+                first_grad.setdefault(0, stage0.weight.grad.clone())
+                opt0.step()
+                opt0.zero_grad()
+        return st.stats
 
     def down(sc):
         losses = []
-        for (xs, ys, _), step in zip(data, step_numbers):
+        for xs, ys, _ in data:
             total = 0.0
-            for mb in range(microbatches):
-                h = tp.recv_forward(sc, 0, step, mb, shape=(rows, D), timeout=TIMEOUT)
-                loss = (stage1(h) - ys[mb]).pow(2).mean() / microbatches
-                loss.backward()
-                total += float(loss)
-                tp.send_backward(sc, 0, step, mb)
-            first_grad.setdefault(1, stage1.weight.grad.clone())
-            opt1.step()
-            opt1.zero_grad()
-            sc.step(step, timeout=TIMEOUT)
+            with sc.step(timeout=TIMEOUT) as st:
+                for mb in range(microbatches):
+                    h = st.recv()
+                    assert h.shape == (rows, D)
+                    loss = (stage1(h) - ys[mb]).pow(2).mean() / microbatches
+                    loss.backward()
+                    total += float(loss)
+                first_grad.setdefault(1, stage1.weight.grad.clone())
+                opt1.step()
+                opt1.zero_grad()
             losses.append(total)
         return losses
 
     st_up, losses = pair.both(up, down)
-    assert tp.pending(pair.up) == [] and tp.pending(pair.down) == []
+    pair._step = max(pair.up.next_step, pair.down.next_step) - 1
     assert all(math.isfinite(x) for x in losses)
     # Training works through the boundary: the loss of the last steps is well below the first.
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses

@@ -11,27 +11,40 @@ The codec on numpy arrays (``mapl.codec``)::
 The trainer's side of the stage's sidecar daemon, mapld (``mapl.Sidecar``, needs PyTorch)::
 
     with mapl.Sidecar.connect(stage=0) as sc:
-        sc.send_activation(0, step, mb, h, token_ids)   # h (..., d) float32/bfloat16
-        g = sc.recv_gradient(0, step, mb)              # float32 (n, d)
-        sc.step(step)
+        with sc.step() as st:                          # numbers the step and microbatches
+            st.send(model(x), token_ids=x).backward()  # the gradient comes back through autograd
+            opt.step()
 
-``mapl.torch_pipeline`` holds the autograd-aware helpers for pipeline schedules. Errors from the
-daemon are ``mapl.MaplError`` subclasses carrying its message.
+``mapl.torch_pipeline`` holds the step scope and the autograd boundaries; ``Sidecar.isend_*`` and
+``irecv_*`` return ``mapl.Work`` handles. Errors from the daemon are ``mapl.MaplError``
+subclasses carrying its message: ``mapl.Transient`` ones may succeed if retried, the
+``ValueError`` ones are misuse.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import codec
-from .errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument,
-                     MaplError, OutOfRange, ResourceExhausted, Unavailable)
+from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded,
+                     FailedPrecondition, Internal, InvalidArgument, MaplError, NotFound,
+                     OutOfRange, ResourceExhausted, Transient, Unavailable)
 
-__all__ = ["codec", "Sidecar", "default_socket_path", "torch_pipeline", "MaplError",
-           "InvalidArgument", "AlreadyExists", "FailedPrecondition", "OutOfRange", "DeadlineExceeded",
-           "Unavailable", "ResourceExhausted"]
+__all__ = ["codec", "Sidecar", "default_socket_path", "torch_pipeline", "StepScope", "Boundary",
+           "Work", "P2POp", "batch_isend_irecv", "MaplError", "Transient", "Cancelled",
+           "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
+           "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Internal",
+           "Unavailable", "DataLoss"]
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:  # what the lazy attributes below are, for type checkers and IDEs
+    from . import torch_pipeline
+    from .sidecar import Sidecar, default_socket_path
+    from .torch_pipeline import Boundary, StepScope
+    from .work import P2POp, Work, batch_isend_irecv
+
 # The sidecar client loads PyTorch and gRPC; codec users should not pay for them.
-_LAZY = {"Sidecar": "sidecar", "default_socket_path": "sidecar", "torch_pipeline": None}
+_LAZY = {"Sidecar": "sidecar", "default_socket_path": "sidecar", "torch_pipeline": None,
+         "StepScope": "torch_pipeline", "Boundary": "torch_pipeline", "Work": "work",
+         "P2POp": "work", "batch_isend_irecv": "work"}
 
 
 def __getattr__(name: str) -> Any:

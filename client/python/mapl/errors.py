@@ -10,13 +10,18 @@ subclasses also derive from the matching built-in exception, so generic handlers
         ...
     except ValueError as e:       # mapl.InvalidArgument, AlreadyExists, FailedPrecondition, OutOfRange
         print(e.code_name, e)
+
+Two families tell a caller what to do. :class:`Transient` errors (:class:`Unavailable`,
+:class:`Aborted`) are the state of a link or a daemon, not the call: the same call may succeed
+later (``e.retryable`` is True). The ``ValueError`` ones are misuse: the call itself is wrong and
+fails the same way again.
 """
 
 from __future__ import annotations
 
 from typing import Dict, Type
 
-__all__ = ["MaplError", "Cancelled", "InvalidArgument", "DeadlineExceeded", "NotFound",
+__all__ = ["MaplError", "Transient", "Cancelled", "InvalidArgument", "DeadlineExceeded", "NotFound",
            "AlreadyExists", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange",
            "Internal", "Unavailable", "DataLoss", "error_from_status"]
 
@@ -39,6 +44,11 @@ class MaplError(RuntimeError):
             self.code = code
 
     @property
+    def retryable(self) -> bool:
+        """Whether the same call may succeed later (a :class:`Transient` error)."""
+        return isinstance(self, Transient)
+
+    @property
     def code_name(self) -> str:
         return _CODE_NAMES[self.code] if 0 <= self.code < len(_CODE_NAMES) else "UNKNOWN"
 
@@ -51,6 +61,12 @@ class MaplError(RuntimeError):
 
     def __reduce__(self):
         return (type(self), (self.message, self.code))
+
+
+class Transient(MaplError):
+    """The state of a link or a daemon, not the call, failed it: a peer unreachable, a frame
+    whose dictionary version never came, a send the peer's daemon failed to encode. Retry the call
+    (or the step) once the state has changed; never a ``ValueError``."""
 
 
 class Cancelled(MaplError):
@@ -68,6 +84,7 @@ class DeadlineExceeded(MaplError, TimeoutError):
 
 
 class NotFound(MaplError, LookupError):
+    """Something named in the call does not exist (a session the daemon no longer knows)."""
     code = 5
 
 
@@ -86,7 +103,9 @@ class FailedPrecondition(MaplError, ValueError):
     code = 9
 
 
-class Aborted(MaplError):
+class Aborted(Transient):
+    """The tensor will not come: the peer's daemon failed to encode it (the reason is in the
+    message). Retry the step."""
     code = 10
 
 
@@ -95,15 +114,18 @@ class OutOfRange(MaplError, ValueError):
 
 
 class Internal(MaplError):
+    """A broken invariant inside mapld or the client: a bug, report it with the daemon's log."""
     code = 13
 
 
-class Unavailable(MaplError, ConnectionError):
-    """mapld is not running (or went away), or its peer is unreachable."""
+class Unavailable(Transient, ConnectionError):
+    """mapld is not running (or went away), its peer is unreachable, or a frame's dictionary
+    version has not arrived."""
     code = 14
 
 
 class DataLoss(MaplError):
+    """A frame arrived corrupt (checksum or shape) and was rejected, never decoded."""
     code = 15
 
 

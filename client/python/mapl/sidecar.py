@@ -28,13 +28,14 @@ import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
+from typing import (Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple,
                     Union)
 
 import torch
 
 from . import _client
 from .errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from .work import Work, _Pools
 
 __all__ = ["Sidecar", "BoundaryInfo", "BoundaryStats", "Record", "Stats", "SendResult",
            "default_socket_path", "FORWARD", "BACKWARD"]
@@ -44,6 +45,8 @@ BACKWARD = 2  # gradients, downstream -> upstream
 
 _F32, _BF16, _I32 = 1, 2, 3  # mapl.v1.DType
 _DTYPE_CODE = {torch.float32: _F32, torch.bfloat16: _BF16, torch.int32: _I32}
+_CODE_DTYPE = {code: dtype for dtype, code in _DTYPE_CODE.items()}
+_DIRECTION_NAME = {FORWARD: "activation", BACKWARD: "gradient"}
 
 # Regions start on this boundary: cache lines never straddle two tensors, and any element type
 # (and AVX-512 loads in the daemon) is aligned.
@@ -312,6 +315,12 @@ class Sidecar:
         self._views = [torch.frombuffer(client.region(i, 0, s), dtype=torch.uint8) if s else
                        torch.empty(0, dtype=torch.uint8) for i, s in enumerate(sizes)]
         self._closed = False
+        self._pools = _Pools(f"mapl-stage{client.stage}")
+        # The number the next step scope (:meth:`step` without a number) takes.
+        self.next_step = 1
+        self._scope: Any = None  # the open mapl.torch_pipeline.StepScope, if any
+        # (step, next send, next receive) of a step an evaluation-only scope left open.
+        self._cursor: Optional[Tuple[int, int, int]] = None
         # A Sidecar dropped without close() still ends its session.
         weakref.finalize(self, client.close)
 
@@ -334,7 +343,8 @@ class Sidecar:
     def close(self) -> None:
         """End the session: mapld frees this client's buffers. Idempotent."""
         self._closed = True
-        self._client.close()
+        self._client.close()  # receives in flight fail at once (Unavailable)
+        self._pools.shutdown()
         # Drop this object's views: the mappings go once no handed-out tensor uses them.
         self._views = []
         self._bases = []
@@ -401,6 +411,7 @@ class Sidecar:
         and send it without a further copy. Its region returns to the allocator when the tensor
         and every view of it are gone.
         """
+        self._check_open()
         if dtype not in _DTYPE_CODE:
             raise InvalidArgument(f"shared tensors are float32, bfloat16 or int32, not {dtype}")
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
@@ -430,16 +441,25 @@ class Sidecar:
         return None
 
     # ---- send / recv ----
+    #
+    # Blocking calls take (boundary, step, microbatch) positionally, as they always have. The
+    # non-blocking ones (isend_*, irecv_*) take them by keyword and find the boundary from this
+    # stage's role when it is left out. Most trainers use neither directly but a step scope
+    # (:meth:`step` without a number, mapl.torch_pipeline), which numbers everything itself.
 
     def send_activation(self, boundary: int, step: int, microbatch: int, h: torch.Tensor,
-                        token_ids: Optional[torch.Tensor] = None,
-                        wait: bool = False) -> SendResult:
+                        token_ids: Optional[torch.Tensor] = None, wait: bool = False,
+                        evaluation: bool = False) -> SendResult:
         """Hand the activation h (..., d) (float32 or bfloat16 as is; other float dtypes as
-        float32) with its token ids (n integers, n = h.numel() // d; required by METHOD_MAPL
-        boundaries) to the daemon, which encodes and ships it. This stage must be the boundary's
-        upstream. Returns once the daemon has taken h (h may then change); ``wait=True`` returns
-        only once the frame is queued, with ``wire_bytes`` set."""
-        return self._send(boundary, FORWARD, step, microbatch, h, token_ids, wait)
+        float32) with its token ids (integers, one per row of h: ``h.shape[:-1]``; required by
+        METHOD_MAPL boundaries, carried to the peer by any) to the daemon, which encodes and
+        ships it. h's shape and dtype travel with it: the peer receives it as it was sent. This
+        stage must be the boundary's upstream. Returns once the daemon has taken h (h may then
+        change); ``wait=True`` returns only once the frame is queued, with ``wire_bytes`` set.
+        ``evaluation=True``: the tensor crosses as usual but no learner on either side learns
+        from it (validation traffic). An earlier send on this boundary that failed in the
+        daemon's background encoder is raised here (once)."""
+        return self._send(boundary, FORWARD, step, microbatch, h, token_ids, wait, evaluation)
 
     def send_gradient(self, boundary: int, step: int, microbatch: int, g: torch.Tensor,
                       wait: bool = False) -> SendResult:
@@ -449,34 +469,103 @@ class Sidecar:
 
     def recv_activation(self, boundary: int, step: int, microbatch: int,
                         timeout: Optional[float] = None, rows: Optional[int] = None,
-                        dtype: torch.dtype = torch.float32,
+                        dtype: Optional[torch.dtype] = None,
                         device: Optional[Union[str, torch.device]] = None,
-                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Block until h_hat of (step, microbatch) is decoded; returns a new (n, d) tensor of
-        ``dtype`` (float32 or bfloat16) on ``device`` (default CPU). ``rows``: the most rows to
-        expect (default: the boundary's max_tokens). No tensor within ``timeout`` seconds
-        (default: the daemon's recv_timeout_ms): :class:`mapl.DeadlineExceeded`.
+                        out: Optional[torch.Tensor] = None,
+                        shape: Optional[Shape] = None) -> torch.Tensor:
+        """Block until h_hat of (step, microbatch) is decoded; returns it as a new tensor of the
+        shape it was sent with (e.g. (batch, seq, d)), of ``dtype`` (default: the dtype it was
+        sent as, float32 or bfloat16) on ``device`` (default CPU). ``rows``: the most rows to
+        expect (default: the boundary's max_tokens). ``shape``: the shape it must have; another
+        is refused with :class:`mapl.InvalidArgument` and the tensor stays with the daemon. No
+        tensor within ``timeout`` seconds (default: the daemon's recv_timeout_ms):
+        :class:`mapl.DeadlineExceeded`. Use :meth:`irecv_activation` for its token ids.
 
         ``out``: receive into this contiguous CPU tensor of shape (rows, d) instead, float32 or
         bfloat16 (its dtype; ``rows`` defaults to its first dimension); returns ``out[:n]``. One
         from :meth:`buffer_tensor` is written by the daemon in place, with no copy at all; any
         other is filled with one copy and no allocation."""
-        return self._recv(boundary, FORWARD, step, microbatch, timeout, rows, dtype, device, out)
+        return self._recv(boundary, FORWARD, step, microbatch, timeout, rows, dtype, device, out,
+                          shape)[0]
 
     def recv_gradient(self, boundary: int, step: int, microbatch: int,
                       timeout: Optional[float] = None, rows: Optional[int] = None,
-                      dtype: torch.dtype = torch.float32,
+                      dtype: Optional[torch.dtype] = None,
                       device: Optional[Union[str, torch.device]] = None,
-                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Block until dL/dh of (step, microbatch) arrives; a new (n, d) tensor, or ``out[:n]``,
-        as :meth:`recv_activation`."""
-        return self._recv(boundary, BACKWARD, step, microbatch, timeout, rows, dtype, device, out)
+                      out: Optional[torch.Tensor] = None,
+                      shape: Optional[Shape] = None) -> torch.Tensor:
+        """Block until dL/dh of (step, microbatch) arrives, as :meth:`recv_activation`."""
+        return self._recv(boundary, BACKWARD, step, microbatch, timeout, rows, dtype, device, out,
+                          shape)[0]
 
-    def step(self, step: int, timeout: Optional[float] = None) -> Stats:
-        """Report that the optimizer finished ``step``; the compressors run their own update.
-        Returns the boundaries' stats after it."""
+    # ---- non-blocking, torch.distributed-shaped ----
+
+    def isend_activation(self, h: torch.Tensor, *, step: int, microbatch: int,
+                         token_ids: Optional[torch.Tensor] = None,
+                         boundary: Optional[int] = None, evaluation: bool = False) -> Work:
+        """:meth:`send_activation` without waiting: a :class:`mapl.Work` whose ``wait()`` gives
+        the SendResult. Leave h (and token_ids) unchanged until then, as with
+        ``torch.distributed.isend``. ``boundary``: default, the one this stage is upstream of."""
+        b = self._boundary_for(boundary, FORWARD, sending=True)
+        self._check_open()
+        return self._submit(False, self._what(b, FORWARD, step, microbatch, "send"),
+                            self._send, b, FORWARD, step, microbatch, h, token_ids, False,
+                            evaluation)
+
+    def isend_gradient(self, g: torch.Tensor, *, step: int, microbatch: int,
+                       boundary: Optional[int] = None) -> Work:
+        """:meth:`send_gradient` without waiting (see :meth:`isend_activation`)."""
+        b = self._boundary_for(boundary, BACKWARD, sending=True)
+        self._check_open()
+        return self._submit(False, self._what(b, BACKWARD, step, microbatch, "send"),
+                            self._send, b, BACKWARD, step, microbatch, g, None, False, False)
+
+    def irecv_activation(self, *, step: int, microbatch: int, boundary: Optional[int] = None,
+                         timeout: Optional[float] = None, shape: Optional[Shape] = None,
+                         dtype: Optional[torch.dtype] = None,
+                         out: Optional[torch.Tensor] = None, rows: Optional[int] = None) -> Work:
+        """:meth:`recv_activation` without waiting: posts the receive and returns a
+        :class:`mapl.Work` whose ``wait()`` gives the tensor, shaped as sent, and whose
+        ``token_ids`` then holds the ids that travelled with it (int64, the tensor's leading
+        shape; None when the sender gave none). ``out``: a tensor to receive into (see
+        :meth:`recv_activation`). ``boundary``: default, the one this stage is downstream of."""
+        b = self._boundary_for(boundary, FORWARD, sending=False)
+        return self._irecv(b, FORWARD, step, microbatch, timeout, rows, dtype, out, shape)
+
+    def irecv_gradient(self, *, step: int, microbatch: int, boundary: Optional[int] = None,
+                       timeout: Optional[float] = None, shape: Optional[Shape] = None,
+                       dtype: Optional[torch.dtype] = None,
+                       out: Optional[torch.Tensor] = None, rows: Optional[int] = None) -> Work:
+        """:meth:`recv_gradient` without waiting (see :meth:`irecv_activation`)."""
+        b = self._boundary_for(boundary, BACKWARD, sending=False)
+        return self._irecv(b, BACKWARD, step, microbatch, timeout, rows, dtype, out, shape)
+
+    # ---- steps ----
+
+    def step(self, step: Optional[int] = None, timeout: Optional[float] = None, *,
+             evaluation: bool = False) -> Any:
+        """Without ``step``: a step scope, ``with sc.step() as st:`` (see
+        :class:`mapl.torch_pipeline.StepScope`), which numbers the step (:attr:`next_step`) and
+        its microbatches itself and closes the step when the block ends; ``evaluation=True``
+        makes a scope whose traffic trains nothing and which closes no step.
+
+        With ``step`` (the low-level call, :meth:`close_step`): report that the optimizer
+        finished ``step``; the compressors run their own update. Returns the Stats after it."""
+        if step is None:
+            from .torch_pipeline import StepScope
+            return StepScope(self, evaluation=evaluation, timeout=timeout)
+        if evaluation:
+            raise InvalidArgument("evaluation=True makes a step scope: call step() without a "
+                                  "step number")
+        return self.close_step(step, timeout)
+
+    def close_step(self, step: int, timeout: Optional[float] = None) -> Stats:
+        """Report that the optimizer finished ``step`` (every stage, every step, increasing);
+        the compressors run their own update. Returns the boundaries' stats after it. A send of
+        this stage that failed in the daemon's background encoder since is raised here."""
         self._check_open()
         reply = self._client.step(step, _timeout_ms(timeout))  # local.proto StepReply
+        self.next_step = max(self.next_step, step + 1)
         return Stats(self.stage, [BoundaryStats.from_record(b) for b in reply["boundaries"]])
 
     def stats(self) -> Stats:
@@ -501,8 +590,62 @@ class Sidecar:
         if self._closed:
             raise FailedPrecondition("the Sidecar is closed")
 
+    def _boundary_for(self, boundary: Optional[int], direction: int, sending: bool) -> int:
+        """``boundary`` checked, or the one this stage's role makes the only fit: activations
+        are sent by a boundary's upstream and received by its downstream, gradients the other
+        way."""
+        upstream_side = (direction == FORWARD) == sending
+        role = "upstream" if upstream_side else "downstream"
+        does = "sends" if sending else "receives"
+        verb = f"{does} {_DIRECTION_NAME[direction]}s"
+        if boundary is not None:
+            info = self.boundary(boundary)
+            if info.role != role:
+                raise InvalidArgument(
+                    f"stage {self.stage} is the {info.role} of boundary {boundary}: only its "
+                    f"{role} {verb} there")
+            return boundary
+        fits = sorted(b.id for b in self._boundaries.values() if b.role == role)
+        if len(fits) == 1:
+            return fits[0]
+        if not fits:
+            where = "the last stage" if role == "upstream" else "the first stage"
+            roles = {b.id: b.role for b in self._boundaries.values()}
+            raise InvalidArgument(
+                f"stage {self.stage} {does} no {_DIRECTION_NAME[direction]}s: it is the {role} "
+                f"of no boundary ({where} of the pipeline; its boundaries: {roles})")
+        raise InvalidArgument(f"stage {self.stage} is the {role} of boundaries {fits}: name one "
+                              "with boundary=")
+
+    @staticmethod
+    def _what(boundary: int, direction: int, step: int, microbatch: int, verb: str) -> str:
+        return (f"boundary {boundary}: {verb} of the {_DIRECTION_NAME[direction]} of step {step} "
+                f"microbatch {microbatch}")
+
+    def _submit(self, receive: bool, what: str, fn: Callable[..., Any], *args: Any) -> Work:
+        return Work(self._pools.submit(receive, fn, *args), what)
+
+    def _irecv(self, boundary: int, direction: int, step: int, microbatch: int,
+               timeout: Optional[float], rows: Optional[int], dtype: Optional[torch.dtype],
+               out: Optional[torch.Tensor], shape: Optional[Shape]) -> Work:
+        self._check_open()
+        # Checked here, not on the worker thread: a wrong call fails where it is made.
+        self._check_recv_args(boundary, rows, dtype, out, shape)
+        work: Work
+
+        def receive() -> torch.Tensor:
+            tensor, ids = self._recv(boundary, direction, step, microbatch, timeout, rows, dtype,
+                                     None, out, shape, want_ids=direction == FORWARD)
+            work.token_ids = ids
+            return tensor
+
+        work = self._submit(True, self._what(boundary, direction, step, microbatch, "receive"),
+                            receive)
+        return work
+
     def _send(self, boundary: int, direction: int, step: int, microbatch: int, t: torch.Tensor,
-              token_ids: Optional[torch.Tensor], wait: bool = False) -> SendResult:
+              token_ids: Optional[torch.Tensor], wait: bool = False,
+              evaluation: bool = False) -> SendResult:
         self._check_open()
         if not isinstance(t, torch.Tensor):
             raise InvalidArgument(f"expected a torch.Tensor, got {type(t).__name__}")
@@ -519,7 +662,8 @@ class Sidecar:
             if token_ids is not None:
                 ids_ref = self._place_ids(stack, token_ids, rows)
             wire, raw = self._client.send(boundary, direction, step, microbatch, tensor_ref,
-                                          ids_ref, wait)
+                                          ids_ref, wait, shape=tuple(t.shape),
+                                          evaluation=evaluation)
         return SendResult(wire, raw, zero_copy)
 
     def _place(self, stack: contextlib.ExitStack, t: torch.Tensor, rows: int,
@@ -555,66 +699,87 @@ class Sidecar:
         staging.tensor.copy_(ids.reshape(rows, 1))
         return staging.ref
 
-    def _recv(self, boundary: int, direction: int, step: int, microbatch: int,
-              timeout: Optional[float], rows: Optional[int], dtype: torch.dtype,
-              device: Optional[Union[str, torch.device]],
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._check_open()
-        if out is not None:
-            return self._recv_into(boundary, direction, step, microbatch, timeout, rows, device,
-                                   out)
-        if dtype not in (torch.float32, torch.bfloat16):
+    def _check_recv_args(self, boundary: int, rows: Optional[int], dtype: Optional[torch.dtype],
+                         out: Optional[torch.Tensor], shape: Optional[Shape]) -> None:
+        info = self.boundary(boundary)
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16):
             raise InvalidArgument(f"received tensors are float32 or bfloat16, not {dtype}")
+        if shape is not None:
+            dims = _dims(shape)
+            if not dims or dims[-1] != info.d or math.prod(dims) == 0:
+                raise InvalidArgument(f"shape {dims}: a receive on boundary {boundary} gets "
+                                      f"(..., d={info.d}) with no zero dimension")
+        if out is not None:
+            if dtype is not None and dtype != out.dtype:
+                raise InvalidArgument(f"dtype={dtype} disagrees with out's {out.dtype}: give one")
+            if (out.device.type != "cpu" or out.dim() != 2 or out.shape[1] != info.d
+                    or out.dtype not in (torch.float32, torch.bfloat16)
+                    or not out.is_contiguous() or out.shape[0] == 0):
+                raise InvalidArgument(
+                    f"out must be a contiguous CPU float32 or bfloat16 tensor of shape (rows, "
+                    f"d={info.d}) with rows >= 1, got {out.dtype} {tuple(out.shape)} on "
+                    f"{out.device}" + ("" if out.is_contiguous() else ", not contiguous"))
+            if rows is not None and int(rows) != out.shape[0]:
+                raise InvalidArgument(f"rows={rows} disagrees with out's {out.shape[0]} rows: "
+                                      "give one")
+        elif rows is not None and int(rows) <= 0:
+            raise InvalidArgument(f"rows must be positive, got {rows}")
+
+    def _recv(self, boundary: int, direction: int, step: int, microbatch: int,
+              timeout: Optional[float], rows: Optional[int], dtype: Optional[torch.dtype],
+              device: Optional[Union[str, torch.device]], out: Optional[torch.Tensor] = None,
+              shape: Optional[Shape] = None,
+              want_ids: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(tensor as sent, its token ids or None). Every check runs before the daemon hands
+        anything over, so a wrong call never costs the tensor."""
+        self._check_open()
+        self._check_recv_args(boundary, rows, dtype, out, shape)
         info = self.boundary(boundary)
-        capacity = info.max_tokens if rows is None else int(rows)
-        if capacity <= 0:
-            raise InvalidArgument(f"rows must be positive, got {capacity}")
-        with self._staged_recv(boundary, direction, step, microbatch, timeout, capacity,
-                               info.d, dtype) as view:
+        dims = _dims(shape) if shape is not None else ()
+        if out is not None:
+            if device is not None and torch.device(device).type != "cpu":
+                raise InvalidArgument("out= receives on the CPU: leave device unset and move the "
+                                      "result yourself")
+            capacity = out.shape[0]
+        elif dims:
+            capacity = math.prod(dims) // info.d
+        else:
+            capacity = info.max_tokens if rows is None else int(rows)
+        with contextlib.ExitStack() as stack:
+            ids_staging = (stack.enter_context(_Staging(self, capacity, 1, torch.int32))
+                           if want_ids else None)
+            where = self._locate(out) if out is not None else None
+            if where is not None:  # in shared memory: the daemon writes there itself
+                into = (where[0], where[1], capacity, info.d, _DTYPE_CODE[out.dtype])
+                target = out
+            else:
+                # float32 unless told otherwise: a bf16 tensor comes through it exactly, and is
+                # cast back to bf16 in the one copy out.
+                stage_dtype = out.dtype if out is not None else (dtype or torch.float32)
+                staging = stack.enter_context(_Staging(self, capacity, info.d, stage_dtype))
+                into, target = staging.ref, staging.tensor
+            n, got, sent_shape, sent_dtype, has_ids = self._client.recv(
+                boundary, direction, step, microbatch, into, _timeout_ms(timeout),
+                ids_ref=ids_staging.ref if ids_staging is not None else None,
+                expect_shape=dims)
+            if n * got > capacity * info.d or got != info.d or math.prod(sent_shape) != n * got:
+                raise Internal(f"mapld reported ({n}, {got}) of shape {sent_shape} written into "
+                               f"({capacity}, {info.d})")
+            view = target.view(-1)[:n * got].view(n, got)
+            ids = None
+            if has_ids and ids_staging is not None:
+                ids = ids_staging.tensor.view(-1)[:n].to(torch.int64).view(sent_shape[:-1])
+            if out is not None:
+                if where is None:
+                    out[:n].copy_(view)
+                return out[:n], ids
+            want = dtype or _CODE_DTYPE.get(sent_dtype, torch.float32)
             if device is None or torch.device(device).type == "cpu":
-                return view.clone()
-            return view.to(device)
+                result = view.to(want, copy=True)
+            else:
+                result = view.to(device=device, dtype=want)
+            return result.view(tuple(sent_shape)), ids
 
-    @contextlib.contextmanager
-    def _staged_recv(self, boundary: int, direction: int, step: int, microbatch: int,
-                     timeout: Optional[float], capacity: int, d: int,
-                     dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """Receives into a staging region of (capacity, d) and yields the (n, d) view of what
-        arrived, valid inside the ``with`` only (the region is freed after it)."""
-        with _Staging(self, capacity, d, dtype) as staging:
-            n, got = self._client.recv(boundary, direction, step, microbatch, staging.ref,
-                                       _timeout_ms(timeout))[:2]
-            if n * got > capacity * d:
-                raise Internal(f"mapld reported ({n}, {got}) written into ({capacity}, {d})")
-            yield staging.tensor.view(-1)[:n * got].view(n, got)
 
-    def _recv_into(self, boundary: int, direction: int, step: int, microbatch: int,
-                   timeout: Optional[float], rows: Optional[int],
-                   device: Optional[Union[str, torch.device]], out: torch.Tensor) -> torch.Tensor:
-        """The receive of ``out=`` (see :meth:`recv_activation`): checked before anything leaves
-        the daemon, so that a wrong ``out`` never costs the tensor."""
-        info = self.boundary(boundary)
-        if device is not None and torch.device(device).type != "cpu":
-            raise InvalidArgument("out= receives on the CPU: leave device unset and move the "
-                                  "result yourself")
-        if (out.device.type != "cpu" or out.dim() != 2 or out.shape[1] != info.d
-                or out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous()
-                or out.shape[0] == 0):
-            raise InvalidArgument(
-                f"out must be a contiguous CPU float32 or bfloat16 tensor of shape (rows, "
-                f"d={info.d}) with rows >= 1, got {out.dtype} {tuple(out.shape)} on "
-                f"{out.device}" + ("" if out.is_contiguous() else ", not contiguous"))
-        capacity = out.shape[0]
-        if rows is not None and int(rows) != capacity:
-            raise InvalidArgument(f"rows={rows} disagrees with out's {capacity} rows: give one")
-        where = self._locate(out)
-        if where is not None:  # in shared memory: the daemon writes there itself
-            ref = (where[0], where[1], capacity, info.d, _DTYPE_CODE[out.dtype])
-            n, _ = self._client.recv(boundary, direction, step, microbatch, ref,
-                                     _timeout_ms(timeout))[:2]
-            return out[:n]
-        with self._staged_recv(boundary, direction, step, microbatch, timeout, capacity,
-                               info.d, out.dtype) as view:
-            n = view.shape[0]
-            out[:n].copy_(view)
-        return out[:n]
+def _dims(shape: Shape) -> Tuple[int, ...]:
+    return (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
