@@ -315,7 +315,7 @@ class Sidecar:
         self._views = [torch.frombuffer(client.region(i, 0, s), dtype=torch.uint8) if s else
                        torch.empty(0, dtype=torch.uint8) for i, s in enumerate(sizes)]
         self._closed = False
-        self._pools = _Pools(f"mapl-stage{client.stage}")
+        self._pools = _Pools(f"mapl-stage{client.stage}-session{client.session}")
         # The number the next step scope (:meth:`step` without a number) takes.
         self.next_step = 1
         self._scope: Any = None  # the open mapl.torch_pipeline.StepScope, if any

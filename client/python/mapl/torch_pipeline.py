@@ -130,7 +130,7 @@ class StepScope:
         self._state = "new"  # new -> open -> closed
         self._evaluating = evaluation
         self._lock = threading.Lock()
-        self._next = {FORWARD: 0, BACKWARD: 0}  # microbatch ids of the next send and receive
+        self._next = {"send": 0, "recv": 0}  # microbatch ids of the next send and receive
         self._ids: Dict[int, Optional[torch.Tensor]] = {}  # token ids received, to forward
         self._outbound: Dict[int, _Outbound] = {}           # sent, gradient not yet received
         self._inbound: Dict[int, bool] = {}                 # received, gradient not yet sent
@@ -156,7 +156,7 @@ class StepScope:
                 "nest; end that block first")
         cursor = getattr(sc, "_cursor", None)  # a step an evaluation-only scope left open
         if cursor is not None:
-            self.number, self._next[FORWARD], self._next[BACKWARD] = cursor
+            self.number, self._next["send"], self._next["recv"] = cursor
         else:
             self.number = sc.next_step
         sc._cursor = None
@@ -209,9 +209,12 @@ class StepScope:
                                      + "; ".join(problems))
         if self.evaluation_only:
             # Nothing to learn: the step stays open for the next scope to continue and close.
-            sc._cursor = (self.number, self._next[FORWARD], self._next[BACKWARD])
+            sc._cursor = (self.number, self._next["send"], self._next["recv"])
             return
-        self.stats = sc.close_step(self.number, timeout=self.timeout)
+        try:
+            self.stats = sc.close_step(self.number, timeout=self.timeout)
+        finally:  # a Step that failed leaves this number used: the next scope takes the next one
+            sc.next_step = max(sc.next_step, self.number + 1)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -237,10 +240,11 @@ class StepScope:
     def evaluating(self) -> bool:
         return self._evaluating
 
-    def _take(self, direction: int) -> int:
+    def _take(self, what: str) -> int:
+        """The microbatch id of the next send or receive ("send", "recv"): call order."""
         with self._lock:
-            mb = self._next[direction]
-            self._next[direction] += 1
+            mb = self._next[what]
+            self._next[what] += 1
         return mb
 
     # ---- sending ----
@@ -254,7 +258,7 @@ class StepScope:
         self._check_open()
         if self.out_b is None:
             self.sidecar._boundary_for(None, FORWARD, sending=True)  # raises, saying why
-        mb = self._take(FORWARD)
+        mb = self._take("send")
         with self._lock:
             forwarded = self._ids.pop(mb, None)
         ids = token_ids if token_ids is not None else forwarded
@@ -285,7 +289,7 @@ class StepScope:
         self._check_open()
         if self.in_b is None:
             self.sidecar._boundary_for(None, FORWARD, sending=False)  # raises, saying why
-        mb = self._take(BACKWARD)
+        mb = self._take("recv")
         training = not self._evaluating and torch.is_grad_enabled()
         work = self.sidecar.irecv_activation(step=self.number, microbatch=mb,
                                              boundary=self.in_b,
