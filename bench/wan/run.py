@@ -393,7 +393,8 @@ def train(method: str, index: int, args: argparse.Namespace, link: Link, work: P
 
     cfg = RunConfig(d_model=args.d_model, layers=args.layers, heads=args.heads,
                     seq_len=args.seq_len, batch=args.batch, microbatches=args.microbatches,
-                    schedule=args.schedule, seed=args.seed, eval_batches=args.eval_batches,
+                    schedule=args.schedule, schedule_lead=args.schedule_lead, seed=args.seed,
+                    eval_batches=args.eval_batches,
                     corpus=str(corpus),
                     method=method, k=args.k or max(1, args.d_model // 8),
                     forward_codec=args.forward_codec, backward_codec=args.backward_codec,
@@ -647,6 +648,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--schedule", default="gpipe", choices=("gpipe", "1f1b"),
                     help="the stages' pipeline schedule")
+    ap.add_argument("--schedule-lead", type=int, default=0,
+                    help="1f1b: microbatches each stage runs ahead beyond stages - index - 1")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--k", type=int, default=0, help="projection rank (0: d_model / 8)")
     ap.add_argument("--forward-codec", default="INT8", type=str.upper,

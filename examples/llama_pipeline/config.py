@@ -42,6 +42,7 @@ class RunConfig:
     batch: int = 16              # sequences per optimizer step
     microbatches: int = 4
     schedule: str = "gpipe"      # gpipe (forward all, then backward all) or 1f1b (interleaved)
+    schedule_lead: int = 0       # 1f1b: microbatches a stage runs ahead beyond stages - index - 1
     lr: float = 2e-3
     min_lr_ratio: float = 0.1    # cosine decay to lr * this at the end of the run
     warmup_steps: int = 20
@@ -98,6 +99,8 @@ class RunConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not "
                              f"{self.schedule!r}")
+        if self.schedule_lead < 0:
+            raise ValueError(f"schedule_lead must be >= 0, got {self.schedule_lead}")
         if self.microbatches < 1 or self.batch % self.microbatches:
             raise ValueError(f"batch {self.batch} must split into {self.microbatches} equal "
                              "microbatches")
@@ -158,6 +161,9 @@ def add_shape_args(ap: Any) -> None:
     ap.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
                     help="pipeline schedule: gpipe (every forward, then every backward) or 1f1b "
                          "(one forward, one backward in turn once the pipeline is full)")
+    ap.add_argument("--schedule-lead", type=int, default=d.schedule_lead,
+                    help="1f1b: microbatches each stage runs ahead beyond the usual "
+                         "(stages - index - 1), to cover a link's round trip")
 
 
 def _check_boundary_options(options: Any) -> None:

@@ -854,7 +854,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = RunConfig(
             d_model=args.d_model, layers=args.layers, heads=args.heads, seq_len=args.seq_len,
             stages=args.stages, batch=args.batch,
-            microbatches=args.microbatches, schedule=args.schedule, lr=args.lr, seed=args.seed,
+            microbatches=args.microbatches, schedule=args.schedule,
+            schedule_lead=args.schedule_lead, lr=args.lr, seed=args.seed,
             eval_batches=args.eval_batches,
             corpus=str(Path(args.corpus).resolve()) if args.corpus else "",
             method=args.method, k=args.k, forward_codec=args.forward_codec,

@@ -51,18 +51,21 @@ def checkpoint_path(directory: str, index: int) -> Path:
     return Path(directory) / f"stage{index}.pt"
 
 
-def schedule(name: str, microbatches: int, stages: int, index: int) -> List[Tuple[str, int]]:
+def schedule(name: str, microbatches: int, stages: int, index: int,
+             lead: int = 0) -> List[Tuple[str, int]]:
     """The order of stage ``index``'s forward ("F", mb) and backward ("B", mb) passes in one
     step. GPipe: every forward, then every backward (the last stage runs each backward right
     after its forward: nothing downstream waits, and its activations go at once). 1F1B: as many
-    forwards as stages below this one, then one forward and one backward in turn, then the
-    remaining backwards; at most (stages - index) microbatches are in flight on a stage."""
+    forwards as stages below this one (plus ``lead``), then one forward and one backward in
+    turn, then the remaining backwards; at most (stages - index + lead) microbatches are in
+    flight on a stage. ``lead`` lets a stage run further ahead where a round trip over the link
+    takes longer than a microbatch's compute (each backward would wait for it otherwise)."""
     m = microbatches
     if name == "gpipe":
         if index == stages - 1:
             return [op for i in range(m) for op in (("F", i), ("B", i))]
         return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
-    warmup = min(stages - index - 1, m)
+    warmup = min(stages - index - 1 + (lead if index < stages - 1 else 0), m)
     order = [("F", i) for i in range(warmup)]
     for i in range(m - warmup):
         order += [("F", warmup + i), ("B", i)]
@@ -104,7 +107,8 @@ class StageTrainer:
         with self.sc.step(timeout=cfg.timeout_s) as st:
             # Every receive of the step posted at once: each arrives while the stage computes.
             inputs = [] if self.first else [st.irecv() for _ in range(cfg.microbatches)]
-            for op, mb in schedule(cfg.schedule, cfg.microbatches, cfg.stages, self.index):
+            for op, mb in schedule(cfg.schedule, cfg.microbatches, cfg.stages, self.index,
+                                   cfg.schedule_lead):
                 if op == "B":
                     outputs.pop(mb).backward()
                     continue

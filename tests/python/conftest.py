@@ -121,3 +121,36 @@ def start_pair(directory: Path, boundary: Dict[str, object],
     mapld_binary()
     launch = need_module("mapl.launch")
     return launch.start_pair(directory, boundary, dict(_TEST_FIELDS, **(extra or {})))
+
+
+class TrainerPair:
+    """The two daemons of boundary 0 (stage 0 upstream, stage 1 downstream) on loopback, a
+    trainer Sidecar on each, and :meth:`both` to run the two trainers' parts at once (a receive
+    blocks until the peer sends)."""
+
+    def __init__(self, boundary: Dict[str, object], timeout: float) -> None:
+        self.timeout = timeout
+        self.dir = Path(tempfile.mkdtemp(prefix="mapl-py-", dir="/tmp"))
+        try:
+            self.up_proc, self.down_proc = start_pair(self.dir, boundary)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        self.up = self.up_proc.connect("stage0")
+        self.down = self.down_proc.connect("stage1")
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool = ThreadPoolExecutor(2)
+
+    def both(self, up_fn, down_fn) -> Tuple[object, object]:
+        """``up_fn(upstream Sidecar)`` and ``down_fn(downstream Sidecar)`` run concurrently;
+        their results."""
+        fu, fd = self.pool.submit(up_fn, self.up), self.pool.submit(down_fn, self.down)
+        return fu.result(timeout=4 * self.timeout), fd.result(timeout=4 * self.timeout)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        for s in (self.up, self.down):
+            s.close()
+        for p in (self.up_proc, self.down_proc):
+            p.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -116,15 +116,16 @@ def test_generates_text_through_the_sidecars_and_compares_with_a_reference(
 
 def test_schedules_run_every_pass_once_and_bound_what_is_in_flight() -> None:
     """GPipe and 1F1B as stage.schedule orders them: every microbatch's forward once, then its
-    backward once, backwards in forward order; 1F1B holds at most (stages - index) microbatches
-    between their forward and backward, GPipe all of them (but on the last stage)."""
+    backward once, backwards in forward order; 1F1B holds at most (stages - index + lead)
+    microbatches between their forward and backward, GPipe all of them (but on the last
+    stage)."""
     from llama_pipeline.stage import schedule
 
     for stages in (2, 3, 4):
         for index in range(stages):
             for m in (1, 3, 8):
-                for name in ("gpipe", "1f1b"):
-                    order = schedule(name, m, stages, index)
+                for name, lead in (("gpipe", 0), ("1f1b", 0), ("1f1b", 2)):
+                    order = schedule(name, m, stages, index, lead)
                     assert [mb for op, mb in order if op == "F"] == list(range(m))
                     assert [mb for op, mb in order if op == "B"] == list(range(m))
                     in_flight, peak = set(), 0
@@ -136,5 +137,6 @@ def test_schedules_run_every_pass_once_and_bound_what_is_in_flight() -> None:
                             in_flight.remove(mb)
                         peak = max(peak, len(in_flight))
                     last = index == stages - 1
-                    bound = 1 if last else (min(m, stages - index) if name == "1f1b" else m)
-                    assert peak == bound, (name, stages, index, m, order)
+                    bound = (1 if last else min(m, stages - index + lead) if name == "1f1b"
+                             else m)
+                    assert peak == bound, (name, lead, stages, index, m, order)

@@ -5,16 +5,13 @@ under its own step numbers, so the tests pass in any order and on their own."""
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, List, Tuple
+from typing import Iterator, List, Tuple
 
 import pytest
 
-from conftest import mapld_binary, need_module, proto_fields, start_mapld, start_pair
+from conftest import TrainerPair, mapld_binary, need_module, proto_fields, start_mapld
 
 torch = need_module("torch")
 mapl = need_module("mapl")
@@ -37,37 +34,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-class Pair:
+class Pair(TrainerPair):
     """Two daemons of boundary 0 and a trainer Sidecar on each."""
 
     def __init__(self, method: str) -> None:
         self.method = method
-        self.dir = Path(tempfile.mkdtemp(prefix="mapl-py-", dir="/tmp"))
         # bf16 forward and int8 backward: codecs whose error has a bound (above) the tests can
         # hold the reconstruction to. RVQ forward is covered by test_boundary_learning.py.
         boundary = {"d": D, "k": K, "method": method, "vocab": VOCAB, "max_tokens": MAX_TOKENS,
                     "seed": 7}
         if method != "METHOD_DENSE":  # DENSE sends bf16 both ways and takes no codec option
             boundary.update(forward_codec="CODEC_BF16", backward_codec="CODEC_INT8")
-        try:
-            self.up_proc, self.down_proc = start_pair(self.dir, boundary)
-        except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-        self.up = self.up_proc.connect("stage0")
-        self.down = self.down_proc.connect("stage1")
-        self.pool = ThreadPoolExecutor(2)
+        super().__init__(boundary, TIMEOUT)
         self._step = 0
 
     def new_step(self) -> int:
         """A step number no test has used on these daemons (steps only move forward)."""
         self._step += 1
         return self._step
-
-    def both(self, up_fn: Callable, down_fn: Callable) -> Tuple[object, object]:
-        """Run the two trainers' parts concurrently (a Recv blocks until the peer sends)."""
-        fu, fd = self.pool.submit(up_fn, self.up), self.pool.submit(down_fn, self.down)
-        return fu.result(timeout=4 * TIMEOUT), fd.result(timeout=4 * TIMEOUT)
 
     def settled_stats(self) -> Tuple[object, object]:
         """Both sides' boundary-0 stats once the downstream holds the upstream's dictionary
@@ -78,14 +62,6 @@ class Pair:
             if bu.dictionary_version == bd.dictionary_version or time.monotonic() > deadline:
                 return bu, bd
             time.sleep(0.01)
-
-    def close(self) -> None:
-        self.pool.shutdown()
-        for s in (self.up, self.down):
-            s.close()
-        for p in (self.up_proc, self.down_proc):
-            p.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", params=["METHOD_DENSE", "METHOD_MAPL"])

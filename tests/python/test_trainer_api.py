@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import inspect
 import math
-import shutil
-import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Tuple
 
 import pytest
 
-from conftest import REPO, mapld_binary, need_module, start_pair
+from conftest import REPO, TrainerPair, mapld_binary, need_module, start_pair
 
 torch = need_module("torch")
 mapl = need_module("mapl")
@@ -30,21 +27,10 @@ def rel(a: "torch.Tensor", b: "torch.Tensor") -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-class Pair:
-    """Two daemons of boundary 0, a trainer Sidecar on each, and a way to run both trainers."""
-
+class Pair(TrainerPair):
     def __init__(self, method: str) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="mapl-api-", dir="/tmp"))
-        boundary = {"d": D, "k": 8, "method": method, "vocab": VOCAB, "max_tokens": MAX_TOKENS,
-                    "seed": 3}
-        try:
-            self.up_proc, self.down_proc = start_pair(self.dir, boundary)
-        except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-        self.up = self.up_proc.connect("stage0")
-        self.down = self.down_proc.connect("stage1")
-        self.pool = ThreadPoolExecutor(2)
+        super().__init__({"d": D, "k": 8, "method": method, "vocab": VOCAB,
+                          "max_tokens": MAX_TOKENS, "seed": 3}, TIMEOUT)
 
     def fresh(self) -> None:
         """Both sidecars' next step scope gets a number no test used (steps only move forward:
@@ -54,16 +40,7 @@ class Pair:
 
     def both(self, up_fn: Callable, down_fn: Callable) -> Tuple[object, object]:
         self.fresh()
-        fu, fd = self.pool.submit(up_fn, self.up), self.pool.submit(down_fn, self.down)
-        return fu.result(timeout=4 * TIMEOUT), fd.result(timeout=4 * TIMEOUT)
-
-    def close(self) -> None:
-        self.pool.shutdown()
-        for s in (self.up, self.down):
-            s.close()
-        for p in (self.up_proc, self.down_proc):
-            p.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        return super().both(up_fn, down_fn)
 
 
 @pytest.fixture(scope="module")

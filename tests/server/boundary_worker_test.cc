@@ -256,6 +256,18 @@ absl::Status StepOf(BoundaryWorker& w, uint64_t step, v1::BoundaryStats* stats) 
   return w.Step(step, absl::Now() + kWait, kWait, stats);
 }
 
+// Sends a forward tensor of n random rows as (step, mb) and receives it downstream: the start of
+// the tests about what comes after a forward. Returns the tensor sent.
+std::vector<float> CrossForward(WorkerPair& pair, uint64_t step, uint32_t mb, int n) {
+  std::vector<float> h = Random(n * kD, 1);
+  const absl::StatusOr<v1::SendReply> sent = pair.up().Send(step, mb, F32(h, n), nullptr, false);
+  EXPECT_TRUE(sent.ok()) << sent.status();
+  std::vector<float> h_hat;
+  const absl::StatusOr<v1::RecvReply> got = RecvInto(pair.down(), step, mb, &h_hat, n);
+  EXPECT_TRUE(got.ok()) << got.status();
+  return h;
+}
+
 // ---- round trips ----
 
 TEST(BoundaryWorkerTest, DenseRoundTripIsExactToBf16) {
@@ -915,10 +927,7 @@ TEST(BoundaryWorkerTest, FrameThatDecodesToInfIsRefused) {
   WorkerPair pair(v1::METHOD_FIXED);
   pair.Connect();
   constexpr int kN = 3;
-  const std::vector<float> h = Random(kN * kD, 1);
-  ASSERT_TRUE(pair.up().Send(1, 0, F32(h, kN), nullptr, false).ok());
-  std::vector<float> h_hat;
-  ASSERT_TRUE(RecvInto(pair.down(), 1, 0, &h_hat, kN).ok());
+  const std::vector<float> h = CrossForward(pair, 1, 0, kN);
 
   // The backward frame of (1, 0), built by engines of the same config and seed (the same U).
   std::unique_ptr<Engine> up =
@@ -1348,10 +1357,8 @@ TEST(BoundaryWorkerTest, BackgroundEncodeFailureReachesThePeerTheNextSendAndTheN
   WorkerPair pair(v1::METHOD_DENSE);
   pair.Connect();
   constexpr int kN = 4;
-  const std::vector<float> h = Random(kN * kD, 1);
-  ASSERT_TRUE(pair.up().Send(1, 0, F32(h, kN), nullptr, false).ok());
+  const std::vector<float> h = CrossForward(pair, 1, 0, kN);
   std::vector<float> buffer;
-  ASSERT_TRUE(RecvInto(pair.down(), 1, 0, &buffer, kN).ok());
   // The downstream never decoded a forward of (1, 5): its encoder refuses the gradient, after
   // this Send returned.
   ASSERT_TRUE(pair.down().Send(1, 5, F32(h, kN), nullptr, false).ok());
@@ -1395,10 +1402,8 @@ TEST(BoundaryWorkerTest, RecvOfATensorAlreadyReceivedOrOfAClosedStepFailsAtOnce)
   WorkerPair pair(v1::METHOD_DENSE);
   pair.Connect();
   constexpr int kN = 3;
-  const std::vector<float> h = Random(kN * kD, 1);
-  ASSERT_TRUE(pair.up().Send(1, 0, F32(h, kN), nullptr, false).ok());
+  CrossForward(pair, 1, 0, kN);
   std::vector<float> h_hat;
-  ASSERT_TRUE(RecvInto(pair.down(), 1, 0, &h_hat, kN).ok());
   absl::Time start = absl::Now();
   absl::StatusOr<v1::RecvReply> r = RecvInto(pair.down(), 1, 0, &h_hat, kN);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
