@@ -1,18 +1,22 @@
 """The trainer's handle on its stage's mapld: shared-memory tensors and Send/Recv/Step/Stats.
 
-A trainer process attaches once per stage and swaps ``torch.distributed.send/recv`` of activations
-and gradients for these calls (see :mod:`mapl.torch_pipeline` for the autograd-aware helpers)::
+A trainer process attaches once per stage. Most trainers then work in step scopes, whose
+boundaries autograd drives (:mod:`mapl.torch_pipeline`)::
 
     with mapl.Sidecar.connect(stage=0) as sc:              # unix socket of mapld for stage 0
-        sc.send_activation(0, step, mb, h, token_ids)      # h (..., d) f32/bf16, ids (...) int
-        g = sc.recv_gradient(0, step, mb)                  # f32 (n, d), a copy
-        ...
-        sc.step(step)                                      # after optimizer.step()
+        with sc.step() as st:                              # numbers the step and microbatches
+            st.send(model(x), token_ids=x).backward()      # dL/dh comes back into the graph
+            opt.step()
+
+Under the scopes are the calls that name (boundary, step, microbatch) themselves: blocking
+``send_activation``/``recv_activation``/``send_gradient``/``recv_gradient``/``close_step``, and
+non-blocking ``isend_*``/``irecv_*`` returning :class:`mapl.Work` handles.
 
 Tensors travel through the shared buffers mapld hands out at attach time. A tensor that already
 lives there (from :meth:`Sidecar.buffer_tensor`) is sent without a copy; any other tensor (CPU or
-GPU, any float dtype) is copied once into a staging region. Received tensors are copied out, so
-the staging region is reused at once.
+GPU, any float dtype) is copied once into a staging region. A received tensor comes back as it
+was sent (shape, dtype, token ids): copied out of a staging region, or written by the daemon in
+place into an ``out=`` tensor in shared memory.
 
 Errors are :class:`mapl.MaplError` subclasses carrying the daemon's message.
 """
