@@ -345,6 +345,9 @@ HealthCheckResponse::ServingStatus Health(int port, const std::string& service) 
       grpc::CreateChannel(Loopback(port), grpc::InsecureChannelCredentials()));
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  // A new channel's first connection may fail under load (TSan, a busy host): wait for it
+  // rather than read the failed call as a status.
+  context.set_wait_for_ready(true);
   HealthCheckRequest request;
   request.set_service(service);
   HealthCheckResponse response;
@@ -375,14 +378,16 @@ TEST(DaemonHealthTest, ReadinessFollowsTheLinkAndLivenessDoesNot) {
   const int port = (*down)->peer_port();
   EXPECT_EQ(AwaitHealth(port, "", HealthCheckResponse::NOT_SERVING),
             HealthCheckResponse::NOT_SERVING);
-  EXPECT_EQ(Health(port, "boundary/0"), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(AwaitHealth(port, "boundary/0", HealthCheckResponse::NOT_SERVING),
+            HealthCheckResponse::NOT_SERVING);
   EXPECT_EQ(Health(port, "liveness"), HealthCheckResponse::SERVING);
 
   absl::StatusOr<std::unique_ptr<Daemon>> up =
       StartStage(dir, 0, {{0, true, Loopback(port)}}, shape);
   ASSERT_TRUE(up.ok()) << up.status();
   EXPECT_EQ(AwaitHealth(port, "", HealthCheckResponse::SERVING), HealthCheckResponse::SERVING);
-  EXPECT_EQ(Health(port, "boundary/0"), HealthCheckResponse::SERVING);
+  EXPECT_EQ(AwaitHealth(port, "boundary/0", HealthCheckResponse::SERVING),
+            HealthCheckResponse::SERVING);
   absl::StatusOr<std::string> metrics = HttpGetMetrics((*down)->metrics_port());
   ASSERT_TRUE(metrics.ok()) << metrics.status();
   EXPECT_NE(metrics->find("mapl_peer_server_streams_accepted_total{stage=\"1\"} 1"),
