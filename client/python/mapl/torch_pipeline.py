@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 
 from .errors import DeadlineExceeded, FailedPrecondition
-from .sidecar import BACKWARD, FORWARD, Sidecar, Stats
+from .sidecar import FORWARD, Sidecar, Stats
 from .work import Work
 
 __all__ = ["StepScope", "Boundary"]
@@ -154,7 +154,7 @@ class StepScope:
             raise FailedPrecondition(
                 f"step {sc._scope.number} is still open on this sidecar: step scopes do not "
                 "nest; end that block first")
-        cursor = getattr(sc, "_cursor", None)  # a step an evaluation-only scope left open
+        cursor = sc._cursor  # a step an evaluation-only scope left open
         if cursor is not None:
             self.number, self._next["send"], self._next["recv"] = cursor
         else:
