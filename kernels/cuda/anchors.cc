@@ -57,6 +57,7 @@ absl::StatusOr<CudaBackend::DeviceAnchor> CudaBackend::FactorAnchorOnDevice(
   MAPL_ASSIGN_OR_RETURN(const int32_t* tokens,
                         DeviceTokens(lane, device_, first_slot, a.tokens, n, a.p.rows, what));
   DeviceAnchor f;
+  f.tokens = tokens;
   f.r = a.p.cols;
   const int64_t d = u.rows, k = u.cols;
   MAPL_ASSIGN_OR_RETURN(const void* p, cuda::DeviceInput(lane, device_, first_slot + 1, a.p.data,
@@ -143,6 +144,80 @@ absl::Status CudaBackend::LiftWithAnchor(const ConstTensor& zq, const ConstTenso
                                               f.pt, f.q, 1.f, out));
   }
   return cuda::StoreF32(*lane, device_, 10, out, h, "h");
+}
+
+absl::Status CudaBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
+                                     absl::Span<const int32_t> tokens, const ConstTensor& g,
+                                     const ConstTensor& gu, const ConstTensor& u, const Tensor& dp,
+                                     const Tensor& dq) const {
+  // The CPU backend's checks, in its order and words.
+  MAPL_RETURN_IF_ERROR(CheckShape(g, "g", -1, q.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(dp, "dp", p.rows, p.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(dq, "dq", q.rows, q.cols));
+  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(gu, "gu", g.rows, u.cols));
+  const int64_t n = g.rows;
+  MAPL_ASSIGN_OR_RETURN(cuda::LaneLease lane, pool_->Acquire());
+  // Slots: 0/1 u, 2-6 the anchor, 7/8 g, 9 gu, 10 g_perp Q^T, 11 the new dp, 12 the touched
+  // rows, 13 the new dq, 14 P[t]^T gu, 15 a device copy of a host dq.
+  MAPL_ASSIGN_OR_RETURN(const float* ud, cuda::DeviceF32(*lane, device_, 0, 1, u, "u"));
+  MAPL_ASSIGN_OR_RETURN(DeviceAnchor f,
+                        FactorAnchorOnDevice(*lane, {p, q, tokens}, n, u, ud, "anchor", 2));
+  // dp and dq accumulate over microbatches: one bad microbatch must not spoil the others.
+  MAPL_ASSIGN_OR_RETURN(const float* gd, cuda::DeviceF32(*lane, device_, 7, 8, g, "g"));
+  MAPL_RETURN_IF_ERROR(
+      cuda::CheckFiniteOnDevice(*lane, gd, ConstTensor{gd, g.rows, g.cols, DType::kF32}, "g"));
+  MAPL_ASSIGN_OR_RETURN(const float* gud, cuda::DeviceF32(*lane, device_, 9, 9, gu, "gu"));
+  MAPL_RETURN_IF_ERROR(cuda::CheckFiniteOnDevice(*lane, gud, gu, "gu"));
+  const int r = static_cast<int>(f.r), d = static_cast<int>(q.cols), k = static_cast<int>(u.cols);
+  const int ni = static_cast<int>(n);
+  if (n == 0 || r == 0 || d == 0) return absl::OkStatus();
+
+  // g_perp Q^T = g Q^T - gu (Q U)^T: an n x d x r GEMM and an n x k x r one.
+  MAPL_ASSIGN_OR_RETURN(void* gq_v, lane->slots[10].Reserve(size_t(n) * r * 4));
+  float* gq = static_cast<float*>(gq_v);
+  MAPL_RETURN_IF_ERROR(
+      blas_->RowMajorSgemm(lane->blas, false, true, ni, r, d, 1.f, gd, f.q, 0.f, gq));
+  MAPL_RETURN_IF_ERROR(
+      blas_->RowMajorSgemm(lane->blas, false, true, ni, r, k, -1.f, gud, f.qu, 1.f, gq));
+  // dp[t_i] += (g_perp Q^T)_i, a scatter-add into a copy of dp; the rows it touched are checked
+  // before anything is written, so an overflow reaches neither dp nor dq.
+  MAPL_ASSIGN_OR_RETURN(float* dp_new,
+                        cuda::DeviceF32(*lane, device_, 11, 11, dp, "dp", /*copy=*/true));
+  MAPL_ASSIGN_OR_RETURN(void* touched, lane->slots[12].Reserve(size_t(p.rows)));
+  MAPL_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(touched, 0, size_t(p.rows), lane->stream));
+  MAPL_RETURN_IF_ERROR(
+      cuda::CudaStatus(cuda::LaunchScatterAddRows(gq, n, r, f.tokens, dp_new,
+                                                  static_cast<uint8_t*>(touched), lane->stream),
+                       "LaunchScatterAddRows"));
+  MAPL_CUDA_RETURN_IF_ERROR(
+      cudaMemsetAsync(lane->error_word, 0xff, sizeof(unsigned long long), lane->stream));
+  MAPL_RETURN_IF_ERROR(
+      cuda::CudaStatus(cuda::LaunchFirstBadTouchedRow(dp_new, static_cast<const uint8_t*>(touched),
+                                                      p.rows, r, lane->error_word, lane->stream),
+                       "LaunchFirstBadTouchedRow"));
+  unsigned long long first = 0;
+  MAPL_RETURN_IF_ERROR(cuda::Download(*lane, &first, lane->error_word, sizeof(first)));
+  if (first != ULLONG_MAX) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dp: non-finite result for token ", first,
+                     " (overflow; P, Q or g too large); dp and dq left unchanged"));
+  }
+  // dq += P[t]^T g_perp = P[t]^T g - (P[t]^T gu) U^T, into scratch first for the same reason.
+  MAPL_ASSIGN_OR_RETURN(void* dq_v, lane->slots[13].Reserve(size_t(r) * d * 4));
+  float* dq_new = static_cast<float*>(dq_v);
+  MAPL_RETURN_IF_ERROR(
+      blas_->RowMajorSgemm(lane->blas, true, false, r, d, ni, 1.f, f.pt, gd, 0.f, dq_new));
+  MAPL_ASSIGN_OR_RETURN(void* ptgu_v, lane->slots[14].Reserve(size_t(r) * k * 4));
+  float* ptgu = static_cast<float*>(ptgu_v);
+  MAPL_RETURN_IF_ERROR(
+      blas_->RowMajorSgemm(lane->blas, true, false, r, k, ni, 1.f, f.pt, gud, 0.f, ptgu));
+  MAPL_RETURN_IF_ERROR(
+      blas_->RowMajorSgemm(lane->blas, false, true, r, d, k, -1.f, ptgu, ud, 1.f, dq_new));
+  MAPL_RETURN_IF_ERROR(
+      cuda::CommitFiniteOnDevice(*lane, device_, 15, dq_new, dq, /*accumulate=*/true, "dq"));
+  // dp last: every row not touched is the copy of itself.
+  return cuda::StoreF32(*lane, device_, 11, dp_new, dp, "dp");
 }
 
 absl::Status CudaBackend::AdamStep(const Tensor& param, const ConstTensor& grad, const Tensor& m,

@@ -17,7 +17,7 @@
 //                                          EMA and re-seeding on the host, the CPU's own code
 //   LiftWithAnchor   device                gather of P[t] + SGEMMs (anchors.cc)
 //   AnchorLookup     device                gather of P[t] + SGEMM (anchors.cc)
-//   AnchorGrad       host (CPU backend)
+//   AnchorGrad       device                SGEMMs + a scatter-add (atomics) into a checked copy
 //   AdamStep         device                a check of every element, then one kernel (anchors.cc)
 //   GradUp           device                SGEMM + commit-if-finite on the device (signals.cc)
 //   GradDown         device                SGEMMs + commit-if-finite on the device (signals.cc)
@@ -65,17 +65,6 @@ class HostOperands {
     MAPL_ASSIGN_OR_RETURN(void* p, OutBytes(t.data, Bytes(t), what));
     return Tensor{p, t.rows, t.cols, t.dtype};
   }
-  template <typename T>
-  absl::StatusOr<absl::Span<const T>> In(absl::Span<const T> s, const char* what) {
-    MAPL_ASSIGN_OR_RETURN(const void* p, InBytes(s.data(), s.size() * sizeof(T), what));
-    return absl::Span<const T>(static_cast<const T*>(p), s.size());
-  }
-  template <typename T>
-  absl::StatusOr<absl::Span<T>> Out(absl::Span<T> s, const char* what) {
-    MAPL_ASSIGN_OR_RETURN(void* p, OutBytes(s.data(), s.size() * sizeof(T), what));
-    return absl::Span<T>(static_cast<T*>(p), s.size());
-  }
-
   // Call once the op succeeded: a failed op leaves the caller's device memory untouched.
   absl::Status CopyBack() {
     if (back_.empty()) return absl::OkStatus();
@@ -209,23 +198,6 @@ absl::Status CudaBackend::SpelStep(const Tensor& u, const ConstTensor& grad, con
   MAPL_ASSIGN_OR_RETURN(ConstTensor grad_h, ops.In(grad, "grad"));
   MAPL_ASSIGN_OR_RETURN(Tensor momentum_h, ops.Out(momentum, "momentum"));
   MAPL_RETURN_IF_ERROR(cpu_->SpelStep(u_h, grad_h, momentum_h, options));
-  return ops.CopyBack();
-}
-
-absl::Status CudaBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
-                                     absl::Span<const int32_t> tokens, const ConstTensor& g,
-                                     const ConstTensor& gu, const ConstTensor& u, const Tensor& dp,
-                                     const Tensor& dq) const {
-  HostOperands ops(device_);
-  MAPL_ASSIGN_OR_RETURN(ConstTensor p_h, ops.In(p, "p"));
-  MAPL_ASSIGN_OR_RETURN(ConstTensor q_h, ops.In(q, "q"));
-  MAPL_ASSIGN_OR_RETURN(absl::Span<const int32_t> tokens_h, ops.In(tokens, "tokens"));
-  MAPL_ASSIGN_OR_RETURN(ConstTensor g_h, ops.In(g, "g"));
-  MAPL_ASSIGN_OR_RETURN(ConstTensor gu_h, ops.In(gu, "gu"));
-  MAPL_ASSIGN_OR_RETURN(ConstTensor u_h, ops.In(u, "u"));
-  MAPL_ASSIGN_OR_RETURN(Tensor dp_h, ops.Out(dp, "dp"));
-  MAPL_ASSIGN_OR_RETURN(Tensor dq_h, ops.Out(dq, "dq"));
-  MAPL_RETURN_IF_ERROR(cpu_->AnchorGrad(p_h, q_h, tokens_h, g_h, gu_h, u_h, dp_h, dq_h));
   return ops.CopyBack();
 }
 

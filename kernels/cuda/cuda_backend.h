@@ -80,9 +80,10 @@ class CudaBackend final : public Backend {
   // errors; `what` names the anchor. Uses scratch slots first_slot .. first_slot + 4.
   struct DeviceAnchor {
     int64_t r = 0;
-    const float* pt = nullptr;  // (n, r)
-    const float* qu = nullptr;  // (r, k)
-    const float* q = nullptr;   // (r, d)
+    const float* pt = nullptr;        // (n, r)
+    const float* qu = nullptr;        // (r, k)
+    const float* q = nullptr;         // (r, d)
+    const int32_t* tokens = nullptr;  // (n), checked to be in [0, V)
   };
   absl::StatusOr<DeviceAnchor> FactorAnchorOnDevice(cuda::Lane& lane, const LowRankAnchor& a,
                                                     int64_t n, const ConstTensor& u,

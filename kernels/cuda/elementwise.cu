@@ -93,6 +93,29 @@ __global__ void GatherRowsKernel(const float* table, int64_t cols, const int32_t
   }
 }
 
+__global__ void ScatterAddRowsKernel(const float* src, int64_t n, int64_t cols,
+                                     const int32_t* tokens, float* rows, uint8_t* touched) {
+  const int64_t count = n * cols;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < count;
+       e += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t i = e / cols, j = e % cols;
+    const int64_t t = tokens[i];
+    atomicAdd(&rows[t * cols + j], src[e]);
+    if (j == 0) touched[t] = 1;
+  }
+}
+
+__global__ void FirstBadTouchedRowKernel(const float* rows, const uint8_t* touched,
+                                         int64_t count_rows, int64_t cols,
+                                         unsigned long long* first_bad) {
+  const int64_t count = count_rows * cols;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < count;
+       e += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t t = e / cols;
+    if (touched[t] && !isfinite(rows[e])) atomicMin(first_bad, static_cast<unsigned long long>(t));
+  }
+}
+
 __global__ void AdamCheckKernel(const float* g, const float* v, float b2, int64_t count,
                                 unsigned long long* first_bad) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
@@ -218,6 +241,23 @@ cudaError_t LaunchGatherRows(const float* table, int64_t cols, const int32_t* to
                              float* out, cudaStream_t stream) {
   if (n * cols == 0) return cudaSuccess;
   GatherRowsKernel<<<BlocksFor(n * cols), kThreads, 0, stream>>>(table, cols, tokens, n, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchScatterAddRows(const float* src, int64_t n, int64_t cols, const int32_t* tokens,
+                                 float* rows, uint8_t* touched, cudaStream_t stream) {
+  if (n * cols == 0) return cudaSuccess;
+  ScatterAddRowsKernel<<<BlocksFor(n * cols), kThreads, 0, stream>>>(src, n, cols, tokens, rows,
+                                                                     touched);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchFirstBadTouchedRow(const float* rows, const uint8_t* touched, int64_t count_rows,
+                                     int64_t cols, unsigned long long* first_bad,
+                                     cudaStream_t stream) {
+  if (count_rows * cols == 0) return cudaSuccess;
+  FirstBadTouchedRowKernel<<<BlocksFor(count_rows * cols), kThreads, 0, stream>>>(
+      rows, touched, count_rows, cols, first_bad);
   return cudaGetLastError();
 }
 

@@ -28,6 +28,16 @@ cudaError_t LaunchAddInPlace(float* r, const float* o, int64_t count, cudaStream
 cudaError_t LaunchGatherRows(const float* table, int64_t cols, const int32_t* tokens, int64_t n,
                              float* out, cudaStream_t stream);
 
+// AnchorGrad's scatter-add: rows[tokens[i]] += src_i for the n rows of src (n, cols) (atomics,
+// so repeated tokens sum in a varying order), and touched[tokens[i]] = 1.
+cudaError_t LaunchScatterAddRows(const float* src, int64_t n, int64_t cols, const int32_t* tokens,
+                                 float* rows, uint8_t* touched, cudaStream_t stream);
+// *first_bad = min(*first_bad, the smallest row index t with touched[t] and a NaN or Inf in
+// rows[t]) over `count_rows` rows of `cols`. The caller sets *first_bad to ULLONG_MAX first.
+cudaError_t LaunchFirstBadTouchedRow(const float* rows, const uint8_t* touched, int64_t count_rows,
+                                     int64_t cols, unsigned long long* first_bad,
+                                     cudaStream_t stream);
+
 // AdamStep's check before any write (kernels/cpu/anchors.cc): *first_bad = min(*first_bad, the
 // smallest i with g[i] NaN or Inf, or with b2 v[i] + (1 - b2) g[i]^2 (in double) above FLT_MAX).
 // The caller sets *first_bad to ULLONG_MAX first.

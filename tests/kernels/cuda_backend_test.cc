@@ -375,6 +375,35 @@ TEST_F(CudaBackendTest, SignalsAndAnchorsMatchTheCpu) {
     EXPECT_LE(RelFrobenius(down_gpu, down_cpu), 1e-5 * std::sqrt(double(kN)))
         << (anchor != nullptr ? "with" : "without") << " the anchor";
   }
+  // AnchorGrad: GEMMs and a scatter-add whose atomics sum repeated tokens in a varying order.
+  std::vector<float> dp_cpu(p.size(), 0.5f), dp_gpu(p.size(), 0.5f), dq_cpu(q.size(), 0.25f),
+      dq_gpu(q.size(), 0.25f);
+  ASSERT_TRUE(cpu_->AnchorGrad(a.p, a.q, tokens, G, Gu, U, Tensor::F32(dp_cpu.data(), kV, kR),
+                               Tensor::F32(dq_cpu.data(), kR, kD))
+                  .ok());
+  ASSERT_TRUE(cuda_
+                  ->AnchorGrad(a.p, a.q, tokens, G, Gu, U, Tensor::F32(dp_gpu.data(), kV, kR),
+                               Tensor::F32(dq_gpu.data(), kR, kD))
+                  .ok());
+  EXPECT_LE(RelFrobenius(dp_gpu, dp_cpu), 1e-5 * std::sqrt(double(kD)));
+  EXPECT_LE(RelFrobenius(dq_gpu, dq_cpu), 1e-5 * std::sqrt(double(kN)));
+  // A finite but huge gradient row overflows its token's dp row: refused in the CPU's words,
+  // dp and dq unchanged.
+  std::vector<bf16_t> g_huge = g;
+  for (int j = 0; j < kD; ++j) g_huge[size_t(77) * kD + j] = FloatToBf16(3e38f);
+  const ConstTensor G_huge = ConstTensor::BF16(g_huge.data(), kN, kD);
+  std::vector<float> dp_huge(p.size(), 3.3e38f), dp_huge_cpu(p.size(), 3.3e38f);
+  const std::vector<float> dp_huge_before = dp_huge, dq_before = dq_gpu;
+  const absl::Status want =
+      cpu_->AnchorGrad(a.p, a.q, tokens, G_huge, Gu, U, Tensor::F32(dp_huge_cpu.data(), kV, kR),
+                       Tensor::F32(dq_cpu.data(), kR, kD));
+  EXPECT_FALSE(want.ok());
+  EXPECT_EQ(cuda_->AnchorGrad(a.p, a.q, tokens, G_huge, Gu, U, Tensor::F32(dp_huge.data(), kV, kR),
+                              Tensor::F32(dq_gpu.data(), kR, kD)),
+            want);
+  EXPECT_EQ(dp_huge, dp_huge_before);
+  EXPECT_EQ(dq_gpu, dq_before);
+
   // AdamStep on the anchor table: the CPU's arithmetic, up to FMA contraction.
   std::vector<float> p_cpu = p, p_gpu = p, m_cpu(p.size()), m_gpu(p.size()), v_cpu(p.size()),
                      v_gpu(p.size());
