@@ -70,6 +70,14 @@ asan_rc=$?
 
 echo "== build/ (RelWithDebInfo): all tests =="
 bash deploy/build.sh || exit 1
+# In CI the CUDA backend must be compiled wherever nvcc is: otherwise a broken .cu file, or a
+# build that silently dropped the backend, would pass unnoticed.
+nvcc_path=$(command -v nvcc || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; })
+if [ "${CI:-}" = true ] && [ -n "$nvcc_path" ] && ! grep -qx 'MAPL_WITH_CUDA:BOOL=ON' build/CMakeCache.txt; then
+  echo "CI=true: nvcc is installed ($nvcc_path) but build/ has MAPL_WITH_CUDA OFF, so the CUDA"
+  echo "backend was not compiled; configure build/ with -DMAPL_WITH_CUDA=ON (or remove a stale build/)"
+  exit 1
+fi
 note=""
 if [ "$tsan_rc" -ne 0 ]; then
   note="ThreadSanitizer run failed (exit $tsan_rc): see its failures above, under '== threads'"

@@ -19,7 +19,8 @@
 namespace mapl {
 
 #ifdef MAPL_WITH_CUDA
-// kernels/cuda: defined with the CUDA backend; UNAVAILABLE when this machine has no usable device.
+// kernels/cuda/loader.cc: loads the CUDA backend's module, libmapl_cuda.so; UNAVAILABLE when the
+// module or a usable device is missing.
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend();
 #endif
 

@@ -4,6 +4,9 @@
 #ifndef MAPL_KERNELS_CPU_CPU_BACKEND_H_
 #define MAPL_KERNELS_CPU_CPU_BACKEND_H_
 
+#include <cstdint>
+#include <functional>
+#include <random>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -72,6 +75,19 @@ struct AnchorFactors {
 };
 absl::StatusOr<AnchorFactors> FactorAnchor(const LowRankAnchor& a, int64_t n, const ConstTensor& u,
                                            const char* what);
+
+// One level of RvqUpdate once the batch is assigned (kernels/cpu/rvq.cc), shared with the CUDA
+// backend so that both update and re-seed alike, random draws included: the EMA of the level's
+// counts and sums, then each centroid recomputed, or re-seeded when dead from a residual row of
+// the batch drawn with `rng`. batch_counts (K) and batch_sums (K, dim) are the batch's
+// statistics; residual_row(i, dst) writes row i of the level's residual (before the chosen
+// centroids are subtracted) to dst, dim floats. Returns how many centroids were re-seeded, or
+// residual_row's error.
+absl::StatusOr<int64_t> ApplyRvqBatchStats(
+    RvqLearner& next, int level, int64_t n, const std::vector<int64_t>& batch_counts,
+    const std::vector<double>& batch_sums,
+    const std::function<absl::Status(int64_t, float*)>& residual_row, std::mt19937_64& rng,
+    const RvqUpdateOptions& options);
 
 }  // namespace cpu
 }  // namespace mapl

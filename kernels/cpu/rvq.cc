@@ -2,6 +2,7 @@
 // streaming update. The nearest-centroid search is in rvq_distance.cc.
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -223,6 +224,52 @@ void KMeans(const float* data, int64_t n, int dim, int k, int iterations, std::m
 
 }  // namespace
 
+namespace cpu {
+
+absl::StatusOr<int64_t> ApplyRvqBatchStats(
+    RvqLearner& next, int level, int64_t n, const std::vector<int64_t>& batch_counts,
+    const std::vector<double>& batch_sums,
+    const std::function<absl::Status(int64_t, float*)>& residual_row, std::mt19937_64& rng,
+    const RvqUpdateOptions& options) {
+  RvqCodebooks& cb = next.codebooks;
+  const int64_t dim = cb.dim, k = cb.codebook_size;
+  const float a = options.decay, b = 1.f - options.decay;
+  float* counts = next.counts.data() + level * k;
+  float* sums = next.sums.data() + level * k * dim;
+  float* cen = cb.level(level).data();
+  double mean_count = 0;
+  for (int64_t c = 0; c < k; ++c) {
+    counts[c] = a * counts[c] + b * float(batch_counts[c]);
+    for (int64_t j = 0; j < dim; ++j) {
+      sums[c * dim + j] = a * sums[c * dim + j] + b * float(batch_sums[c * dim + j]);
+    }
+    mean_count += counts[c];
+  }
+  mean_count /= k;
+  std::uniform_int_distribution<int64_t> pick(0, n - 1);
+  std::vector<float> row(dim);
+  int64_t reseeded = 0;
+  for (int64_t c = 0; c < k; ++c) {
+    if (counts[c] < options.dead_fraction * mean_count || counts[c] <= 0.f) {
+      // Dead: re-seed from a residual of this batch, weighted as an average centroid.
+      const int64_t i = pick(rng);
+      MAPL_RETURN_IF_ERROR(residual_row(i, row.data()));
+      const float w = static_cast<float>(std::max(mean_count, 1e-6));
+      for (int64_t j = 0; j < dim; ++j) {
+        cen[c * dim + j] = row[j];
+        sums[c * dim + j] = row[j] * w;
+      }
+      counts[c] = w;
+      ++reseeded;
+    } else {
+      for (int64_t j = 0; j < dim; ++j) cen[c * dim + j] = sums[c * dim + j] / counts[c];
+    }
+  }
+  return reseeded;
+}
+
+}  // namespace cpu
+
 absl::StatusOr<RvqCodebooks> CpuBackend::RvqFit(const ConstTensor& x,
                                                 const RvqFitOptions& options) const {
   RvqCodebooks cb;
@@ -393,7 +440,6 @@ absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const 
   std::vector<double> batch_sums(size_t(k) * dim);
   std::vector<int64_t> batch_counts(k);
   std::mt19937_64 rng(next.rng_state);
-  const float a = options.decay, b = 1.f - options.decay;
   for (int l = 0; l < nl; ++l) {
     // Assign with the level as it was, accumulate this level's residuals, then subtract.
     cpu::NearestCentroids(residual.data(), n, levels[l], best.data(), nullptr);
@@ -403,34 +449,17 @@ absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const 
       ++batch_counts[best[i]];
       for (int64_t j = 0; j < dim; ++j) batch_sums[best[i] * dim + j] += residual[i * dim + j];
     }
-    float* counts = next.counts.data() + l * k;
-    float* sums = next.sums.data() + l * k * dim;
-    float* cen = cb.level(l).data();
-    double mean_count = 0;
-    for (int64_t c = 0; c < k; ++c) {
-      counts[c] = a * counts[c] + b * float(batch_counts[c]);
-      for (int64_t j = 0; j < dim; ++j) {
-        sums[c * dim + j] = a * sums[c * dim + j] + b * float(batch_sums[c * dim + j]);
-      }
-      mean_count += counts[c];
-    }
-    mean_count /= k;
-    std::uniform_int_distribution<int64_t> pick(0, n - 1);
-    for (int64_t c = 0; c < k; ++c) {
-      if (counts[c] < options.dead_fraction * mean_count || counts[c] <= 0.f) {
-        // Dead: re-seed from a residual of this batch, weighted as an average centroid.
-        const int64_t i = pick(rng);
-        const float w = static_cast<float>(std::max(mean_count, 1e-6));
-        for (int64_t j = 0; j < dim; ++j) {
-          cen[c * dim + j] = residual[i * dim + j];
-          sums[c * dim + j] = residual[i * dim + j] * w;
-        }
-        counts[c] = w;
-        ++stats.reseeded;
-      } else {
-        for (int64_t j = 0; j < dim; ++j) cen[c * dim + j] = sums[c * dim + j] / counts[c];
-      }
-    }
+    const float* level_residual = residual.data();
+    MAPL_ASSIGN_OR_RETURN(const int64_t reseeded, cpu::ApplyRvqBatchStats(
+                                                      next, l, n, batch_counts, batch_sums,
+                                                      [&](int64_t i, float* dst) {
+                                                        std::copy(level_residual + i * dim,
+                                                                  level_residual + (i + 1) * dim,
+                                                                  dst);
+                                                        return absl::OkStatus();
+                                                      },
+                                                      rng, options));
+    stats.reseeded += reseeded;
     SubtractCentroids(levels[l], best.data(), n, residual.data());
   }
   next.rng_state = rng();

@@ -2,6 +2,7 @@
 #include "kernels/registry.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -45,6 +46,40 @@ TEST(Registry, MakeCpuBackendIsTheCpuEntry) {
   ASSERT_TRUE(by_name.ok()) << by_name.status();
   EXPECT_STREQ((*by_name)->name(), "cpu");
 }
+
+#ifdef MAPL_WITH_CUDA
+// A build with the CUDA backend registers "cuda": MakeBackend makes it, or says why this machine
+// cannot run it (UNAVAILABLE, naming the CUDA error), but never answers NOT_FOUND.
+TEST(Registry, CudaIsRegisteredWhenBuilt) {
+  const std::vector<std::string> names = BackendNames();
+  EXPECT_NE(std::find(names.begin(), names.end(), "cuda"), names.end());
+  const absl::StatusOr<std::unique_ptr<Backend>> be = MakeBackend("cuda");
+  if (be.ok()) {
+    EXPECT_STREQ((*be)->name(), "cuda");
+    return;
+  }
+  EXPECT_EQ(be.status().code(), absl::StatusCode::kUnavailable) << be.status();
+  EXPECT_FALSE(be.status().message().empty());
+}
+
+// A malformed MAPL_CUDA_DEVICE is a configuration error, reported before any device is touched.
+TEST(Registry, CudaRejectsAMalformedDeviceIndex) {
+  const char* old = std::getenv("MAPL_CUDA_DEVICE");
+  const std::string saved = old != nullptr ? old : "";
+  for (const char* bad : {"x", "-1", "1.5"}) {
+    ASSERT_EQ(setenv("MAPL_CUDA_DEVICE", bad, 1), 0);
+    const absl::StatusOr<std::unique_ptr<Backend>> be = MakeBackend("cuda");
+    EXPECT_EQ(be.status().code(), absl::StatusCode::kInvalidArgument) << bad << ": " << be.status();
+    EXPECT_NE(std::string(be.status().message()).find("MAPL_CUDA_DEVICE"), std::string::npos)
+        << be.status();
+  }
+  if (old != nullptr) {
+    setenv("MAPL_CUDA_DEVICE", saved.c_str(), 1);
+  } else {
+    unsetenv("MAPL_CUDA_DEVICE");
+  }
+}
+#endif  // MAPL_WITH_CUDA
 
 // Each registered name makes a fresh backend that reports that name (BackendTest::SetUp checks
 // it); two calls give two objects, since backends are created, not shared.

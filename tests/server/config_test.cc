@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "gtest/gtest.h"
+#include "kernels/registry.h"
 
 namespace mapl {
 namespace {
@@ -157,7 +159,8 @@ TEST(Config, InvalidFieldsStopStartupNamingTheField) {
   ExpectError(Finalized("stage: 1\nauth_token: \"t\"\nboundaries { d: -3 }"), "line 3");
   // An unknown backend names the ones this build has.
   ExpectError(Finalized(kStage1, {"backend=tpu"}), "backend: 'tpu' is not a backend");
-  ExpectError(Finalized(kStage1, {"backend=tpu"}), "(it has: cpu)");
+  ExpectError(Finalized(kStage1, {"backend=tpu"}),
+              absl::StrCat("(it has: ", absl::StrJoin(BackendNames(), ", "), ")"));
 }
 
 // BoundaryConfig.dial: unset, the upstream dials and the downstream listens; a downstream that
