@@ -36,6 +36,9 @@ class DeviceVector {
     EXPECT_EQ(cudaMalloc(&ptr_, std::max<size_t>(1, size_ * sizeof(T))), cudaSuccess);
     EXPECT_EQ(cudaMemcpy(ptr_, host.data(), size_ * sizeof(T), cudaMemcpyHostToDevice),
               cudaSuccess);
+    // From pageable memory cudaMemcpy may return before the DMA lands, and the backend's streams
+    // do not wait for the legacy stream: the data must be on the device before an op reads it.
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   }
   DeviceVector(const DeviceVector&) = delete;
   DeviceVector& operator=(const DeviceVector&) = delete;
