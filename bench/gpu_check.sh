@@ -138,7 +138,13 @@ run() {
   [ -f .gpucheck/bundle.tar.xz ] || { note "FAIL: no .gpucheck/bundle.tar.xz (run --pack first)"; return 1; }
   local work
   work=$(mktemp -d) || return 1
-  tar -C "$work" -xJf .gpucheck/bundle.tar.xz || { note "FAIL: cannot unpack the bundle"; return 1; }
+  # tar -J needs the xz program, which a bare image may lack; Python's tarfile reads xz itself.
+  if ! tar -C "$work" -xJf .gpucheck/bundle.tar.xz 2>"$out/unpack.log" &&
+     ! python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+       .gpucheck/bundle.tar.xz "$work" 2>>"$out/unpack.log"; then
+    note "FAIL: cannot unpack the bundle (log: unpack.log)"
+    return 1
+  fi
 
   nvidia-smi >"$out/nvidia-smi.txt" 2>&1
   cat "$out/nvidia-smi.txt"

@@ -122,6 +122,8 @@ int Main(int argc, char** argv) {
   auto* codes_d = static_cast<uint8_t*>(DeviceAlloc(size_t(n) * kLevels));
   BENCH_CHECK_CUDA(cudaMemcpy(h_d, h.data(), h_bytes, cudaMemcpyHostToDevice));
   BENCH_CHECK_CUDA(cudaMemcpy(u_d, u.data(), u.size() * sizeof(float), cudaMemcpyHostToDevice));
+  // The backend's streams do not wait for the legacy stream, where these copies may still be.
+  BENCH_CHECK_CUDA(cudaDeviceSynchronize());
 
   const double t_copy = MedianSeconds(
       reps, [&] { BENCH_CHECK_CUDA(cudaMemcpy(h2_d, h_d, h_bytes, cudaMemcpyDeviceToDevice)); });

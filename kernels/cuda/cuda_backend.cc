@@ -73,7 +73,10 @@ class HostOperands {
       MAPL_RETURN_IF_ERROR(CudaStatus(cudaMemcpy(b.device, b.host, b.bytes, cudaMemcpyHostToDevice),
                                       "cudaMemcpy (host op result to the device)"));
     }
-    return absl::OkStatus();
+    // cudaMemcpy from pageable memory may return before its DMA reaches the device; the caller
+    // may read the result from any stream (ours are non-blocking), so wait for it here.
+    return CudaStatus(cudaStreamSynchronize(cudaStreamLegacy),
+                      "cudaStreamSynchronize (host op results)");
   }
 
  private:

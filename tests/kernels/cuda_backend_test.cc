@@ -36,6 +36,9 @@ class DeviceVector {
     EXPECT_EQ(cudaMalloc(&ptr_, std::max<size_t>(1, size_ * sizeof(T))), cudaSuccess);
     EXPECT_EQ(cudaMemcpy(ptr_, host.data(), size_ * sizeof(T), cudaMemcpyHostToDevice),
               cudaSuccess);
+    // From pageable memory cudaMemcpy may return before the DMA lands, and the backend's streams
+    // do not wait for the legacy stream: the data must be on the device before an op reads it.
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   }
   DeviceVector(const DeviceVector&) = delete;
   DeviceVector& operator=(const DeviceVector&) = delete;
@@ -296,6 +299,59 @@ TEST_F(CudaBackendTest, RvqEncodeAgreesUpToNearTiesAndDecodeIsBitExact) {
     EXPECT_EQ(cuda_->RvqDecode(small, bad, n_cpu, Tensor::F32(y_gpu.data(), kN, kK)),
               cpu_->RvqDecode(small, bad, n_cpu, Tensor::F32(y_cpu.data(), kN, kK)));
   }
+}
+
+// Sizes off every tile of the kernels: n not a multiple of the RVQ kernel's 128 rows or of the
+// codecs' 8 rows a block, dim not a multiple of its 32-float chunks, K below its 32-centroid tile,
+// an odd k for int4. The sizes above are all multiples, so a tail bug would pass them.
+TEST_F(CudaBackendTest, OddSizesMatchTheCpu) {
+  const int n = 1000, dim = 100, levels = 3, max_differ = 3;
+  for (bool gain_shape : {false, true}) {
+    SCOPED_TRACE(gain_shape ? "gain-shape" : "plain");
+    const std::vector<float> x = DecayingRows(n, dim, 12);
+    RvqFitOptions opt;
+    opt.levels = levels;
+    opt.codebook_size = 20;
+    opt.gain_shape = gain_shape;
+    opt.kmeans_iterations = 4;
+    opt.refine_passes = 0;
+    const absl::StatusOr<RvqCodebooks> cb = cpu_->RvqFit(ConstTensor::F32(x.data(), n, dim), opt);
+    ASSERT_TRUE(cb.ok()) << cb.status();
+    std::vector<uint8_t> c_cpu(size_t(n) * levels), c_gpu(size_t(n) * levels);
+    std::vector<float> n_cpu(gain_shape ? n : 0), n_gpu(gain_shape ? n : 0);
+    const ConstTensor in = ConstTensor::F32(x.data(), n, dim);
+    ASSERT_TRUE(cpu_->RvqEncode(*cb, in, 1, absl::MakeSpan(c_cpu), absl::MakeSpan(n_cpu)).ok());
+    ASSERT_TRUE(cuda_->RvqEncode(*cb, in, 1, absl::MakeSpan(c_gpu), absl::MakeSpan(n_gpu)).ok());
+    for (int i = 0; i < (gain_shape ? n : 0); ++i) {
+      EXPECT_NEAR(n_gpu[i], n_cpu[i], 1e-6 * n_cpu[i]) << "row " << i;
+    }
+    int differ = 0;
+    for (size_t c = 0; c < c_cpu.size(); ++c) differ += c_cpu[c] != c_gpu[c];
+    // With 20 centroids a level, near ties are rare: a few codes at most.
+    EXPECT_LE(differ, max_differ) << differ << " of " << c_cpu.size() << " codes differ";
+    std::vector<float> y_cpu(size_t(n) * dim), y_gpu(size_t(n) * dim);
+    ASSERT_TRUE(cpu_->RvqDecode(*cb, c_cpu, n_cpu, Tensor::F32(y_cpu.data(), n, dim)).ok());
+    ASSERT_TRUE(cuda_->RvqDecode(*cb, c_cpu, n_cpu, Tensor::F32(y_gpu.data(), n, dim)).ok());
+    EXPECT_EQ(0, std::memcmp(y_gpu.data(), y_cpu.data(), y_cpu.size() * sizeof(float)));
+  }
+  const int rows = 13, k = 37;
+  const std::vector<float> x = CodecInput(rows, k);
+  std::vector<int8_t> q8_cpu(size_t(rows) * k), q8_gpu(size_t(rows) * k);
+  std::vector<float> s_cpu(rows), s_gpu(rows);
+  const ConstTensor in = ConstTensor::F32(x.data(), rows, k);
+  ASSERT_TRUE(cpu_->Int8Encode(in, absl::MakeSpan(q8_cpu), absl::MakeSpan(s_cpu)).ok());
+  ASSERT_TRUE(cuda_->Int8Encode(in, absl::MakeSpan(q8_gpu), absl::MakeSpan(s_gpu)).ok());
+  EXPECT_EQ(q8_gpu, q8_cpu);
+  EXPECT_EQ(0, std::memcmp(s_gpu.data(), s_cpu.data(), rows * sizeof(float)));
+  const size_t row_bytes = (k + 1) / 2;
+  std::vector<uint8_t> q4_cpu(rows * row_bytes), q4_gpu(rows * row_bytes);
+  ASSERT_TRUE(cpu_->Int4Encode(in, absl::MakeSpan(q4_cpu), absl::MakeSpan(s_cpu)).ok());
+  ASSERT_TRUE(cuda_->Int4Encode(in, absl::MakeSpan(q4_gpu), absl::MakeSpan(s_gpu)).ok());
+  EXPECT_EQ(q4_gpu, q4_cpu);
+  std::vector<float> o_cpu(size_t(rows) * k), o_gpu(size_t(rows) * k);
+  ASSERT_TRUE(cpu_->Int4Decode(q4_cpu, s_cpu, Tensor::F32(o_cpu.data(), rows, k)).ok());
+  ASSERT_TRUE(cuda_->Int4Decode(q4_cpu, s_cpu, Tensor::F32(o_gpu.data(), rows, k)).ok());
+  EXPECT_EQ(0, std::memcmp(o_gpu.data(), o_cpu.data(), o_cpu.size() * sizeof(float)));
 }
 
 // The learner's streaming update: the device assigns and gathers the batch statistics, the host
