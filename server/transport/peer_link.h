@@ -1,4 +1,4 @@
-// The gRPC peer link (docs/ARCHITECTURE.md, "The transport"), the first Transport (transport.h):
+// The peer link (docs/ARCHITECTURE.md, "The transport"), the Transport (transport.h):
 // one bidirectional gRPC stream (Peer.Link, peer.proto) per pipeline boundary between the two mapld
 // processes on either side of it. It knows nothing about codecs: it numbers, orders, acknowledges,
 // retains and resends PeerMessages, authenticates the peer, and measures liveness and round-trip
@@ -78,9 +78,15 @@
 // The handler is never called concurrently with itself, always in seq order; it may call Send,
 // but must not block for long (it stalls reading and acknowledging) and must not destroy the link.
 //
+// Data planes. The messages of a connection travel on its gRPC stream (the default), or, with
+// data_plane DATA_PLANE_UCX, as UCX active messages (ucx/ucx_stream.h) while the gRPC stream
+// carries only the Hello exchange and the close. Everything above (sequencing, resends,
+// liveness, the rate cap) is the same code either way: it reaches the wire only through
+// PeerStream (stream.h).
+//
 // Code: peer_link.cc holds sequencing, the handshake's checks and one connection's reader and
 // writer; peer_dialer.cc the dialing; peer_server.cc the listener's PeerServer and the server
-// side of a stream.
+// side of a stream; ucx/ the UCX data plane; network_policy.h who may be a UCX peer.
 #ifndef MAPL_SERVER_TRANSPORT_PEER_LINK_H_
 #define MAPL_SERVER_TRANSPORT_PEER_LINK_H_
 

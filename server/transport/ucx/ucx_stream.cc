@@ -128,6 +128,16 @@ absl::Status UcxStream::Connect(absl::string_view peer_address, absl::string_vie
                                                    peer_token.size(), " bytes, not ", kTokenBytes));
   }
   peer_token_ = std::string(peer_token);
+  // From here the control stream's end (the peer gave up, or refused our Hello) ends the wait.
+  watcher_ = std::thread([this] { WatchControl(); });
+  // The listener connects only once the dialer's hello has arrived on its worker: the dialer
+  // sends it after accepting the listener's Hello, so the listener never opens a connection to
+  // a dialer that refused it and tore its worker down. (UCX 1.13's TCP transport aborts the
+  // process when a connection it is opening is refused.)
+  if (!dialer_) {
+    const absl::Status heard = AwaitPeer(/*need_sent=*/false);
+    if (!heard.ok()) return heard;
+  }
   const std::string address(peer_address);
   absl::Notification done;
   ucs_status_t status = UCS_OK;
@@ -154,26 +164,31 @@ absl::Status UcxStream::Connect(absl::string_view peer_address, absl::string_vie
     absl::MutexLock lock(&mu_);
     connected_ = true;
   }
-  // Both ends say hello on their new endpoints and wait for each other's: the connection is then
-  // wired up both ways before the session starts. (UCX 1.13's TCP transport aborts the process
-  // when a connection it is still opening is refused, as it is when the peer's worker is torn
-  // down mid-wireup: a session broken right after it started.)
+  // Both ends say hello on their endpoints and wait for each other's: the connection is then
+  // wired up both ways before the session starts, and no connection is still being opened when
+  // a session that breaks at once tears a worker down.
   if (!SendFrame(kKindHello, nullptr)) return ReadError();
-  {
-    absl::MutexLock lock(&mu_);
-    auto wired = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return (hello_received_ && hello_sent_) || !failure_.ok() || cancelled_;
-    };
-    if (!mu_.AwaitWithTimeout(absl::Condition(&wired), connect_timeout_)) {
-      return absl::UnavailableError(absl::StrCat(
-          describe_, ": the peer's UCX worker did not answer within ",
-          absl::FormatDuration(connect_timeout_),
-          " (can this host reach the peer's UCX devices? see ucx.net_devices and ucx.tls)"));
-    }
-    if (!failure_.ok()) return failure_;
-    if (cancelled_) return absl::CancelledError(describe_ + ": cancelled while connecting");
+  return AwaitPeer(/*need_sent=*/true);
+}
+
+absl::Status UcxStream::AwaitPeer(bool need_sent) {
+  absl::MutexLock lock(&mu_);
+  auto settled = [this, need_sent]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return (hello_received_ && (hello_sent_ || !need_sent)) || !failure_.ok() || cancelled_ ||
+           control_ended_;
+  };
+  if (!mu_.AwaitWithTimeout(absl::Condition(&settled), connect_timeout_)) {
+    return absl::UnavailableError(absl::StrCat(
+        describe_, ": the peer's UCX worker did not answer within ",
+        absl::FormatDuration(connect_timeout_),
+        " (can this host reach the peer's UCX devices? see ucx.net_devices and ucx.tls)"));
   }
-  watcher_ = std::thread([this] { WatchControl(); });
+  if (!failure_.ok()) return failure_;
+  if (cancelled_) return absl::CancelledError(describe_ + ": cancelled while connecting");
+  if (!(hello_received_ && (hello_sent_ || !need_sent))) {
+    return absl::UnavailableError(
+        describe_ + ": the peer ended the control stream before the UCX connection was up");
+  }
   return absl::OkStatus();
 }
 

@@ -126,6 +126,8 @@ class UcxStream final : public DataPlaneStream {
   void StartSend(SendOp* op) ABSL_LOCKS_EXCLUDED(mu_);
   // Starts receiving the deferred rendezvous messages that fit now, and the one Read needs next.
   void ResumeParked() ABSL_LOCKS_EXCLUDED(mu_);
+  // Waits for the peer's hello (and, if need_sent, our own's completion), up to connect_timeout_.
+  absl::Status AwaitPeer(bool need_sent) ABSL_LOCKS_EXCLUDED(mu_);
   void ProgressLoop();
   void CloseEndpoint();
   void WatchControl();

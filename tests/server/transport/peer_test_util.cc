@@ -25,23 +25,9 @@ class GrpcEnvironment : public ::testing::Environment {
 [[maybe_unused]] ::testing::Environment* const kGrpcEnvironment =
     ::testing::AddGlobalTestEnvironment(new GrpcEnvironment);
 
-#if defined(__SANITIZE_ADDRESS__)
-#define MAPL_TEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MAPL_TEST_ASAN 1
-#endif
-#endif
-
 bool ReadUcxDataPlane() {
   const char* plane = std::getenv("MAPL_TEST_DATA_PLANE");
-  const bool ucx = plane != nullptr && std::string(plane) == "ucx";
-#ifdef MAPL_TEST_ASAN
-  // UCX's memory hooks (UCM) patch malloc and mmap, which AddressSanitizer owns. Before the
-  // first ucp_init, which reads it.
-  if (ucx) setenv("UCX_MEM_EVENTS", "no", /*overwrite=*/0);
-#endif
-  return ucx;
+  return plane != nullptr && std::string(plane) == "ucx";
 }
 
 }  // namespace
