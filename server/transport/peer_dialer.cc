@@ -225,6 +225,7 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
   }
 
   absl::Status result = StartDataPlane(data_plane.get(), &hello);
+  bool identity_refused = false;  // The listener's certificate lacks peer_identity.
   v1::PeerMessage reply;
   if (!result.ok()) {
     context.TryCancel();
@@ -258,11 +259,12 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
       result = CheckPeerHello(reply.hello());
       if (result.ok()) {
         result = CheckPeerIdentity(context.auth_context(), options_.peer_identity, Describe());
+        identity_refused = !result.ok();
       }
       if (result.ok()) result = CheckDataPlanePeer(context.peer());
     }
     if (!result.ok()) {
-      CountRejectedHello(result);
+      CountRejectedHello(result, identity_refused);
     } else if (data_plane != nullptr) {
       result = data_plane->Connect(reply.hello().ucx_worker_address(), reply.hello().ucx_token());
     }

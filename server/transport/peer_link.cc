@@ -412,13 +412,10 @@ absl::Status PeerLink::StartDataPlane(DataPlaneStream* data_plane, v1::PeerMessa
   return absl::OkStatus();
 }
 
-void PeerLink::CountRejectedHello(const absl::Status& status) {
+void PeerLink::CountRejectedHello(const absl::Status& status, bool identity) {
   absl::MutexLock lock(&mu_);
   stats_.set_handshakes_rejected(stats_.handshakes_rejected() + 1);
-  // CheckPeerIdentity's code: the peer's certificate lacks the identity this boundary expects.
-  if (status.code() == absl::StatusCode::kPermissionDenied) {
-    stats_.set_identity_rejected(stats_.identity_rejected() + 1);
-  }
+  if (identity) stats_.set_identity_rejected(stats_.identity_rejected() + 1);
   if (!stats_.connected()) status_ = status;
   Log(LogLevel::kWarning, "peer link handshake rejected",
       {{"link", Describe()}, {"status", status.ToString()}});

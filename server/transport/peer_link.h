@@ -303,7 +303,8 @@ class PeerLink final : public Transport {
   std::unique_ptr<DataPlaneStream> NewDataPlane(PeerStream* control) const;
   // Starts `data_plane` (if any) and puts its address and token into `hello`.
   absl::Status StartDataPlane(DataPlaneStream* data_plane, v1::PeerMessage* hello) const;
-  void CountRejectedHello(const absl::Status& status) ABSL_LOCKS_EXCLUDED(mu_);
+  // `identity`: the refusal is CheckPeerIdentity's (the peer's certificate lacks peer_identity).
+  void CountRejectedHello(const absl::Status& status, bool identity) ABSL_LOCKS_EXCLUDED(mu_);
   // Takes in the peer's instance, resetting receive state if it changed (*reset says so);
   // *restarted: it changed from an earlier known instance (call on_peer_restart, unlocked).
   void AdoptPeerInstance(const v1::Hello& hello, bool* reset, bool* restarted)

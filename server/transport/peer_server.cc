@@ -42,12 +42,14 @@ absl::Status PeerLink::ServeStream(grpc::ServerContext* context,
                                    grpc::ServerReaderWriter<v1::PeerMessage, v1::PeerMessage>* rw,
                                    const v1::Hello& hello) {
   absl::Status checked = CheckPeerHello(hello);
+  bool identity_refused = false;
   if (checked.ok()) {
     checked = CheckPeerIdentity(context->auth_context(), options_.peer_identity, Describe());
+    identity_refused = !checked.ok();
   }
   if (checked.ok()) checked = CheckDataPlanePeer(context->peer());
   if (!checked.ok()) {
-    CountRejectedHello(checked);
+    CountRejectedHello(checked, identity_refused);
     return checked;
   }
   ServerStream stream(context, rw);

@@ -288,7 +288,11 @@ TEST(UcxLinkTest, APeerOnAnUntrustedNetworkIsRefusedUnlessTrustedOrAllowed) {
     up_options.ucx = up_ucx;
     absl::StatusOr<std::unique_ptr<PeerLink>> up = PeerLink::Dial(up_options, Ignore);
     EXPECT_TRUE(up.ok());
-    return (*up)->WaitConnected(kWait);
+    const absl::Status connected = (*up)->WaitConnected(kWait);
+    // A refusal by network is not one by certificate identity.
+    EXPECT_EQ((*down)->stats().identity_rejected(), 0u);
+    EXPECT_EQ((*up)->stats().identity_rejected(), 0u);
+    return connected;
   };
   UcxLinkOptions loopback_only;
   absl::Status s = attempt(loopback_only, loopback_only);
