@@ -21,6 +21,7 @@
 #include "google/protobuf/text_format.h"
 #include "kernels/registry.h"
 #include "kernels/rvq.h"
+#include "server/transport/network_policy.h"
 
 namespace mapl {
 namespace {
@@ -270,6 +271,15 @@ absl::StatusOr<v1::BoundaryConfig> BoundaryConfigWithDefaults(const v1::Boundary
   if (c.role() != v1::ROLE_UPSTREAM && c.role() != v1::ROLE_DOWNSTREAM) {
     return bad("role", "required: ROLE_UPSTREAM or ROLE_DOWNSTREAM, got ", c.role());
   }
+  if (c.transport() == v1::TRANSPORT_UNSPECIFIED) c.set_transport(v1::TRANSPORT_GRPC);
+  if (!v1::Transport_IsValid(c.transport())) {
+    return bad("transport", "unknown value ", c.transport());
+  }
+  if (c.transport() == v1::TRANSPORT_UCX && !kUcxBuilt) {
+    return bad("transport",
+               "TRANSPORT_UCX, but this mapld was built without UCX (MAPL_WITH_UCX=OFF; it needs "
+               "libucx-dev at build time); use TRANSPORT_GRPC or a mapld built with UCX");
+  }
   if (c.d() == 0) return bad("d", "required (the hidden size)");
   if (c.d() > kMaxHidden) return bad("d", "must be <= ", kMaxHidden, ", got ", c.d());
   if (c.k() == 0) c.set_k(std::max(1u, c.d() / 16));
@@ -444,6 +454,22 @@ absl::StatusOr<v1::DaemonConfig> FinalizeConfig(const v1::DaemonConfig& in) {
         "checkpoint_every_steps: needs state_dir, the directory the checkpoints go to");
   }
   if (c.max_transport_queue_ms() == 0) c.set_max_transport_queue_ms(4000);
+  {
+    v1::UcxConfig* ucx = c.mutable_ucx();
+    if (ucx->max_inflight_mib() == 0) ucx->set_max_inflight_mib(64);
+    if (ucx->max_inflight_mib() > 4096) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ucx.max_inflight_mib: at most 4096 (MiB in flight per link and direction), got ",
+          ucx->max_inflight_mib()));
+    }
+    for (int i = 0; i < ucx->trusted_networks_size(); ++i) {
+      const absl::Status valid = ValidateCidr(ucx->trusted_networks(i));
+      if (!valid.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("ucx.trusted_networks[", i, "]: ", valid.message()));
+      }
+    }
+  }
   if (c.has_tls()) {
     v1::TlsConfig* tls = c.mutable_tls();
     if (tls->reload_seconds() == 0) tls->set_reload_seconds(60);

@@ -262,6 +262,19 @@ absl::Status Daemon::StartTransports() {
          {"ca_file", config_.tls().ca_file()},
          {"mutual", config_.tls().server_only() ? "false" : "true"}});
   }
+  std::string ucx_boundaries;
+  for (const auto& [id, w] : workers_) {
+    if (w->config().transport() == v1::TRANSPORT_UCX) {
+      absl::StrAppend(&ucx_boundaries, ucx_boundaries.empty() ? "" : ",", id);
+    }
+  }
+  if (!ucx_boundaries.empty()) {
+    Log(LogLevel::kWarning, "UCX data plane: its frames are plaintext and unauthenticated",
+        {{"boundaries", ucx_boundaries},
+         {"detail",
+          "tls protects only the gRPC handshake (token, identity); UCX peers are accepted on "
+          "loopback and ucx.trusted_networks only, unless ucx.allow_untrusted_networks"}});
+  }
   if (serves_peers) {
     PeerServerOptions options;
     options.listen_address = config_.peer_listen();
@@ -404,6 +417,15 @@ PeerLinkOptions Daemon::LinkOptions(uint32_t boundary) const {
   o.max_message_bytes = MaxPeerMessageBytes(worker.config());
   o.fingerprint = BoundaryFingerprintOf(worker.config());
   o.keepalive_time = o.keepalive_timeout = absl::Milliseconds(config_.peer_keepalive_ms());
+  if (worker.config().transport() == v1::TRANSPORT_UCX) {
+    o.data_plane = v1::DATA_PLANE_UCX;
+    const v1::UcxConfig& ucx = config_.ucx();
+    o.ucx.tls = ucx.tls();
+    o.ucx.net_devices = ucx.net_devices();
+    o.ucx.trusted_networks.assign(ucx.trusted_networks().begin(), ucx.trusted_networks().end());
+    o.ucx.allow_untrusted_networks = ucx.allow_untrusted_networks();
+    o.ucx.max_inflight_bytes = int64_t{ucx.max_inflight_mib()} << 20;
+  }
   if (config_.send_rate_mbit() > 0) {
     o.send_rate_bytes_per_second = config_.send_rate_mbit() * 1e6 / 8;
     o.send_burst_bytes =

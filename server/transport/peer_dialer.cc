@@ -207,7 +207,10 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
   std::unique_ptr<grpc::ClientReaderWriter<v1::PeerMessage, v1::PeerMessage>> rw =
       stub_->Link(&context);
   ClientStream stream(&context, rw.get());
-  Session session(&stream);
+  // With a UCX data plane the session runs on it, and the gRPC stream only carries the Hellos
+  // and the close.
+  std::unique_ptr<DataPlaneStream> data_plane = NewDataPlane(&stream);
+  Session session(data_plane != nullptr ? static_cast<Stream*>(data_plane.get()) : &stream);
   v1::PeerMessage hello;
   {
     absl::MutexLock lock(&mu_);
@@ -221,9 +224,13 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
     hello = MakeHello(/*peer_instance_known=*/true);
   }
 
-  absl::Status result;
+  absl::Status result = StartDataPlane(data_plane.get(), &hello);
+  bool identity_refused = false;  // The listener's certificate lacks peer_identity.
   v1::PeerMessage reply;
-  if (!rw->Write(hello) || !rw->Read(&reply)) {
+  if (!result.ok()) {
+    context.TryCancel();
+    rw->Finish();
+  } else if (!rw->Write(hello) || !rw->Read(&reply)) {
     // Turned away (the server's status says why: NOT_FOUND, UNAUTHENTICATED...) or no
     // connection after all.
     bool cut = false;
@@ -252,11 +259,16 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
       result = CheckPeerHello(reply.hello());
       if (result.ok()) {
         result = CheckPeerIdentity(context.auth_context(), options_.peer_identity, Describe());
+        identity_refused = !result.ok();
       }
+      if (result.ok()) result = CheckDataPlanePeer(context.peer());
     }
     if (!result.ok()) {
-      CountRejectedHello(result);
-    } else {
+      CountRejectedHello(result, identity_refused);
+    } else if (data_plane != nullptr) {
+      result = data_plane->Connect(reply.hello().ucx_worker_address(), reply.hello().ucx_token());
+    }
+    if (result.ok()) {
       bool restarted = false;
       {
         absl::MutexLock lock(&mu_);
@@ -268,10 +280,13 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
     }
     if (!result.ok()) {
       context.TryCancel();
+      if (data_plane != nullptr) data_plane->Shutdown(absl::ZeroDuration());
       rw->Finish();
     } else {
       *established = true;
       const absl::Status reason = RunSession(&session);
+      // Its reader of the gRPC stream is done before Finish.
+      if (data_plane != nullptr) data_plane->Shutdown(options_.close_grace);
       bool cut = false;
       absl::Status finish =
           FromGrpcStatus(FinishWithin(&context, rw.get(), options_.close_grace, &cut));
@@ -290,6 +305,7 @@ absl::Status PeerLink::DialOnce(absl::Time deadline, bool* established) {
   }
 
   absl::MutexLock lock(&mu_);
+  session.stream->AddStats(&stats_);  // The connection's own counters join the record.
   active_session_ = nullptr;
   if (*established) {
     status_ = closing_ ? absl::CancelledError(Describe() + " closed") : result;

@@ -14,6 +14,9 @@
 #include "google/protobuf/descriptor.h"
 #include "server/transport/fingerprint.h"
 #include "server/transport/peer_link_internal.h"
+#ifdef MAPL_WITH_UCX
+#include "server/transport/ucx/ucx_stream.h"
+#endif
 
 namespace mapl {
 namespace {
@@ -75,8 +78,9 @@ PeerLink::PeerLink(Role role, const PeerLinkOptions& options, Handler handler)
         while (id == 0) id = absl::Uniform<uint64_t>(gen);
         return id;
       }()) {
+  absl::MutexLock lock(&mu_);
+  stats_.set_data_plane(options_.data_plane == v1::DATA_PLANE_UCX ? "ucx" : "grpc");
   if (options_.send_rate_bytes_per_second > 0) {
-    absl::MutexLock lock(&mu_);
     send_bucket_.emplace(options_.send_rate_bytes_per_second, options_.send_burst_bytes);
   }
 }
@@ -112,6 +116,21 @@ absl::Status PeerLink::ValidateOptions(Role role, const PeerLinkOptions& o,
   if (o.stage != o.boundary && o.stage != o.boundary + 1) {
     return invalid(absl::StrCat("stage must be ", o.boundary, " (upstream) or ", o.boundary + 1,
                                 " (downstream), not ", o.stage));
+  }
+  if (o.data_plane != v1::DATA_PLANE_GRPC) {
+    if (o.data_plane != v1::DATA_PLANE_UCX) {
+      return invalid(absl::StrCat("unknown data_plane ", static_cast<int>(o.data_plane)));
+    }
+    if (!kUcxBuilt) {
+      return invalid(
+          "the UCX data plane is not in this build (configure with -DMAPL_WITH_UCX=ON and "
+          "libucx-dev installed), so transport must be TRANSPORT_GRPC");
+    }
+    if (o.ucx.max_inflight_bytes < 1) return invalid("ucx max_inflight_bytes must be positive");
+    for (const std::string& cidr : o.ucx.trusted_networks) {
+      const absl::Status valid = ValidateCidr(cidr);
+      if (!valid.ok()) return invalid(absl::StrCat("ucx trusted_networks: ", valid.message()));
+    }
   }
   if (role == Role::kServer) return absl::OkStatus();
   if (o.address.empty()) return invalid("address is required");
@@ -245,7 +264,10 @@ absl::Status PeerLink::Drain(absl::Duration timeout) {
 
 v1::LinkStats PeerLink::stats() const {
   absl::MutexLock lock(&mu_);
-  return stats_;
+  v1::LinkStats stats = stats_;
+  // The current connection's own counters join the record when it ends.
+  if (active_session_ != nullptr) active_session_->stream->AddStats(&stats);
+  return stats;
 }
 
 bool PeerLink::AwaitStats(const std::function<bool(const v1::LinkStats&)>& done,
@@ -324,6 +346,18 @@ absl::Status PeerLink::CheckPeerHello(const v1::Hello& hello) const {
     return absl::InvalidArgumentError(
         absl::StrCat(Describe(), ": the ", peer, "'s Hello has no instance_id"));
   }
+  if (hello.data_plane() != options_.data_plane) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        Describe(), ": the data planes differ: ", v1::DataPlane_Name(options_.data_plane),
+        " here, ", v1::DataPlane_Name(hello.data_plane()), " at the ", peer,
+        "; both ends of a boundary must set the same transport"));
+  }
+  if (options_.data_plane == v1::DATA_PLANE_UCX &&
+      (hello.ucx_worker_address().empty() || hello.ucx_token().empty())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        Describe(), ": the ", peer, "'s Hello names the UCX data plane but carries no ",
+        hello.ucx_worker_address().empty() ? "worker address" : "token"));
+  }
   if (options_.fingerprint.has_value()) {
     if (!hello.has_fingerprint()) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -340,13 +374,48 @@ absl::Status PeerLink::CheckPeerHello(const v1::Hello& hello) const {
   return absl::OkStatus();
 }
 
-void PeerLink::CountRejectedHello(const absl::Status& status) {
+absl::Status PeerLink::CheckDataPlanePeer(const std::string& peer_uri) const {
+  if (options_.data_plane != v1::DATA_PLANE_UCX) return absl::OkStatus();
+  bool untrusted = false;
+  const absl::Status allowed = CheckUcxPeer(peer_uri, options_.ucx, &untrusted);
+  if (!allowed.ok()) {
+    return absl::Status(allowed.code(), absl::StrCat(Describe(), ": ", allowed.message()));
+  }
+  if (untrusted) {
+    Log(LogLevel::kWarning,
+        "UCX data plane to a peer on an untrusted network: its messages cross it in clear and "
+        "unauthenticated (ucx.allow_untrusted_networks)",
+        {{"link", Describe()}, {"peer", peer_uri}});
+  }
+  return absl::OkStatus();
+}
+
+std::unique_ptr<DataPlaneStream> PeerLink::NewDataPlane(PeerStream* control) const {
+#ifdef MAPL_WITH_UCX
+  if (options_.data_plane == v1::DATA_PLANE_UCX) {
+    return std::make_unique<UcxStream>(control, role_ == Role::kDialer, options_.ucx,
+                                       options_.max_message_bytes, Describe());
+  }
+#endif
+  (void)control;
+  MAPL_CHECK(options_.data_plane == v1::DATA_PLANE_GRPC,
+             Describe() + ": a data plane this build lacks passed ValidateOptions");
+  return nullptr;
+}
+
+absl::Status PeerLink::StartDataPlane(DataPlaneStream* data_plane, v1::PeerMessage* hello) const {
+  if (data_plane == nullptr) return absl::OkStatus();
+  const absl::Status started = data_plane->Start();
+  if (!started.ok()) return started;
+  hello->mutable_hello()->set_ucx_worker_address(data_plane->address());
+  hello->mutable_hello()->set_ucx_token(data_plane->token());
+  return absl::OkStatus();
+}
+
+void PeerLink::CountRejectedHello(const absl::Status& status, bool identity) {
   absl::MutexLock lock(&mu_);
   stats_.set_handshakes_rejected(stats_.handshakes_rejected() + 1);
-  // CheckPeerIdentity's code: the peer's certificate lacks the identity this boundary expects.
-  if (status.code() == absl::StatusCode::kPermissionDenied) {
-    stats_.set_identity_rejected(stats_.identity_rejected() + 1);
-  }
+  if (identity) stats_.set_identity_rejected(stats_.identity_rejected() + 1);
   if (!stats_.connected()) status_ = status;
   Log(LogLevel::kWarning, "peer link handshake rejected",
       {{"link", Describe()}, {"status", status.ToString()}});
@@ -380,6 +449,7 @@ v1::PeerMessage PeerLink::MakeHello(bool peer_instance_known) {
   hello->set_resume_from_seq(last_applied_ + 1);
   hello->set_resume_instance_id(peer_instance_known ? peer_instance_id_ : 0);
   if (options_.fingerprint.has_value()) *hello->mutable_fingerprint() = *options_.fingerprint;
+  hello->set_data_plane(options_.data_plane);  // The caller adds the UCX address and token.
   return msg;
 }
 
@@ -469,16 +539,21 @@ absl::Status PeerLink::RunSession(Session* session) {
   absl::Status reason;
   while (true) {
     v1::PeerMessage msg;
-    if (!session->stream->Read(&msg)) break;
+    if (!session->stream->Read(&msg)) {
+      // A stream that knows why it ended (the UCX data plane) logged it.
+      reason = session->stream->ReadError();
+      if (!reason.ok() && role_ == Role::kDialer) session->stream->Cancel();
+      break;
+    }
     reason = HandleIncoming(std::move(msg));
-    if (!reason.ok()) break;
-  }
-  if (!reason.ok()) {
-    Log(LogLevel::kError, "peer link protocol error",
-        {{"link", Describe()}, {"status", reason.ToString()}});
-    // The dialer must cancel (its Finish would wait for the server); the server ends the stream
-    // with `reason` by returning it.
-    if (role_ == Role::kDialer) session->stream->Cancel();
+    if (!reason.ok()) {
+      Log(LogLevel::kError, "peer link protocol error",
+          {{"link", Describe()}, {"status", reason.ToString()}});
+      // The dialer must cancel (its Finish would wait for the server); the server ends the
+      // stream with `reason` by returning it.
+      if (role_ == Role::kDialer) session->stream->Cancel();
+      break;
+    }
   }
   {
     absl::MutexLock lock(&mu_);

@@ -1,4 +1,4 @@
-// The gRPC peer link (docs/ARCHITECTURE.md, "The transport"), the first Transport (transport.h):
+// The peer link (docs/ARCHITECTURE.md, "The transport"), the Transport (transport.h):
 // one bidirectional gRPC stream (Peer.Link, peer.proto) per pipeline boundary between the two mapld
 // processes on either side of it. It knows nothing about codecs: it numbers, orders, acknowledges,
 // retains and resends PeerMessages, authenticates the peer, and measures liveness and round-trip
@@ -52,10 +52,12 @@
 //   INVALID_ARGUMENT    invalid options (Dial, RegisterBoundary); Send of a Hello/Ack/Heartbeat, an
 //                       empty body, or a message over max_message_bytes; a peer that acknowledged
 //                       a seq never written, sent a connection-level or seq-less message, a Hello
-//                       without instance_id, or a config fingerprint that differs (named).
+//                       without instance_id, a config fingerprint or data plane that differs
+//                       (named).
 //   UNAUTHENTICATED     the peer's auth token differs (either side checks; the server tells an
 //                       unauthenticated peer nothing more).
-//   PERMISSION_DENIED   the peer's certificate lacks peer_identity.
+//   PERMISSION_DENIED   the peer's certificate lacks peer_identity; a UCX data plane with a peer
+//                       outside loopback and ucx.trusted_networks.
 //   FAILED_PRECONDITION the link was closed; the peer speaks another protocol version, serves
 //                       another boundary or stage.
 //   NOT_FOUND           the listener does not serve this boundary.
@@ -76,9 +78,15 @@
 // The handler is never called concurrently with itself, always in seq order; it may call Send,
 // but must not block for long (it stalls reading and acknowledging) and must not destroy the link.
 //
+// Data planes. The messages of a connection travel on its gRPC stream (the default), or, with
+// data_plane DATA_PLANE_UCX, as UCX active messages (ucx/ucx_stream.h) while the gRPC stream
+// carries only the Hello exchange and the close. Everything above (sequencing, resends,
+// liveness, the rate cap) is the same code either way: it reaches the wire only through
+// PeerStream (stream.h).
+//
 // Code: peer_link.cc holds sequencing, the handshake's checks and one connection's reader and
 // writer; peer_dialer.cc the dialing; peer_server.cc the listener's PeerServer and the server
-// side of a stream.
+// side of a stream; ucx/ the UCX data plane; network_policy.h who may be a UCX peer.
 #ifndef MAPL_SERVER_TRANSPORT_PEER_LINK_H_
 #define MAPL_SERVER_TRANSPORT_PEER_LINK_H_
 
@@ -100,6 +108,8 @@
 #include "proto/mapl/v1/local.pb.h"
 #include "proto/mapl/v1/peer.grpc.pb.h"
 #include "proto/mapl/v1/peer.pb.h"
+#include "server/transport/network_policy.h"
+#include "server/transport/stream.h"
 #include "server/transport/token_bucket.h"
 #include "server/transport/transport.h"
 
@@ -173,6 +183,13 @@ struct PeerLinkOptions {
   // emulate a slow one.
   double send_rate_bytes_per_second = 0;
   int64_t send_burst_bytes = 64 << 10;
+  // Where messages travel once the Hello exchange is done: on the gRPC stream, or as UCX active
+  // messages with the gRPC stream kept open beside them (ucx/ucx_stream.h). Both ends must name
+  // the same (a difference is INVALID_ARGUMENT naming both). DATA_PLANE_UCX needs a build with
+  // MAPL_WITH_UCX, and a peer on loopback or in ucx.trusted_networks (PERMISSION_DENIED
+  // otherwise) unless ucx.allow_untrusted_networks.
+  v1::DataPlane data_plane = v1::DATA_PLANE_GRPC;
+  UcxLinkOptions ucx;
 };
 
 // "frame", "ack", ... (the PeerMessage field name); "none" for BODY_NOT_SET. The keys of
@@ -246,10 +263,12 @@ class PeerLink final : public Transport {
  private:
   friend class PeerServer;
   enum class Role { kDialer, kServer };
-  class Stream;        // peer_link_internal.h
-  class ClientStream;  // peer_dialer.cc
-  class ServerStream;  // peer_server.cc
-  struct Session;      // peer_link_internal.h
+  // The two sides of a gRPC bidi stream, and the UCX data plane, behind one interface, so one
+  // session code runs them all.
+  using Stream = PeerStream;  // stream.h
+  class ClientStream;         // peer_dialer.cc
+  class ServerStream;         // peer_server.cc
+  struct Session;             // peer_link_internal.h
   struct Outgoing {
     std::shared_ptr<v1::PeerMessage> msg;  // Shared with a writer that writes it unlocked.
     int64_t bytes = 0;
@@ -276,7 +295,16 @@ class PeerLink final : public Transport {
                            const v1::Hello& hello);
 
   absl::Status CheckPeerHello(const v1::Hello& hello) const;
-  void CountRejectedHello(const absl::Status& status) ABSL_LOCKS_EXCLUDED(mu_);
+  // With a UCX data plane: whether the peer at `peer_uri` (the gRPC peer) may be one
+  // (network_policy.h), warning when it is only because untrusted networks are allowed.
+  absl::Status CheckDataPlanePeer(const std::string& peer_uri) const;
+  // The data plane beside the gRPC stream `control` if options_.data_plane is not gRPC (null
+  // then), not yet started.
+  std::unique_ptr<DataPlaneStream> NewDataPlane(PeerStream* control) const;
+  // Starts `data_plane` (if any) and puts its address and token into `hello`.
+  absl::Status StartDataPlane(DataPlaneStream* data_plane, v1::PeerMessage* hello) const;
+  // `identity`: the refusal is CheckPeerIdentity's (the peer's certificate lacks peer_identity).
+  void CountRejectedHello(const absl::Status& status, bool identity) ABSL_LOCKS_EXCLUDED(mu_);
   // Takes in the peer's instance, resetting receive state if it changed (*reset says so);
   // *restarted: it changed from an earlier known instance (call on_peer_restart, unlocked).
   void AdoptPeerInstance(const v1::Hello& hello, bool* reset, bool* restarted)

@@ -47,19 +47,6 @@ inline void SetKeepalive(absl::Duration time, absl::Duration timeout,
   set(GRPC_ARG_HTTP2_MIN_SENT_PING_INTERVAL_WITHOUT_DATA_MS, ToMillis(time));
 }
 
-// The two sides of a gRPC bidi stream behind one interface, so one session code runs both.
-class PeerLink::Stream {
- public:
-  virtual ~Stream() = default;
-  virtual bool Read(v1::PeerMessage* msg) = 0;
-  virtual bool Write(const v1::PeerMessage& msg) = 0;
-  // Client: half-close (the peer reads a clean end). Server: nothing (the handler's return ends
-  // the stream).
-  virtual void WritesDone() = 0;
-  // Unblocks Read and Write from any thread; the stream is dead afterwards.
-  virtual void Cancel() = 0;
-};
-
 // One connection. Lives on the stack of the thread that runs it (the dialer's connection thread or
 // a gRPC handler thread); the link points at it (active_session_) while it runs. Fields other than
 // `stream` and `writer` are guarded by the link's mu_.

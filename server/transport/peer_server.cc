@@ -42,15 +42,28 @@ absl::Status PeerLink::ServeStream(grpc::ServerContext* context,
                                    grpc::ServerReaderWriter<v1::PeerMessage, v1::PeerMessage>* rw,
                                    const v1::Hello& hello) {
   absl::Status checked = CheckPeerHello(hello);
+  bool identity_refused = false;
   if (checked.ok()) {
     checked = CheckPeerIdentity(context->auth_context(), options_.peer_identity, Describe());
+    identity_refused = !checked.ok();
   }
+  if (checked.ok()) checked = CheckDataPlanePeer(context->peer());
   if (!checked.ok()) {
-    CountRejectedHello(checked);
+    CountRejectedHello(checked, identity_refused);
     return checked;
   }
   ServerStream stream(context, rw);
-  Session session(&stream);
+  // With a UCX data plane the session runs on it, and the gRPC stream only carries the Hellos
+  // and the close.
+  std::unique_ptr<DataPlaneStream> data_plane = NewDataPlane(&stream);
+  Session session(data_plane != nullptr ? static_cast<Stream*>(data_plane.get()) : &stream);
+  v1::PeerMessage data_plane_hello;  // Its address and token, for the reply.
+  const absl::Status started = StartDataPlane(data_plane.get(), &data_plane_hello);
+  if (!started.ok()) {
+    Log(LogLevel::kError, "peer link data plane failed to start",
+        {{"link", Describe()}, {"status", started.ToString()}});
+    return started;
+  }
   v1::PeerMessage reply;
   bool restarted = false;
   {
@@ -90,6 +103,7 @@ absl::Status PeerLink::ServeStream(grpc::ServerContext* context,
     bool reset = false;
     AdoptPeerInstance(hello, &reset, &restarted);
     reply = MakeHello(/*peer_instance_known=*/!reset);
+    reply.mutable_hello()->MergeFrom(data_plane_hello.hello());
     absl::Status resumed = ApplyPeerResume(hello);
     if (!resumed.ok()) {
       status_ = resumed;
@@ -105,8 +119,16 @@ absl::Status PeerLink::ServeStream(grpc::ServerContext* context,
   bool clean = false;
   if (!rw->Write(reply)) {
     reason = absl::UnavailableError(Describe() + ": connection lost during the Hello exchange");
+  } else if (data_plane != nullptr &&
+             !(reason = data_plane->Connect(hello.ucx_worker_address(), hello.ucx_token())).ok()) {
+    data_plane->Shutdown(absl::ZeroDuration());
   } else {
     reason = RunSession(&session);
+    // Its reader of the gRPC stream is done before this handler returns. A clean close (the
+    // peer's bye) is followed by the end of the peer's gRPC stream; any other end cancels it.
+    if (data_plane != nullptr) {
+      data_plane->Shutdown(reason.ok() ? options_.close_grace : absl::ZeroDuration());
+    }
     if (reason.ok()) {
       clean = !context->IsCancelled();
       reason =
@@ -115,6 +137,7 @@ absl::Status PeerLink::ServeStream(grpc::ServerContext* context,
     }
   }
   absl::MutexLock lock(&mu_);
+  session.stream->AddStats(&stats_);  // The connection's own counters join the record.
   active_session_ = nullptr;
   status_ = closing_ ? absl::CancelledError(Describe() + " closed") : reason;
   Log(clean || closing_ ? LogLevel::kInfo : LogLevel::kWarning, "peer link disconnected",

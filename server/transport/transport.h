@@ -1,7 +1,7 @@
 // The transport under the daemon: it carries one boundary's PeerMessages between the two mapld
 // processes on either side of it. A transport numbers, orders, acknowledges, retains and resends
-// messages; it knows nothing about codecs. The gRPC peer link (peer_link.h) is the first
-// implementation; UCX is to be the second.
+// messages; it knows nothing about codecs. The peer link (peer_link.h) is the implementation;
+// its messages travel on its gRPC stream or, with a UCX data plane, as UCX active messages.
 //
 //   std::unique_ptr<Transport> t = ...;          // opened by the implementation's factory,
 //                                                // with the receive handler

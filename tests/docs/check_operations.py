@@ -4,7 +4,7 @@
 Checks, both ways (nothing missing from the page, nothing on the page the code lacks):
   * the config reference: the fields of DaemonConfig, BoundaryConfig and TlsConfig in
     proto/mapl/v1/config.proto against the first column of the tables under
-    "### DaemonConfig", "### BoundaryConfig" and "### TlsConfig";
+    "### DaemonConfig", "### BoundaryConfig", "### TlsConfig" and "### UcxConfig";
   * the BoundaryConfig rows that say "Must match" against the fields of peer.proto's
     BoundaryFingerprint (what the handshake and a checkpoint restore compare);
   * the flags: every ABSL_FLAG of server/main.cc against the table under "### mapld flags";
@@ -36,7 +36,7 @@ PEER_PROTO = REPO / "proto" / "mapl" / "v1" / "peer.proto"
 METRICS_CC = REPO / "server" / "metrics.cc"
 MAIN_CC = REPO / "server" / "main.cc"
 
-CONFIG_MESSAGES = ("DaemonConfig", "BoundaryConfig", "TlsConfig")
+CONFIG_MESSAGES = ("DaemonConfig", "BoundaryConfig", "TlsConfig", "UcxConfig")
 SCALARS = {"double", "float", "int32", "int64", "uint32", "uint64", "sint32", "sint64", "fixed32",
            "fixed64", "sfixed32", "sfixed64", "bool", "string", "bytes"}
 

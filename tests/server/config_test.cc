@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "gtest/gtest.h"
 #include "kernels/registry.h"
+#include "server/transport/network_policy.h"
 
 namespace mapl {
 namespace {
@@ -226,6 +227,39 @@ TEST(Config, Int4IsAcceptedForBothDirectionsOfProjectedMethods) {
               "must be CODEC_INT8, CODEC_INT4 or CODEC_BF16");
   ExpectError(Finalized(kStage1, {"boundaries[0].forward_codec=CODEC_DENSE"}),
               "must be CODEC_BF16, CODEC_INT8, CODEC_INT4 or CODEC_RVQ");
+}
+
+// The data plane: gRPC unless set; UCX only in a build with it, and its section's networks are
+// checked (the link refuses UCX peers outside them).
+TEST(Config, TransportAndTheUcxSectionTakeDefaultsAndAreChecked) {
+  absl::StatusOr<v1::DaemonConfig> c = Finalized(kStage1);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->boundaries(0).transport(), v1::TRANSPORT_GRPC);
+  EXPECT_EQ(c->ucx().max_inflight_mib(), 64u);
+  EXPECT_TRUE(c->ucx().trusted_networks().empty());
+  EXPECT_FALSE(c->ucx().allow_untrusted_networks());
+
+  auto with_networks = [](const std::string& networks) {
+    return Finalized(absl::StrCat(kStage1, "ucx { ", networks, " }"), {"ucx.max_inflight_mib=16"});
+  };
+  c = with_networks(R"pb(trusted_networks: "10.0.0.0/8" trusted_networks: "fd00::/8")pb");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->ucx().trusted_networks_size(), 2);
+  EXPECT_EQ(c->ucx().max_inflight_mib(), 16u);
+  ExpectError(with_networks(R"pb(trusted_networks: "10.0.0.0/8" trusted_networks: "10.0.0.0")pb"),
+              "ucx.trusted_networks[1]: '10.0.0.0' is not a network in CIDR notation");
+  ExpectError(with_networks(R"pb(trusted_networks: "10.0.0.0/33")pb"),
+              "ucx.trusted_networks[0]: '10.0.0.0/33': the prefix length must be 0 to 32");
+  ExpectError(with_networks(R"pb(trusted_networks: "eth0/24")pb"), "'eth0' is not an IP address");
+  ExpectError(Finalized(kStage1, {"ucx.max_inflight_mib=5000"}), "ucx.max_inflight_mib");
+
+  c = Finalized(kStage1, {"boundaries[0].transport=TRANSPORT_UCX"});
+  if (kUcxBuilt) {
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ(c->boundaries(0).transport(), v1::TRANSPORT_UCX);
+  } else {
+    ExpectError(c, "boundaries[0].transport: TRANSPORT_UCX, but this mapld was built without UCX");
+  }
 }
 
 TEST(Config, LoadConfigNamesAMissingFile) {

@@ -7,6 +7,7 @@
 //   - a send-rate cap holds on the wire;
 //   - a downstream that dials its listening upstream (BoundaryConfig.dial) carries both
 //     directions;
+//   - a boundary with transport: TRANSPORT_UCX carries both directions and a step (UCX builds);
 //   - three stages step in order, including a Step retried on the middle stage after a timeout;
 //   - every deploy/examples config starts and shuts down.
 // Waits poll with a deadline; nothing sleeps to synchronise.
@@ -48,6 +49,7 @@
 #include "server/config.h"
 #include "server/dictionary.h"
 #include "server/engine.h"
+#include "server/transport/network_policy.h"
 #include "server/transport/peer_link.h"
 #include "server/upstream_engine.h"
 #include "tests/server/http_get.h"
@@ -310,6 +312,69 @@ void ExpectCodecHistogram(const Scrape& s, const LabelMap& labels, const std::st
 }
 
 // ---- two daemons of boundary 0 ----
+
+// One boundary with transport: TRANSPORT_UCX end to end: the Hello on the gRPC stream, the
+// frames, deltas and acks as UCX active messages (over TCP loopback here).
+TEST(DaemonUcxTest, ABoundaryOverUcxCarriesBothDirectionsAndAStep) {
+  if (!kUcxBuilt) GTEST_SKIP() << "this build has no UCX (MAPL_WITH_UCX=OFF)";
+  TempDir dir;
+  Shape shape;
+  const std::vector<std::string> ucx = {"boundaries[0].transport=TRANSPORT_UCX"};
+  absl::StatusOr<std::unique_ptr<Daemon>> down = StartStage(dir, 1, {{0, false, ""}}, shape, ucx);
+  ASSERT_TRUE(down.ok()) << down.status();
+  absl::StatusOr<std::unique_ptr<Daemon>> up =
+      StartStage(dir, 0, {{0, true, Loopback((*down)->peer_port())}}, shape, ucx);
+  ASSERT_TRUE(up.ok()) << up.status();
+
+  std::unique_ptr<mc::Client> up_client, down_client;
+  ASSERT_TRUE(mc::Client::Connect((*up)->config().local_socket(), "up", 5000, &up_client).ok());
+  ASSERT_TRUE(
+      mc::Client::Connect((*down)->config().local_socket(), "down", 5000, &down_client).ok());
+  constexpr uint32_t kRows = 8;
+  auto [h, ids] = FillActivation(up_client.get(), 0, 0, kRows, shape, 1);
+  mc::SendResult sent;
+  mc::Status s = up_client->Send(0, mc::Direction::kForward, 1, 0, h, ids, &sent,
+                                 /*wait_encoded=*/true);
+  ASSERT_TRUE(s.ok()) << s.message;
+  mc::RecvResult r;
+  s = down_client->Recv(0, mc::Direction::kForward, 1, 0,
+                        mc::TensorRef{1, 0, shape.max_tokens, shape.d, mc::DType::kF32}, 0, &r);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_EQ(r.rows, kRows);
+  float* g = static_cast<float*>(down_client->data(1));
+  for (uint32_t i = 0; i < kRows * shape.d; ++i) g[i] *= 0.1f;
+  s = down_client->Send(0, mc::Direction::kBackward, 1, 0,
+                        mc::TensorRef{1, 0, kRows, shape.d, mc::DType::kF32}, std::nullopt, &sent,
+                        /*wait_encoded=*/true);
+  ASSERT_TRUE(s.ok()) << s.message;
+  s = up_client->Recv(0, mc::Direction::kBackward, 1, 0,
+                      mc::TensorRef{1, 0, shape.max_tokens, shape.d, mc::DType::kF32}, 0, &r);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_EQ(r.rows, kRows);
+  mc::StepResult stepped;
+  s = down_client->Step(1, 10000, &stepped);
+  ASSERT_TRUE(s.ok()) << s.message;
+  s = up_client->Step(1, 10000, &stepped);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        const v1::BoundaryStats u = BoundaryOf(**up, 0), d = BoundaryOf(**down, 0);
+        return u.dictionary_version() > 0 && d.dictionary_version() == u.dictionary_version() &&
+               u.link().last_acked_seq() == u.link().last_seq() &&
+               d.link().last_acked_seq() == d.link().last_seq();
+      },
+      absl::Seconds(10)));
+  const v1::BoundaryStats u = BoundaryOf(**up, 0);
+  EXPECT_EQ(u.link().data_plane(), "ucx");
+  EXPECT_EQ(u.link().ucx_lanes(), "tcp/lo");
+  EXPECT_EQ(u.link().ucx_foreign_dropped(), 0u);
+  EXPECT_EQ(BoundaryOf(**down, 0).link().data_plane(), "ucx");
+
+  up_client.reset();
+  down_client.reset();
+  (*up)->Shutdown(absl::Seconds(1));
+  (*down)->Shutdown(absl::Seconds(1));
+}
 
 class DaemonPairTest : public ::testing::Test {
  protected:

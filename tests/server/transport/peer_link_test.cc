@@ -274,6 +274,9 @@ class GarblingListener final : public v1::Peer::WithRawCallbackMethod_Link<v1::P
 // stream stays open: the dialer cuts the stream after close_grace and redials, rather than wait
 // for the listener's status forever (a soak run once hung so, its link down for good).
 TEST(PeerLinkTest, DialerCutsAStreamWhoseMessageDidNotParseAndRedials) {
+  MAPL_SKIP_UNDER_UCX(
+      "garbles gRPC frames; ucx_stream_test covers a UCX message that does not "
+      "parse");
   GarblingListener listener;
   int port = 0;
   grpc::ServerBuilder builder;

@@ -1,5 +1,6 @@
 #include "tests/server/transport/peer_test_util.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <utility>
@@ -24,7 +25,17 @@ class GrpcEnvironment : public ::testing::Environment {
 [[maybe_unused]] ::testing::Environment* const kGrpcEnvironment =
     ::testing::AddGlobalTestEnvironment(new GrpcEnvironment);
 
+bool ReadUcxDataPlane() {
+  const char* plane = std::getenv("MAPL_TEST_DATA_PLANE");
+  return plane != nullptr && std::string(plane) == "ucx";
+}
+
 }  // namespace
+
+bool UcxDataPlane() {
+  static const bool ucx = ReadUcxDataPlane();
+  return ucx;
+}
 
 PeerLinkOptions ServerSide() {
   PeerLinkOptions o;
@@ -32,6 +43,7 @@ PeerLinkOptions ServerSide() {
   o.stage = kBoundary + 1;
   o.auth_token = kToken;
   o.heartbeat_interval = absl::Milliseconds(200);
+  if (UcxDataPlane()) o.data_plane = v1::DATA_PLANE_UCX;
   return o;
 }
 
@@ -45,6 +57,7 @@ PeerLinkOptions DialerSide(int port) {
   o.initial_backoff = absl::Milliseconds(10);
   o.max_backoff = absl::Milliseconds(100);
   o.heartbeat_interval = absl::Milliseconds(200);
+  if (UcxDataPlane()) o.data_plane = v1::DATA_PLANE_UCX;
   return o;
 }
 

@@ -24,6 +24,15 @@ inline constexpr uint32_t kBoundary = 3;
 inline constexpr char kToken[] = "correct horse battery staple";
 inline constexpr absl::Duration kWait = absl::Seconds(10);
 
+// Whether this run's links use the UCX data plane: MAPL_TEST_DATA_PLANE=ucx, which ctest sets for
+// the "ucx/" copies of the link suites (tests/server/transport/CMakeLists.txt). ServerSide and
+// DialerSide then set it; a test that is specific to the gRPC data plane skips, saying why.
+bool UcxDataPlane();
+#define MAPL_SKIP_UNDER_UCX(why)                                              \
+  do {                                                                        \
+    if (::mapl::testing_peer::UcxDataPlane()) GTEST_SKIP() << "UCX: " << why; \
+  } while (0)
+
 // The downstream and upstream ends of boundary kBoundary, with 200 ms heartbeats and fast redials.
 // DialerSide's address is filled in by Connect when port is 0.
 PeerLinkOptions ServerSide();
