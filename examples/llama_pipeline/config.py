@@ -10,7 +10,7 @@ from typing import Any, Dict, Sequence
 
 from .model import ModelConfig
 
-__all__ = ["RunConfig", "METHODS", "CODECS", "BACKWARD_CODECS", "PROJECTOR_INITS",
+__all__ = ["RunConfig", "METHODS", "CODECS", "BACKWARD_CODECS", "PROJECTOR_INITS", "TRANSPORTS",
            "add_shape_args", "add_boundary_option_args", "parse_boundary_options"]
 
 METHODS = ("MAPL", "FIXED", "DENSE")
@@ -22,12 +22,15 @@ PROJECTOR_INITS = ("RANDOM", "PCA")
 # seed stays the truth.
 _OWNED_BOUNDARY_FIELDS = frozenset((
     "id", "role", "peer_address", "d", "k", "method", "forward_codec", "backward_codec",
-    "rvq_levels", "vocab", "seed", "max_tokens", "projector_init"))
+    "rvq_levels", "vocab", "seed", "max_tokens", "projector_init", "transport"))
 _FIELD_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 
 
 # The pipeline schedules a stage can run (stage.schedule).
 SCHEDULES = ("gpipe", "1f1b")
+# The boundaries' data planes (BoundaryConfig.transport): the gRPC stream, or UCX active messages
+# with the gRPC stream as the control plane (a mapld built with UCX).
+TRANSPORTS = ("grpc", "ucx")
 
 
 @dataclass
@@ -59,6 +62,7 @@ class RunConfig:
     backward_codec: str = "INT8"
     send_rate_mbit: float = 20.0  # per peer link and direction; 0: no cap
     timeout_s: float = 120.0     # the most a stage waits for a tensor or a step
+    transport: str = "grpc"      # every boundary's data plane: grpc or ucx
     projector_init: str = "RANDOM"  # MAPL's initial U: RANDOM (shared seed) or PCA (first batch)
     # Checkpoints: a directory holding stage<i>.pt (the stage's weights, no optimizer state).
     # init_checkpoint: start from it instead of the seed's initialisation (fine-tuning);
@@ -99,6 +103,9 @@ class RunConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not "
                              f"{self.schedule!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not "
+                             f"{self.transport!r}")
         if self.schedule_lead < 0:
             raise ValueError(f"schedule_lead must be >= 0, got {self.schedule_lead}")
         if self.microbatches < 1 or self.batch % self.microbatches:
@@ -134,6 +141,8 @@ class RunConfig:
                           backward_codec=f"CODEC_{self.backward_codec}",
                           rvq_levels=self.rvq_levels)
             fields.update(self.boundary_options)
+        if self.transport != "grpc":  # gRPC is the daemon's default
+            fields["transport"] = f"TRANSPORT_{self.transport.upper()}"
         if self.projector_init != "RANDOM":  # RANDOM is the daemon's default
             fields["projector_init"] = f"PROJECTOR_INIT_{self.projector_init}"
         return fields

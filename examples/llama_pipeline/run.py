@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama_pipeline.config import (BACKWARD_CODECS, CODECS, METHODS,  # noqa: E402
-                                   PROJECTOR_INITS, RunConfig, add_shape_args)
+                                   PROJECTOR_INITS, TRANSPORTS, RunConfig, add_shape_args)
 from llama_pipeline.data import Corpus, CorpusError, load_text  # noqa: E402
 from llama_pipeline.model import layer_ranges  # noqa: E402
 
@@ -194,9 +194,12 @@ def _described_settings(cfg: RunConfig, log: Log = print) -> Dict[str, Any]:
     (otherwise the log's boundary line shows the command line's, and this logs each)."""
     desc = pipeline_description(cfg)
     out: Dict[str, Any] = {"send_rate_mbit": float(desc.daemon.get("send_rate_mbit", 0.0))}
-    keys = ("method", "k", "forward_codec", "backward_codec", "rvq_levels")
+    keys = ("method", "k", "forward_codec", "backward_codec", "rvq_levels", "transport")
     first = desc.boundaries[0].fields
     if all(b.fields.get(k) == first.get(k) for b in desc.boundaries for k in keys):
+        out["transport"] = first.get("transport", "TRANSPORT_GRPC")[len("TRANSPORT_"):].lower()
+        if out["transport"] == "unspecified":
+            out["transport"] = "grpc"
         out["method"] = first.get("method", "METHOD_MAPL")[len("METHOD_"):]
         for key in ("forward_codec", "backward_codec"):
             if key in first:
@@ -455,6 +458,8 @@ def run(cfg: RunConfig, out_dir: Path = DEFAULT_OUT, minutes: float = 0.0, max_s
                 + (f" x{cfg.rvq_levels}" if cfg.forward_codec == "RVQ" else "")
                 + f", backward {cfg.backward_codec}")
     where = "loopback link" if placement is None else "link (placed by the caller)"
+    if cfg.transport != "grpc":
+        where += f" over {cfg.transport.upper()}"
     log(f"boundaries: {cfg.method} ({compress}); {where} {link}")
     if cfg.init_checkpoint:
         log(f"weights: from the checkpoint {cfg.init_checkpoint}"
@@ -830,6 +835,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     choices=BACKWARD_CODECS)
     ap.add_argument("--send-rate-mbit", type=float, default=d.send_rate_mbit,
                     help="each daemon's send cap per peer link (emulates a slow link); 0: none")
+    ap.add_argument("--transport", default=d.transport, type=str.lower, choices=TRANSPORTS,
+                    help="every boundary's data plane: the gRPC stream, or UCX (for fast links "
+                    "inside a site; a mapld built with UCX)")
     add_shape_args(ap)
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--seed", type=int, default=d.seed)
@@ -860,7 +868,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             corpus=str(Path(args.corpus).resolve()) if args.corpus else "",
             method=args.method, k=args.k, forward_codec=args.forward_codec,
             rvq_levels=args.rvq_levels, backward_codec=args.backward_codec,
-            send_rate_mbit=args.send_rate_mbit, projector_init=args.projector_init,
+            send_rate_mbit=args.send_rate_mbit, transport=args.transport,
+            projector_init=args.projector_init,
             init_checkpoint=str(Path(args.init_checkpoint).resolve()) if args.init_checkpoint
             else "",
             save_checkpoint=str(Path(args.save_checkpoint).resolve()) if args.save_checkpoint

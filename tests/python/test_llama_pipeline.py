@@ -140,3 +140,32 @@ def test_schedules_run_every_pass_once_and_bound_what_is_in_flight() -> None:
                     bound = (1 if last else min(m, stages - index + lead) if name == "1f1b"
                              else m)
                     assert peak == bound, (name, lead, stages, index, m, order)
+
+
+def test_two_stage_pipeline_trains_through_a_ucx_boundary(short_tmp: Path) -> None:
+    """The example with its boundary on the UCX data plane (run.py --transport ucx): it trains,
+    every microbatch crosses once each way, and both daemons report that the frames went over UCX
+    (on one host: TCP loopback), the gRPC stream carrying only the handshake."""
+    mapld_binary()
+    steps, microbatches = 20, 2
+    cfg = RunConfig(d_model=64, layers=2, heads=4, seq_len=64, batch=8,
+                    microbatches=microbatches, lr=3e-3, warmup_steps=5, eval_batches=1,
+                    corpus=corpus_file(short_tmp), method="MAPL", k=8, send_rate_mbit=0.0,
+                    transport="ucx", timeout_s=30.0)
+    summary = run(cfg, out_dir=short_tmp / "out", max_steps=steps, plot=False,
+                  eval_fractions=[0.5, 1.0])
+
+    assert summary["steps"] == steps
+    assert summary["final_loss_mean10"] < summary["first_loss_mean5"] - 0.5
+    b = summary["boundaries"]["0"]
+    up, down = b["upstream"], b["downstream"]
+    forward = steps * microbatches + summary["evaluations"] * cfg.eval_batches
+    assert up["frames_sent"] == down["frames_received"] == forward
+    assert down["frames_sent"] == up["frames_received"] == steps * microbatches
+    assert up["dictionary_checksum"] == down["dictionary_checksum"]
+    for side in (up, down):
+        link = side["link"]
+        assert link["data_plane"] == "ucx", link
+        assert link["ucx_lanes"], link  # the transports UCX chose, e.g. "tcp/lo"
+        assert link["ucx_foreign_dropped"] == 0
+        assert link["connected"] and link["connections"] >= 1
