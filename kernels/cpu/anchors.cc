@@ -12,9 +12,9 @@
 #include <numeric>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/validation.h"
 
 namespace mapl {
 namespace {
@@ -22,22 +22,8 @@ namespace {
 // Token ids come from the wire or the client: one for each of the n rows, each indexing a row of P.
 absl::Status CheckTokens(absl::Span<const int32_t> tokens, int64_t n, int64_t vocab,
                          const char* rows_of) {
-  MAPL_RETURN_IF_ERROR(
-      CheckSpanSize(tokens, "tokens", n, absl::StrCat("one per row of ", rows_of)));
-  for (int64_t i = 0; i < n; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= vocab) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tokens[", i, "] = ", tokens[i], " out of range [0, ", vocab, ")"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-// Shapes of p (V, r) and q (r, d), both f32.
-absl::Status CheckTables(const ConstTensor& p, const ConstTensor& q) {
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(p, "p", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(q, "q", p.cols, -1));
-  return absl::OkStatus();
+  MAPL_RETURN_IF_ERROR(CheckTokenCount(tokens, n, rows_of));
+  return CheckTokenValues(tokens, vocab);
 }
 
 // pt = P[t] (n, r).
@@ -57,11 +43,7 @@ namespace cpu {
 
 absl::StatusOr<AnchorFactors> FactorAnchor(const LowRankAnchor& a, int64_t n, const ConstTensor& u,
                                            const char* what) {
-  MAPL_RETURN_IF_ERROR(CheckTables(a.p, a.q));
-  if (a.q.cols != u.rows) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": q has ", a.q.cols, " columns, u has ", u.rows, " rows"));
-  }
+  MAPL_RETURN_IF_ERROR(CheckAnchorAgainstU(a, u, what));
   MAPL_RETURN_IF_ERROR(CheckTokens(a.tokens, n, a.p.rows, what));
   AnchorFactors f;
   f.r = a.p.cols;
@@ -79,7 +61,7 @@ absl::StatusOr<AnchorFactors> FactorAnchor(const LowRankAnchor& a, int64_t n, co
 
 absl::Status CpuBackend::AnchorLookup(const ConstTensor& p, const ConstTensor& q,
                                       absl::Span<const int32_t> tokens, const Tensor& a) const {
-  MAPL_RETURN_IF_ERROR(CheckTables(p, q));
+  MAPL_RETURN_IF_ERROR(CheckAnchorTables(p, q));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(a, "a", -1, q.cols));
   const int64_t n = a.rows;
   const int64_t r = p.cols;
@@ -102,11 +84,7 @@ absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
                                     absl::Span<const int32_t> tokens, const ConstTensor& g,
                                     const ConstTensor& gu, const ConstTensor& u, const Tensor& dp,
                                     const Tensor& dq) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(g, "g", -1, q.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(dp, "dp", p.rows, p.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(dq, "dq", q.rows, q.cols));
-  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(gu, "gu", g.rows, u.cols));
+  MAPL_RETURN_IF_ERROR(CheckAnchorGradArgs(p, q, g, gu, u, dp, dq));
   const int64_t n = g.rows;
   MAPL_ASSIGN_OR_RETURN(cpu::AnchorFactors f, cpu::FactorAnchor({p, q, tokens}, n, u, "anchor"));
   // dp and dq accumulate over microbatches: one bad microbatch must not spoil the others.
@@ -148,9 +126,7 @@ absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
   }
   for (size_t i = 0; i < new_rows.size(); ++i) {
     if (!std::isfinite(new_rows[i])) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("dp: non-finite result for token ", rows[i / r],
-                       " (overflow; P, Q or g too large); dp and dq left unchanged"));
+      return AnchorGradOverflowError(rows[i / r]);
     }
   }
 
@@ -175,9 +151,7 @@ absl::Status CpuBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
 
 absl::Status CpuBackend::LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u,
                                         const LowRankAnchor& a, const Tensor& h) const {
-  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(zq, "zq", -1, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckShape(h, "h", zq.rows, u.rows));
+  MAPL_RETURN_IF_ERROR(CheckLiftWithAnchorArgs(zq, u, h));
   const int64_t n = zq.rows, d = u.rows, k = u.cols;
   MAPL_ASSIGN_OR_RETURN(cpu::AnchorFactors f, cpu::FactorAnchor(a, n, u, "a"));
   if (n == 0 || d == 0) return absl::OkStatus();
@@ -205,33 +179,7 @@ absl::Status CpuBackend::LiftWithAnchor(const ConstTensor& zq, const ConstTensor
 
 absl::Status CpuBackend::AdamStep(const Tensor& param, const ConstTensor& grad, const Tensor& m,
                                   const Tensor& v, const AdamOptions& options) const {
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(param, "param", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(grad, "grad", param.rows, param.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(m, "m", param.rows, param.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(v, "v", param.rows, param.cols));
-  if (!std::isfinite(options.lr) || options.lr < 0.f) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("lr: must be finite and >= 0, got ", options.lr));
-  }
-  if (!(options.beta1 >= 0.f && options.beta1 < 1.f)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("beta1: must be in [0, 1), got ", options.beta1));
-  }
-  if (!(options.beta2 >= 0.f && options.beta2 < 1.f)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("beta2: must be in [0, 1), got ", options.beta2));
-  }
-  if (!std::isfinite(options.eps) || options.eps <= 0.f) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("eps: must be finite and > 0, got ", options.eps));
-  }
-  if (!std::isfinite(options.weight_decay) || options.weight_decay < 0.f) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("weight_decay: must be finite and >= 0, got ", options.weight_decay));
-  }
-  if (options.step < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("step: must be >= 1, got ", options.step));
-  }
+  MAPL_RETURN_IF_ERROR(CheckAdamArgs(param, grad, m, v, options));
 
   const int64_t count = param.size();
   const float* g = grad.f32();
@@ -243,9 +191,7 @@ absl::Status CpuBackend::AdamStep(const Tensor& param, const ConstTensor& grad, 
     const double v_new = static_cast<double>(b2) * vf[i] +
                          (1.0 - b2) * static_cast<double>(g[i]) * static_cast<double>(g[i]);
     if (!std::isfinite(g[i]) || !(v_new <= static_cast<double>(FLT_MAX))) {
-      return absl::InvalidArgumentError(absl::StrCat("grad: value ", g[i], " at (", i / param.cols,
-                                                     ", ", i % param.cols,
-                                                     ") is non-finite or too large"));
+      return AdamGradError(g[i], i, param.cols);
     }
   }
 

@@ -9,6 +9,7 @@
 
 #include "common/status_macros.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/validation.h"
 
 namespace mapl {
 namespace {
@@ -49,17 +50,13 @@ void BlockedProduct(const ConstTensor& in, bool trans_b, const float* b, int64_t
 
 absl::Status CpuBackend::Project(const ConstTensor& h, const ConstTensor& u,
                                  const Tensor& z) const {
-  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckShape(h, "h", -1, u.rows));
-  MAPL_RETURN_IF_ERROR(CheckShape(z, "z", h.rows, u.cols));
+  MAPL_RETURN_IF_ERROR(CheckProjectArgs(h, u, z));
   BlockedProduct(h, /*trans_b=*/false, u.f32(), u.cols, z);
   return absl::OkStatus();
 }
 
 absl::Status CpuBackend::Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) const {
-  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckShape(z, "z", -1, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckShape(h, "h", z.rows, u.rows));
+  MAPL_RETURN_IF_ERROR(CheckLiftArgs(z, u, h));
   BlockedProduct(z, /*trans_b=*/true, u.f32(), u.rows, h);
   return absl::OkStatus();
 }

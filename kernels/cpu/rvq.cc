@@ -12,6 +12,7 @@
 #include "common/status_macros.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/rvq_distance.h"
+#include "kernels/validation.h"
 
 namespace mapl {
 namespace {
@@ -157,23 +158,8 @@ void BeamRows(const std::vector<PreparedLevel>& levels, const float* x, int64_t 
   }
 }
 
-// codes: n * L; norms: n in gain-shape mode, empty otherwise (an empty span there would leave
-// the decoder without the norms; a non-empty one elsewhere would be left unwritten, or ignored).
-template <typename Code, typename Norm>
-absl::Status CheckCodesAndNorms(const RvqCodebooks& cb, int64_t n, absl::Span<Code> codes,
-                                absl::Span<Norm> norms, const char* rows_of) {
-  MAPL_RETURN_IF_ERROR(
-      CheckSpanSize(codes, "codes", n * cb.levels, absl::StrCat("n * L = ", n, " * ", cb.levels)));
-  if (cb.gain_shape) {
-    return CheckSpanSize(norms, "norms", n,
-                         absl::StrCat("gain-shape codebooks: one per row of ", rows_of));
-  }
-  return CheckSpanSize(norms, "norms", 0, "the codebooks are not gain-shape: pass no norms");
-}
-
 absl::Status CheckCodebooksAndInput(const RvqCodebooks& cb, const ConstTensor& x) {
-  MAPL_RETURN_IF_ERROR(cb.Validate());
-  MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, cb.dim));
+  MAPL_RETURN_IF_ERROR(CheckRvqInput(cb, x));
   return CheckFinite(x, "x");
 }
 
@@ -349,7 +335,7 @@ absl::Status CpuBackend::RvqEncode(const RvqCodebooks& cb, const ConstTensor& x,
     return absl::InvalidArgumentError(
         absl::StrCat("rvq encode: beam must be in [1, ", kMaxRvqBeam, "], got ", beam));
   }
-  MAPL_RETURN_IF_ERROR(CheckCodesAndNorms(cb, x.rows, codes, norms, "x"));
+  MAPL_RETURN_IF_ERROR(CheckRvqCodesAndNorms(cb, x.rows, codes, norms, "x"));
   const std::vector<PreparedLevel> levels = PrepareAll(cb);
   const int64_t dim = cb.dim;
   std::vector<float> residual(kChunkRows * dim);
@@ -373,25 +359,10 @@ absl::Status CpuBackend::RvqEncode(const RvqCodebooks& cb, const ConstTensor& x,
 
 absl::Status CpuBackend::RvqDecode(const RvqCodebooks& cb, absl::Span<const uint8_t> codes,
                                    absl::Span<const float> norms, const Tensor& out) const {
-  MAPL_RETURN_IF_ERROR(cb.Validate());
-  MAPL_RETURN_IF_ERROR(CheckShape(out, "out", -1, cb.dim));
+  MAPL_RETURN_IF_ERROR(CheckRvqDecodeArgs(cb, codes, norms, out));
   const int64_t n = out.rows, dim = cb.dim, nl = cb.levels;
-  MAPL_RETURN_IF_ERROR(CheckCodesAndNorms(cb, n, codes, norms, "out"));
-  for (int64_t i = 0; i < n * nl; ++i) {
-    if (codes[i] >= cb.codebook_size) {
-      return absl::InvalidArgumentError(absl::StrCat("rvq decode: code ", int(codes[i]), " at (",
-                                                     i / nl, ", ", i % nl, ") is out of range [0, ",
-                                                     cb.codebook_size, ")"));
-    }
-  }
-  if (cb.gain_shape) {
-    for (int64_t i = 0; i < n; ++i) {
-      if (!std::isfinite(norms[i]) || norms[i] < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("rvq decode: norm ", norms[i], " of row ", i, " is not a finite >= 0"));
-      }
-    }
-  }
+  MAPL_RETURN_IF_ERROR(CheckRvqCodeValues(cb, codes));
+  if (cb.gain_shape) MAPL_RETURN_IF_ERROR(CheckRvqNormValues(norms));
   std::vector<const float*> level_data(nl);
   for (int l = 0; l < nl; ++l) level_data[l] = cb.level(l).data();
   F32Output dst(out);
@@ -420,14 +391,7 @@ absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const 
   RvqLearner next = *learner;
   RvqCodebooks& cb = next.codebooks;
   const int64_t n = x.rows, dim = cb.dim, k = cb.codebook_size, nl = cb.levels;
-  if (next.counts.size() != size_t(nl * k) || next.sums.size() != cb.centroids.size()) {
-    return absl::InvalidArgumentError("rvq update: learner counts/sums do not match its codebooks");
-  }
-  if (!(options.decay > 0.f && options.decay < 1.f) || !(options.dead_fraction >= 0.f)) {
-    return absl::InvalidArgumentError(absl::StrCat("rvq update: decay must be in (0, 1), got ",
-                                                   options.decay, "; dead_fraction >= 0, got ",
-                                                   options.dead_fraction));
-  }
+  MAPL_RETURN_IF_ERROR(CheckRvqLearnerAndOptions(next, options));
   RvqUpdateStats stats;
   if (n == 0) return stats;
   std::vector<float> norms(n);
@@ -463,15 +427,7 @@ absl::StatusOr<RvqUpdateStats> CpuBackend::RvqUpdate(RvqLearner* learner, const 
     SubtractCentroids(levels[l], best.data(), n, residual.data());
   }
   next.rng_state = rng();
-  for (const std::vector<float>* v : {&cb.centroids, &next.counts, &next.sums}) {
-    for (float f : *v) {
-      if (!std::isfinite(f)) {
-        return absl::InvalidArgumentError(
-            "rvq update: the batch overflows the codebook statistics (values too large); the "
-            "learner is left unchanged");
-      }
-    }
-  }
+  MAPL_RETURN_IF_ERROR(CheckRvqUpdateFinite(next));
   *learner = std::move(next);
   stats.relative_mse = total > 0 ? SquaredNorm(residual.data(), n * dim) / total : 0.0;
   return stats;

@@ -9,9 +9,9 @@
 #include <cstring>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/validation.h"
 
 namespace mapl {
 namespace {
@@ -47,18 +47,6 @@ float QuantizeRow(const float* row, int64_t k, float qmax, int8_t* codes) {
   return scale;
 }
 
-// Scales arrive from the peer: a negative or non-finite one can only come from a corrupt or
-// hostile frame, and would hand the trainer NaN gradients.
-absl::Status CheckScales(absl::Span<const float> scales) {
-  for (size_t i = 0; i < scales.size(); ++i) {
-    if (!std::isfinite(scales[i]) || scales[i] < 0.f) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("scales: invalid scale ", scales[i], " at row ", i));
-    }
-  }
-  return absl::OkStatus();
-}
-
 // code * scale; the clamp matters only for rows near FLT_MAX, where qmax * scale can round past
 // it.
 float Dequantize(int code, float scale) {
@@ -69,11 +57,9 @@ float Dequantize(int code, float scale) {
 
 absl::Status CpuBackend::Int8Encode(const ConstTensor& x, absl::Span<int8_t> q,
                                     absl::Span<float> scales) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, -1));
+  MAPL_RETURN_IF_ERROR(CheckScalarCodecArgs(x, "x", /*int4=*/false, q.data(), q.size(), scales));
   const int64_t n = x.rows;
   const int64_t k = x.cols;
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(q, "q", n * k, absl::StrCat("n * k = ", n, " * ", k)));
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(scales, "scales", n, "one per row of x"));
   // A NaN would make the scale NaN and the codes meaningless, and Inf would divide to NaN: refuse
   // both rather than send garbage the decoder cannot detect.
   MAPL_RETURN_IF_ERROR(CheckFinite(x, "x"));
@@ -88,11 +74,10 @@ absl::Status CpuBackend::Int8Encode(const ConstTensor& x, absl::Span<int8_t> q,
 
 absl::Status CpuBackend::Int8Decode(absl::Span<const int8_t> q, absl::Span<const float> scales,
                                     const Tensor& out) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(out, "out", -1, -1));
+  MAPL_RETURN_IF_ERROR(
+      CheckScalarCodecArgs(out, "out", /*int4=*/false, q.data(), q.size(), scales));
   const int64_t n = out.rows;
   const int64_t k = out.cols;
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(q, "q", n * k, absl::StrCat("n * k = ", n, " * ", k)));
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(scales, "scales", n, "one per row of out"));
   MAPL_RETURN_IF_ERROR(CheckScales(scales));
 
   F32Output o(out);
@@ -108,13 +93,10 @@ absl::Status CpuBackend::Int8Decode(absl::Span<const int8_t> q, absl::Span<const
 
 absl::Status CpuBackend::Int4Encode(const ConstTensor& x, absl::Span<uint8_t> q,
                                     absl::Span<float> scales) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, -1));
+  MAPL_RETURN_IF_ERROR(CheckScalarCodecArgs(x, "x", /*int4=*/true, q.data(), q.size(), scales));
   const int64_t n = x.rows;
   const int64_t k = x.cols;
   const int64_t row_bytes = (k + 1) / 2;
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(q, "q", n * row_bytes,
-                                     absl::StrCat("n * ceil(k / 2) = ", n, " * ", row_bytes)));
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(scales, "scales", n, "one per row of x"));
   // As for int8: NaN or Inf would give codes the decoder cannot tell from good ones.
   MAPL_RETURN_IF_ERROR(CheckFinite(x, "x"));
 
@@ -136,13 +118,10 @@ absl::Status CpuBackend::Int4Encode(const ConstTensor& x, absl::Span<uint8_t> q,
 
 absl::Status CpuBackend::Int4Decode(absl::Span<const uint8_t> q, absl::Span<const float> scales,
                                     const Tensor& out) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(out, "out", -1, -1));
+  MAPL_RETURN_IF_ERROR(CheckScalarCodecArgs(out, "out", /*int4=*/true, q.data(), q.size(), scales));
   const int64_t n = out.rows;
   const int64_t k = out.cols;
   const int64_t row_bytes = (k + 1) / 2;
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(q, "q", n * row_bytes,
-                                     absl::StrCat("n * ceil(k / 2) = ", n, " * ", row_bytes)));
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(scales, "scales", n, "one per row of out"));
   MAPL_RETURN_IF_ERROR(CheckScales(scales));
 
   F32Output o(out);

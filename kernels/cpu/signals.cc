@@ -15,15 +15,13 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/validation.h"
 
 namespace mapl {
-namespace {}  // namespace
 
 absl::Status CpuBackend::GradUp(const ConstTensor& h, const ConstTensor& gzq, const Tensor& g_up,
                                 bool accumulate) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(h, "h", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(gzq, "gzq", h.rows, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_up, "g_up", h.cols, gzq.cols));
+  MAPL_RETURN_IF_ERROR(CheckGradUpArgs(h, gzq, g_up));
   const int n = static_cast<int>(h.rows);
   const int d = static_cast<int>(h.cols);
   const int k = static_cast<int>(gzq.cols);
@@ -41,11 +39,7 @@ absl::Status CpuBackend::GradDown(const ConstTensor& g, const ConstTensor& gu,
                                   const ConstTensor& zq, const ConstTensor& u,
                                   const LowRankAnchor* a, const Tensor& g_down,
                                   bool accumulate) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(g, "g", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(u, "u", g.cols, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(gu, "gu", g.rows, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(zq, "zq", g.rows, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_down, "g_down", g.cols, u.cols));
+  MAPL_RETURN_IF_ERROR(CheckGradDownArgs(g, gu, zq, u, g_down));
   const int n = static_cast<int>(g.rows);
   const int d = static_cast<int>(g.cols);
   const int k = static_cast<int>(u.cols);

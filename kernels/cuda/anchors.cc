@@ -5,39 +5,21 @@
 #include <cmath>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/kernels.h"
+#include "kernels/validation.h"
 
 namespace mapl {
 namespace {
-
-// As CheckTokens of kernels/cpu/anchors.cc, on a host copy of the ids.
-absl::Status CheckTokens(const std::vector<int32_t>& tokens, int64_t n, int64_t vocab) {
-  for (int64_t i = 0; i < n; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= vocab) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tokens[", i, "] = ", tokens[i], " out of range [0, ", vocab, ")"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-// As CheckTables of kernels/cpu/anchors.cc: p (V, r) and q (r, d), both f32.
-absl::Status CheckTables(const ConstTensor& p, const ConstTensor& q) {
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(p, "p", -1, -1));
-  return CheckF32Matrix(q, "q", p.cols, -1);
-}
 
 // Token ids: one per row, each in [0, V); copied to the host for the check when on the device.
 absl::StatusOr<const int32_t*> DeviceTokens(cuda::Lane& lane, int device, int slot,
                                             absl::Span<const int32_t> tokens, int64_t n,
                                             int64_t vocab, const char* rows_of) {
-  MAPL_RETURN_IF_ERROR(
-      CheckSpanSize(tokens, "tokens", n, absl::StrCat("one per row of ", rows_of)));
+  MAPL_RETURN_IF_ERROR(CheckTokenCount(tokens, n, rows_of));
   MAPL_ASSIGN_OR_RETURN(std::vector<int32_t> host, cuda::HostCopy(lane, device, tokens, "tokens"));
-  MAPL_RETURN_IF_ERROR(CheckTokens(host, n, vocab));
+  MAPL_RETURN_IF_ERROR(CheckTokenValues(host, vocab));
   MAPL_ASSIGN_OR_RETURN(const void* d,
                         cuda::DeviceInput(lane, device, slot, tokens.data(),
                                           tokens.size() * sizeof(int32_t), "tokens"));
@@ -49,11 +31,7 @@ absl::StatusOr<const int32_t*> DeviceTokens(cuda::Lane& lane, int device, int sl
 absl::StatusOr<CudaBackend::DeviceAnchor> CudaBackend::FactorAnchorOnDevice(
     cuda::Lane& lane, const LowRankAnchor& a, int64_t n, const ConstTensor& u, const float* u_d,
     const char* what, int first_slot) const {
-  MAPL_RETURN_IF_ERROR(CheckTables(a.p, a.q));
-  if (a.q.cols != u.rows) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": q has ", a.q.cols, " columns, u has ", u.rows, " rows"));
-  }
+  MAPL_RETURN_IF_ERROR(CheckAnchorAgainstU(a, u, what));
   MAPL_ASSIGN_OR_RETURN(const int32_t* tokens,
                         DeviceTokens(lane, device_, first_slot, a.tokens, n, a.p.rows, what));
   DeviceAnchor f;
@@ -86,7 +64,7 @@ absl::StatusOr<CudaBackend::DeviceAnchor> CudaBackend::FactorAnchorOnDevice(
 
 absl::Status CudaBackend::AnchorLookup(const ConstTensor& p, const ConstTensor& q,
                                        absl::Span<const int32_t> tokens, const Tensor& a) const {
-  MAPL_RETURN_IF_ERROR(CheckTables(p, q));
+  MAPL_RETURN_IF_ERROR(CheckAnchorTables(p, q));
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(a, "a", -1, q.cols));
   const int64_t n = a.rows, r = p.cols, d = q.cols;
   MAPL_ASSIGN_OR_RETURN(cuda::LaneLease lane, pool_->Acquire());
@@ -117,9 +95,7 @@ absl::Status CudaBackend::AnchorLookup(const ConstTensor& p, const ConstTensor& 
 
 absl::Status CudaBackend::LiftWithAnchor(const ConstTensor& zq, const ConstTensor& u,
                                          const LowRankAnchor& a, const Tensor& h) const {
-  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(zq, "zq", -1, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckShape(h, "h", zq.rows, u.rows));
+  MAPL_RETURN_IF_ERROR(CheckLiftWithAnchorArgs(zq, u, h));
   const int64_t n = zq.rows, d = u.rows, k = u.cols;
   MAPL_ASSIGN_OR_RETURN(cuda::LaneLease lane, pool_->Acquire());
   // Slots: 0/1 u, 2/3 zq's private copy (the coefficients), 4-8 the anchor, 9 the f32 result,
@@ -150,12 +126,8 @@ absl::Status CudaBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
                                      absl::Span<const int32_t> tokens, const ConstTensor& g,
                                      const ConstTensor& gu, const ConstTensor& u, const Tensor& dp,
                                      const Tensor& dq) const {
-  // The CPU backend's checks, in its order and words.
-  MAPL_RETURN_IF_ERROR(CheckShape(g, "g", -1, q.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(dp, "dp", p.rows, p.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(dq, "dq", q.rows, q.cols));
-  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(gu, "gu", g.rows, u.cols));
+  // The CPU backend's checks, in its order and words (kernels/validation.h).
+  MAPL_RETURN_IF_ERROR(CheckAnchorGradArgs(p, q, g, gu, u, dp, dq));
   const int64_t n = g.rows;
   MAPL_ASSIGN_OR_RETURN(cuda::LaneLease lane, pool_->Acquire());
   // Slots: 0/1 u, 2-6 the anchor, 7/8 g, 9 gu, 10 g_perp Q^T, 11 the new dp, 12 the touched
@@ -199,9 +171,7 @@ absl::Status CudaBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
   unsigned long long first = 0;
   MAPL_RETURN_IF_ERROR(cuda::Download(*lane, &first, lane->error_word, sizeof(first)));
   if (first != ULLONG_MAX) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("dp: non-finite result for token ", first,
-                     " (overflow; P, Q or g too large); dp and dq left unchanged"));
+    return AnchorGradOverflowError(static_cast<int64_t>(first));
   }
   // dq += P[t]^T g_perp = P[t]^T g - (P[t]^T gu) U^T, into scratch first for the same reason.
   MAPL_ASSIGN_OR_RETURN(void* dq_v, lane->slots[13].Reserve(size_t(r) * d * 4));
@@ -222,34 +192,8 @@ absl::Status CudaBackend::AnchorGrad(const ConstTensor& p, const ConstTensor& q,
 
 absl::Status CudaBackend::AdamStep(const Tensor& param, const ConstTensor& grad, const Tensor& m,
                                    const Tensor& v, const AdamOptions& options) const {
-  // The CPU backend's checks, in its order and words.
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(param, "param", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(grad, "grad", param.rows, param.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(m, "m", param.rows, param.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(v, "v", param.rows, param.cols));
-  if (!std::isfinite(options.lr) || options.lr < 0.f) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("lr: must be finite and >= 0, got ", options.lr));
-  }
-  if (!(options.beta1 >= 0.f && options.beta1 < 1.f)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("beta1: must be in [0, 1), got ", options.beta1));
-  }
-  if (!(options.beta2 >= 0.f && options.beta2 < 1.f)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("beta2: must be in [0, 1), got ", options.beta2));
-  }
-  if (!std::isfinite(options.eps) || options.eps <= 0.f) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("eps: must be finite and > 0, got ", options.eps));
-  }
-  if (!std::isfinite(options.weight_decay) || options.weight_decay < 0.f) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("weight_decay: must be finite and >= 0, got ", options.weight_decay));
-  }
-  if (options.step < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("step: must be >= 1, got ", options.step));
-  }
+  // The CPU backend's checks, in its order and words (kernels/validation.h).
+  MAPL_RETURN_IF_ERROR(CheckAdamArgs(param, grad, m, v, options));
   const int64_t count = param.size();
   if (count == 0) return absl::OkStatus();
   const size_t bytes = static_cast<size_t>(count) * sizeof(float);
@@ -282,9 +226,7 @@ absl::Status CudaBackend::AdamStep(const Tensor& param, const ConstTensor& grad,
     const int64_t i = static_cast<int64_t>(first);
     float gi = 0.f;
     MAPL_RETURN_IF_ERROR(cuda::Download(*lane, &gi, gd + i, sizeof(float)));
-    return absl::InvalidArgumentError(absl::StrCat("grad: value ", gi, " at (", i / param.cols,
-                                                   ", ", i % param.cols,
-                                                   ") is non-finite or too large"));
+    return AdamGradError(gi, i, param.cols);
   }
   // PyTorch's AdamW, with the CPU's constants computed the same way.
   const double bc1 = 1.0 - std::pow(static_cast<double>(options.beta1), options.step);

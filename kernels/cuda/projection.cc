@@ -2,6 +2,7 @@
 // operands converted to fp32 on the device first, as the CPU backend converts them on the host.
 #include "common/status_macros.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/validation.h"
 
 namespace mapl {
 
@@ -22,17 +23,13 @@ absl::Status CudaBackend::Product(const ConstTensor& in, const ConstTensor& u, b
 
 absl::Status CudaBackend::Project(const ConstTensor& h, const ConstTensor& u,
                                   const Tensor& z) const {
-  // The CPU backend's checks (kernels/cpu/projection.cc).
-  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckShape(h, "h", -1, u.rows));
-  MAPL_RETURN_IF_ERROR(CheckShape(z, "z", h.rows, u.cols));
+  // The CPU backend's checks (kernels/validation.h).
+  MAPL_RETURN_IF_ERROR(CheckProjectArgs(h, u, z));
   return Product(h, u, /*trans_u=*/false, z, "h", "z");
 }
 
 absl::Status CudaBackend::Lift(const ConstTensor& z, const ConstTensor& u, const Tensor& h) const {
-  MAPL_RETURN_IF_ERROR(CheckTallF32(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckShape(z, "z", -1, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckShape(h, "h", z.rows, u.rows));
+  MAPL_RETURN_IF_ERROR(CheckLiftArgs(z, u, h));
   return Product(z, u, /*trans_u=*/true, h, "z", "h");
 }
 

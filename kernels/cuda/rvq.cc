@@ -2,31 +2,17 @@
 // and the learner's streaming update. Beam search (beam > 1) calls the CPU backend: the server
 // only ever encodes with beam 1, and its candidate bookkeeping is host work. RvqFit is a host op
 // too (cuda_backend.cc). Validation and errors are those of kernels/cpu/rvq.cc.
-#include <cmath>
 #include <random>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/kernels.h"
+#include "kernels/validation.h"
 
 namespace mapl {
 namespace {
-
-// As CheckCodesAndNorms of kernels/cpu/rvq.cc.
-template <typename Code, typename Norm>
-absl::Status CheckCodesAndNorms(const RvqCodebooks& cb, int64_t n, absl::Span<Code> codes,
-                                absl::Span<Norm> norms, const char* rows_of) {
-  MAPL_RETURN_IF_ERROR(
-      CheckSpanSize(codes, "codes", n * cb.levels, absl::StrCat("n * L = ", n, " * ", cb.levels)));
-  if (cb.gain_shape) {
-    return CheckSpanSize(norms, "norms", n,
-                         absl::StrCat("gain-shape codebooks: one per row of ", rows_of));
-  }
-  return CheckSpanSize(norms, "norms", 0, "the codebooks are not gain-shape: pass no norms");
-}
 
 // ||c||^2 / 2 of every centroid of every level, (L * K), summed in double as the CPU's
 // PrepareLevel does, so both backends compare the same scores up to the dot products' rounding.
@@ -81,10 +67,9 @@ absl::Status CudaBackend::RvqEncode(const RvqCodebooks& cb, const ConstTensor& x
   }
   // The CPU backend's checks in its order: the codebooks, x's shape, x's finiteness (on the
   // device, below), then the sizes of codes and norms.
-  MAPL_RETURN_IF_ERROR(cb.Validate());
-  MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, cb.dim));
+  MAPL_RETURN_IF_ERROR(CheckRvqInput(cb, x));
   const int64_t n = x.rows, dim = cb.dim, k = cb.codebook_size, nl = cb.levels;
-  if (n == 0) return CheckCodesAndNorms(cb, n, codes, norms, "x");
+  if (n == 0) return CheckRvqCodesAndNorms(cb, n, codes, norms, "x");
   MAPL_ASSIGN_OR_RETURN(cuda::LaneLease lane, pool_->Acquire());
   // Slots: 0/1 x (raw; the f32 residual, always a private copy, as it is consumed), 2 the
   // centroids, 3 their half norms, 4 the norms, 5 the codes.
@@ -93,7 +78,7 @@ absl::Status CudaBackend::RvqEncode(const RvqCodebooks& cb, const ConstTensor& x
   // The fp32 copy holds exactly x's values, so it names the same element as CheckFinite on x.
   MAPL_RETURN_IF_ERROR(cuda::CheckFiniteOnDevice(
       *lane, residual, ConstTensor{residual, x.rows, x.cols, DType::kF32}, "x"));
-  MAPL_RETURN_IF_ERROR(CheckCodesAndNorms(cb, n, codes, norms, "x"));
+  MAPL_RETURN_IF_ERROR(CheckRvqCodesAndNorms(cb, n, codes, norms, "x"));
   MAPL_ASSIGN_OR_RETURN(void* centroids, lane->slots[2].Reserve(cb.centroids.size() * 4));
   MAPL_RETURN_IF_ERROR(
       cuda::Upload(*lane, centroids, cb.centroids.data(), cb.centroids.size() * 4));
@@ -126,31 +111,18 @@ absl::Status CudaBackend::RvqEncode(const RvqCodebooks& cb, const ConstTensor& x
 
 absl::Status CudaBackend::RvqDecode(const RvqCodebooks& cb, absl::Span<const uint8_t> codes,
                                     absl::Span<const float> norms, const Tensor& out) const {
-  MAPL_RETURN_IF_ERROR(cb.Validate());
-  MAPL_RETURN_IF_ERROR(CheckShape(out, "out", -1, cb.dim));
-  const int64_t n = out.rows, nl = cb.levels;
-  MAPL_RETURN_IF_ERROR(CheckCodesAndNorms(cb, n, codes, norms, "out"));
+  MAPL_RETURN_IF_ERROR(CheckRvqDecodeArgs(cb, codes, norms, out));
+  const int64_t n = out.rows;
   if (n == 0) return absl::OkStatus();
   MAPL_ASSIGN_OR_RETURN(cuda::LaneLease lane, pool_->Acquire());
   // Codes and norms come from the wire: validated on the host (n * L bytes and n floats).
   MAPL_ASSIGN_OR_RETURN(std::vector<uint8_t> host_codes,
                         cuda::HostCopy(*lane, device_, codes, "codes"));
-  for (int64_t i = 0; i < n * nl; ++i) {
-    if (host_codes[i] >= cb.codebook_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("rvq decode: code ", int(host_codes[i]), " at (", i / nl, ", ", i % nl,
-                       ") is out of range [0, ", cb.codebook_size, ")"));
-    }
-  }
+  MAPL_RETURN_IF_ERROR(CheckRvqCodeValues(cb, host_codes));
   if (cb.gain_shape) {
     MAPL_ASSIGN_OR_RETURN(std::vector<float> host_norms,
                           cuda::HostCopy(*lane, device_, norms, "norms"));
-    for (int64_t i = 0; i < n; ++i) {
-      if (!std::isfinite(host_norms[i]) || host_norms[i] < 0) {
-        return absl::InvalidArgumentError(absl::StrCat("rvq decode: norm ", host_norms[i],
-                                                       " of row ", i, " is not a finite >= 0"));
-      }
-    }
+    MAPL_RETURN_IF_ERROR(CheckRvqNormValues(host_norms));
   }
   // Slots: 0 the centroids, 1 the codes, 2 the norms, 3 the f32 result, 4 its bf16 or host form.
   MAPL_ASSIGN_OR_RETURN(void* centroids, lane->slots[0].Reserve(cb.centroids.size() * 4));
@@ -177,8 +149,7 @@ absl::StatusOr<RvqUpdateStats> CudaBackend::RvqUpdate(RvqLearner* learner, const
   // The CPU backend's checks in its order: the learner, the codebooks, x's shape and finiteness
   // (on the device), the learner's statistics, the options.
   if (learner == nullptr) return absl::InvalidArgumentError("rvq update: learner is null");
-  MAPL_RETURN_IF_ERROR(learner->codebooks.Validate());
-  MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, learner->codebooks.dim));
+  MAPL_RETURN_IF_ERROR(CheckRvqInput(learner->codebooks, x));
   RvqUpdateStats stats;
   const int64_t n = x.rows;
   MAPL_ASSIGN_OR_RETURN(cuda::LaneLease lane, pool_->Acquire());
@@ -195,14 +166,7 @@ absl::StatusOr<RvqUpdateStats> CudaBackend::RvqUpdate(RvqLearner* learner, const
   RvqLearner next = *learner;
   RvqCodebooks& cb = next.codebooks;
   const int64_t dim = cb.dim, k = cb.codebook_size, nl = cb.levels;
-  if (next.counts.size() != size_t(nl * k) || next.sums.size() != cb.centroids.size()) {
-    return absl::InvalidArgumentError("rvq update: learner counts/sums do not match its codebooks");
-  }
-  if (!(options.decay > 0.f && options.decay < 1.f) || !(options.dead_fraction >= 0.f)) {
-    return absl::InvalidArgumentError(absl::StrCat("rvq update: decay must be in (0, 1), got ",
-                                                   options.decay, "; dead_fraction >= 0, got ",
-                                                   options.dead_fraction));
-  }
+  MAPL_RETURN_IF_ERROR(CheckRvqLearnerAndOptions(next, options));
   if (n == 0) return stats;
   if (cb.gain_shape) {
     MAPL_ASSIGN_OR_RETURN(void* norms, lane->slots[2].Reserve(size_t(n) * 4));
@@ -273,15 +237,7 @@ absl::StatusOr<RvqUpdateStats> CudaBackend::RvqUpdate(RvqLearner* learner, const
         "LaunchSubtractCentroids"));
   }
   next.rng_state = rng();
-  for (const std::vector<float>* v : {&cb.centroids, &next.counts, &next.sums}) {
-    for (float f : *v) {
-      if (!std::isfinite(f)) {
-        return absl::InvalidArgumentError(
-            "rvq update: the batch overflows the codebook statistics (values too large); the "
-            "learner is left unchanged");
-      }
-    }
-  }
+  MAPL_RETURN_IF_ERROR(CheckRvqUpdateFinite(next));
   MAPL_ASSIGN_OR_RETURN(const double left, sum_of_squares());
   *learner = std::move(next);
   stats.relative_mse = total > 0 ? left / total : 0.0;

@@ -1,30 +1,15 @@
 // Int8 and int4 on the device (kernels/cuda/elementwise.cu), with the validation and errors of
-// kernels/cpu/scalar_codec.cc: shapes and sizes first, then the input's finiteness (on the
-// device), and a decoder's scales on the host (n floats, copied over when they are device
-// memory).
-#include <cmath>
+// kernels/cpu/scalar_codec.cc (kernels/validation.h): shapes and sizes first, then the input's
+// finiteness (on the device), and a decoder's scales on the host (n floats, copied over when they
+// are device memory).
+#include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/kernels.h"
+#include "kernels/validation.h"
 
 namespace mapl {
-namespace {
-
-// As CheckScales of kernels/cpu/scalar_codec.cc: a negative or non-finite scale can only come
-// from a corrupt or hostile frame.
-absl::Status CheckScales(const std::vector<float>& scales) {
-  for (size_t i = 0; i < scales.size(); ++i) {
-    if (!std::isfinite(scales[i]) || scales[i] < 0.f) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("scales: invalid scale ", scales[i], " at row ", i));
-    }
-  }
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 absl::Status CudaBackend::Quantize(const ConstTensor& x, bool int4, void* q, size_t q_bytes,
                                    absl::Span<float> scales) const {
@@ -68,39 +53,26 @@ absl::Status CudaBackend::Dequantize(const void* q, size_t q_bytes, bool int4,
 
 absl::Status CudaBackend::Int8Encode(const ConstTensor& x, absl::Span<int8_t> q,
                                      absl::Span<float> scales) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, -1));
-  const int64_t n = x.rows, k = x.cols;
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(q, "q", n * k, absl::StrCat("n * k = ", n, " * ", k)));
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(scales, "scales", n, "one per row of x"));
+  MAPL_RETURN_IF_ERROR(CheckScalarCodecArgs(x, "x", /*int4=*/false, q.data(), q.size(), scales));
   return Quantize(x, /*int4=*/false, q.data(), q.size(), scales);
 }
 
 absl::Status CudaBackend::Int8Decode(absl::Span<const int8_t> q, absl::Span<const float> scales,
                                      const Tensor& out) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(out, "out", -1, -1));
-  const int64_t n = out.rows, k = out.cols;
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(q, "q", n * k, absl::StrCat("n * k = ", n, " * ", k)));
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(scales, "scales", n, "one per row of out"));
+  MAPL_RETURN_IF_ERROR(
+      CheckScalarCodecArgs(out, "out", /*int4=*/false, q.data(), q.size(), scales));
   return Dequantize(q.data(), q.size(), /*int4=*/false, scales, out);
 }
 
 absl::Status CudaBackend::Int4Encode(const ConstTensor& x, absl::Span<uint8_t> q,
                                      absl::Span<float> scales) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(x, "x", -1, -1));
-  const int64_t n = x.rows, k = x.cols, row_bytes = (k + 1) / 2;
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(q, "q", n * row_bytes,
-                                     absl::StrCat("n * ceil(k / 2) = ", n, " * ", row_bytes)));
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(scales, "scales", n, "one per row of x"));
+  MAPL_RETURN_IF_ERROR(CheckScalarCodecArgs(x, "x", /*int4=*/true, q.data(), q.size(), scales));
   return Quantize(x, /*int4=*/true, q.data(), q.size(), scales);
 }
 
 absl::Status CudaBackend::Int4Decode(absl::Span<const uint8_t> q, absl::Span<const float> scales,
                                      const Tensor& out) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(out, "out", -1, -1));
-  const int64_t n = out.rows, k = out.cols, row_bytes = (k + 1) / 2;
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(q, "q", n * row_bytes,
-                                     absl::StrCat("n * ceil(k / 2) = ", n, " * ", row_bytes)));
-  MAPL_RETURN_IF_ERROR(CheckSpanSize(scales, "scales", n, "one per row of out"));
+  MAPL_RETURN_IF_ERROR(CheckScalarCodecArgs(out, "out", /*int4=*/true, q.data(), q.size(), scales));
   return Dequantize(q.data(), q.size(), /*int4=*/true, scales, out);
 }
 

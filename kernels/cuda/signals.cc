@@ -2,18 +2,16 @@
 // commit-if-finite (accumulation included) on the device, with the validation and errors of
 // kernels/cpu/signals.cc. The GEMM sequence is the CPU's, so results differ only by summation
 // order.
-#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/kernels.h"
+#include "kernels/validation.h"
 
 namespace mapl {
 
 absl::Status CudaBackend::GradUp(const ConstTensor& h, const ConstTensor& gzq, const Tensor& g_up,
                                  bool accumulate) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(h, "h", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(gzq, "gzq", h.rows, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_up, "g_up", h.cols, gzq.cols));
+  MAPL_RETURN_IF_ERROR(CheckGradUpArgs(h, gzq, g_up));
   const int n = static_cast<int>(h.rows), d = static_cast<int>(h.cols);
   const int k = static_cast<int>(gzq.cols);
   if (int64_t{d} * k == 0) return absl::OkStatus();
@@ -37,11 +35,7 @@ absl::Status CudaBackend::GradDown(const ConstTensor& g, const ConstTensor& gu,
                                    const ConstTensor& zq, const ConstTensor& u,
                                    const LowRankAnchor* a, const Tensor& g_down,
                                    bool accumulate) const {
-  MAPL_RETURN_IF_ERROR(CheckShape(g, "g", -1, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(u, "u", g.cols, -1));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(gu, "gu", g.rows, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(zq, "zq", g.rows, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(g_down, "g_down", g.cols, u.cols));
+  MAPL_RETURN_IF_ERROR(CheckGradDownArgs(g, gu, zq, u, g_down));
   const int n = static_cast<int>(g.rows), d = static_cast<int>(g.cols);
   const int k = static_cast<int>(u.cols);
   MAPL_ASSIGN_OR_RETURN(cuda::LaneLease lane, pool_->Acquire());
