@@ -32,5 +32,5 @@ import json, sys
 end = json.load(sys.stdin)["end"]
 rx = end["sum_received"]["bits_per_second"] / 1e9
 cpu = end["cpu_utilization_percent"]
-print(f"iperf3 {rx:.2f} Gbit/s received; CPU sender {cpu[\"host_total\"]:.0f} %, "
-      f"receiver {cpu[\"remote_total\"]:.0f} %")'
+host, remote = cpu["host_total"], cpu["remote_total"]
+print(f"iperf3 {rx:.2f} Gbit/s received; CPU sender {host:.0f} %, receiver {remote:.0f} %")'
