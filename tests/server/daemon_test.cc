@@ -185,6 +185,53 @@ std::pair<mc::TensorRef, mc::TensorRef> FillActivation(mc::Client* c, uint32_t b
           mc::TensorRef{buffer, ids_at, n, 1, mc::DType::kI32}};
 }
 
+// Through the boundary 0 of two started daemons: an activation forward and its gradient
+// backward, then a step on both sides, until the step's delta is applied downstream and
+// everything sequenced is acknowledged both ways.
+void CrossForwardBackwardAndStep(Daemon& up, Daemon& down, const Shape& shape) {
+  std::unique_ptr<mc::Client> up_client, down_client;
+  ASSERT_TRUE(mc::Client::Connect(up.config().local_socket(), "up", 5000, &up_client).ok());
+  ASSERT_TRUE(mc::Client::Connect(down.config().local_socket(), "down", 5000, &down_client).ok());
+  constexpr uint32_t kRows = 8;
+  auto [h, ids] = FillActivation(up_client.get(), 0, 0, kRows, shape, 1);
+  mc::SendResult sent;
+  mc::Status s = up_client->Send(0, mc::Direction::kForward, 1, 0, h, ids, &sent,
+                                 /*wait_encoded=*/true);
+  ASSERT_TRUE(s.ok()) << s.message;
+  mc::RecvResult r;
+  s = down_client->Recv(0, mc::Direction::kForward, 1, 0,
+                        mc::TensorRef{1, 0, shape.max_tokens, shape.d, mc::DType::kF32}, 0, &r);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_EQ(r.rows, kRows);
+  // The gradient: the decoded activation itself, scaled down (any finite tensor will do).
+  float* g = static_cast<float*>(down_client->data(1));
+  for (uint32_t i = 0; i < kRows * shape.d; ++i) g[i] *= 0.1f;
+  s = down_client->Send(0, mc::Direction::kBackward, 1, 0,
+                        mc::TensorRef{1, 0, kRows, shape.d, mc::DType::kF32}, std::nullopt, &sent,
+                        /*wait_encoded=*/true);
+  ASSERT_TRUE(s.ok()) << s.message;
+  s = up_client->Recv(0, mc::Direction::kBackward, 1, 0,
+                      mc::TensorRef{1, 0, shape.max_tokens, shape.d, mc::DType::kF32}, 0, &r);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_EQ(r.rows, kRows);
+  const float* grad = static_cast<const float*>(up_client->data(1));
+  for (uint32_t i = 0; i < kRows * shape.d; ++i) ASSERT_TRUE(std::isfinite(grad[i])) << i;
+  mc::StepResult stepped;
+  s = down_client->Step(1, 10000, &stepped);
+  ASSERT_TRUE(s.ok()) << s.message;
+  s = up_client->Step(1, 10000, &stepped);
+  ASSERT_TRUE(s.ok()) << s.message;
+  // The step's delta applied downstream, and everything sequenced acknowledged both ways.
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        const v1::BoundaryStats u = BoundaryOf(up, 0), d = BoundaryOf(down, 0);
+        return u.dictionary_version() > 0 && d.dictionary_version() == u.dictionary_version() &&
+               u.link().last_acked_seq() == u.link().last_seq() &&
+               d.link().last_acked_seq() == d.link().last_seq();
+      },
+      absl::Seconds(10)));
+}
+
 // ---- Prometheus over HTTP ----
 
 // GET http://127.0.0.1:<port>/metrics: the body of a 200 reply, or an error.
@@ -326,52 +373,13 @@ TEST(DaemonUcxTest, ABoundaryOverUcxCarriesBothDirectionsAndAStep) {
       StartStage(dir, 0, {{0, true, Loopback((*down)->peer_port())}}, shape, ucx);
   ASSERT_TRUE(up.ok()) << up.status();
 
-  std::unique_ptr<mc::Client> up_client, down_client;
-  ASSERT_TRUE(mc::Client::Connect((*up)->config().local_socket(), "up", 5000, &up_client).ok());
-  ASSERT_TRUE(
-      mc::Client::Connect((*down)->config().local_socket(), "down", 5000, &down_client).ok());
-  constexpr uint32_t kRows = 8;
-  auto [h, ids] = FillActivation(up_client.get(), 0, 0, kRows, shape, 1);
-  mc::SendResult sent;
-  mc::Status s = up_client->Send(0, mc::Direction::kForward, 1, 0, h, ids, &sent,
-                                 /*wait_encoded=*/true);
-  ASSERT_TRUE(s.ok()) << s.message;
-  mc::RecvResult r;
-  s = down_client->Recv(0, mc::Direction::kForward, 1, 0,
-                        mc::TensorRef{1, 0, shape.max_tokens, shape.d, mc::DType::kF32}, 0, &r);
-  ASSERT_TRUE(s.ok()) << s.message;
-  ASSERT_EQ(r.rows, kRows);
-  float* g = static_cast<float*>(down_client->data(1));
-  for (uint32_t i = 0; i < kRows * shape.d; ++i) g[i] *= 0.1f;
-  s = down_client->Send(0, mc::Direction::kBackward, 1, 0,
-                        mc::TensorRef{1, 0, kRows, shape.d, mc::DType::kF32}, std::nullopt, &sent,
-                        /*wait_encoded=*/true);
-  ASSERT_TRUE(s.ok()) << s.message;
-  s = up_client->Recv(0, mc::Direction::kBackward, 1, 0,
-                      mc::TensorRef{1, 0, shape.max_tokens, shape.d, mc::DType::kF32}, 0, &r);
-  ASSERT_TRUE(s.ok()) << s.message;
-  ASSERT_EQ(r.rows, kRows);
-  mc::StepResult stepped;
-  s = down_client->Step(1, 10000, &stepped);
-  ASSERT_TRUE(s.ok()) << s.message;
-  s = up_client->Step(1, 10000, &stepped);
-  ASSERT_TRUE(s.ok()) << s.message;
-  ASSERT_TRUE(PollUntil(
-      [&] {
-        const v1::BoundaryStats u = BoundaryOf(**up, 0), d = BoundaryOf(**down, 0);
-        return u.dictionary_version() > 0 && d.dictionary_version() == u.dictionary_version() &&
-               u.link().last_acked_seq() == u.link().last_seq() &&
-               d.link().last_acked_seq() == d.link().last_seq();
-      },
-      absl::Seconds(10)));
+  ASSERT_NO_FATAL_FAILURE(CrossForwardBackwardAndStep(**up, **down, shape));
   const v1::BoundaryStats u = BoundaryOf(**up, 0);
   EXPECT_EQ(u.link().data_plane(), "ucx");
   EXPECT_EQ(u.link().ucx_lanes(), "tcp/lo");
   EXPECT_EQ(u.link().ucx_foreign_dropped(), 0u);
   EXPECT_EQ(BoundaryOf(**down, 0).link().data_plane(), "ucx");
 
-  up_client.reset();
-  down_client.reset();
   (*up)->Shutdown(absl::Seconds(1));
   (*down)->Shutdown(absl::Seconds(1));
 }
@@ -487,51 +495,8 @@ TEST(DaemonDialTest, ADownstreamThatDialsCarriesBothDirectionsThroughTheUpstream
   EXPECT_EQ(AwaitHealth(port, "", HealthCheckResponse::SERVING), HealthCheckResponse::SERVING);
   EXPECT_EQ(Health(port, "boundary/0"), HealthCheckResponse::SERVING);
 
-  std::unique_ptr<mc::Client> up_client, down_client;
-  ASSERT_TRUE(mc::Client::Connect((*up)->config().local_socket(), "up", 5000, &up_client).ok());
-  ASSERT_TRUE(
-      mc::Client::Connect((*down)->config().local_socket(), "down", 5000, &down_client).ok());
-  constexpr uint32_t kRows = 8;
-  auto [h, ids] = FillActivation(up_client.get(), 0, 0, kRows, shape, 1);
-  mc::SendResult sent;
-  mc::Status s = up_client->Send(0, mc::Direction::kForward, 1, 0, h, ids, &sent,
-                                 /*wait_encoded=*/true);
-  ASSERT_TRUE(s.ok()) << s.message;
-  mc::RecvResult r;
-  s = down_client->Recv(0, mc::Direction::kForward, 1, 0,
-                        mc::TensorRef{1, 0, shape.max_tokens, shape.d, mc::DType::kF32}, 0, &r);
-  ASSERT_TRUE(s.ok()) << s.message;
-  ASSERT_EQ(r.rows, kRows);
-  // The gradient: the decoded activation itself, scaled down (any finite tensor will do).
-  float* g = static_cast<float*>(down_client->data(1));
-  for (uint32_t i = 0; i < kRows * shape.d; ++i) g[i] *= 0.1f;
-  s = down_client->Send(0, mc::Direction::kBackward, 1, 0,
-                        mc::TensorRef{1, 0, kRows, shape.d, mc::DType::kF32}, std::nullopt, &sent,
-                        /*wait_encoded=*/true);
-  ASSERT_TRUE(s.ok()) << s.message;
-  s = up_client->Recv(0, mc::Direction::kBackward, 1, 0,
-                      mc::TensorRef{1, 0, shape.max_tokens, shape.d, mc::DType::kF32}, 0, &r);
-  ASSERT_TRUE(s.ok()) << s.message;
-  ASSERT_EQ(r.rows, kRows);
-  const float* grad = static_cast<const float*>(up_client->data(1));
-  for (uint32_t i = 0; i < kRows * shape.d; ++i) ASSERT_TRUE(std::isfinite(grad[i])) << i;
-  mc::StepResult stepped;
-  s = down_client->Step(1, 10000, &stepped);
-  ASSERT_TRUE(s.ok()) << s.message;
-  s = up_client->Step(1, 10000, &stepped);
-  ASSERT_TRUE(s.ok()) << s.message;
-  // The step's delta applied downstream, and everything sequenced acknowledged both ways.
-  ASSERT_TRUE(PollUntil(
-      [&] {
-        const v1::BoundaryStats u = BoundaryOf(**up, 0), d = BoundaryOf(**down, 0);
-        return u.dictionary_version() > 0 && d.dictionary_version() == u.dictionary_version() &&
-               u.link().last_acked_seq() == u.link().last_seq() &&
-               d.link().last_acked_seq() == d.link().last_seq();
-      },
-      absl::Seconds(10)));
+  ASSERT_NO_FATAL_FAILURE(CrossForwardBackwardAndStep(**up, **down, shape));
 
-  up_client.reset();
-  down_client.reset();
   // The listening upstream sees the dialer go away: not ready any more.
   (*down)->Shutdown(absl::Seconds(1));
   EXPECT_EQ(AwaitHealth(port, "", HealthCheckResponse::NOT_SERVING),
