@@ -496,8 +496,24 @@ absl::StatusOr<v1::SendReply> Daemon::Send(const v1::SendRequest& request) {
   MAPL_ASSIGN_OR_RETURN(BoundaryWorker * w,
                         FindBoundary(request.boundary(), request.direction(), true));
   MAPL_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, sessions_.Find(request.session()));
-  MAPL_ASSIGN_OR_RETURN(Tensor t,
-                        BoundaryTensorView(*session, request.tensor(), w->config(), "tensor"));
+  const v1::TensorRef& ref = request.tensor();
+  MAPL_RETURN_IF_ERROR(CheckBoundaryTensor(ref, w->config(), "tensor"));
+  // A tensor in device memory is copied to page-locked host memory first, once the trainer's
+  // event says it is written; the worker then takes it from there as from a shared buffer.
+  std::unique_ptr<CudaIpcBuffers::Staged> staged;
+  Tensor t;
+  if (ref.memory() == v1::MEMORY_CUDA) {
+    MAPL_ASSIGN_OR_RETURN(const CudaRegion region, ResolveCudaRef(*session, ref, "tensor"));
+    if (request.has_token_ids()) {  // checked before the copy, as the host path checks it
+      MAPL_RETURN_IF_ERROR(ResolveTensorRef(*session, request.token_ids(), "token_ids").status());
+    }
+    MAPL_ASSIGN_OR_RETURN(staged, session->cuda->CopyToHost(region.buffer, region.offset,
+                                                            region.bytes, region.event));
+    t = Tensor{staged->data(), ref.rows(), ref.cols(),
+               ref.dtype() == v1::DTYPE_F32 ? DType::kF32 : DType::kBF16};
+  } else {
+    MAPL_ASSIGN_OR_RETURN(t, BoundaryTensorView(*session, ref, w->config(), "tensor"));
+  }
   const int32_t* tokens = nullptr;
   if (request.has_token_ids()) {
     if (request.direction() != v1::DIRECTION_FORWARD) {
@@ -531,7 +547,18 @@ absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,
     return absl::InvalidArgumentError(absl::StrCat("into: ", into.cols(), " columns, but boundary ",
                                                    w->config().id(), " has d = ", w->config().d()));
   }
-  MAPL_ASSIGN_OR_RETURN(char* dst, ResolveTensorRef(*session, into, "into"));
+  // Into device memory: the worker writes into page-locked host memory, copied to the device
+  // buffer after it.
+  std::unique_ptr<CudaIpcBuffers::Staged> staged;
+  CudaRegion region;
+  char* dst = nullptr;
+  if (into.memory() == v1::MEMORY_CUDA) {
+    MAPL_ASSIGN_OR_RETURN(region, ResolveCudaRef(*session, into, "into"));
+    MAPL_ASSIGN_OR_RETURN(staged, session->cuda->StageForDevice(region.bytes));
+    dst = static_cast<char*>(staged->data());
+  } else {
+    MAPL_ASSIGN_OR_RETURN(dst, ResolveTensorRef(*session, into, "into"));
+  }
   RecvOptions options;
   if (request.has_token_ids_into()) {
     const v1::TensorRef& ids = request.token_ids_into();
@@ -553,8 +580,20 @@ absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,
   const absl::Duration timeout = Timeout(request.timeout_ms());
   const Tensor out{dst, into.rows(), into.cols(),
                    into.dtype() == v1::DTYPE_F32 ? DType::kF32 : DType::kBF16};
-  return w->Recv(request.step(), request.microbatch(), out, absl::Now() + timeout, timeout,
-                 cancelled, options);
+  absl::StatusOr<v1::RecvReply> reply = w->Recv(request.step(), request.microbatch(), out,
+                                                absl::Now() + timeout, timeout, cancelled, options);
+  if (!reply.ok() || staged == nullptr) return reply;
+  // The tensor has left the inbox: a failure from here on loses it, and says so.
+  const uint64_t bytes =
+      uint64_t{reply->rows()} * reply->cols() * (into.dtype() == v1::DTYPE_F32 ? 4 : 2);
+  if (absl::Status s = session->cuda->CopyToDevice(std::move(staged), bytes, region.buffer,
+                                                   region.offset, region.event);
+      !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("the tensor was received but could not be copied "
+                                               "into the device buffer, and is lost: ",
+                                               s.message()));
+  }
+  return reply;
 }
 
 absl::StatusOr<v1::StepReply> Daemon::Step(const v1::StepRequest& request) {

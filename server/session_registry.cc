@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
@@ -38,6 +39,61 @@ bool SameSecret(const FdSecret& want, absl::Span<const uint8_t> got) {
   uint8_t diff = 0;
   for (size_t i = 0; i < want.size(); ++i) diff |= want[i] ^ got[i];
   return diff == 0;
+}
+
+// The device buffers and events the request asks for, if any, into the session and the event.
+absl::Status AttachCuda(const v1::AttachRequest& request, Session* session,
+                        v1::AttachEvent* event) {
+  if (request.cuda_buffers() == 0) {
+    if (request.cuda_buffer_bytes() != 0 || request.cuda_events() != 0 ||
+        !request.cuda_device_uuid().empty()) {
+      return absl::InvalidArgumentError(
+          "cuda_buffer_bytes, cuda_events or cuda_device_uuid given with cuda_buffers = 0: ask "
+          "for at least one device buffer, or leave them all unset for a host-only session");
+    }
+    return absl::OkStatus();
+  }
+  CudaIpcRequest want;
+  want.buffers = request.cuda_buffers();
+  want.buffer_bytes = request.cuda_buffer_bytes();
+  want.events = request.cuda_events();
+  want.device_uuid = request.cuda_device_uuid();
+  MAPL_ASSIGN_OR_RETURN(session->cuda, OpenCudaIpcBuffers(want));
+  v1::CudaBuffers* out = event->mutable_cuda();
+  out->set_device_uuid(session->cuda->device_uuid());
+  out->set_buffer_bytes(session->cuda->buffer_bytes());
+  for (const std::string& h : session->cuda->memory_handles()) out->add_memory_handles(h);
+  for (const std::string& h : session->cuda->event_handles()) out->add_event_handles(h);
+  return absl::OkStatus();
+}
+
+// The checks every reference gets, against `count` buffers whose sizes `size_of` gives; `kind`
+// ("" or "device ") names them in messages.
+absl::Status CheckRegion(const v1::TensorRef& ref, const char* what, size_t count,
+                         const std::function<uint64_t(uint32_t)>& size_of, const char* kind) {
+  if (ref.buffer() >= count) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ".buffer: ", ref.buffer(),
+                                                   " is not attached (this client has ", count, " ",
+                                                   kind, " buffers)"));
+  }
+  if (ref.dtype() != v1::DTYPE_F32 && ref.dtype() != v1::DTYPE_BF16 &&
+      ref.dtype() != v1::DTYPE_I32) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ".dtype: unset or unknown"));
+  }
+  const size_t elem = ElementSize(ref.dtype());
+  const uint64_t size = size_of(ref.buffer());
+  const unsigned __int128 bytes =
+      static_cast<unsigned __int128>(ref.rows()) * ref.cols() * elem + ref.offset();
+  if (ref.offset() % elem != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ".offset: ", ref.offset(), " is not a multiple of the element size ", elem));
+  }
+  if (bytes > size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": offset ", ref.offset(), " + ", ref.rows(), " x ", ref.cols(), " x ", elem,
+        " bytes runs past the end of ", kind, "buffer ", ref.buffer(), " (", size, " bytes)"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -87,6 +143,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Attach(const v1::Attac
     buf->set_bytes((*shm)->size());
     session->buffers.push_back(*std::move(shm));
   }
+  if (created.ok()) created = AttachCuda(request, session.get(), event);
   size_t attached = 0;
   {
     absl::MutexLock l(&mu_);
@@ -96,6 +153,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Attach(const v1::Attac
   }
   if (!created.ok()) {
     event->clear_buffers();
+    event->clear_cuda();
     return created;  // the buffers made so far go with `session`
   }
   event->set_session(session->id);
@@ -105,6 +163,10 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Attach(const v1::Attac
        {"client", session->client_name},
        {"pid", absl::StrCat(session->pid)},
        {"buffers", absl::StrCat(buffers_, " x ", buffer_bytes_)},
+       {"cuda_buffers", session->cuda == nullptr ? std::string("none")
+                                                 : absl::StrCat(request.cuda_buffers(), " x ",
+                                                                request.cuda_buffer_bytes(), ", ",
+                                                                request.cuda_events(), " events")},
        {"sessions", absl::StrCat(attached, "/", max_sessions_)}});
   return session;
 }
@@ -167,33 +229,42 @@ size_t SessionRegistry::size() const {
 
 absl::StatusOr<char*> ResolveTensorRef(const Session& s, const v1::TensorRef& ref,
                                        const char* what) {
-  if (ref.buffer() >= s.buffers.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ".buffer: ", ref.buffer(),
-                                                   " is not attached (this client has ",
-                                                   s.buffers.size(), " buffers)"));
+  if (ref.memory() != v1::MEMORY_HOST) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ".memory: must be MEMORY_HOST (token ids are always in host memory)"));
   }
-  if (ref.dtype() != v1::DTYPE_F32 && ref.dtype() != v1::DTYPE_BF16 &&
-      ref.dtype() != v1::DTYPE_I32) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ".dtype: unset or unknown"));
-  }
-  const size_t elem = ElementSize(ref.dtype());
-  const SharedMemory& shm = *s.buffers[ref.buffer()];
-  const unsigned __int128 bytes =
-      static_cast<unsigned __int128>(ref.rows()) * ref.cols() * elem + ref.offset();
-  if (ref.offset() % elem != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, ".offset: ", ref.offset(), " is not a multiple of the element size ", elem));
-  }
-  if (bytes > shm.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, ": offset ", ref.offset(), " + ", ref.rows(), " x ", ref.cols(), " x ", elem,
-        " bytes runs past the end of buffer ", ref.buffer(), " (", shm.size(), " bytes)"));
-  }
-  return static_cast<char*>(shm.data()) + ref.offset();
+  MAPL_RETURN_IF_ERROR(CheckRegion(
+      ref, what, s.buffers.size(), [&s](uint32_t b) { return s.buffers[b]->size(); }, ""));
+  return static_cast<char*>(s.buffers[ref.buffer()]->data()) + ref.offset();
 }
 
-absl::StatusOr<Tensor> BoundaryTensorView(const Session& s, const v1::TensorRef& ref,
-                                          const v1::BoundaryConfig& b, const char* what) {
+absl::StatusOr<CudaRegion> ResolveCudaRef(const Session& s, const v1::TensorRef& ref,
+                                          const char* what) {
+  if (s.cuda == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what,
+                     ".memory: MEMORY_CUDA, but this session has no device buffers; "
+                     "attach with cuda_buffers > 0, or pass the tensor in host memory"));
+  }
+  const CudaIpcBuffers& cuda = *s.cuda;
+  MAPL_RETURN_IF_ERROR(CheckRegion(
+      ref, what, cuda.memory_handles().size(), [&cuda](uint32_t) { return cuda.buffer_bytes(); },
+      "device "));
+  if (ref.event() > cuda.event_handles().size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ".event: ", ref.event(), ", but this session has ",
+                     cuda.event_handles().size(), " events (1 + an index; 0 for none)"));
+  }
+  CudaRegion r;
+  r.buffer = ref.buffer();
+  r.offset = ref.offset();
+  r.bytes = uint64_t{ref.rows()} * ref.cols() * ElementSize(ref.dtype());
+  r.event = static_cast<int>(ref.event()) - 1;
+  return r;
+}
+
+absl::Status CheckBoundaryTensor(const v1::TensorRef& ref, const v1::BoundaryConfig& b,
+                                 const char* what) {
   if (ref.dtype() != v1::DTYPE_F32 && ref.dtype() != v1::DTYPE_BF16) {
     return absl::InvalidArgumentError(
         absl::StrCat(what, ".dtype: must be DTYPE_F32 or DTYPE_BF16"));
@@ -207,6 +278,12 @@ absl::StatusOr<Tensor> BoundaryTensorView(const Session& s, const v1::TensorRef&
                                                    b.id(), " takes 1 to ", b.max_tokens(),
                                                    " tokens (max_tokens)"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Tensor> BoundaryTensorView(const Session& s, const v1::TensorRef& ref,
+                                          const v1::BoundaryConfig& b, const char* what) {
+  MAPL_RETURN_IF_ERROR(CheckBoundaryTensor(ref, b, what));
   MAPL_ASSIGN_OR_RETURN(char* p, ResolveTensorRef(s, ref, what));
   return Tensor{p, ref.rows(), ref.cols(),
                 ref.dtype() == v1::DTYPE_F32 ? DType::kF32 : DType::kBF16};

@@ -31,6 +31,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
+#include "kernels/cuda_ipc.h"
 #include "kernels/tensor.h"
 #include "proto/mapl/v1/config.pb.h"
 #include "proto/mapl/v1/local.pb.h"
@@ -39,20 +40,24 @@
 
 namespace mapl {
 
-// What one attached trainer holds: its shared buffers.
+// What one attached trainer holds: its shared buffers, and its device buffers when it asked for
+// them (AttachRequest.cuda_buffers).
 struct Session {
   uint64_t id = 0;
   std::string client_name;
   uint32_t pid = 0;
   std::vector<std::unique_ptr<SharedMemory>> buffers;
+  std::unique_ptr<CudaIpcBuffers> cuda;
 };
 
 class SessionRegistry {
  public:
   SessionRegistry(uint32_t stage, uint32_t buffers, uint64_t buffer_bytes, uint32_t max_sessions);
 
-  // A new session with its buffers; fills the event's session id, buffers and buffer_secret.
-  // RESOURCE_EXHAUSTED when max_sessions are attached, or the memory or fds run out.
+  // A new session with its buffers; fills the event's session id, buffers and buffer_secret,
+  // and its device buffers (event.cuda) when the request asks for them.
+  // RESOURCE_EXHAUSTED when max_sessions are attached, or the memory or fds run out; for device
+  // buffers, what OpenCudaIpcBuffers says (FAILED_PRECONDITION where CUDA cannot be used).
   absl::StatusOr<std::shared_ptr<Session>> Attach(const v1::AttachRequest& request,
                                                   v1::AttachEvent* event) ABSL_LOCKS_EXCLUDED(mu_);
   // The memfds of session `id`'s buffers, in buffer order, for the client that presents the
@@ -89,11 +94,28 @@ class SessionRegistry {
   uint64_t attaches_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
-// The bytes `ref` names in the session's buffers: INVALID_ARGUMENT (naming `what`) for a buffer
-// not attached, an unset dtype, a misaligned offset or a region that runs past the buffer.
+// The bytes `ref` names in the session's shared (host) buffers: INVALID_ARGUMENT (naming `what`)
+// for device memory, a buffer not attached, an unset dtype, a misaligned offset or a region that
+// runs past the buffer.
 absl::StatusOr<char*> ResolveTensorRef(const Session& session, const v1::TensorRef& ref,
                                        const char* what);
-// A tensor of boundary `config` (f32 or bf16, d columns, 1 to max_tokens rows).
+
+// A region of the session's device buffers (TensorRef.memory = MEMORY_CUDA).
+struct CudaRegion {
+  uint32_t buffer = 0;
+  uint64_t offset = 0;
+  uint64_t bytes = 0;
+  int event = -1;  // index into the session's events; -1 for none
+};
+// The same checks as ResolveTensorRef against the device buffers, and of the event; also
+// INVALID_ARGUMENT for a session without device buffers.
+absl::StatusOr<CudaRegion> ResolveCudaRef(const Session& session, const v1::TensorRef& ref,
+                                          const char* what);
+// INVALID_ARGUMENT unless `ref` is a tensor of boundary `config` (f32 or bf16, d columns, 1 to
+// max_tokens rows); in host or device memory.
+absl::Status CheckBoundaryTensor(const v1::TensorRef& ref, const v1::BoundaryConfig& config,
+                                 const char* what);
+// A tensor of boundary `config` in host memory (CheckBoundaryTensor, then ResolveTensorRef).
 absl::StatusOr<Tensor> BoundaryTensorView(const Session& session, const v1::TensorRef& ref,
                                           const v1::BoundaryConfig& config, const char* what);
 // The token ids of a forward tensor of `rows` rows: (rows, 1) DTYPE_I32.

@@ -33,13 +33,11 @@
 
 #include <cuda_runtime_api.h>
 
-#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <utility>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/cuda/module.h"
@@ -121,24 +119,7 @@ class HostOperands {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Backend>> cuda::CreateBackend() {
-  int device = 0;
-  if (const char* env = std::getenv("MAPL_CUDA_DEVICE"); env != nullptr && *env != '\0') {
-    if (!absl::SimpleAtoi(env, &device) || device < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "MAPL_CUDA_DEVICE=\"", env, "\" is not a device index; set it to 0, 1, ... or unset it"));
-    }
-  }
-  int count = 0;
-  if (absl::Status s = CudaStatus(cudaGetDeviceCount(&count), "cudaGetDeviceCount"); !s.ok()) {
-    return absl::UnavailableError(
-        absl::StrCat("the CUDA backend has no usable device here: ", s.message()));
-  }
-  if (count == 0)
-    return absl::UnavailableError("the CUDA backend has no device here: no CUDA device");
-  if (device >= count) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "MAPL_CUDA_DEVICE=", device, " but this machine has ", count, " CUDA device(s)"));
-  }
+  MAPL_ASSIGN_OR_RETURN(const int device, cuda::DeviceFromEnvironment("the CUDA backend"));
   cudaDeviceProp prop;
   if (absl::Status s =
           CudaStatus(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");

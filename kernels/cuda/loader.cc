@@ -1,6 +1,7 @@
-// MakeCudaBackend for the registry (kernels/registry.cc): loads the CUDA backend's module,
-// libmapl_cuda.so, with dlopen and asks it for a backend. Part of mapl_kernels, which therefore
-// links nothing of CUDA (kernels/CMakeLists.txt says why).
+// MakeCudaBackend for the registry (kernels/registry.cc) and CreateCudaIpcBuffersFromModule for
+// OpenCudaIpcBuffers (kernels/cuda_ipc.cc): loads the CUDA backend's module, libmapl_cuda.so,
+// with dlopen and asks it for a backend or for shared device buffers. Part of mapl_kernels, which
+// therefore links nothing of CUDA (kernels/CMakeLists.txt says why).
 //
 // The module is looked for, in this order: at $MAPL_CUDA_MODULE if that is set (and nowhere
 // else); next to the binary or library that holds this code (a device bundle), or where the
@@ -27,25 +28,34 @@
 namespace mapl {
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend();
+absl::StatusOr<std::unique_ptr<CudaIpcBuffers>> CreateCudaIpcBuffersFromModule(
+    const CudaIpcRequest& request);
 
 namespace {
 
-struct Loaded {
+struct Entries {
   MaplCudaCreateBackendFn create = nullptr;
-  absl::Status error;  // why there is no module, when create is null
+  MaplCudaCreateIpcBuffersFn create_ipc = nullptr;
 };
 
-// One attempt at one path: the create function, or an error naming the path.
-absl::StatusOr<MaplCudaCreateBackendFn> TryLoad(const std::string& path) {
+struct Loaded {
+  Entries entries;
+  absl::Status error;  // why there is no module, when entries.create is null
+};
+
+// One attempt at one path: the entry points, or an error naming the path.
+absl::StatusOr<Entries> TryLoad(const std::string& path) {
   void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (lib == nullptr) {
     const char* err = dlerror();
     return absl::NotFoundError(err != nullptr ? err : path);
   }
   auto abi = reinterpret_cast<MaplCudaModuleAbiFn>(dlsym(lib, MAPL_CUDA_MODULE_ABI_SYMBOL));
-  auto create =
-      reinterpret_cast<MaplCudaCreateBackendFn>(dlsym(lib, MAPL_CUDA_CREATE_BACKEND_SYMBOL));
-  if (abi == nullptr || create == nullptr) {
+  Entries e;
+  e.create = reinterpret_cast<MaplCudaCreateBackendFn>(dlsym(lib, MAPL_CUDA_CREATE_BACKEND_SYMBOL));
+  e.create_ipc =
+      reinterpret_cast<MaplCudaCreateIpcBuffersFn>(dlsym(lib, MAPL_CUDA_CREATE_IPC_BUFFERS_SYMBOL));
+  if (abi == nullptr || e.create == nullptr || e.create_ipc == nullptr) {
     dlclose(lib);
     return absl::FailedPreconditionError(
         absl::StrCat(path, ": not a mapl CUDA module (no ", MAPL_CUDA_CREATE_BACKEND_SYMBOL, ")"));
@@ -56,7 +66,7 @@ absl::StatusOr<MaplCudaCreateBackendFn> TryLoad(const std::string& path) {
     return absl::FailedPreconditionError(
         absl::StrCat(path, ": built as ", theirs, ", but this mapl needs ", MAPL_CUDA_MODULE_ABI));
   }
-  return create;
+  return e;
 }
 
 std::vector<std::string> Candidates() {
@@ -96,12 +106,12 @@ const Loaded& Load() {
     auto* l = new Loaded();
     std::vector<std::string> tried;
     for (const std::string& path : Candidates()) {
-      absl::StatusOr<MaplCudaCreateBackendFn> create = TryLoad(path);
-      if (create.ok()) {
-        l->create = *create;
+      absl::StatusOr<Entries> entries = TryLoad(path);
+      if (entries.ok()) {
+        l->entries = *entries;
         return l;
       }
-      tried.push_back(std::string(create.status().message()));
+      tried.push_back(std::string(entries.status().message()));
     }
     l->error = absl::UnavailableError(absl::StrCat(
         "the CUDA backend's module (libmapl_cuda.so) cannot be loaded: ",
@@ -115,10 +125,19 @@ const Loaded& Load() {
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend() {
   const Loaded& l = Load();
-  if (l.create == nullptr) return l.error;
+  if (l.entries.create == nullptr) return l.error;
   absl::StatusOr<std::unique_ptr<Backend>> backend = absl::InternalError("not set");
-  l.create(&backend);
+  l.entries.create(&backend);
   return backend;
+}
+
+absl::StatusOr<std::unique_ptr<CudaIpcBuffers>> CreateCudaIpcBuffersFromModule(
+    const CudaIpcRequest& request) {
+  const Loaded& l = Load();
+  if (l.entries.create_ipc == nullptr) return l.error;
+  absl::StatusOr<std::unique_ptr<CudaIpcBuffers>> buffers = absl::InternalError("not set");
+  l.entries.create_ipc(&request, &buffers);
+  return buffers;
 }
 
 }  // namespace mapl

@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/check.h"
 #include "common/status_macros.h"
@@ -31,6 +33,27 @@ absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
     default:
       return absl::InternalError(msg);
   }
+}
+
+absl::StatusOr<int> DeviceFromEnvironment(absl::string_view who) {
+  int device = 0;
+  if (const char* env = std::getenv("MAPL_CUDA_DEVICE"); env != nullptr && *env != '\0') {
+    if (!absl::SimpleAtoi(env, &device) || device < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "MAPL_CUDA_DEVICE=\"", env, "\" is not a device index; set it to 0, 1, ... or unset it"));
+    }
+  }
+  int count = 0;
+  if (absl::Status s = CudaStatus(cudaGetDeviceCount(&count), "cudaGetDeviceCount"); !s.ok()) {
+    return absl::UnavailableError(absl::StrCat(who, " has no usable device here: ", s.message()));
+  }
+  if (count == 0)
+    return absl::UnavailableError(absl::StrCat(who, " has no device here: no CUDA device"));
+  if (device >= count) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "MAPL_CUDA_DEVICE=", device, " but this machine has ", count, " CUDA device(s)"));
+  }
+  return device;
 }
 
 DeviceBuffer::~DeviceBuffer() {

@@ -38,6 +38,10 @@ absl::Status CudaStatus(cudaError_t err, absl::string_view what);
 #define MAPL_CUDA_RETURN_IF_ERROR(call) \
   MAPL_RETURN_IF_ERROR(::mapl::cuda::CudaStatus((call), #call))
 
+// The device MAPL_CUDA_DEVICE names (default 0): INVALID_ARGUMENT when it is malformed or past
+// the devices there are, UNAVAILABLE (saying `who` has no usable device) when there is none.
+absl::StatusOr<int> DeviceFromEnvironment(absl::string_view who);
+
 // A grow-only device allocation: Reserve keeps the old block when it is big enough; growing
 // frees it first (its contents are not kept).
 class DeviceBuffer {

@@ -927,6 +927,69 @@ TEST_F(DaemonPairTest, FramesCarryShapeDtypeAndIdsAndEncodeFailuresReachBothTrai
   EXPECT_TRUE(s.ok()) << s.message;
 }
 
+// Device memory where this mapld cannot use CUDA: the Attach that asks for device buffers is
+// refused saying why, and a reference to device memory from a host-only session is refused
+// before anything is taken, so the tensor is still there for the call that gets it right.
+TEST_F(DaemonPairTest, DeviceMemoryIsRefusedBeforeAnyTensorIsTakenWhereCudaIsMissing) {
+  if (MakeBackend("cuda").ok()) GTEST_SKIP() << "CUDA works here: cuda_ipc_test covers it";
+  Shape shape;
+  shape.method = "METHOD_FIXED";  // no token ids needed
+  ASSERT_NO_FATAL_FAILURE(StartPair(shape));
+  v1::AttachRequest gpu;
+  gpu.set_client_name("gpu-trainer");
+  gpu.set_cuda_buffers(2);
+  gpu.set_cuda_buffer_bytes(1 << 20);
+  gpu.set_cuda_events(8);
+  v1::AttachEvent event;
+  absl::StatusOr<std::shared_ptr<Session>> refused = up_->Attach(gpu, &event);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_NE(refused.status().message().find("CUDA"), std::string::npos) << refused.status();
+
+  v1::AttachEvent up_event, down_event;
+  ASSERT_TRUE(up_->Attach(v1::AttachRequest(), &up_event).ok());
+  ASSERT_TRUE(down_->Attach(v1::AttachRequest(), &down_event).ok());
+  v1::SendRequest send;
+  send.set_session(up_event.session());
+  send.set_boundary(0);
+  send.set_direction(v1::DIRECTION_FORWARD);
+  send.set_step(1);
+  v1::TensorRef* t = send.mutable_tensor();
+  t->set_rows(4);
+  t->set_cols(Shape().d);
+  t->set_dtype(v1::DTYPE_F32);
+  t->set_memory(v1::MEMORY_CUDA);
+  absl::StatusOr<v1::SendReply> sent = up_->Send(send);
+  ASSERT_EQ(sent.status().code(), absl::StatusCode::kInvalidArgument) << sent.status();
+  EXPECT_NE(sent.status().message().find("no device buffers"), std::string::npos) << sent.status();
+  EXPECT_EQ(BoundaryOf(*up_, 0).frames_sent(), 0u);
+
+  // A host tensor crosses; a Recv into device memory is refused and leaves it in the inbox.
+  t->set_memory(v1::MEMORY_HOST);
+  send.set_wait_encoded(true);
+  sent = up_->Send(send);
+  ASSERT_TRUE(sent.ok()) << sent.status();
+  v1::RecvRequest recv;
+  recv.set_session(down_event.session());
+  recv.set_boundary(0);
+  recv.set_direction(v1::DIRECTION_FORWARD);
+  recv.set_step(1);
+  recv.set_timeout_ms(10000);
+  v1::TensorRef* into = recv.mutable_into();
+  into->set_rows(Shape().max_tokens);
+  into->set_cols(Shape().d);
+  into->set_dtype(v1::DTYPE_F32);
+  into->set_memory(v1::MEMORY_CUDA);
+  into->set_event(1);
+  absl::StatusOr<v1::RecvReply> got = down_->Recv(recv, [] { return false; });
+  ASSERT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument) << got.status();
+  EXPECT_NE(got.status().message().find("into.memory"), std::string::npos) << got.status();
+  into->set_memory(v1::MEMORY_HOST);
+  into->set_event(0);
+  got = down_->Recv(recv, [] { return false; });
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->rows(), 4u);
+}
+
 TEST_F(DaemonPairTest, SendRateCapHoldsOnTheWireAfterABurst) {
   Shape shape;
   shape.d = 256;

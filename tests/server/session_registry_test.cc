@@ -26,6 +26,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "kernels/registry.h"
 
 namespace mapl {
 namespace {
@@ -580,6 +581,78 @@ TEST_F(SessionRegistryTensorRefTest, TokenIdsViewRejections) {
   ExpectRejected(TokenIdsView(*session_, Ref(0, 2, 5, 1, v1::DTYPE_I32), 5), "token_ids.offset");
   ExpectRejected(TokenIdsView(*session_, Ref(0, kBufferBytes - 16, 5, 1, v1::DTYPE_I32), 5),
                  "token_ids: offset");
+}
+
+TEST_F(SessionRegistryTensorRefTest, HostOnlyRefsRefuseDeviceMemory) {
+  v1::TensorRef ids = Ref(1, 0, 5, 1, v1::DTYPE_I32);
+  ids.set_memory(v1::MEMORY_CUDA);
+  ExpectRejected(TokenIdsView(*session_, ids, 5), "token_ids.memory");
+  ExpectRejected(ResolveTensorRef(*session_, ids, "token_ids_into"), "always in host memory");
+}
+
+TEST_F(SessionRegistryTensorRefTest, ADeviceRefOnAHostOnlySessionIsRefused) {
+  v1::TensorRef h = Ref(0, 0, 1, kD, v1::DTYPE_F32);
+  h.set_memory(v1::MEMORY_CUDA);
+  h.set_event(1);
+  ExpectRejected(ResolveCudaRef(*session_, h, "tensor"), "no device buffers");
+  // The shape checks are the same for both kinds of memory.
+  EXPECT_TRUE(CheckBoundaryTensor(h, config_, "tensor").ok());
+  h.set_cols(kD + 1);
+  EXPECT_EQ(CheckBoundaryTensor(h, config_, "tensor").code(), absl::StatusCode::kInvalidArgument);
+}
+
+// ---- device buffers (AttachRequest.cuda_*). A granted request needs a GPU: the gpu-labelled
+// cuda_ipc_test covers it. These are the refusals, which hold everywhere.
+
+v1::AttachRequest CudaRequest(uint32_t buffers, uint64_t bytes, uint32_t events) {
+  v1::AttachRequest r = Request("gpu-trainer");
+  r.set_cuda_buffers(buffers);
+  r.set_cuda_buffer_bytes(bytes);
+  r.set_cuda_events(events);
+  return r;
+}
+
+// INVALID_ARGUMENT naming `field`, and nothing attached.
+void ExpectAttachRefused(const v1::AttachRequest& request, absl::StatusCode code,
+                         const std::string& field) {
+  SessionRegistry registry(/*stage=*/1, /*buffers=*/1, kBytes, /*max_sessions=*/2);
+  v1::AttachEvent event;
+  absl::StatusOr<std::shared_ptr<Session>> s = registry.Attach(request, &event);
+  ASSERT_EQ(s.status().code(), code) << s.status();
+  EXPECT_TRUE(absl::StrContains(s.status().message(), field))
+      << "'" << s.status().message() << "' does not name " << field;
+  EXPECT_EQ(registry.size(), 0u);
+  EXPECT_EQ(event.buffers_size(), 0);
+  EXPECT_FALSE(event.has_cuda());
+  // The slot was given back: host-only sessions still attach.
+  v1::AttachEvent next;
+  EXPECT_TRUE(registry.Attach(Request("host"), &next).ok());
+}
+
+TEST(SessionRegistryCudaTest, RequestsOutOfTheLimitsAreRefusedBeforeTouchingCuda) {
+  const auto invalid = absl::StatusCode::kInvalidArgument;
+  ExpectAttachRefused(CudaRequest(65, 1 << 20, 8), invalid, "cuda_buffers: 65");
+  ExpectAttachRefused(CudaRequest(2, 0, 8), invalid, "cuda_buffer_bytes: 0");
+  ExpectAttachRefused(CudaRequest(2, (uint64_t{64} << 30) + 1, 8), invalid, "cuda_buffer_bytes");
+  ExpectAttachRefused(CudaRequest(2, 1 << 20, 1025), invalid, "cuda_events: 1025");
+  v1::AttachRequest uuid = CudaRequest(2, 1 << 20, 8);
+  uuid.set_cuda_device_uuid("GPU-0");
+  ExpectAttachRefused(uuid, invalid, "cuda_device_uuid: 5 bytes");
+}
+
+TEST(SessionRegistryCudaTest, DeviceFieldsWithoutDeviceBuffersAreRefused) {
+  ExpectAttachRefused(CudaRequest(0, 1 << 20, 0), absl::StatusCode::kInvalidArgument,
+                      "cuda_buffers = 0");
+  ExpectAttachRefused(CudaRequest(0, 0, 4), absl::StatusCode::kInvalidArgument, "cuda_buffers = 0");
+}
+
+TEST(SessionRegistryCudaTest, DeviceBuffersAreRefusedWhereCudaCannotBeUsed) {
+  if (MakeBackend("cuda").ok()) {
+    GTEST_SKIP() << "CUDA works here: cuda_ipc_test (label gpu) covers a granted attach";
+  }
+  // Without MAPL_WITH_CUDA: "built without CUDA"; with it but no driver or device: "cannot use
+  // CUDA" and the runtime's reason.
+  ExpectAttachRefused(CudaRequest(2, 1 << 20, 8), absl::StatusCode::kFailedPrecondition, "CUDA");
 }
 
 }  // namespace
