@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The CUDA backend's checks on a device machine, in two halves:
 #
-#   bench/gpu_check.sh --pack        here (the build machine): builds the GPU tests and the codec
-#                                    benchmark in build/, and packs the stripped binaries with
+#   bench/gpu_check.sh --pack        here (the build machine): builds the GPU tests and the
+#                                    benchmarks in build/, and packs the stripped binaries with
 #                                    their shared libraries (minus glibc, libcuda and cuBLAS) into
 #                                    .gpucheck/bundle.tar.xz (git-ignored; under 40 MB).
 #   bench/gpu_check.sh OUT_DIR       on the device machine, from the repository root with
 #                                    .gpucheck/ beside it: unpacks the bundle, finds cuBLAS 13,
 #                                    prints nvidia-smi, runs every GPU test (ctest label gpu: the
-#                                    */cuda* instances of the kernel tests and cuda_backend_test)
-#                                    and gpu_codec_bench, each under a timeout, and writes each
+#                                    */cuda* instances of the kernel tests, cuda_backend_test and
+#                                    cuda_ipc_test) and the benchmarks gpu_codec_bench and
+#                                    cuda_ipc_bench, each under a timeout, and writes each
 #                                    log and summary.txt into OUT_DIR.
 #
 # The device machine has the NVIDIA driver, a CUDA 13 toolkit and Python, but not the libraries
@@ -19,8 +20,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-# The GPU tests: binary and gtest filter. Keep in step with tests/kernels/CMakeLists.txt (the
-# gpu label); --pack checks that the two agree.
+# The GPU tests: binary and gtest filter. Keep in step with tests/kernels/CMakeLists.txt and
+# tests/server/CMakeLists.txt (the gpu label); --pack checks that the two agree.
 GPU_TESTS=(
   "cuda_backend_test:*"
   "projection_test:*/cuda*"
@@ -30,16 +31,21 @@ GPU_TESTS=(
   "anchors_test:*/cuda*"
   "signals_test:*/cuda*"
   "registry_test:*/cuda*"
+  "cuda_ipc_test:*"
 )
-BENCHES=(gpu_codec_bench)
+BENCHES=(gpu_codec_bench cuda_ipc_bench)
+# Binaries the tests and benchmarks run as processes of their own (the GPU trainer of the CUDA
+# IPC test and benchmark, found next to them).
+HELPERS=(cuda_ipc_trainer)
 
 # The built binary of a GPU test or benchmark, in build/.
 bin_path() {
   local d
-  for d in tests/kernels bench; do
+  for d in tests/kernels tests/server bench; do
     if [ -x "build/$d/$1" ]; then echo "build/$d/$1"; return 0; fi
   done
-  echo "gpu_check --pack: $1 was not built (looked in build/tests/kernels and build/bench)" >&2
+  echo "gpu_check --pack: $1 was not built (looked in build/tests/kernels, build/tests/server" \
+       "and build/bench)" >&2
   return 1
 }
 
@@ -52,7 +58,7 @@ pack() {
   fi
   local targets=() t
   for t in "${GPU_TESTS[@]}"; do targets+=("${t%%:*}"); done
-  targets+=("${BENCHES[@]}")
+  targets+=("${BENCHES[@]}" "${HELPERS[@]}")
   nice -n 5 ninja -C "$build" -j "${MAPL_PACK_JOBS:-2}" mapl_cuda || return 1
   nice -n 5 ninja -C "$build" -j "${MAPL_PACK_JOBS:-2}" "${targets[@]}" || return 1
 
