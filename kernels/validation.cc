@@ -126,6 +126,53 @@ absl::Status CheckScales(absl::Span<const float> scales) {
   return absl::OkStatus();
 }
 
+absl::Status CheckSpelMatrix(const ConstTensor& t, const char* what) {
+  MAPL_RETURN_IF_ERROR(CheckTallF32(t, what));
+  if (t.cols > kMaxSpelRank) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": rank ", t.cols, " too large (at most ", kMaxSpelRank, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckMsignOptions(const MsignOptions& options) {
+  if (options.max_iterations < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("msign.max_iterations: must be >= 0, got ", options.max_iterations));
+  }
+  if (std::isnan(options.tolerance)) {
+    return absl::InvalidArgumentError("msign.tolerance: NaN");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckMsignArgs(const ConstTensor& y, const ConstTensor& out,
+                            const MsignOptions& options) {
+  MAPL_RETURN_IF_ERROR(CheckSpelMatrix(y, "y"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(out, "out", y.rows, y.cols));
+  return CheckMsignOptions(options);
+}
+
+absl::Status CheckSpelStepArgs(const ConstTensor& u, const ConstTensor& grad,
+                               const ConstTensor& momentum, const SpelOptions& options) {
+  MAPL_RETURN_IF_ERROR(CheckSpelMatrix(u, "u"));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(grad, "grad", u.rows, u.cols));
+  MAPL_RETURN_IF_ERROR(CheckF32Matrix(momentum, "momentum", u.rows, u.cols));
+  if (!std::isfinite(options.lr) || options.lr < 0.f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("lr: must be finite and >= 0, got ", options.lr));
+  }
+  if (!(options.beta >= 0.f && options.beta <= 1.f)) {
+    return absl::InvalidArgumentError(absl::StrCat("beta: must be in [0, 1], got ", options.beta));
+  }
+  return CheckMsignOptions(options.msign);
+}
+
+absl::Status MomentumOverflowError(int64_t i, int64_t cols) {
+  return absl::InvalidArgumentError(absl::StrCat("grad: momentum overflows at (", i / cols, ", ",
+                                                 i % cols, "); gradient too large"));
+}
+
 absl::Status CheckAnchorTables(const ConstTensor& p, const ConstTensor& q) {
   MAPL_RETURN_IF_ERROR(CheckF32Matrix(p, "p", -1, -1));
   return CheckF32Matrix(q, "q", p.cols, -1);

@@ -57,6 +57,25 @@ absl::Status CheckScalarCodecArgs(const ConstTensor& t, const char* what, bool i
 // and would hand the trainer NaN gradients.
 absl::Status CheckScales(absl::Span<const float> scales);
 
+// ---- SPEL on the Stiefel manifold ----
+// The largest rank k the SPEL ops take: the polar retraction's k x k eigensolver (LAPACK dsyevd,
+// on the host for both backends) counts its workspace, 1 + 6k + 2k^2 doubles, in a 32-bit int.
+inline constexpr int64_t kMaxSpelRank = 16384;
+// A tall (d, k) f32 matrix (CheckTallF32) with k <= kMaxSpelRank.
+absl::Status CheckSpelMatrix(const ConstTensor& t, const char* what);
+// max_iterations >= 0, tolerance not NaN.
+absl::Status CheckMsignOptions(const MsignOptions& options);
+// Msign before y's finiteness: y (d, k) as CheckSpelMatrix, out of y's shape f32, the options.
+absl::Status CheckMsignArgs(const ConstTensor& y, const ConstTensor& out,
+                            const MsignOptions& options);
+// SpelStep before the finiteness of grad, u and momentum (in that order): u as CheckSpelMatrix,
+// grad and momentum of u's shape f32, lr finite and >= 0, beta in [0, 1], the msign options.
+absl::Status CheckSpelStepArgs(const ConstTensor& u, const ConstTensor& grad,
+                               const ConstTensor& momentum, const SpelOptions& options);
+// SpelStep's error when the new momentum beta M + G is not finite at flat index i of a (d, cols)
+// matrix.
+absl::Status MomentumOverflowError(int64_t i, int64_t cols);
+
 // ---- anchors ----
 // p (V, r) and q (r, d), both f32.
 absl::Status CheckAnchorTables(const ConstTensor& p, const ConstTensor& q);

@@ -76,6 +76,18 @@ struct AnchorFactors {
 absl::StatusOr<AnchorFactors> FactorAnchor(const LowRankAnchor& a, int64_t n, const ConstTensor& u,
                                            const char* what);
 
+// The k x k half of a polar retraction pass (kernels/cpu/spel.cc), shared with the CUDA backend,
+// which forms y^T y and applies the result on the device: from the Gram matrix g = y^T y (k, k,
+// row-major double; overwritten) of a tall y, inv_sqrt (k, k) = (y^T y)^(-1/2) by LAPACK's
+// symmetric eigensolver, and *gram_ratio = lambda_min / lambda_max. INVALID_ARGUMENT naming `what`
+// when y is rank-deficient to float precision (a condition number above 1e6).
+absl::Status GramInverseSqrt(double* g, int k, const char* what, double* inv_sqrt,
+                             double* gram_ratio);
+// Below this Gram eigenvalue ratio (a condition number above 1e3) the Gram route loses
+// orthonormality, about cond^2 * eps of it, and the polar retraction runs a second pass on the
+// (by then nearly orthonormal) result, which brings it back to rounding level.
+inline constexpr double kRefineGramRatio = 1e-6;
+
 // One level of RvqUpdate once the batch is assigned (kernels/cpu/rvq.cc), shared with the CUDA
 // backend so that both update and re-seed alike, random draws included: the EMA of the level's
 // counts and sums, then each centroid recomputed, or re-seeded when dead from a residual row of

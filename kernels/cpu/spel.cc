@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/validation.h"
 
 // LAPACK symmetric eigensolver (divide and conquer), exported by OpenBLAS. The trailing lengths are
 // gfortran's hidden CHARACTER arguments.
@@ -28,32 +29,6 @@ namespace {
 // Below this eigenvalue ratio of the Gram matrix (a condition number above 1e6) a float matrix is
 // indistinguishable from a rank-deficient one: its polar factor is not determined by the data.
 constexpr double kMinGramRatio = 1e-12;
-// The Gram route loses about cond^2 * eps of orthonormality; above a condition number of 1e3 one
-// more pass on the (now nearly orthonormal) result brings it back to rounding level.
-constexpr double kRefineGramRatio = 1e-6;
-// dsyevd's workspace, 1 + 6k + 2k^2 doubles, is counted in a 32-bit int.
-constexpr int64_t kMaxRank = 16384;
-
-// A tall (d, k) f32 matrix whose k x k eigenproblem fits LAPACK's 32-bit workspace count.
-absl::Status CheckTall(const ConstTensor& t, const char* what) {
-  MAPL_RETURN_IF_ERROR(CheckTallF32(t, what));
-  if (t.cols > kMaxRank) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": rank ", t.cols, " too large (at most ", kMaxRank, ")"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckMsignOptions(const MsignOptions& options) {
-  if (options.max_iterations < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("msign.max_iterations: must be >= 0, got ", options.max_iterations));
-  }
-  if (std::isnan(options.tolerance)) {
-    return absl::InvalidArgumentError("msign.tolerance: NaN");
-  }
-  return absl::OkStatus();
-}
 
 // out = msign(y) for finite y (d, k), d >= k; out may alias y. msign(0) is 0, as sign(0) is: SPEL
 // then simply does not move (a zero gradient with zero momentum).
@@ -98,9 +73,34 @@ void NewtonSchulz(const float* y, int d, int k, const MsignOptions& options, flo
 absl::Status PolarPass(const double* y, int d, int k, const char* what, double* out,
                        double* gram_ratio) {
   const size_t kk = static_cast<size_t>(k) * k;
-  std::vector<double> g(kk), w(k);
+  std::vector<double> g(kk), inv_sqrt(kk);
   cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, k, k, d, 1.0, y, k, y, k, 0.0, g.data(), k);
+  MAPL_RETURN_IF_ERROR(cpu::GramInverseSqrt(g.data(), k, what, inv_sqrt.data(), gram_ratio));
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, d, k, k, 1.0, y, k, inv_sqrt.data(), k,
+              0.0, out, k);
+  return absl::OkStatus();
+}
 
+// The exact polar factor of y (d, k), computed in double and rounded into out.
+absl::Status Polar(std::vector<double> y, int d, int k, const char* what, float* out) {
+  const size_t dk = static_cast<size_t>(d) * k;
+  if (dk == 0) return absl::OkStatus();
+  std::vector<double> p(dk);
+  double ratio = 1.0;
+  MAPL_RETURN_IF_ERROR(PolarPass(y.data(), d, k, what, p.data(), &ratio));
+  if (ratio < cpu::kRefineGramRatio) {
+    std::swap(y, p);
+    MAPL_RETURN_IF_ERROR(PolarPass(y.data(), d, k, what, p.data(), &ratio));
+  }
+  for (size_t i = 0; i < dk; ++i) out[i] = static_cast<float>(p[i]);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status cpu::GramInverseSqrt(double* g, int k, const char* what, double* inv_sqrt,
+                                  double* gram_ratio) {
+  std::vector<double> w(k);
   // g is symmetric, so row- and column-major agree; on exit its column j (row j of the row-major
   // array) is the eigenvector of w[j], ascending.
   const int lwork = 1 + 6 * k + 2 * k * k;
@@ -108,8 +108,7 @@ absl::Status PolarPass(const double* y, int d, int k, const char* what, double* 
   std::vector<double> work(lwork);
   std::vector<int> iwork(liwork);
   int info = 0;
-  dsyevd_("V", "U", &k, g.data(), &k, w.data(), work.data(), &lwork, iwork.data(), &liwork, &info,
-          1, 1);
+  dsyevd_("V", "U", &k, g, &k, w.data(), work.data(), &lwork, iwork.data(), &liwork, &info, 1, 1);
   if (info != 0) {
     return absl::InternalError(absl::StrCat(what, ": dsyevd failed, info = ", info));
   }
@@ -126,43 +125,20 @@ absl::Status PolarPass(const double* y, int d, int k, const char* what, double* 
     const double s = 1.0 / std::sqrt(std::sqrt(w[j]));
     for (int i = 0; i < k; ++i) g[static_cast<size_t>(j) * k + i] *= s;
   }
-  std::vector<double> inv_sqrt(kk);
-  cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, k, k, k, 1.0, g.data(), k, g.data(), k, 0.0,
-              inv_sqrt.data(), k);
-  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, d, k, k, 1.0, y, k, inv_sqrt.data(), k,
-              0.0, out, k);
+  cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, k, k, k, 1.0, g, k, g, k, 0.0, inv_sqrt, k);
   return absl::OkStatus();
 }
-
-// The exact polar factor of y (d, k), computed in double and rounded into out.
-absl::Status Polar(std::vector<double> y, int d, int k, const char* what, float* out) {
-  const size_t dk = static_cast<size_t>(d) * k;
-  if (dk == 0) return absl::OkStatus();
-  std::vector<double> p(dk);
-  double ratio = 1.0;
-  MAPL_RETURN_IF_ERROR(PolarPass(y.data(), d, k, what, p.data(), &ratio));
-  if (ratio < kRefineGramRatio) {
-    std::swap(y, p);
-    MAPL_RETURN_IF_ERROR(PolarPass(y.data(), d, k, what, p.data(), &ratio));
-  }
-  for (size_t i = 0; i < dk; ++i) out[i] = static_cast<float>(p[i]);
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 absl::Status CpuBackend::Msign(const ConstTensor& y, const Tensor& out,
                                const MsignOptions& options) const {
-  MAPL_RETURN_IF_ERROR(CheckTall(y, "y"));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(out, "out", y.rows, y.cols));
-  MAPL_RETURN_IF_ERROR(CheckMsignOptions(options));
+  MAPL_RETURN_IF_ERROR(CheckMsignArgs(y, out, options));
   MAPL_RETURN_IF_ERROR(CheckFinite(y, "y"));
   NewtonSchulz(y.f32(), static_cast<int>(y.rows), static_cast<int>(y.cols), options, out.f32());
   return absl::OkStatus();
 }
 
 absl::Status CpuBackend::Retract(const Tensor& u) const {
-  MAPL_RETURN_IF_ERROR(CheckTall(u, "u"));
+  MAPL_RETURN_IF_ERROR(CheckSpelMatrix(u, "u"));
   MAPL_RETURN_IF_ERROR(CheckFinite(u, "u"));
   const float* uf = u.f32();
   std::vector<double> y(uf, uf + u.size());
@@ -171,17 +147,7 @@ absl::Status CpuBackend::Retract(const Tensor& u) const {
 
 absl::Status CpuBackend::SpelStep(const Tensor& u, const ConstTensor& grad, const Tensor& momentum,
                                   const SpelOptions& options) const {
-  MAPL_RETURN_IF_ERROR(CheckTall(u, "u"));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(grad, "grad", u.rows, u.cols));
-  MAPL_RETURN_IF_ERROR(CheckF32Matrix(momentum, "momentum", u.rows, u.cols));
-  if (!std::isfinite(options.lr) || options.lr < 0.f) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("lr: must be finite and >= 0, got ", options.lr));
-  }
-  if (!(options.beta >= 0.f && options.beta <= 1.f)) {
-    return absl::InvalidArgumentError(absl::StrCat("beta: must be in [0, 1], got ", options.beta));
-  }
-  MAPL_RETURN_IF_ERROR(CheckMsignOptions(options.msign));
+  MAPL_RETURN_IF_ERROR(CheckSpelStepArgs(u, grad, momentum, options));
   MAPL_RETURN_IF_ERROR(CheckFinite(grad, "grad"));
   MAPL_RETURN_IF_ERROR(CheckFinite(u, "u"));
   MAPL_RETURN_IF_ERROR(CheckFinite(momentum, "momentum"));
@@ -199,8 +165,7 @@ absl::Status CpuBackend::SpelStep(const Tensor& u, const ConstTensor& grad, cons
   for (size_t i = 0; i < dk; ++i) m_new[i] = options.beta * mf[i] + gf[i];
   for (size_t i = 0; i < dk; ++i) {
     if (!std::isfinite(m_new[i])) {
-      return absl::InvalidArgumentError(absl::StrCat("grad: momentum overflows at (", i / k, ", ",
-                                                     i % k, "); gradient too large"));
+      return MomentumOverflowError(static_cast<int64_t>(i), k);
     }
   }
 

@@ -46,6 +46,7 @@ absl::StatusOr<std::unique_ptr<const CublasApi>> CublasApi::Load() {
   s.Update(Resolve(lib, "cublasSetStream_v2", &api->set_stream));
   s.Update(Resolve(lib, "cublasSetMathMode", &api->set_math_mode));
   s.Update(Resolve(lib, "cublasSgemm_v2", &api->sgemm));
+  s.Update(Resolve(lib, "cublasDgemm_v2", &api->dgemm));
   s.Update(Resolve(lib, "cublasGetStatusString", &api->status_string));
   if (!s.ok()) return s;
   return std::unique_ptr<const CublasApi>(std::move(api));
@@ -71,6 +72,18 @@ absl::Status CublasApi::RowMajorSgemm(cublasHandle_t handle, bool trans_a, bool 
       sgemm(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m,
             kk, &alpha, b, ld_b, a, ld_a, &beta, c, n),
       "cublasSgemm");
+}
+
+absl::Status CublasApi::RowMajorDgemm(cublasHandle_t handle, bool trans_a, bool trans_b, int m,
+                                      int n, int kk, double alpha, const double* a, const double* b,
+                                      double beta, double* c) const {
+  if (m == 0 || n == 0) return absl::OkStatus();
+  // As RowMajorSgemm.
+  const int ld_b = std::max(1, trans_b ? kk : n), ld_a = std::max(1, trans_a ? m : kk);
+  return Check(
+      dgemm(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m,
+            kk, &alpha, b, ld_b, a, ld_a, &beta, c, n),
+      "cublasDgemm");
 }
 
 }  // namespace mapl::cuda

@@ -4,7 +4,8 @@
 // image. Only the few entry points the backend calls are resolved.
 //
 // The math mode stays CUBLAS_DEFAULT_MATH: no TF32, so SGEMMs match the CPU's fp32 GEMMs within
-// summation-order rounding.
+// summation-order rounding, and DGEMMs are native FP64 (cuBLAS's fixed-point FP64 emulation is a
+// math mode of its own, never set here).
 #ifndef MAPL_KERNELS_CUDA_CUBLAS_API_H_
 #define MAPL_KERNELS_CUDA_CUBLAS_API_H_
 
@@ -33,12 +34,17 @@ class CublasApi {
   absl::Status RowMajorSgemm(cublasHandle_t handle, bool trans_a, bool trans_b, int m, int n,
                              int kk, float alpha, const float* a, const float* b, float beta,
                              float* c) const;
+  // The same in double (the polar retraction, kernels/cuda/spel.cc).
+  absl::Status RowMajorDgemm(cublasHandle_t handle, bool trans_a, bool trans_b, int m, int n,
+                             int kk, double alpha, const double* a, const double* b, double beta,
+                             double* c) const;
 
   decltype(&cublasCreate_v2) create = nullptr;
   decltype(&cublasDestroy_v2) destroy = nullptr;
   decltype(&cublasSetStream_v2) set_stream = nullptr;
   decltype(&cublasSetMathMode) set_math_mode = nullptr;
   decltype(&cublasSgemm_v2) sgemm = nullptr;
+  decltype(&cublasDgemm_v2) dgemm = nullptr;
   decltype(&cublasGetStatusString) status_string = nullptr;
 
  private:

@@ -21,14 +21,17 @@
 //   AdamStep         device                a check of every element, then one kernel (anchors.cc)
 //   GradUp           device                SGEMM + commit-if-finite on the device (signals.cc)
 //   GradDown         device                SGEMMs + commit-if-finite on the device (signals.cc)
-//   Msign            host (CPU backend)
-//   Retract          host (CPU backend)
-//   SpelStep         host (CPU backend)
+//   Msign            device                Newton-Schulz: SGEMMs + the CPU's normalisation and
+//                                          stopping test, read back every iteration (spel.cc)
+//   Retract          device + host         polar factor in double: DGEMMs on the device, the
+//                                          k x k eigenproblem on the host (the CPU's code)
+//   SpelStep         device + host         momentum, tangent projection, Newton-Schulz and the
+//                                          retraction as above; u and momentum are written only
+//                                          once the step succeeded (spel.cc)
 //
-// A host op takes device-memory operands too: HostOperands copies them to the host, runs the CPU
-// backend, and copies what it wrote back only when it succeeded, so the CPU backend's validation,
-// errors and commit-only-if-finite semantics hold unchanged. Such an op costs a round trip over
-// PCIe for every device operand.
+// A host op takes device-memory operands too: they are copied to the host, the CPU backend runs,
+// and what it wrote is copied back only when it succeeded, so the CPU backend's validation and
+// errors hold unchanged. Such an op costs a round trip over PCIe for every device operand.
 #include "kernels/cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -48,8 +51,9 @@ namespace {
 using cuda::CudaStatus;
 using cuda::Memory;
 
-// Host views of a host op's operands: device memory is copied to the host, and outputs that
-// were device memory are copied back by CopyBack.
+// Host views of a host op's inputs: device memory is copied to the host. (The host ops write no
+// tensor: RvqFit returns its codebooks, and RvqEncode's beam search has its own copies, BeamOnHost
+// in rvq.cc.)
 class HostOperands {
  public:
   explicit HostOperands(int device) : device_(device) {}
@@ -58,32 +62,8 @@ class HostOperands {
     MAPL_ASSIGN_OR_RETURN(const void* p, InBytes(t.data, Bytes(t), what));
     return ConstTensor{p, t.rows, t.cols, t.dtype};
   }
-  // An operand the op writes (and may read: accumulation, in-place updates).
-  absl::StatusOr<Tensor> Out(const Tensor& t, const char* what) {
-    MAPL_ASSIGN_OR_RETURN(void* p, OutBytes(t.data, Bytes(t), what));
-    return Tensor{p, t.rows, t.cols, t.dtype};
-  }
-  // Call once the op succeeded: a failed op leaves the caller's device memory untouched.
-  absl::Status CopyBack() {
-    if (back_.empty()) return absl::OkStatus();
-    MAPL_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device_), "cudaSetDevice"));
-    for (const Back& b : back_) {
-      MAPL_RETURN_IF_ERROR(CudaStatus(cudaMemcpy(b.device, b.host, b.bytes, cudaMemcpyHostToDevice),
-                                      "cudaMemcpy (host op result to the device)"));
-    }
-    // cudaMemcpy from pageable memory may return before its DMA reaches the device; the caller
-    // may read the result from any stream (ours are non-blocking), so wait for it here.
-    return CudaStatus(cudaStreamSynchronize(cudaStreamLegacy),
-                      "cudaStreamSynchronize (host op results)");
-  }
 
  private:
-  struct Back {
-    void* device;
-    const void* host;
-    size_t bytes;
-  };
-
   static size_t Bytes(const ConstTensor& t) {
     // Shapes are checked by the CPU backend afterwards; a negative one copies nothing here.
     return t.rows > 0 && t.cols > 0 ? static_cast<size_t>(t.size()) * DTypeSize(t.dtype) : 0;
@@ -104,16 +84,9 @@ class HostOperands {
     MAPL_ASSIGN_OR_RETURN(void* copy, HostCopy(p, bytes, what));
     return copy != nullptr ? copy : p;
   }
-  absl::StatusOr<void*> OutBytes(void* p, size_t bytes, const char* what) {
-    MAPL_ASSIGN_OR_RETURN(void* copy, HostCopy(p, bytes, what));
-    if (copy == nullptr) return p;
-    back_.push_back({p, copy, bytes});
-    return copy;
-  }
 
   const int device_;
   std::deque<std::vector<char>> buffers_;  // a deque: growing it keeps earlier copies in place
-  std::vector<Back> back_;
 };
 
 }  // namespace
@@ -157,32 +130,6 @@ absl::StatusOr<RvqCodebooks> CudaBackend::RvqFit(const ConstTensor& x,
   HostOperands ops(device_);
   MAPL_ASSIGN_OR_RETURN(ConstTensor x_h, ops.In(x, "x"));
   return cpu_->RvqFit(x_h, options);
-}
-
-absl::Status CudaBackend::Msign(const ConstTensor& y, const Tensor& out,
-                                const MsignOptions& options) const {
-  HostOperands ops(device_);
-  MAPL_ASSIGN_OR_RETURN(ConstTensor y_h, ops.In(y, "y"));
-  MAPL_ASSIGN_OR_RETURN(Tensor out_h, ops.Out(out, "out"));
-  MAPL_RETURN_IF_ERROR(cpu_->Msign(y_h, out_h, options));
-  return ops.CopyBack();
-}
-
-absl::Status CudaBackend::Retract(const Tensor& u) const {
-  HostOperands ops(device_);
-  MAPL_ASSIGN_OR_RETURN(Tensor u_h, ops.Out(u, "u"));
-  MAPL_RETURN_IF_ERROR(cpu_->Retract(u_h));
-  return ops.CopyBack();
-}
-
-absl::Status CudaBackend::SpelStep(const Tensor& u, const ConstTensor& grad, const Tensor& momentum,
-                                   const SpelOptions& options) const {
-  HostOperands ops(device_);
-  MAPL_ASSIGN_OR_RETURN(Tensor u_h, ops.Out(u, "u"));
-  MAPL_ASSIGN_OR_RETURN(ConstTensor grad_h, ops.In(grad, "grad"));
-  MAPL_ASSIGN_OR_RETURN(Tensor momentum_h, ops.Out(momentum, "momentum"));
-  MAPL_RETURN_IF_ERROR(cpu_->SpelStep(u_h, grad_h, momentum_h, options));
-  return ops.CopyBack();
 }
 
 }  // namespace mapl

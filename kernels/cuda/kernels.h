@@ -89,6 +89,31 @@ cudaError_t LaunchRvqDecode(const float* centroids, int32_t levels, int32_t k, i
                             const uint8_t* codes, const float* norms, int64_t n, float* out,
                             cudaStream_t stream);
 
+// ---- spel.cu ----
+// *out = sum of x[i]^2 over `count` floats, in double, in one block and a fixed order: the same
+// bits on every run. Newton-Schulz's normalisation.
+cudaError_t LaunchSumSquaresDeterministic(const float* x, int64_t count, double* out,
+                                          cudaStream_t stream);
+// out[i] = float(double(y[i]) * scale).
+cudaError_t LaunchScaleToF32(const float* y, double scale, int64_t count, float* out,
+                             cudaStream_t stream);
+// One Newton-Schulz step on a = X^T X (k, k), in place: *max_dev = max(*max_dev, the bits of
+// max |a - I|) (NaN skipped, as the CPU's std::max skips it), then a <- 1.5 I - 0.5 a, rounded as
+// kernels/cpu/spel.cc rounds it. The caller zeroes *max_dev first.
+cudaError_t LaunchNewtonSchulzStep(float* a, int32_t k, unsigned long long* max_dev,
+                                   cudaStream_t stream);
+// out[i] = beta m[i] + g[i] in one rounding (an FMA, as the CPU build computes it).
+cudaError_t LaunchMomentum(const float* m, const float* g, float beta, int64_t count, float* out,
+                           cudaStream_t stream);
+// s (k, k) <- (s + s^T) / 2 in place: each pair 0.5f * (s_ij + s_ji).
+cudaError_t LaunchSymmetrize(float* s, int32_t k, cudaStream_t stream);
+// y[i] = double(u[i]) - double(lr) * double(xi[i]): the polar retraction's input.
+cudaError_t LaunchRetractionInput(const float* u, const float* xi, float lr, int64_t count,
+                                  double* y, cudaStream_t stream);
+// dst[i] = double(src[i]), and back with round to nearest.
+cudaError_t LaunchF32ToF64(const float* src, double* dst, int64_t count, cudaStream_t stream);
+cudaError_t LaunchF64ToF32(const double* src, float* dst, int64_t count, cudaStream_t stream);
+
 }  // namespace mapl::cuda
 
 #endif  // MAPL_KERNELS_CUDA_KERNELS_H_

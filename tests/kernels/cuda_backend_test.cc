@@ -2,13 +2,16 @@
 // (n = 4096 tokens, d = 4096, k = 256, L = 4 levels of K = 256, V = 32000, r = 16), with a
 // bound per op: the int8 and int4 codecs and RVQ decoding bit for bit; GEMMs within 1e-5 sqrt of
 // the inner dimension, relative (Frobenius); at least 99.9 % of the RVQ codes equal, every row
-// that differs a near tie at the level where the two diverge. Device pointers must give what host
+// that differs a near tie at the level where the two diverge; the SPEL ops (Msign, Retract,
+// SpelStep) within the bounds argued above their tests. Device pointers must give what host
 // pointers give, from several threads at once. ctest label gpu: skips, naming the CUDA error, where
 // there is no usable device.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -505,6 +508,323 @@ TEST_F(CudaBackendTest, SignalsAndAnchorsMatchTheCpu) {
   EXPECT_EQ(up_gpu, up_before);
 }
 
+// ---- SPEL: Msign, Retract, SpelStep ----
+//
+// Newton-Schulz runs the same iteration on both backends, fp32 GEMMs on cuBLAS and on OpenBLAS, so
+// the results differ by rounding, and by where the two stop when the test max |X^T X - I| <
+// tolerance lands on either side of it. The bounds, relative Frobenius:
+//
+//   - A fixed count (tolerance 0, the default 40 iterations): rounding only. The iteration pulls
+//     the singular values onto 1 but leaves a rotation of the singular vectors where it is, so the
+//     rounding of each X <- X a (about 1e-7 relative: near convergence a is I to 1e-6, and each
+//     output element is one product plus small ones) adds up as a random walk, sqrt(40) * 1e-7 =
+//     6e-7, on top of the first iterations' SGEMM rounding (inner dimension d: 1e-7 * sqrt(d) =
+//     6e-6 at most for d = 4096, times the input's condition number, under 2 here, and the
+//     iteration damps all but the rotational part of it). A host model of cuBLAS's rounding
+//     (every output one sequential chain of fp32 FMAs over the inner dimension, as an SGEMM
+//     thread without split-K accumulates) against OpenBLAS on these inputs gave 6e-7 (4096 x
+//     256) and 4e-7 (1000 x 97), and stopped at the same iteration at the default tolerance.
+//     kMsignBound = 2e-5 is about twice the worst case above and 30 times the model: a bound
+//     from estimates, not from a device run (there was none where this was written).
+//   - The default tolerance: in exact arithmetic Newton-Schulz keeps the singular vectors, so
+//     both results are Q S W^T with the same Q and W and their own S, and ||S - I||_F <=
+//     ||S^2 - I||_F = ||X^T X - I||_F. So ||X_gpu - X_cpu||_F <= ||X_gpu^T X_gpu - I||_F +
+//     ||X_cpu^T X_cpu - I||_F, plus the rounding above: a bound measured from the two results,
+//     whichever iteration each stopped at.
+//
+// The polar retraction is in double on both (DGEMM and the same host eigensolver): the results
+// are the same doubles to about cond^2 * 1e-16 before their rounding to float, so they agree to
+// within an ulp or so: kRetractBound = 1e-6 (ulp: 6e-8 relative) for a well-conditioned u, and
+// 1e-5 for a condition number of 1e4, where the Gram route's first pass differs by about
+// cond^2 * sqrt(d) * 1e-16 = 3e-7 before the second pass cleans it up.
+constexpr double kMsignBound = 2e-5;
+constexpr double kRetractBound = 1e-6;
+constexpr double kIllConditionedRetractBound = 1e-5;
+
+// ||X^T X - I||_F in double.
+double GramDeviation(const std::vector<float>& x, int d, int k) {
+  std::vector<double> g(size_t(k) * k, 0.0);
+  for (int r = 0; r < d; ++r) {
+    const float* row = x.data() + size_t(r) * k;
+    for (int i = 0; i < k; ++i) {
+      const double xi = row[i];
+      for (int j = i; j < k; ++j) g[size_t(i) * k + j] += xi * row[j];
+    }
+  }
+  double sum = 0.0;
+  for (int i = 0; i < k; ++i) {
+    for (int j = i; j < k; ++j) {
+      const double e = g[size_t(i) * k + j] - (i == j ? 1.0 : 0.0);
+      sum += (i == j ? 1.0 : 2.0) * e * e;
+    }
+  }
+  return std::sqrt(sum);
+}
+
+double FrobeniusNorm(const std::vector<float>& x) {
+  double sum = 0.0;
+  for (float v : x) sum += double{v} * v;
+  return std::sqrt(sum);
+}
+
+// A point on the Stiefel manifold (d, k): the CPU's retraction of a Gaussian matrix.
+std::vector<float> StiefelPoint(const Backend& cpu, std::mt19937& rng, int d, int k) {
+  std::vector<float> u = reference::Gaussian(rng, size_t(d) * k);
+  EXPECT_TRUE(cpu.Retract(Tensor::F32(u.data(), d, k)).ok());
+  return u;
+}
+
+struct SpelShape {
+  int d, k;
+};
+// The projector's shape at the server's sizes, and one off every tile (odd d and k).
+constexpr SpelShape kSpelShapes[] = {{kD, kK}, {1000, 97}};
+
+TEST_F(CudaBackendTest, MsignMatchesTheCpu) {
+  std::mt19937 rng(40);
+  for (const SpelShape& s : kSpelShapes) {
+    // Gaussian, scaled far from 1: the normalisation is part of what is compared.
+    const std::vector<float> y = reference::Gaussian(rng, size_t(s.d) * s.k, 1e3f);
+    const ConstTensor in = ConstTensor::F32(y.data(), s.d, s.k);
+    std::vector<float> x_cpu(y.size()), x_gpu(y.size());
+    MsignOptions fixed;
+    fixed.tolerance = 0.f;  // every one of the 40 iterations
+    for (const MsignOptions& opt : {fixed, MsignOptions{}}) {
+      SCOPED_TRACE(testing::Message()
+                   << "d " << s.d << " k " << s.k << " tolerance " << opt.tolerance);
+      ASSERT_TRUE(cpu_->Msign(in, Tensor::F32(x_cpu.data(), s.d, s.k), opt).ok());
+      ASSERT_TRUE(cuda_->Msign(in, Tensor::F32(x_gpu.data(), s.d, s.k), opt).ok());
+      const double dev_cpu = GramDeviation(x_cpu, s.d, s.k);
+      const double dev_gpu = GramDeviation(x_gpu, s.d, s.k);
+      const double rel = RelFrobenius(x_gpu, x_cpu);
+      std::printf(
+          "[ info ] msign d=%d k=%d tol=%g: |X_gpu - X_cpu| / |X_cpu| %.3g, "
+          "|X^T X - I|_F cpu %.3g gpu %.3g\n",
+          s.d, s.k, opt.tolerance, rel, dev_cpu, dev_gpu);
+      if (opt.tolerance == 0.f) {
+        EXPECT_LE(rel, kMsignBound);
+      } else {
+        EXPECT_LE(rel, (dev_cpu + dev_gpu) / FrobeniusNorm(x_cpu) + kMsignBound);
+      }
+      // The GPU's result is as orthonormal as the CPU's: at the fp32 floor for the fixed count,
+      // under the tolerance's reach (max |entry| < 1e-4, so the Frobenius norm < k * 1e-4)
+      // otherwise.
+      EXPECT_LE(dev_gpu, opt.tolerance == 0.f ? 2 * dev_cpu + 1e-5 : s.k * 1e-4);
+    }
+  }
+  // msign(0) = 0, from an output full of something else.
+  std::vector<float> zero(size_t(1000) * 97, 0.f), out(zero.size(), 7.f);
+  ASSERT_TRUE(cuda_
+                  ->Msign(ConstTensor::F32(zero.data(), 1000, 97),
+                          Tensor::F32(out.data(), 1000, 97), MsignOptions{})
+                  .ok());
+  EXPECT_EQ(out, zero);
+}
+
+TEST_F(CudaBackendTest, RetractMatchesTheCpu) {
+  std::mt19937 rng(41);
+  for (const SpelShape& s : kSpelShapes) {
+    SCOPED_TRACE(testing::Message() << "d " << s.d << " k " << s.k);
+    // Gaussian: condition number about (sqrt(d) + sqrt(k)) / (sqrt(d) - sqrt(k)) < 2, one pass.
+    std::vector<float> u_cpu = reference::Gaussian(rng, size_t(s.d) * s.k);
+    std::vector<float> u_gpu = u_cpu;
+    ASSERT_TRUE(cpu_->Retract(Tensor::F32(u_cpu.data(), s.d, s.k)).ok());
+    ASSERT_TRUE(cuda_->Retract(Tensor::F32(u_gpu.data(), s.d, s.k)).ok());
+    EXPECT_LE(RelFrobenius(u_gpu, u_cpu), kRetractBound);
+    EXPECT_LE(GramDeviation(u_gpu, s.d, s.k), 1e-5);
+    // Singular values from 1 down to 1e-4 (condition number 1e4): the second pass runs.
+    const std::vector<float> q = u_cpu;
+    std::vector<float> ill(q.size());
+    for (int i = 0; i < s.d; ++i) {
+      for (int j = 0; j < s.k; ++j) {
+        ill[size_t(i) * s.k + j] =
+            q[size_t(i) * s.k + j] * std::pow(10.f, -4.f * j / std::max(1, s.k - 1));
+      }
+    }
+    std::vector<float> ill_cpu = ill, ill_gpu = ill;
+    ASSERT_TRUE(cpu_->Retract(Tensor::F32(ill_cpu.data(), s.d, s.k)).ok());
+    ASSERT_TRUE(cuda_->Retract(Tensor::F32(ill_gpu.data(), s.d, s.k)).ok());
+    EXPECT_LE(RelFrobenius(ill_gpu, ill_cpu), kIllConditionedRetractBound);
+    EXPECT_LE(GramDeviation(ill_gpu, s.d, s.k), 1e-5);
+    std::printf("[ info ] retract d=%d k=%d: |U_gpu - U_cpu| / |U_cpu| %.3g, cond 1e4: %.3g\n", s.d,
+                s.k, RelFrobenius(u_gpu, u_cpu), RelFrobenius(ill_gpu, ill_cpu));
+  }
+}
+
+// SPEL steps from the same state on both backends (the GPU's state is reset to the CPU's before
+// each step, so that differences do not compound). The momentum beta M + G is the CPU's FMA: the
+// same bits (an ulp, 6e-8 relative, allowed for a CPU build without FMA instructions). U: D =
+// msign(xi) differs by the Msign bounds above, and U - lr D by lr times that, which the polar
+// factor of a near-orthonormal matrix passes on about unchanged; plus the retraction's rounding.
+TEST_F(CudaBackendTest, SpelStepMatchesTheCpu) {
+  std::mt19937 rng(42);
+  for (const SpelShape& s : kSpelShapes) {
+    const int d = s.d, k = s.k;
+    const size_t dk = size_t(d) * k;
+    std::vector<float> u_cpu = StiefelPoint(*cpu_, rng, d, k);
+    std::vector<float> m_cpu = reference::Gaussian(rng, dk, 0.5f);
+    SpelOptions fixed;
+    fixed.lr = 0.05f;
+    fixed.msign.tolerance = 0.f;
+    SpelOptions as_server;  // the projector's options: default beta and msign, a warmed-up lr
+    as_server.lr = 0.02f;
+    for (const SpelOptions& opt : {fixed, as_server}) {
+      SCOPED_TRACE(testing::Message()
+                   << "d " << d << " k " << k << " msign tolerance " << opt.msign.tolerance);
+      // Where the two may stop Newton-Schulz an iteration apart, D's difference is bounded by
+      // how far from orthonormal each D is: under 2 k * tolerance in Frobenius norm, relative to
+      // |D|_F = sqrt(k) (see above).
+      const double d_bound =
+          kMsignBound +
+          (opt.msign.tolerance > 0 ? 2.0 * k * opt.msign.tolerance / std::sqrt(k) : 0);
+      for (int step = 0; step < 3; ++step) {
+        const std::vector<float> g = reference::Gaussian(rng, dk);
+        std::vector<float> u_gpu = u_cpu, m_gpu = m_cpu;
+        ASSERT_TRUE(cpu_->SpelStep(Tensor::F32(u_cpu.data(), d, k),
+                                   ConstTensor::F32(g.data(), d, k),
+                                   Tensor::F32(m_cpu.data(), d, k), opt)
+                        .ok());
+        ASSERT_TRUE(cuda_
+                        ->SpelStep(Tensor::F32(u_gpu.data(), d, k),
+                                   ConstTensor::F32(g.data(), d, k),
+                                   Tensor::F32(m_gpu.data(), d, k), opt)
+                        .ok());
+        EXPECT_LE(RelFrobenius(m_gpu, m_cpu), 6e-8) << "step " << step;
+        EXPECT_LE(RelFrobenius(u_gpu, u_cpu), opt.lr * d_bound + kRetractBound) << "step " << step;
+        std::printf("[ info ] spel step d=%d k=%d tol=%g: |dU| / |U| %.3g, |dM| / |M| %.3g\n", d, k,
+                    opt.msign.tolerance, RelFrobenius(u_gpu, u_cpu), RelFrobenius(m_gpu, m_cpu));
+        if (step == 2) {
+          EXPECT_LE(GramDeviation(u_gpu, d, k), 1e-5);
+        }
+      }
+    }
+  }
+}
+
+// Bad input is refused in the CPU's words, and no state moves: host and device operands alike.
+TEST_F(CudaBackendTest, SpelOpsRefuseBadInputAndKeepTheState) {
+  std::mt19937 rng(43);
+  const int d = 1000, k = 97;
+  const size_t dk = size_t(d) * k;
+  const std::vector<float> u0 = StiefelPoint(*cpu_, rng, d, k);
+  const std::vector<float> m0 = reference::Gaussian(rng, dk);
+  std::vector<float> g = reference::Gaussian(rng, dk);
+  g[5 * k + 3] = NAN;
+
+  // Msign of a NaN.
+  std::vector<float> out(dk, 1.f);
+  const absl::Status msign_want =
+      cpu_->Msign(ConstTensor::F32(g.data(), d, k), Tensor::F32(out.data(), d, k), {});
+  EXPECT_FALSE(msign_want.ok());
+  EXPECT_EQ(cuda_->Msign(ConstTensor::F32(g.data(), d, k), Tensor::F32(out.data(), d, k), {}),
+            msign_want);
+  DeviceVector<float> g_d(g), out_d(std::vector<float>(dk, 1.f));
+  EXPECT_EQ(cuda_->Msign(ConstTensor::F32(g_d.data(), d, k), Tensor::F32(out_d.data(), d, k), {}),
+            msign_want);
+  EXPECT_EQ(out_d.ToHost(), std::vector<float>(dk, 1.f));
+
+  // SpelStep with a NaN gradient, a NaN momentum, and a momentum that overflows.
+  std::vector<float> m_nan = m0;
+  m_nan[dk - 1] = -INFINITY;
+  std::vector<float> g_ok = reference::Gaussian(rng, dk);
+  std::vector<float> g_huge(dk, 3e38f), m_huge(dk, 3e38f);
+  struct Case {
+    const char* what;
+    const std::vector<float>* g;
+    const std::vector<float>* m;
+  };
+  for (const Case& c : {Case{"nan grad", &g, &m0}, Case{"inf momentum", &g_ok, &m_nan},
+                        Case{"momentum overflow", &g_huge, &m_huge}}) {
+    SCOPED_TRACE(c.what);
+    std::vector<float> u_cpu = u0, m_cpu = *c.m;
+    const absl::Status want =
+        cpu_->SpelStep(Tensor::F32(u_cpu.data(), d, k), ConstTensor::F32(c.g->data(), d, k),
+                       Tensor::F32(m_cpu.data(), d, k), SpelOptions{});
+    EXPECT_EQ(want.code(), absl::StatusCode::kInvalidArgument) << want;
+    std::vector<float> u_host = u0, m_host = *c.m;
+    EXPECT_EQ(cuda_->SpelStep(Tensor::F32(u_host.data(), d, k), ConstTensor::F32(c.g->data(), d, k),
+                              Tensor::F32(m_host.data(), d, k), SpelOptions{}),
+              want);
+    EXPECT_EQ(0, std::memcmp(u_host.data(), u0.data(), dk * sizeof(float)));
+    EXPECT_EQ(0, std::memcmp(m_host.data(), c.m->data(), dk * sizeof(float)));
+    DeviceVector<float> u_dev(u0), m_dev(*c.m), g_dev(*c.g);
+    EXPECT_EQ(cuda_->SpelStep(Tensor::F32(u_dev.data(), d, k), ConstTensor::F32(g_dev.data(), d, k),
+                              Tensor::F32(m_dev.data(), d, k), SpelOptions{}),
+              want);
+    EXPECT_EQ(0, std::memcmp(u_dev.ToHost().data(), u0.data(), dk * sizeof(float)));
+    EXPECT_EQ(0, std::memcmp(m_dev.ToHost().data(), c.m->data(), dk * sizeof(float)));
+  }
+
+  // Retract of a NaN, and of a rank-deficient matrix (a repeated column): the message names the
+  // Gram eigenvalues, which differ in their rounding noise, so only its words are compared.
+  std::vector<float> u_nan = u0;
+  u_nan[17] = NAN;
+  const std::vector<float> nan_before = u_nan;
+  std::vector<float> u_nan_cpu = u_nan;
+  const absl::Status retract_want = cpu_->Retract(Tensor::F32(u_nan_cpu.data(), d, k));
+  EXPECT_EQ(cuda_->Retract(Tensor::F32(u_nan.data(), d, k)), retract_want);
+  EXPECT_EQ(0, std::memcmp(u_nan.data(), nan_before.data(), dk * sizeof(float)));
+  std::vector<float> deficient = u0;
+  for (int i = 0; i < d; ++i) deficient[size_t(i) * k + 40] = deficient[size_t(i) * k + 3];
+  DeviceVector<float> deficient_d(deficient);
+  for (float* p : {deficient.data(), deficient_d.data()}) {
+    const absl::Status s = cuda_->Retract(Tensor::F32(p, d, k));
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find("u: rank-deficient"), std::string::npos) << s;
+  }
+  EXPECT_EQ(deficient_d.ToHost(), deficient);
+}
+
+// Device memory in and out gives what host memory gives (the same kernels on the same data, and
+// reductions in a fixed order: expected to be the same bits), including Msign in place.
+TEST_F(CudaBackendTest, SpelOpsOnDevicePointersMatchHostPointers) {
+  std::mt19937 rng(44);
+  const int d = 1000, k = 97;
+  const size_t dk = size_t(d) * k;
+  const std::vector<float> y = reference::Gaussian(rng, dk);
+  std::vector<float> x_host(dk);
+  ASSERT_TRUE(
+      cuda_->Msign(ConstTensor::F32(y.data(), d, k), Tensor::F32(x_host.data(), d, k), {}).ok());
+  DeviceVector<float> y_d(y), x_d{std::vector<float>(dk)};
+  ASSERT_TRUE(
+      cuda_->Msign(ConstTensor::F32(y_d.data(), d, k), Tensor::F32(x_d.data(), d, k), {}).ok());
+  EXPECT_LE(RelFrobenius(x_d.ToHost(), x_host), 1e-6);
+  // In place: out is y.
+  ASSERT_TRUE(
+      cuda_->Msign(ConstTensor::F32(y_d.data(), d, k), Tensor::F32(y_d.data(), d, k), {}).ok());
+  EXPECT_LE(RelFrobenius(y_d.ToHost(), x_host), 1e-6);
+
+  std::vector<float> u_host = reference::Gaussian(rng, dk);
+  DeviceVector<float> u_d(u_host);
+  ASSERT_TRUE(cuda_->Retract(Tensor::F32(u_host.data(), d, k)).ok());
+  ASSERT_TRUE(cuda_->Retract(Tensor::F32(u_d.data(), d, k)).ok());
+  EXPECT_LE(RelFrobenius(u_d.ToHost(), u_host), 1e-6);
+
+  // SpelStep with every operand on the device, and with a mix (u and momentum on the device,
+  // the gradient on the host, as the server's gradient arrives).
+  std::vector<float> m_host = reference::Gaussian(rng, dk);
+  const std::vector<float> g = reference::Gaussian(rng, dk);
+  DeviceVector<float> u1(u_host), m1(m_host), g1(g), u2(u_host), m2(m_host);
+  SpelOptions opt;
+  opt.lr = 0.03f;
+  ASSERT_TRUE(cuda_
+                  ->SpelStep(Tensor::F32(u_host.data(), d, k), ConstTensor::F32(g.data(), d, k),
+                             Tensor::F32(m_host.data(), d, k), opt)
+                  .ok());
+  ASSERT_TRUE(cuda_
+                  ->SpelStep(Tensor::F32(u1.data(), d, k), ConstTensor::F32(g1.data(), d, k),
+                             Tensor::F32(m1.data(), d, k), opt)
+                  .ok());
+  ASSERT_TRUE(cuda_
+                  ->SpelStep(Tensor::F32(u2.data(), d, k), ConstTensor::F32(g.data(), d, k),
+                             Tensor::F32(m2.data(), d, k), opt)
+                  .ok());
+  for (const DeviceVector<float>* u : {&u1, &u2}) {
+    EXPECT_LE(RelFrobenius(u->ToHost(), u_host), 1e-6);
+  }
+  for (const DeviceVector<float>* m : {&m1, &m2}) EXPECT_EQ(m->ToHost(), m_host);
+}
+
 // Device memory in and out gives exactly what host memory gives, device ops and host ops alike.
 TEST_F(CudaBackendTest, DevicePointersGiveTheSameResultsAsHostPointers) {
   std::mt19937 rng(4);
@@ -581,8 +901,8 @@ TEST_F(CudaBackendTest, DevicePointersGiveTheSameResultsAsHostPointers) {
   EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
   EXPECT_EQ(g_up_d.ToHost(), g_up_before);
 
-  // A host op (Retract, through the CPU backend) with device operands: the same code, so the
-  // same bits; a failing one (NaN in u) leaves the device memory unchanged.
+  // Retract with device operands: the same kernels on the same data, so the same bits; a failing
+  // one (NaN in u) leaves the device memory unchanged.
   std::vector<float> u_host = reference::Gaussian(rng, size_t(d) * k);
   DeviceVector<float> u_dev(u_host);
   ASSERT_TRUE(cuda_->Retract(Tensor::F32(u_host.data(), d, k)).ok());
