@@ -75,6 +75,70 @@ void ToProto(const TensorRef& in, v1::TensorRef* out) {
   out->set_rows(in.rows);
   out->set_cols(in.cols);
   out->set_dtype(ToProto(in.dtype));
+  out->set_memory(in.memory == Memory::kCuda ? v1::MEMORY_CUDA : v1::MEMORY_HOST);
+  out->set_event(in.event);
+}
+
+// Bytes of an IPC handle (cudaIpcMemHandle_t, cudaIpcEventHandle_t: CUDA_IPC_HANDLE_SIZE) and of
+// a device UUID (cuDeviceGetUuid), as local.proto CudaBuffers carries them.
+constexpr size_t kCudaIpcHandleBytes = 64;
+constexpr size_t kCudaUuidBytes = 16;
+
+// The client-side checks of a ref (`what`: "tensor", "into", "token_ids"): the memory it names
+// and, for device memory, the buffer, the region and the event against the session's
+// CudaBuffers (`cuda`, null for a host-only session). Host refs are left to the daemon, which
+// holds the buffers' sizes as it mapped them.
+Status CheckRef(const TensorRef& ref, const char* what, bool host_only,
+                const v1::CudaBuffers* cuda) {
+  const std::string name(what);
+  if (ref.memory != Memory::kHost && ref.memory != Memory::kCuda) {
+    return MakeStatus(kInvalidArgument, name + ": unknown memory " +
+                                            std::to_string(static_cast<int>(ref.memory)) +
+                                            " (Memory::kHost or Memory::kCuda)");
+  }
+  if (ref.memory == Memory::kHost) {
+    if (ref.event != 0) {
+      return MakeStatus(kInvalidArgument,
+                        name + ": event " + std::to_string(ref.event) +
+                            " on a host-memory ref; events order device memory only (set "
+                            "memory = Memory::kCuda, or event = 0)");
+    }
+    return Status{};
+  }
+  if (host_only) {
+    return MakeStatus(kInvalidArgument, name +
+                                            " in CUDA memory: token ids are always in host memory "
+                                            "(Memory::kHost; copy them into a shared buffer)");
+  }
+  if (cuda == nullptr) {
+    return MakeStatus(kInvalidArgument,
+                      name +
+                          " in CUDA memory, but this session has no CUDA buffers: connect "
+                          "with ConnectOptions::cuda_buffers > 0, or name a host buffer");
+  }
+  if (ref.buffer >= static_cast<uint32_t>(cuda->memory_handles_size())) {
+    return MakeStatus(kInvalidArgument, name + ": CUDA buffer " + std::to_string(ref.buffer) +
+                                            " is not attached (this session has " +
+                                            std::to_string(cuda->memory_handles_size()) + ")");
+  }
+  const uint64_t size = cuda->buffer_bytes();
+  // rows * cols * element size fits in 64 bits (2^32 * 2^32 * 4 does not: divide instead).
+  const uint64_t elems = static_cast<uint64_t>(ref.rows) * ref.cols;
+  const uint64_t elem = DTypeSize(ref.dtype);
+  if (ref.offset > size || (elem != 0 && elems > (size - ref.offset) / elem)) {
+    return MakeStatus(kInvalidArgument,
+                      name + ": (" + std::to_string(ref.rows) + ", " + std::to_string(ref.cols) +
+                          ") at offset " + std::to_string(ref.offset) +
+                          " runs past the end of CUDA buffer " + std::to_string(ref.buffer) + " (" +
+                          std::to_string(size) + " bytes)");
+  }
+  if (ref.event > static_cast<uint32_t>(cuda->event_handles_size())) {
+    return MakeStatus(kInvalidArgument,
+                      name + ": event " + std::to_string(ref.event) + " names no event (1 + an " +
+                          "index into the session's " + std::to_string(cuda->event_handles_size()) +
+                          " events, or 0 for none)");
+  }
+  return Status{};
 }
 
 struct Mapping {
@@ -133,6 +197,7 @@ struct Client::Impl {
   uint32_t stage = 0;
   std::vector<BoundaryInfo> boundaries;
   std::vector<Mapping> buffers;
+  std::optional<v1::CudaBuffers> cuda;  // A CUDA session's device buffers and events.
 
   std::mutex mu;
   std::condition_variable cv;
@@ -384,10 +449,79 @@ struct Client::Impl {
 Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Client::~Client() = default;
 
+namespace {
+
+// Connect's checks of ConnectOptions, before anything is dialed.
+Status CheckConnectOptions(const ConnectOptions& o) {
+  if (!o.cuda_device_uuid.empty() && o.cuda_device_uuid.size() != kCudaUuidBytes) {
+    return MakeStatus(kInvalidArgument,
+                      "Connect: cuda_device_uuid is " + std::to_string(o.cuda_device_uuid.size()) +
+                          " bytes; a device UUID is 16 (cuDeviceGetUuid), or leave it empty for "
+                          "the daemon's device");
+  }
+  if (o.cuda_buffers == 0 &&
+      (o.cuda_buffer_bytes != 0 || o.cuda_events != 0 || !o.cuda_device_uuid.empty())) {
+    return MakeStatus(kInvalidArgument,
+                      "Connect: cuda_buffer_bytes, cuda_events or cuda_device_uuid without "
+                      "cuda_buffers; set cuda_buffers > 0 for device buffers, or none of them");
+  }
+  return Status{};
+}
+
+// Whether the CudaBuffers mapld sent are what `o` asked for.
+Status CheckCudaBuffers(const v1::AttachEvent& ev, const ConnectOptions& o,
+                        const std::string& socket_path) {
+  const std::string who = "mapld at unix:" + socket_path;
+  if (!ev.has_cuda()) {
+    return MakeStatus(kFailedPrecondition,
+                      who + " attached without the " + std::to_string(o.cuda_buffers) +
+                          " CUDA buffers asked for (a mapld that predates CUDA buffers?): "
+                          "upgrade it, or connect without cuda_buffers");
+  }
+  const v1::CudaBuffers& c = ev.cuda();
+  std::string wrong;
+  if (c.memory_handles_size() != static_cast<int>(o.cuda_buffers)) {
+    wrong = std::to_string(c.memory_handles_size()) + " memory handles for " +
+            std::to_string(o.cuda_buffers) + " buffers";
+  } else if (c.event_handles_size() != static_cast<int>(o.cuda_events)) {
+    wrong = std::to_string(c.event_handles_size()) + " event handles for " +
+            std::to_string(o.cuda_events) + " events";
+  } else if (c.buffer_bytes() < o.cuda_buffer_bytes) {
+    wrong = "buffers of " + std::to_string(c.buffer_bytes()) + " bytes for " +
+            std::to_string(o.cuda_buffer_bytes);
+  } else if (c.device_uuid().size() != kCudaUuidBytes ||
+             (!o.cuda_device_uuid.empty() && c.device_uuid() != o.cuda_device_uuid)) {
+    wrong = "the buffers on another device than the one asked for";
+  }
+  for (const std::string& h : c.memory_handles()) {
+    if (wrong.empty() && h.size() != kCudaIpcHandleBytes) {
+      wrong = "a memory handle of " + std::to_string(h.size()) + " bytes";
+    }
+  }
+  for (const std::string& h : c.event_handles()) {
+    if (wrong.empty() && h.size() != kCudaIpcHandleBytes) {
+      wrong = "an event handle of " + std::to_string(h.size()) + " bytes";
+    }
+  }
+  if (!wrong.empty()) {
+    return MakeStatus(kInternal, who + " sent " + wrong + " (a mapld of another version?)");
+  }
+  return Status{};
+}
+
+}  // namespace
+
 Status Client::Connect(const std::string& socket_path, const std::string& client_name,
                        uint32_t timeout_ms, std::unique_ptr<Client>* out) {
+  return Connect(socket_path, client_name, timeout_ms, ConnectOptions{}, out);
+}
+
+Status Client::Connect(const std::string& socket_path, const std::string& client_name,
+                       uint32_t timeout_ms, const ConnectOptions& options,
+                       std::unique_ptr<Client>* out) {
   if (out == nullptr) return MakeStatus(kInvalidArgument, "Connect: out is null");
   if (socket_path.empty()) return MakeStatus(kInvalidArgument, "Connect: empty socket path");
+  if (Status s = CheckConnectOptions(options); !s.ok()) return s;
   if (timeout_ms == 0) timeout_ms = kDefaultConnectTimeoutMs;
   const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
 
@@ -417,6 +551,10 @@ Status Client::Connect(const std::string& socket_path, const std::string& client
   v1::AttachRequest req;
   req.set_client_name(client_name);
   req.set_pid(static_cast<uint32_t>(getpid()));
+  req.set_cuda_buffers(options.cuda_buffers);
+  req.set_cuda_buffer_bytes(options.cuda_buffer_bytes);
+  req.set_cuda_events(options.cuda_events);
+  req.set_cuda_device_uuid(options.cuda_device_uuid);
   im.attach = im.stub->Attach(&im.attach_ctx, req);
   im.reader = std::thread([&im] { im.ReadAttach(); });
 
@@ -441,6 +579,11 @@ Status Client::Connect(const std::string& socket_path, const std::string& client
     for (const v1::BoundaryInfo& b : ev.boundaries()) {
       im.boundaries.push_back(
           BoundaryInfo{b.id(), b.role(), b.d(), b.k(), b.method(), b.vocab(), b.max_tokens()});
+    }
+    if (options.cuda_buffers > 0) {
+      Status s = CheckCudaBuffers(ev, options, socket_path);
+      if (!s.ok()) return s;  // ~Client ends the session, and with it the device buffers.
+      im.cuda = ev.cuda();
     }
   }
   Status s = im.FetchBuffers(secret, deadline);
@@ -469,6 +612,9 @@ size_t Client::buffer_count() const { return impl_->buffers.size(); }
 void* Client::data(size_t i) const { return impl_->buffers.at(i).data; }
 size_t Client::bytes(size_t i) const { return impl_->buffers.at(i).bytes; }
 const std::string& Client::buffer_name(size_t i) const { return impl_->buffers.at(i).name; }
+const v1::CudaBuffers* Client::cuda() const {
+  return impl_->cuda.has_value() ? &*impl_->cuda : nullptr;
+}
 
 namespace {
 
@@ -507,6 +653,11 @@ Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint3
 Status Client::Send(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
                     const TensorRef& tensor, const std::optional<TensorRef>& token_ids,
                     const SendOptions& options, SendResult* result) {
+  const v1::CudaBuffers* cuda = this->cuda();
+  if (Status s = CheckRef(tensor, "tensor", false, cuda); !s.ok()) return s;
+  if (token_ids.has_value()) {
+    if (Status s = CheckRef(*token_ids, "token_ids", true, cuda); !s.ok()) return s;
+  }
   Impl::Call call(impl_.get());
   if (!call.status.ok()) return call.status;
   v1::SendRequest req;
@@ -533,6 +684,11 @@ Status Client::Recv(uint32_t boundary, Direction direction, uint64_t step, uint3
 Status Client::Recv(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
                     const TensorRef& into, uint32_t timeout_ms, const RecvOptions& options,
                     RecvResult* result) {
+  const v1::CudaBuffers* cuda = this->cuda();
+  if (Status s = CheckRef(into, "into", false, cuda); !s.ok()) return s;
+  if (options.token_ids.has_value()) {
+    if (Status s = CheckRef(*options.token_ids, "token_ids", true, cuda); !s.ok()) return s;
+  }
   Impl::Call call(impl_.get());
   if (!call.status.ok()) return call.status;
   v1::RecvRequest req;

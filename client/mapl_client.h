@@ -20,6 +20,10 @@
 //   mapl::client::StatsResult st;                      // mapl::v1::StatsReply
 //   s = c->Stats(&st);                                 // st.boundaries(0).frames_sent(), ...
 //
+// A GPU trainer may also ask for device buffers (ConnectOptions::cuda_buffers): mapld then hands
+// out CUDA IPC handles (cuda()), which the trainer opens itself; TensorRefs with Memory::kCuda
+// name them. The client links nothing of CUDA.
+//
 // A Client may be used from several threads at once (a Recv blocking on one thread while another
 // Sends). Its background thread keeps reading the Attach stream: that open stream is what keeps
 // the session and its buffers alive on the daemon side.
@@ -65,14 +69,42 @@ enum class DType { kF32 = 1, kBF16 = 2, kI32 = 3 };
 // Bytes of one element of `dtype` (4, 2, 4).
 size_t DTypeSize(DType dtype);
 
+// Which of a session's buffers a TensorRef names (local.proto Memory).
+enum class Memory {
+  kHost = 0,  // The shared-memory buffers: data(i), bytes(i).
+  kCuda = 1,  // The device buffers of a CUDA session: cuda()->memory_handles(i).
+};
+
 // A row-major (rows, cols) tensor in attached buffer `buffer`, starting `offset` bytes in; the
-// offset must be a multiple of the element size. Token ids are (n, 1) kI32.
+// offset must be a multiple of the element size. Token ids are (n, 1) kI32, always kHost.
 struct TensorRef {
   uint32_t buffer = 0;
   uint64_t offset = 0;
   uint32_t rows = 0;
   uint32_t cols = 0;
   DType dtype = DType::kF32;
+  Memory memory = Memory::kHost;
+  // kCuda only: 1 + an index into cuda()->event_handles(), 0 for none. Send: the trainer recorded
+  // it on its stream after writing the tensor (with none it has synchronized). Recv: the daemon
+  // records it after writing `into`; the trainer's stream waits on it before reading (with none
+  // the write is complete when Recv returns). One event is named by one call at a time
+  // (local.proto TensorRef.event).
+  uint32_t event = 0;
+};
+
+// Connect's optional parts (local.proto AttachRequest).
+struct ConnectOptions {
+  // A GPU trainer's device buffers: mapld allocates `cuda_buffers` buffers of
+  // `cuda_buffer_bytes` each and `cuda_events` interprocess events on the device whose UUID is
+  // `cuda_device_uuid` (16 bytes, as cuDeviceGetUuid gives it; empty: the daemon's default
+  // device), and hands them out as CUDA IPC handles (Client::cuda()). The client opens none of
+  // them: the trainer does (cudaIpcOpenMemHandle / cudaIpcOpenEventHandle), in its own CUDA
+  // context. 0 buffers: a host-only session. A mapld that cannot use CUDA refuses the Attach
+  // with FAILED_PRECONDITION saying why.
+  uint32_t cuda_buffers = 0;
+  uint64_t cuda_buffer_bytes = 0;
+  uint32_t cuda_events = 0;
+  std::string cuda_device_uuid;
 };
 
 // One boundary this stage takes part in, as the daemon configured it.
@@ -138,6 +170,13 @@ class Client {
   // daemon's max_sessions: the daemon's RESOURCE_EXHAUSTED.
   static Status Connect(const std::string& socket_path, const std::string& client_name,
                         uint32_t timeout_ms, std::unique_ptr<Client>* out);
+  // The same with device buffers (ConnectOptions). INVALID_ARGUMENT for a cuda_device_uuid that
+  // is neither empty nor 16 bytes, or CUDA fields without cuda_buffers; FAILED_PRECONDITION when
+  // mapld refuses them, or attaches without them (a mapld that predates CUDA buffers); INTERNAL
+  // when its CudaBuffers do not match the request (handle sizes, counts, buffer size, device).
+  static Status Connect(const std::string& socket_path, const std::string& client_name,
+                        uint32_t timeout_ms, const ConnectOptions& options,
+                        std::unique_ptr<Client>* out);
 
   // Closes the session (Close()) and unmaps the buffers.
   ~Client();
@@ -165,6 +204,12 @@ class Client {
   // The memfd's name, for logs (/proc/self/maps shows /memfd:<name>); it opens nothing.
   const std::string& buffer_name(size_t i) const;
 
+  // A CUDA session's device buffers and events as mapld handed them out (AttachEvent.cuda):
+  // device_uuid, memory_handles (cudaIpcMemHandle_t bytes, 64 each), buffer_bytes and
+  // event_handles (cudaIpcEventHandle_t bytes, 64 each); null for a host-only session. TensorRefs
+  // with Memory::kCuda name these buffers and events.
+  const ::mapl::v1::CudaBuffers* cuda() const;
+
   // Hands `tensor` (n, d), kF32 or kBF16, to the daemon to encode and ship; `token_ids` (n, 1)
   // kI32 goes with forward sends (required for METHOD_MAPL). Returns once the daemon has taken
   // (copied and checked) the tensor, so the buffer regions may be reused; the frame is encoded
@@ -172,6 +217,9 @@ class Client {
   // peer link, with result->wire_bytes set and any encoder error.
   // An encode failure of an earlier Send that did not wait is returned once by the next Send (its
   // tensor then not taken) and the next Step, with its code.
+  // A kCuda tensor is checked here against cuda() (a session without device buffers, a buffer or
+  // event index out of range, a region past the end of its buffer: INVALID_ARGUMENT, nothing
+  // sent); token ids in kCuda memory are INVALID_ARGUMENT. Host refs are checked by the daemon.
   Status Send(uint32_t boundary, Direction direction, uint64_t step, uint32_t microbatch,
               const TensorRef& tensor, const std::optional<TensorRef>& token_ids,
               SendResult* result, bool wait_encoded = false);
@@ -182,7 +230,8 @@ class Client {
 
   // Blocks until the tensor for (boundary, direction, step, microbatch) is decoded into `into`
   // (its rows are the capacity; kF32 or kBF16). timeout_ms 0: the daemon's recv_timeout_ms.
-  // No tensor in time: DEADLINE_EXCEEDED.
+  // No tensor in time: DEADLINE_EXCEEDED. `into` may be kCuda, checked as in Send; the token ids'
+  // buffer is kHost.
   // Errors (docs/ARCHITECTURE.md, "Errors"): FAILED_PRECONDITION at once for a closed step or a
   // tensor already received; INVALID_ARGUMENT for `into` or the ids' buffer too small or another
   // shape than options.expect_shape (the tensor stays); UNAVAILABLE or ABORTED for a transient

@@ -28,9 +28,6 @@ namespace mapl {
 namespace client {
 namespace {
 
-// (buffer, offset, rows, cols, dtype) as Python passes it.
-using RefTuple = std::tuple<uint32_t, uint64_t, uint32_t, uint32_t, int>;
-
 void ThrowIfError(const Status& s) {
   if (s.ok()) return;
   py::object err = py::module_::import("mapl.errors").attr("error_from_status")(s.code, s.message);
@@ -53,9 +50,34 @@ Direction ToDirection(int v) {
   return static_cast<Direction>(v);
 }
 
-TensorRef ToRef(const RefTuple& t) {
-  return TensorRef{std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t),
-                   ToDType(std::get<4>(t))};
+Memory ToMemory(int v) {
+  if (v != static_cast<int>(Memory::kHost) && v != static_cast<int>(Memory::kCuda)) {
+    throw py::value_error("unknown mapl memory code " + std::to_string(v) + " (0 host, 1 CUDA)");
+  }
+  return static_cast<Memory>(v);
+}
+
+// A TensorRef as Python passes it: (buffer, offset, rows, cols, dtype) for host memory, or
+// (buffer, offset, rows, cols, dtype, memory, event).
+TensorRef ToRef(const py::sequence& t) {
+  if (t.size() != 5 && t.size() != 7) {
+    throw py::type_error(
+        "a tensor ref is (buffer, offset, rows, cols, dtype) or (buffer, "
+        "offset, rows, cols, dtype, memory, event), got " +
+        std::to_string(t.size()) + " items");
+  }
+  try {
+    TensorRef r{t[0].cast<uint32_t>(), t[1].cast<uint64_t>(), t[2].cast<uint32_t>(),
+                t[3].cast<uint32_t>(), ToDType(t[4].cast<int>())};
+    if (t.size() == 7) {
+      r.memory = ToMemory(t[5].cast<int>());
+      r.event = t[6].cast<uint32_t>();
+    }
+    return r;
+  } catch (const py::cast_error&) {
+    throw py::type_error("a tensor ref holds non-negative integers, got " +
+                         std::string(py::repr(t)));
+  }
 }
 
 // A byte range of one mapped buffer, exported through the buffer protocol.
@@ -88,12 +110,19 @@ Region MakeRegion(const std::shared_ptr<Client>& c, uint32_t buffer, uint64_t of
 }
 
 std::shared_ptr<Client> Connect(const std::string& socket_path, const std::string& name,
-                                uint32_t timeout_ms) {
+                                uint32_t timeout_ms, uint32_t cuda_buffers,
+                                uint64_t cuda_buffer_bytes, uint32_t cuda_events,
+                                const std::string& cuda_device_uuid) {
+  ConnectOptions options;
+  options.cuda_buffers = cuda_buffers;
+  options.cuda_buffer_bytes = cuda_buffer_bytes;
+  options.cuda_events = cuda_events;
+  options.cuda_device_uuid = cuda_device_uuid;
   std::unique_ptr<Client> c;
   Status s;
   {
     py::gil_scoped_release nogil;
-    s = Client::Connect(socket_path, name, timeout_ms, &c);
+    s = Client::Connect(socket_path, name, timeout_ms, options, &c);
   }
   ThrowIfError(s);
   return std::shared_ptr<Client>(std::move(c));
@@ -116,8 +145,29 @@ void BindModule(py::module_& m) {
 
   py::class_<Client, std::shared_ptr<Client>>(m, "Client")
       .def_static("connect", &Connect, py::arg("socket_path"), py::arg("name"),
-                  py::arg("timeout_ms"),
-                  "Attach to the mapld on unix:socket_path and map its buffers.")
+                  py::arg("timeout_ms"), py::arg("cuda_buffers") = 0,
+                  py::arg("cuda_buffer_bytes") = 0, py::arg("cuda_events") = 0,
+                  py::arg("cuda_device_uuid") = py::bytes(),
+                  "Attach to the mapld on unix:socket_path and map its buffers; cuda_buffers > 0 "
+                  "also asks for device buffers and events (see cuda()).")
+      .def(
+          "cuda",
+          [](const Client& c) -> py::object {
+            const ::mapl::v1::CudaBuffers* cuda = c.cuda();
+            if (cuda == nullptr) return py::none();
+            py::list memory, events;
+            for (const std::string& h : cuda->memory_handles()) memory.append(py::bytes(h));
+            for (const std::string& h : cuda->event_handles()) events.append(py::bytes(h));
+            py::dict d;
+            d["device_uuid"] = py::bytes(cuda->device_uuid());
+            d["memory_handles"] = memory;
+            d["buffer_bytes"] = cuda->buffer_bytes();
+            d["event_handles"] = events;
+            return std::move(d);
+          },
+          "A CUDA session's device buffers as mapld handed them out: {device_uuid, "
+          "memory_handles (cudaIpcMemHandle_t bytes), buffer_bytes, event_handles "
+          "(cudaIpcEventHandle_t bytes)}; None for a host-only session.")
       .def_property_readonly("socket_path", &Client::socket_path)
       .def_property_readonly("session", &Client::session)
       .def_property_readonly("stage", &Client::stage)
@@ -160,7 +210,7 @@ void BindModule(py::module_& m) {
       .def(
           "send",
           [](Client& c, uint32_t boundary, int direction, uint64_t step, uint32_t microbatch,
-             const RefTuple& tensor_ref, const std::optional<RefTuple>& ids_ref, bool wait,
+             const py::sequence& tensor_ref, const std::optional<py::sequence>& ids_ref, bool wait,
              const std::vector<uint32_t>& shape, bool evaluation) {
             const TensorRef t = ToRef(tensor_ref);
             std::optional<TensorRef> ids;
@@ -182,12 +232,15 @@ void BindModule(py::module_& m) {
           py::arg("boundary"), py::arg("direction"), py::arg("step"), py::arg("microbatch"),
           py::arg("tensor_ref"), py::arg("ids_ref") = py::none(), py::arg("wait") = false,
           py::arg("shape") = std::vector<uint32_t>(), py::arg("evaluation") = false,
-          "Hands a tensor to mapld; returns (wire_bytes, raw_bytes). shape: the tensor's shape as "
-          "the trainer holds it (last dimension d); evaluation: it trains nothing.")
+          "Hands a tensor to mapld; returns (wire_bytes, raw_bytes). Refs are (buffer, offset, "
+          "rows, cols, dtype) or, for device memory, (buffer, offset, rows, cols, dtype, memory, "
+          "event); ids are host memory. shape: the tensor's shape as the trainer holds it (last "
+          "dimension d); evaluation: it trains nothing.")
       .def(
           "recv",
           [](Client& c, uint32_t boundary, int direction, uint64_t step, uint32_t microbatch,
-             const RefTuple& into_ref, uint32_t timeout_ms, const std::optional<RefTuple>& ids_ref,
+             const py::sequence& into_ref, uint32_t timeout_ms,
+             const std::optional<py::sequence>& ids_ref,
              const std::vector<uint32_t>& expect_shape) {
             const TensorRef t = ToRef(into_ref);
             const Direction dir = ToDirection(direction);

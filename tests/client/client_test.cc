@@ -78,6 +78,25 @@ TEST(ClientTest, EmptySocketPathIsInvalid) {
   EXPECT_EQ(Client::Connect("", "test", 100, &c).code, kInvalidArgument);
 }
 
+TEST(ClientTest, WrongCudaOptionsAreInvalidBeforeAnythingIsDialed) {
+  // No daemon at the path: had the client dialed, it would be UNAVAILABLE.
+  TempDir dir;
+  std::unique_ptr<Client> c;
+  ConnectOptions o;
+  o.cuda_buffers = 1;
+  o.cuda_buffer_bytes = 4096;
+  o.cuda_device_uuid = "abc";
+  Status s = Client::Connect(dir.socket(), "test", 200, o, &c);
+  EXPECT_EQ(s.code, kInvalidArgument) << s.message;
+  EXPECT_NE(s.message.find("16"), std::string::npos) << s.message;
+  ConnectOptions events_only;
+  events_only.cuda_events = 4;
+  s = Client::Connect(dir.socket(), "test", 200, events_only, &c);
+  EXPECT_EQ(s.code, kInvalidArgument) << s.message;
+  EXPECT_NE(s.message.find("without cuda_buffers"), std::string::npos) << s.message;
+  EXPECT_EQ(c, nullptr);
+}
+
 // Two daemons of boundary 0 (d = 16, k = 4, METHOD_MAPL) and one client on each.
 class TwoDaemonsTest : public ::testing::Test {
  protected:
@@ -426,6 +445,71 @@ TEST_F(TwoDaemonsTest, AttachBeyondMaxSessionsIsResourceExhaustedNamingTheLimit)
     s = Client::Connect(up_->config().local_socket(), "4", 5000, &fourth);
   }
   EXPECT_TRUE(s.ok()) << s.message;
+}
+
+TEST_F(TwoDaemonsTest, CudaRefsTheSessionCannotHaveAreRefusedByTheClient) {
+  ASSERT_EQ(up_client_->cuda(), nullptr);  // a host-only session
+  auto [h, ids] = Fill(up_client_.get(), 8);
+  TensorRef cuda_ids = ids;
+  cuda_ids.memory = Memory::kCuda;
+  SendResult sent;
+  // Token ids are host memory, whatever the session.
+  Status s = up_client_->Send(0, Direction::kForward, 1, 0, h, cuda_ids, &sent);
+  EXPECT_EQ(s.code, kInvalidArgument) << s.message;
+  EXPECT_NE(s.message.find("token_ids in CUDA memory"), std::string::npos) << s.message;
+  EXPECT_NE(s.message.find("always in host memory"), std::string::npos) << s.message;
+  RecvOptions recv_options;
+  recv_options.token_ids = cuda_ids;
+  RecvResult r;
+  s = down_client_->Recv(0, Direction::kForward, 1, 0, TensorRef{0, 0, kMaxTokens, kD, DType::kF32},
+                         100, recv_options, &r);
+  EXPECT_EQ(s.code, kInvalidArgument) << s.message;
+  EXPECT_NE(s.message.find("always in host memory"), std::string::npos) << s.message;
+  // A device tensor on a session without device buffers.
+  TensorRef cuda_h = h;
+  cuda_h.memory = Memory::kCuda;
+  cuda_h.event = 1;
+  s = up_client_->Send(0, Direction::kForward, 1, 0, cuda_h, ids, &sent);
+  EXPECT_EQ(s.code, kInvalidArgument) << s.message;
+  EXPECT_NE(s.message.find("no CUDA buffers"), std::string::npos) << s.message;
+  s = down_client_->Recv(0, Direction::kForward, 1, 0, cuda_h, 100, &r);
+  EXPECT_EQ(s.code, kInvalidArgument) << s.message;
+  EXPECT_NE(s.message.find("no CUDA buffers"), std::string::npos) << s.message;
+  // An event on a host ref orders nothing.
+  TensorRef host_event = h;
+  host_event.event = 2;
+  s = up_client_->Send(0, Direction::kForward, 1, 0, host_event, ids, &sent);
+  EXPECT_EQ(s.code, kInvalidArgument) << s.message;
+  EXPECT_NE(s.message.find("host-memory ref"), std::string::npos) << s.message;
+  // None of them reached the daemon: the microbatch is still unsent, and goes through.
+  ASSERT_TRUE(up_client_->Send(0, Direction::kForward, 1, 0, h, ids, &sent).ok());
+  ASSERT_TRUE(
+      down_client_
+          ->Recv(0, Direction::kForward, 1, 0, TensorRef{0, 0, kMaxTokens, kD, DType::kF32}, 0, &r)
+          .ok());
+  EXPECT_EQ(r.rows, 8u);
+}
+
+// A mapld of this build has no CUDA device to share (no GPU or driver where the tests run; its
+// CUDA backend is not built with MAPL_WITH_CUDA=OFF): it refuses the Attach itself, with
+// FAILED_PRECONDITION saying why, and keeps serving host sessions. (A mapld that attached without
+// the buffers would be refused by the client, in its own words, which this test tells apart.)
+TEST_F(TwoDaemonsTest, AMapldThatCannotUseCudaRefusesCudaBuffers) {
+  ConnectOptions o;
+  o.cuda_buffers = 2;
+  o.cuda_buffer_bytes = 1 << 20;
+  o.cuda_events = 4;
+  std::unique_ptr<Client> gpu;
+  Status s = Client::Connect(up_->config().local_socket(), "gpu", 5000, o, &gpu);
+  EXPECT_EQ(s.code, kFailedPrecondition) << s.message;
+  EXPECT_EQ(gpu, nullptr);
+  EXPECT_NE(s.message.find("CUDA"), std::string::npos) << s.message;
+  EXPECT_EQ(s.message.find("predates CUDA buffers"), std::string::npos)
+      << "the daemon attached without the CUDA buffers instead of refusing: " << s.message;
+  std::unique_ptr<Client> host;
+  Status h = Client::Connect(up_->config().local_socket(), "host", 5000, &host);
+  ASSERT_TRUE(h.ok()) << h.message;
+  EXPECT_EQ(host->cuda(), nullptr);
 }
 
 // A trainer on the raw protocol: its own Attach stream, the memfds from the buffer socket.

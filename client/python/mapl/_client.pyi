@@ -1,9 +1,12 @@
 # Type stubs of mapl._client, the native local-API client (client/python/client_bindings.cc).
 # tests/python/test_api_surface.py holds these names to the module's.
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-# (buffer, byte offset, rows, cols, mapl.v1.DType code)
-TensorRef = Tuple[int, int, int, int, int]
+# (buffer, byte offset, rows, cols, mapl.v1.DType code), or for device memory
+# (buffer, byte offset, rows, cols, mapl.v1.DType code, mapl.v1.Memory code, event): memory 1 is
+# MEMORY_CUDA (buffer indexes cuda()["memory_handles"]), event 1 + an index into
+# cuda()["event_handles"] or 0. Token ids are always host refs.
+TensorRef = Union[Tuple[int, int, int, int, int], Tuple[int, int, int, int, int, int, int]]
 
 class Region:
     """A byte range of an attached buffer, exported through the buffer protocol."""
@@ -15,7 +18,12 @@ class Region:
 
 class Client:
     @staticmethod
-    def connect(socket_path: str, name: str, timeout_ms: int) -> Client: ...
+    def connect(socket_path: str, name: str, timeout_ms: int, cuda_buffers: int = 0,
+                cuda_buffer_bytes: int = 0, cuda_events: int = 0,
+                cuda_device_uuid: bytes = b"") -> Client: ...
+    # {"device_uuid": bytes, "memory_handles": [bytes], "buffer_bytes": int,
+    #  "event_handles": [bytes]} of a CUDA session, None for a host-only one.
+    def cuda(self) -> Optional[Dict[str, Any]]: ...
     @property
     def socket_path(self) -> str: ...
     @property

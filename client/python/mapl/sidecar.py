@@ -18,6 +18,11 @@ GPU, any float dtype) is copied once into a staging region. A received tensor co
 was sent (shape, dtype, token ids): copied out of a staging region, or written by the daemon in
 place into an ``out=`` tensor in shared memory.
 
+A GPU trainer may ask for device buffers too (``Sidecar.connect(cuda=True)``): mapld then shares
+device memory and events with it by CUDA IPC (:mod:`mapl.cuda_ipc`), CUDA tensors cross without
+leaving the device, and the trainer's stream and the daemon order their work by events instead of
+synchronizing. Token ids always go through host memory.
+
 Errors are :class:`mapl.MaplError` subclasses carrying the daemon's message.
 """
 
@@ -48,6 +53,7 @@ FORWARD = 1   # mapl.v1.Direction: activations, upstream -> downstream
 BACKWARD = 2  # gradients, downstream -> upstream
 
 _F32, _BF16, _I32 = 1, 2, 3  # mapl.v1.DType
+_MEMORY_HOST, _MEMORY_CUDA = 0, 1  # mapl.v1.Memory
 _DTYPE_CODE = {torch.float32: _F32, torch.bfloat16: _BF16, torch.int32: _I32}
 _CODE_DTYPE = {code: dtype for dtype, code in _DTYPE_CODE.items()}
 _DIRECTION_NAME = {FORWARD: "activation", BACKWARD: "gradient"}
@@ -198,15 +204,28 @@ class _Arena:
     user tensors are freed by the garbage collector (through ``defer_free``, which only appends
     to a deque, so a collection that runs inside ``alloc`` cannot re-enter the lock); staging
     regions are freed explicitly.
+
+    A region may be freed behind a ``fence``: an object with ``query()`` (done yet?) and
+    ``synchronize()`` (wait until done), on a CUDA session's device arena a ``torch.cuda.Event``
+    recorded after the last work of the trainer's stream on the region. The region is reused only
+    once its fence is done: ``alloc`` queries the pending fences and takes the regions of those
+    that are done; only when nothing else fits does it wait, oldest fence first, and only as long
+    as it must.
     """
 
-    def __init__(self, sizes: Sequence[int], alignment: int = ALIGNMENT) -> None:
+    def __init__(self, sizes: Sequence[int], alignment: int = ALIGNMENT,
+                 what: str = "shared memory",
+                 too_small: str = "raise DaemonConfig.client_buffer_bytes",
+                 too_few: str = "free shared tensors, or raise DaemonConfig.client_buffers"
+                 ) -> None:
         self.alignment = alignment
         self.sizes = list(sizes)
         self._free: List[List[List[int]]] = [[[0, s]] if s > 0 else [] for s in self.sizes]
         self._lock = threading.Lock()
-        self._deferred: Deque[Tuple[int, int, int]] = deque()
+        self._deferred: Deque[Tuple[int, int, int, Any]] = deque()
+        self._fenced: List[Tuple[int, int, int, Any]] = []  # freed, fence not done; oldest first
         self.used = 0
+        self._what, self._too_small, self._too_few = what, too_small, too_few
 
     def _round(self, nbytes: int) -> int:
         return max(self.alignment, -(-nbytes // self.alignment) * self.alignment)
@@ -214,38 +233,69 @@ class _Arena:
     def alloc(self, nbytes: int) -> Tuple[int, int, int]:
         """(buffer, offset, size) of a free region of at least nbytes, offset ALIGNMENT-aligned."""
         size = self._round(nbytes)
-        with self._lock:
-            self._drain()
-            for b, free in enumerate(self._free):
-                for i, (off, length) in enumerate(free):
-                    if length >= size:
-                        if length == size:
-                            del free[i]
-                        else:
-                            free[i][0] += size
-                            free[i][1] -= size
-                        self.used += size
-                        return b, off, size
-            largest = max((length for free in self._free for _, length in free), default=0)
         biggest = max(self.sizes, default=0)
-        hint = (f"no attached buffer holds that many (buffers are {biggest} bytes: raise "
-                "DaemonConfig.client_buffer_bytes)" if size > biggest else
-                "free shared tensors, or raise DaemonConfig.client_buffers")
+        while True:
+            with self._lock:
+                self._drain()
+                got = self._take(size)
+                if got is not None:
+                    return got
+                largest = max((length for free in self._free for _, length in free), default=0)
+                # Nothing fits: wait for the oldest fenced region, unless none could help.
+                fence = self._fenced[0][3] if self._fenced and size <= biggest else None
+            if fence is None:
+                break
+            fence.synchronize()  # outside the lock: other threads free and allocate meanwhile
+            with self._lock:  # done now, whatever query() said before
+                for i, entry in enumerate(self._fenced):
+                    if entry[3] is fence:
+                        del self._fenced[i]
+                        self._insert(*entry[:3])
+                        break
+        hint = (f"no attached buffer holds that many (buffers are {biggest} bytes: "
+                f"{self._too_small})" if size > biggest else self._too_few)
         raise ResourceExhausted(
-            f"shared memory exhausted: {nbytes} bytes wanted, {self.used} of "
+            f"{self._what} exhausted: {nbytes} bytes wanted, {self.used} of "
             f"{sum(self.sizes)} in use, largest free region {largest}: {hint}")
+
+    def _take(self, size: int) -> Optional[Tuple[int, int, int]]:
+        for b, free in enumerate(self._free):
+            for i, (off, length) in enumerate(free):
+                if length >= size:
+                    if length == size:
+                        del free[i]
+                    else:
+                        free[i][0] += size
+                        free[i][1] -= size
+                    self.used += size
+                    return b, off, size
+        return None
 
     def free(self, buffer: int, offset: int, size: int) -> None:
         with self._lock:
             self._drain()
             self._insert(buffer, offset, size)
 
-    def defer_free(self, buffer: int, offset: int, size: int) -> None:
-        self._deferred.append((buffer, offset, size))
+    def defer_free(self, buffer: int, offset: int, size: int, fence: Any = None) -> None:
+        """Free the region later: at the next alloc or free, once ``fence`` (if any) is done.
+        Safe from a finalizer (takes no lock)."""
+        self._deferred.append((buffer, offset, size, fence))
 
     def _drain(self) -> None:
         while self._deferred:
-            self._insert(*self._deferred.popleft())
+            entry = self._deferred.popleft()
+            if entry[3] is None:
+                self._insert(*entry[:3])
+            else:
+                self._fenced.append(entry)
+        if self._fenced:
+            pending = []
+            for entry in self._fenced:
+                if entry[3].query():
+                    self._insert(*entry[:3])
+                else:
+                    pending.append(entry)
+            self._fenced = pending
 
     def _insert(self, buffer: int, offset: int, size: int) -> None:
         free = self._free[buffer]
@@ -286,8 +336,61 @@ class _Staging:
         self._arena.free(self.buffer, self.offset, self._size)
 
 
+class _DeviceStaging:
+    """A region of a CUDA session's device arena and a (rows, cols) tensor view of it, for one
+    call. Freed on exit: at once when ``done`` was set (the daemon has finished with it and the
+    trainer's stream has nothing queued on it), else behind a fence recorded on ``stream``, so
+    that it is not handed to the daemon again while the stream may still read or write it."""
+
+    def __init__(self, sidecar: "Sidecar", rows: int, cols: int, dtype: torch.dtype,
+                 stream: "torch.cuda.Stream") -> None:
+        nbytes = rows * cols * _elem_size(dtype)
+        self._arena = sidecar._cuda_arena
+        self._stream = stream
+        self.buffer, self.offset, self._size = self._arena.alloc(nbytes)
+        whole = sidecar._cuda.views[self.buffer]
+        self.tensor = whole[self.offset:self.offset + nbytes].view(dtype).view(rows, cols)
+        self.done = False
+
+    def __enter__(self) -> "_DeviceStaging":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.tensor
+        if self.done:
+            self._arena.free(self.buffer, self.offset, self._size)
+        else:
+            _free_behind_fence(self._arena, self._stream, self.buffer, self.offset, self._size)
+
+
+def _free_behind_fence(arena: _Arena, stream: "torch.cuda.Stream", buffer: int, offset: int,
+                       size: int) -> None:
+    """Frees a device region once what `stream` has queued so far is done."""
+    fence = torch.cuda.Event()
+    fence.record(stream)
+    arena.defer_free(buffer, offset, size, fence)
+
+
+def _free_device_tensor_region(arena: _Arena, device: torch.device, buffer: int, offset: int,
+                               size: int) -> None:
+    """Finalizer of a device buffer_tensor's region: frees it once the work queued on the
+    device's current stream is done (the stream the trainer used it on, for a trainer that uses
+    one). Never raises: when CUDA is gone (interpreter exit) the region stays taken."""
+    try:
+        _free_behind_fence(arena, torch.cuda.current_stream(device), buffer, offset, size)
+    except Exception:  # noqa: BLE001 - a finalizer must not raise
+        pass
+
+
 def _elem_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _positive(name: str, value: Any) -> int:
+    """`value` as an int >= 1, or InvalidArgument naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def _timeout_ms(timeout: Optional[float]) -> int:
@@ -307,9 +410,23 @@ class Sidecar:
     are no longer shared.
     """
 
-    def __init__(self, client: "_client.Client") -> None:
-        """Wraps an attached ``mapl._client.Client``; use :meth:`connect` instead."""
+    def __init__(self, client: "_client.Client",
+                 cuda_device: Optional[torch.device] = None) -> None:
+        """Wraps an attached ``mapl._client.Client``; use :meth:`connect` instead. A client of
+        a CUDA session has its device buffers and events opened here, on ``cuda_device``."""
         self._client = client
+        self._cuda: Any = None  # mapl.cuda_ipc.CudaBuffers of a CUDA session
+        self._cuda_arena: Optional[_Arena] = None
+        self._cuda_events: Any = None  # mapl.cuda_ipc.EventPool
+        info = client.cuda()
+        if info is not None:
+            from . import cuda_ipc
+            self._cuda = cuda_ipc.CudaBuffers(info, cuda_device)
+            self._cuda_arena = _Arena(
+                [self._cuda.buffer_bytes] * len(self._cuda.views), what="CUDA buffer memory",
+                too_small="connect with a larger cuda_buffer_bytes",
+                too_few="free device buffer tensors, or connect with more cuda_buffers")
+            self._cuda_events = cuda_ipc.EventPool(len(self._cuda.events))
         self._boundaries: Dict[int, BoundaryInfo] = {
             b["id"]: BoundaryInfo(**b) for b in client.boundaries()}
         sizes = [client.buffer_bytes(i) for i in range(client.buffer_count)]
@@ -330,17 +447,55 @@ class Sidecar:
 
     @classmethod
     def connect(cls, stage: int = 0, socket_path: Optional[str] = None,
-                name: Optional[str] = None, timeout: float = 10.0) -> "Sidecar":
+                name: Optional[str] = None, timeout: float = 10.0, *,
+                cuda: Union[None, bool, int, str, torch.device] = None,
+                cuda_buffers: Optional[int] = None, cuda_buffer_bytes: Optional[int] = None,
+                cuda_events: Optional[int] = None) -> "Sidecar":
         """Attach to the mapld of ``stage`` on ``socket_path`` (default:
         :func:`default_socket_path`), waiting up to ``timeout`` seconds for it to come up.
 
+        ``cuda``: None (default), a host-only session: every tensor crosses through shared host
+        memory, CUDA tensors with a copy to the host. True (torch's current device), a device
+        index or a ``torch.device('cuda', i)``: also device buffers on that GPU, which mapld
+        allocates and shares by CUDA IPC: CUDA tensors on that device are then sent and received
+        without leaving it, ordered with the trainer's current stream by events (token ids still
+        go through the host). ``cuda_buffers`` buffers of ``cuda_buffer_bytes`` bytes each
+        (defaults: 8 of 64 MiB, what DaemonConfig gives host buffers by default; each must hold
+        the largest tensor sent or received whole) and ``cuda_events`` events (default 64: at
+        most that many device calls in flight order by events, more synchronize).
+
         Raises :class:`mapl.Unavailable` (a ``ConnectionError``) naming the socket when no
-        daemon answers.
+        daemon answers; :class:`mapl.FailedPrecondition` saying why when CUDA was asked for but
+        cannot be had: this torch or process has no CUDA device (checked before attaching), no
+        driver, or a mapld that cannot use CUDA.
         """
         path = socket_path if socket_path is not None else default_socket_path(stage)
         if name is None:
             name = f"trainer-{stage}-pid{os.getpid()}"
-        return cls(_client.Client.connect(path, name, _timeout_ms(timeout)))
+        if cuda is None:
+            given = [k for k, v in (("cuda_buffers", cuda_buffers),
+                                    ("cuda_buffer_bytes", cuda_buffer_bytes),
+                                    ("cuda_events", cuda_events)) if v is not None]
+            if given:
+                raise InvalidArgument(f"{', '.join(given)} without cuda=: pass cuda=True (or a "
+                                      "device) for device buffers")
+            return cls(_client.Client.connect(path, name, _timeout_ms(timeout)))
+        from . import cuda_ipc
+        buffers = _positive("cuda_buffers", 8 if cuda_buffers is None else cuda_buffers)
+        nbytes = _positive("cuda_buffer_bytes",
+                           64 << 20 if cuda_buffer_bytes is None else cuda_buffer_bytes)
+        events = 64 if cuda_events is None else cuda_events
+        if isinstance(events, bool) or not isinstance(events, int) or events < 0:
+            raise InvalidArgument(f"cuda_events must be an int >= 0, got {cuda_events!r}")
+        device = cuda_ipc.resolve_device(cuda)  # FailedPrecondition without CUDA, before attaching
+        client = _client.Client.connect(path, name, _timeout_ms(timeout), cuda_buffers=buffers,
+                                        cuda_buffer_bytes=nbytes, cuda_events=events,
+                                        cuda_device_uuid=cuda_ipc.device_uuid(device))
+        try:
+            return cls(client, cuda_device=device)
+        except BaseException:
+            client.close()
+            raise
 
     # ---- session ----
 
@@ -352,6 +507,8 @@ class Sidecar:
         # Drop this object's views: the mappings go once no handed-out tensor uses them.
         self._views = []
         self._bases = []
+        if self._cuda is not None:
+            self._cuda.release()  # each device mapping closes with its last tensor
 
     def __enter__(self) -> "Sidecar":
         return self
@@ -407,13 +564,34 @@ class Sidecar:
     def shared_bytes_free(self) -> int:
         return self._arena.free_bytes()
 
+    @property
+    def cuda_device(self) -> Optional[torch.device]:
+        """The device of a CUDA session's buffers (None for a host-only session)."""
+        return self._cuda.device if self._cuda is not None else None
+
+    @property
+    def cuda_buffer_sizes(self) -> List[int]:
+        """Bytes of each device buffer of a CUDA session (empty for a host-only session)."""
+        return list(self._cuda_arena.sizes) if self._cuda_arena is not None else []
+
+    @property
+    def cuda_bytes_free(self) -> int:
+        """Device buffer bytes free now (0 for a host-only session)."""
+        return self._cuda_arena.free_bytes() if self._cuda_arena is not None else 0
+
     # ---- shared memory ----
 
-    def buffer_tensor(self, shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def buffer_tensor(self, shape: Shape, dtype: torch.dtype = torch.float32,
+                      device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
         """An uninitialised CPU tensor of ``shape`` and ``dtype`` (float32, bfloat16 or int32)
         living in shared memory. Write h into it (``torch.matmul(..., out=t)``, ``t.copy_(h)``)
         and send it without a further copy. Its region returns to the allocator when the tensor
         and every view of it are gone.
+
+        ``device="cuda"`` (a CUDA session only): a tensor on :attr:`cuda_device` in a device
+        buffer, sent and received into (``out=``) with no copy. Its region returns to the
+        allocator, when the tensor and its views are gone, behind an event recorded on the
+        device's current stream then: work of other streams on it must be done by that time.
         """
         self._check_open()
         if dtype not in _DTYPE_CODE:
@@ -421,6 +599,13 @@ class Sidecar:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         numel = math.prod(shape)
         nbytes = max(1, numel) * _elem_size(dtype)
+        if device is not None and torch.device(device).type != "cpu":
+            dev = self._session_device(device, "buffer_tensor")
+            buffer, offset, size = self._cuda_arena.alloc(nbytes)
+            whole, region = self._cuda.region(buffer, offset, nbytes)
+            weakref.finalize(region, _free_device_tensor_region, self._cuda_arena, dev, buffer,
+                             offset, size)
+            return whole.view(dtype)[:numel].view(shape)
         buffer, offset, size = self._arena.alloc(nbytes)
         region = self._client.region(buffer, offset, nbytes)
         # The tensor's storage holds `region` (torch.frombuffer keeps its buffer object); when
@@ -429,8 +614,31 @@ class Sidecar:
         return torch.frombuffer(region, dtype=dtype, count=max(1, numel))[:numel].view(shape)
 
     def is_shared(self, t: torch.Tensor) -> bool:
-        """Whether ``t`` is a contiguous tensor inside one attached buffer (sendable as is)."""
+        """Whether ``t`` is a contiguous tensor inside one attached buffer, host or device
+        (sendable as is)."""
+        if self._cuda is not None and t.is_cuda:
+            return self._cuda.locate(t) is not None
         return self._locate(t) is not None
+
+    def _session_device(self, device: Union[str, torch.device], what: str) -> torch.device:
+        """`device` (a CUDA one) checked to be this CUDA session's device."""
+        if self._cuda is None:
+            raise FailedPrecondition(
+                f"{what}(device={str(device)!r}): this session has no CUDA buffers; connect "
+                "with Sidecar.connect(..., cuda=True) for them")
+        dev = torch.device(device)
+        if dev.type != "cuda" or (dev.index is not None and dev != self._cuda.device):
+            raise InvalidArgument(f"{what}(device={str(device)!r}): this session's device "
+                                  f"buffers are on {self._cuda.device}")
+        return self._cuda.device
+
+    def _cuda_stream(self, t: Optional[torch.Tensor]) -> Optional["torch.cuda.Stream"]:
+        """The stream a call on CUDA tensor `t` orders with: the caller's current stream of the
+        session's device (captured on the caller's thread: a Work runs on a pool thread, whose
+        current stream is another). None when the call does not use the device buffers."""
+        if self._cuda is None or not isinstance(t, torch.Tensor) or not t.is_cuda:
+            return None
+        return torch.cuda.current_stream(self._cuda.device)
 
     def _locate(self, t: torch.Tensor) -> Optional[Tuple[int, int]]:
         """(buffer, byte offset) of a contiguous CPU tensor inside an attached buffer, or None."""
@@ -514,7 +722,7 @@ class Sidecar:
         self._check_open()
         return self._submit(False, self._what(b, FORWARD, step, microbatch, "send"),
                             self._send, b, FORWARD, step, microbatch, h, token_ids, False,
-                            evaluation)
+                            evaluation, self._cuda_stream(h))
 
     def isend_gradient(self, g: torch.Tensor, *, step: int, microbatch: int,
                        boundary: Optional[int] = None) -> Work:
@@ -522,7 +730,8 @@ class Sidecar:
         b = self._boundary_for(boundary, BACKWARD, sending=True)
         self._check_open()
         return self._submit(False, self._what(b, BACKWARD, step, microbatch, "send"),
-                            self._send, b, BACKWARD, step, microbatch, g, None, False, False)
+                            self._send, b, BACKWARD, step, microbatch, g, None, False, False,
+                            self._cuda_stream(g))
 
     def irecv_activation(self, *, step: int, microbatch: int, boundary: Optional[int] = None,
                          timeout: Optional[float] = None, shape: Optional[Shape] = None,
@@ -635,11 +844,13 @@ class Sidecar:
         self._check_open()
         # Checked here, not on the worker thread: a wrong call fails where it is made.
         self._check_recv_args(boundary, rows, dtype, out, shape)
+        stream = self._cuda_stream(out)
         work: Work
 
         def receive() -> torch.Tensor:
             tensor, ids = self._recv(boundary, direction, step, microbatch, timeout, rows, dtype,
-                                     None, out, shape, want_ids=direction == FORWARD)
+                                     None, out, shape, want_ids=direction == FORWARD,
+                                     stream=stream)
             work.token_ids = ids
             return tensor
 
@@ -649,7 +860,8 @@ class Sidecar:
 
     def _send(self, boundary: int, direction: int, step: int, microbatch: int, t: torch.Tensor,
               token_ids: Optional[torch.Tensor], wait: bool = False,
-              evaluation: bool = False) -> SendResult:
+              evaluation: bool = False,
+              stream: Optional["torch.cuda.Stream"] = None) -> SendResult:
         self._check_open()
         if not isinstance(t, torch.Tensor):
             raise InvalidArgument(f"expected a torch.Tensor, got {type(t).__name__}")
@@ -661,13 +873,21 @@ class Sidecar:
         cols = t.shape[-1]
         rows = t.numel() // cols
         with contextlib.ExitStack() as stack:
-            tensor_ref, zero_copy = self._place(stack, t, rows, cols)
+            device_staging = None
+            if self._cuda is not None and t.is_cuda:
+                tensor_ref, device_staging = self._place_cuda(
+                    stack, t, rows, cols, stream or torch.cuda.current_stream(self._cuda.device))
+                zero_copy = device_staging is None
+            else:
+                tensor_ref, zero_copy = self._place(stack, t, rows, cols)
             ids_ref = None
             if token_ids is not None:
                 ids_ref = self._place_ids(stack, token_ids, rows)
             wire, raw = self._client.send(boundary, direction, step, microbatch, tensor_ref,
                                           ids_ref, wait, shape=tuple(t.shape),
                                           evaluation=evaluation)
+            if device_staging is not None:
+                device_staging.done = True  # the daemon has copied it out: free it at once
         return SendResult(wire, raw, zero_copy)
 
     def _place(self, stack: contextlib.ExitStack, t: torch.Tensor, rows: int,
@@ -683,6 +903,41 @@ class Sidecar:
         staging = stack.enter_context(_Staging(self, rows, cols, dtype))
         staging.tensor.copy_(t.reshape(rows, cols))
         return staging.ref, False
+
+    def _place_cuda(self, stack: contextlib.ExitStack, t: torch.Tensor, rows: int, cols: int,
+                    stream: "torch.cuda.Stream"
+                    ) -> Tuple[Tuple[int, ...], Optional[_DeviceStaging]]:
+        """A MEMORY_CUDA TensorRef of CUDA tensor t in the device buffers: t itself when it is
+        there, else a copy into a device staging region on `stream`; then an event recorded on
+        `stream` after t's last write, which the daemon's copy waits for (with no event free,
+        `stream` is synchronized instead). The event goes back to the pool, and the staging
+        region to the arena, when the Send has returned: the daemon has copied the tensor out
+        by then (the caller sets the staging's ``done`` once the Send succeeded; a failed one
+        frees the region behind a fence instead). Returns (ref, the staging or None)."""
+        where = self._cuda.locate(t) if t.dtype in (torch.float32, torch.bfloat16) else None
+        staging = None
+        if where is not None:
+            dtype = t.dtype
+        else:
+            dtype = t.dtype if t.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            staging = stack.enter_context(_DeviceStaging(self, rows, cols, dtype, stream))
+            with torch.cuda.stream(stream):
+                staging.tensor.copy_(t.reshape(rows, cols))
+            where = (staging.buffer, staging.offset)
+        event = self._record_event(stack, stream)
+        return ((where[0], where[1], rows, cols, _DTYPE_CODE[dtype], _MEMORY_CUDA, event),
+                staging)
+
+    def _record_event(self, stack: contextlib.ExitStack, stream: "torch.cuda.Stream") -> int:
+        """TensorRef.event for a Send: a free event recorded on `stream` (returned to the pool
+        when `stack` closes), or 0 after synchronizing `stream` when none is free."""
+        index = self._cuda_events.acquire()
+        if index is None:
+            stream.synchronize()
+            return 0
+        stack.callback(self._cuda_events.release, index)
+        self._cuda.events[index].record(stream)
+        return index + 1
 
     def _place_ids(self, stack: contextlib.ExitStack, ids: torch.Tensor,
                    rows: int) -> Tuple[int, int, int, int, int]:
@@ -716,12 +971,12 @@ class Sidecar:
         if out is not None:
             if dtype is not None and dtype != out.dtype:
                 raise InvalidArgument(f"dtype={dtype} disagrees with out's {out.dtype}: give one")
-            if (out.device.type != "cpu" or out.dim() != 2 or out.shape[1] != info.d
-                    or out.dtype not in (torch.float32, torch.bfloat16)
+            if (out.device.type not in ("cpu", "cuda") or out.dim() != 2
+                    or out.shape[1] != info.d or out.dtype not in (torch.float32, torch.bfloat16)
                     or not out.is_contiguous() or out.shape[0] == 0):
                 raise InvalidArgument(
-                    f"out must be a contiguous CPU float32 or bfloat16 tensor of shape (rows, "
-                    f"d={info.d}) with rows >= 1, got {out.dtype} {tuple(out.shape)} on "
+                    f"out must be a contiguous CPU or CUDA float32 or bfloat16 tensor of shape "
+                    f"(rows, d={info.d}) with rows >= 1, got {out.dtype} {tuple(out.shape)} on "
                     f"{out.device}" + ("" if out.is_contiguous() else ", not contiguous"))
             if rows is not None and int(rows) != out.shape[0]:
                 raise InvalidArgument(f"rows={rows} disagrees with out's {out.shape[0]} rows: "
@@ -732,8 +987,9 @@ class Sidecar:
     def _recv(self, boundary: int, direction: int, step: int, microbatch: int,
               timeout: Optional[float], rows: Optional[int], dtype: Optional[torch.dtype],
               device: Optional[Union[str, torch.device]], out: Optional[torch.Tensor] = None,
-              shape: Optional[Shape] = None,
-              want_ids: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+              shape: Optional[Shape] = None, want_ids: bool = False,
+              stream: Optional["torch.cuda.Stream"] = None
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(tensor as sent, its token ids or None). Every check runs before the daemon hands
         anything over, so a wrong call never costs the tensor."""
         self._check_open()
@@ -741,14 +997,20 @@ class Sidecar:
         info = self.boundary(boundary)
         dims = _dims(shape) if shape is not None else ()
         if out is not None:
-            if device is not None and torch.device(device).type != "cpu":
-                raise InvalidArgument("out= receives on the CPU: leave device unset and move the "
-                                      "result yourself")
+            if device is not None and torch.device(device).type != out.device.type:
+                raise InvalidArgument(f"out= receives on out's device ({out.device}): leave "
+                                      "device unset and move the result yourself")
             capacity = out.shape[0]
         elif dims:
             capacity = math.prod(dims) // info.d
         else:
             capacity = info.max_tokens if rows is None else int(rows)
+        on_device = self._cuda is not None and (
+            out.is_cuda if out is not None
+            else device is not None and torch.device(device).type == "cuda")
+        if on_device:
+            return self._recv_cuda(boundary, direction, step, microbatch, timeout, dtype, device,
+                                   out, dims, capacity, want_ids, stream)
         with contextlib.ExitStack() as stack:
             ids_staging = (stack.enter_context(_Staging(self, capacity, 1, torch.int32))
                            if want_ids else None)
@@ -775,13 +1037,68 @@ class Sidecar:
                 ids = ids_staging.tensor.view(-1)[:n].to(torch.int64).view(sent_shape[:-1])
             if out is not None:
                 if where is None:
-                    out[:n].copy_(view)
+                    out[:n].copy_(view)  # to a CUDA out too, on a host-only session
                 return out[:n], ids
             want = dtype or _CODE_DTYPE.get(sent_dtype, torch.float32)
             if device is None or torch.device(device).type == "cpu":
                 result = view.to(want, copy=True)
             else:
                 result = view.to(device=device, dtype=want)
+            return result.view(tuple(sent_shape)), ids
+
+    def _recv_cuda(self, boundary: int, direction: int, step: int, microbatch: int,
+                   timeout: Optional[float], dtype: Optional[torch.dtype],
+                   device: Optional[Union[str, torch.device]], out: Optional[torch.Tensor],
+                   dims: Tuple[int, ...], capacity: int, want_ids: bool,
+                   stream: Optional["torch.cuda.Stream"]
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """_recv into the device buffers: into `out` itself when it is one of them, else into a
+        device staging region. The daemon records an event after writing; `stream` (the
+        caller's) waits on it, then reads (copies out of the staging region), and the region is
+        freed behind a fence recorded after that read. Token ids come through host staging."""
+        info = self.boundary(boundary)
+        cuda = self._cuda
+        stream = stream or torch.cuda.current_stream(cuda.device)
+        with contextlib.ExitStack() as stack:
+            ids_staging = (stack.enter_context(_Staging(self, capacity, 1, torch.int32))
+                           if want_ids else None)
+            where = cuda.locate(out) if out is not None else None
+            if where is not None:  # a device buffer tensor: the daemon writes there itself
+                into_dtype, target = out.dtype, out
+            else:
+                into_dtype = out.dtype if out is not None else (dtype or torch.float32)
+                staging = stack.enter_context(
+                    _DeviceStaging(self, capacity, info.d, into_dtype, stream))
+                where, target = (staging.buffer, staging.offset), staging.tensor
+            index = self._cuda_events.acquire()
+            into = (where[0], where[1], capacity, info.d, _DTYPE_CODE[into_dtype], _MEMORY_CUDA,
+                    0 if index is None else index + 1)
+            try:
+                n, got, sent_shape, sent_dtype, has_ids = self._client.recv(
+                    boundary, direction, step, microbatch, into, _timeout_ms(timeout),
+                    ids_ref=ids_staging.ref if ids_staging is not None else None,
+                    expect_shape=dims)
+            finally:
+                if index is not None:
+                    # Also after a failure: the event is reused only once a stream waited on it.
+                    stream.wait_event(cuda.events[index])
+                    self._cuda_events.release(index)
+            if n * got > capacity * info.d or got != info.d or math.prod(sent_shape) != n * got:
+                raise Internal(f"mapld reported ({n}, {got}) of shape {sent_shape} written into "
+                               f"({capacity}, {info.d})")
+            ids = None
+            if has_ids and ids_staging is not None:
+                ids = ids_staging.tensor.view(-1)[:n].to(torch.int64).view(sent_shape[:-1])
+            with torch.cuda.stream(stream):
+                view = target.view(-1)[:n * got].view(n, got)
+                if out is not None:
+                    if target is not out:
+                        out[:n].copy_(view)
+                    return out[:n], ids
+                want = dtype or _CODE_DTYPE.get(sent_dtype, torch.float32)
+                result = view.to(want, copy=True)  # out of the staging region, on `stream`
+                if device is not None and torch.device(device).index is not None:
+                    result = result.to(torch.device(device))  # another GPU than the session's
             return result.view(tuple(sent_shape)), ids
 
 

@@ -58,9 +58,11 @@ class _Outbound:
         self.shape, self.dtype, self.device = h.shape, h.dtype, h.device
         sc = scope.sidecar
         rows = h.numel() // h.shape[-1]
-        # The daemon writes the gradient straight into shared memory: no copy on the way in.
+        # The daemon writes the gradient straight into shared memory: no copy on the way in
+        # (device memory, for a CUDA activation on a CUDA session).
         recv_dtype = h.dtype if h.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        out = sc.buffer_tensor((rows, h.shape[-1]), recv_dtype)
+        device = sc.cuda_device if h.is_cuda and h.device == sc.cuda_device else None
+        out = sc.buffer_tensor((rows, h.shape[-1]), recv_dtype, device=device)
         self.work = sc.irecv_gradient(step=scope.number, microbatch=mb, boundary=scope.out_b,
                                       out=out, timeout=scope.timeout)
 
