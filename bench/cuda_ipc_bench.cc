@@ -7,8 +7,9 @@
 // For each size, the upstream times Send from host memory and from device memory (an event
 // recorded on an idle stream), the downstream times Recv into each once every tensor has
 // arrived (for device memory: until its stream has waited on the daemon's event). Each prints
-// the medians and the median of a plain device-to-host cudaMemcpy of the same bytes;
-// handoff_extra_us = device - host - copy, what the hand-off adds beyond the copy.
+// the medians and the median of a plain cudaMemcpy of the same bytes in the daemon's direction
+// (device to host for Send, host to device for Recv); handoff_extra_us = device - host - copy,
+// what the hand-off adds beyond the copy.
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -48,7 +49,8 @@ int main() {
                                      "--role=down"};
     up.insert(up.end(), common.begin(), common.end());
     down.insert(down.end(), common.begin(), common.end());
-    for (const mapl::test::TrainerRun& r : mapl::test::RunTrainers(dir.path(), {up, down})) {
+    for (const mapl::test::TrainerRun& r :
+         mapl::test::RunTrainers(dir.path(), {up, down}, /*limit_s=*/70)) {
       std::fputs(r.output.c_str(), stdout);
       if (r.exit_code != 0) ++failed;
     }

@@ -229,9 +229,14 @@ size_t SessionRegistry::size() const {
 
 absl::StatusOr<char*> ResolveTensorRef(const Session& s, const v1::TensorRef& ref,
                                        const char* what) {
-  if (ref.memory() != v1::MEMORY_HOST) {
+  if (ref.memory() == v1::MEMORY_CUDA) {  // the daemon resolves tensors in device memory itself
     return absl::InvalidArgumentError(
         absl::StrCat(what, ".memory: must be MEMORY_HOST (token ids are always in host memory)"));
+  }
+  if (ref.memory() != v1::MEMORY_HOST) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ".memory: unknown value ", static_cast<int>(ref.memory()),
+                     "; MEMORY_HOST, or MEMORY_CUDA for a tensor in the session's device buffers"));
   }
   MAPL_RETURN_IF_ERROR(CheckRegion(
       ref, what, s.buffers.size(), [&s](uint32_t b) { return s.buffers[b]->size(); }, ""));

@@ -272,13 +272,17 @@ class IpcBuffers : public CudaIpcBuffers {
 
 StagedBlock::~StagedBlock() { owner_->Return(std::move(block_)); }
 
-// The device `uuid` names, or MAPL_CUDA_DEVICE's when it is empty.
+// The device `uuid` names, or MAPL_CUDA_DEVICE's when it is empty (that variable plays no part
+// when the trainer names its device).
 absl::StatusOr<int> FindDevice(const std::string& uuid) {
-  MAPL_ASSIGN_OR_RETURN(const int fallback, DeviceFromEnvironment("CUDA IPC"));
-  if (uuid.empty()) return fallback;
+  if (uuid.empty()) return DeviceFromEnvironment("CUDA IPC");
   if (uuid.size() != 16) return absl::InvalidArgumentError("cuda_device_uuid: not 16 bytes");
   int count = 0;
-  MAPL_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
+  if (absl::Status s = CudaStatus(cudaGetDeviceCount(&count), "cudaGetDeviceCount"); !s.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("CUDA IPC has no usable device here: ", s.message()));
+  }
+  if (count == 0) return absl::UnavailableError("CUDA IPC has no device here: no CUDA device");
   for (int d = 0; d < count; ++d) {
     cudaDeviceProp prop;
     MAPL_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, d));

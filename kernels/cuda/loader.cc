@@ -51,20 +51,28 @@ absl::StatusOr<Entries> TryLoad(const std::string& path) {
     return absl::NotFoundError(err != nullptr ? err : path);
   }
   auto abi = reinterpret_cast<MaplCudaModuleAbiFn>(dlsym(lib, MAPL_CUDA_MODULE_ABI_SYMBOL));
-  Entries e;
-  e.create = reinterpret_cast<MaplCudaCreateBackendFn>(dlsym(lib, MAPL_CUDA_CREATE_BACKEND_SYMBOL));
-  e.create_ipc =
-      reinterpret_cast<MaplCudaCreateIpcBuffersFn>(dlsym(lib, MAPL_CUDA_CREATE_IPC_BUFFERS_SYMBOL));
-  if (abi == nullptr || e.create == nullptr || e.create_ipc == nullptr) {
+  if (abi == nullptr) {
     dlclose(lib);
     return absl::FailedPreconditionError(
-        absl::StrCat(path, ": not a mapl CUDA module (no ", MAPL_CUDA_CREATE_BACKEND_SYMBOL, ")"));
+        absl::StrCat(path, ": not a mapl CUDA module (no ", MAPL_CUDA_MODULE_ABI_SYMBOL, ")"));
   }
+  // The ABI first: a stale module may lack an entry point that this mapl added.
   if (std::strcmp(abi(), MAPL_CUDA_MODULE_ABI) != 0) {
     const std::string theirs = abi();
     dlclose(lib);
     return absl::FailedPreconditionError(
         absl::StrCat(path, ": built as ", theirs, ", but this mapl needs ", MAPL_CUDA_MODULE_ABI));
+  }
+  Entries e;
+  e.create = reinterpret_cast<MaplCudaCreateBackendFn>(dlsym(lib, MAPL_CUDA_CREATE_BACKEND_SYMBOL));
+  e.create_ipc =
+      reinterpret_cast<MaplCudaCreateIpcBuffersFn>(dlsym(lib, MAPL_CUDA_CREATE_IPC_BUFFERS_SYMBOL));
+  if (e.create == nullptr || e.create_ipc == nullptr) {
+    dlclose(lib);
+    return absl::FailedPreconditionError(absl::StrCat(path, ": a mapl CUDA module without ",
+                                                      e.create == nullptr
+                                                          ? MAPL_CUDA_CREATE_BACKEND_SYMBOL
+                                                          : MAPL_CUDA_CREATE_IPC_BUFFERS_SYMBOL));
   }
   return e;
 }

@@ -6,10 +6,12 @@
 #define MAPL_TESTS_SERVER_CUDA_IPC_RUN_H_
 
 #include <fcntl.h>
+#include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <memory>
@@ -73,9 +75,13 @@ struct TrainerRun {
 };
 
 // Runs one trainer per argument list at once (the trainer program, then `args`), each with
-// stdout and stderr in a file of `dir`, and waits for all of them.
+// stdout and stderr in a file of `dir`, and waits for all of them. A trainer still running after
+// `limit_s` seconds is killed (exit_code 128 + SIGKILL, and its output says so), so that a hang
+// fails the caller with what the trainers printed rather than running into the caller's own
+// timeout, which would lose their logs.
 inline std::vector<TrainerRun> RunTrainers(const std::string& dir,
-                                           const std::vector<std::vector<std::string>>& args) {
+                                           const std::vector<std::vector<std::string>>& args,
+                                           int limit_s = 40) {
   const std::string program = TrainerPath();
   std::vector<pid_t> pids;
   std::vector<std::string> logs;
@@ -97,18 +103,47 @@ inline std::vector<TrainerRun> RunTrainers(const std::string& dir,
     pids.push_back(pid);
   }
   std::vector<TrainerRun> runs(args.size());
-  for (size_t i = 0; i < args.size(); ++i) {
-    if (pids[i] < 0) {
-      runs[i].output = "posix_spawn of " + program + " failed";
-      continue;
+  std::vector<bool> done(args.size(), false), killed(args.size(), false);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(limit_s);
+  for (size_t left = args.size();;) {
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (done[i]) continue;
+      int status = 0;
+      if (pids[i] < 0) {
+        runs[i].output = "posix_spawn of " + program + " failed";
+      } else if (::waitpid(pids[i], &status, WNOHANG) == pids[i]) {
+        runs[i].exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      } else {
+        continue;
+      }
+      done[i] = true;
+      --left;
     }
-    int status = 0;
-    ::waitpid(pids[i], &status, 0);
-    runs[i].exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (left == 0) break;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      for (size_t i = 0; i < args.size(); ++i) {
+        if (done[i]) continue;
+        ::kill(pids[i], SIGKILL);
+        int status = 0;
+        ::waitpid(pids[i], &status, 0);
+        runs[i].exit_code = 128 + SIGKILL;
+        killed[i] = true;
+        done[i] = true;
+      }
+      break;
+    }
+    ::usleep(20000);
+  }
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (pids[i] < 0) continue;
     std::ifstream in(logs[i]);
     std::stringstream text;
     text << in.rdbuf();
     runs[i].output = text.str();
+    if (killed[i]) {
+      absl::StrAppend(&runs[i].output, "[killed by the harness: still running after ", limit_s,
+                      " s]\n");
+    }
   }
   return runs;
 }

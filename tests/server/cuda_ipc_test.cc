@@ -66,9 +66,11 @@ TEST(CudaIpcTest, AnAttachWithDeviceBuffersGetsHandlesOfEachOnTheDevice) {
   pair->down->Shutdown(absl::Seconds(1));
 }
 
-// Each side's stream is held for 20 ms before it writes, and the other side reads on its own
-// stream after the event: a daemon that copied without waiting, or a trainer reading before the
-// daemon's copy, would see the previous step's values. Odd steps use events, even steps none.
+// The sending trainer's stream is held for 20 ms before it writes the tensor, so a daemon whose
+// copy did not wait for the event would send the previous step's values (zeros at first). The
+// receiving side (the daemon's copy, its event, then the trainer's read) is exercised but not
+// provoked: the daemon's 4 MiB copy is usually done before its reply arrives, so a missing event
+// record would rarely show here. Odd steps use events, even steps none.
 TEST(CudaIpcTest, TensorsCrossBothWaysInDeviceMemoryOrderedByTheEvents) {
   SKIP_WITHOUT_CUDA();
   TempDir dir;

@@ -17,7 +17,8 @@
 // Time: the upstream sends M tensors from shared host memory and M from device memory,
 // alternating; the downstream, once all have arrived, receives them alternately into host and
 // device memory. Each side prints logfmt lines with the median per call of each, and the median
-// of a plain cudaMemcpy of the same bytes (the copy the device path adds).
+// of a plain cudaMemcpy of the same bytes in the direction the daemon copies them (the copy the
+// device path adds: device to host for a Send, host to device for a Recv).
 //
 // Exit status 0 when every check passed; 1 with a line saying what differed otherwise.
 #include <cuda_runtime_api.h>
@@ -239,11 +240,17 @@ class Trainer {
     return mc::TensorRef{0, 0, a_.rows, a_.d, mc::DType::kBF16, mc::Memory::kHost, 0};
   }
 
+  // The copy the daemon adds to this side's device call, between page-locked host memory and a
+  // device buffer: device to host for a Send, host to device for a Recv.
   double CopyMedian() {
     std::vector<double> t;
     for (uint32_t i = 0; i < 20; ++i) {
       const auto start = std::chrono::steady_clock::now();
-      CUDA_CHECK(cudaMemcpyAsync(pinned_, buffers_[0], Bytes(), cudaMemcpyDeviceToHost, stream_));
+      if (a_.up) {
+        CUDA_CHECK(cudaMemcpyAsync(pinned_, buffers_[0], Bytes(), cudaMemcpyDeviceToHost, stream_));
+      } else {
+        CUDA_CHECK(cudaMemcpyAsync(buffers_[1], pinned_, Bytes(), cudaMemcpyHostToDevice, stream_));
+      }
       CUDA_CHECK(cudaStreamSynchronize(stream_));
       t.push_back(Micros(start));
     }

@@ -590,6 +590,13 @@ TEST_F(SessionRegistryTensorRefTest, HostOnlyRefsRefuseDeviceMemory) {
   ExpectRejected(ResolveTensorRef(*session_, ids, "token_ids_into"), "always in host memory");
 }
 
+TEST_F(SessionRegistryTensorRefTest, AnUnknownMemoryIsNamedAsSuch) {
+  v1::TensorRef h = Ref(0, 0, 1, kD, v1::DTYPE_F32);
+  h.set_memory(static_cast<v1::Memory>(7));  // a newer client's kind of memory
+  ExpectRejected(BoundaryTensorView(*session_, h, config_, "tensor"),
+                 "tensor.memory: unknown value 7");
+}
+
 TEST_F(SessionRegistryTensorRefTest, ADeviceRefOnAHostOnlySessionIsRefused) {
   v1::TensorRef h = Ref(0, 0, 1, kD, v1::DTYPE_F32);
   h.set_memory(v1::MEMORY_CUDA);
@@ -653,6 +660,19 @@ TEST(SessionRegistryCudaTest, DeviceBuffersAreRefusedWhereCudaCannotBeUsed) {
   // Without MAPL_WITH_CUDA: "built without CUDA"; with it but no driver or device: "cannot use
   // CUDA" and the runtime's reason.
   ExpectAttachRefused(CudaRequest(2, 1 << 20, 8), absl::StatusCode::kFailedPrecondition, "CUDA");
+  // Likewise for a device named by UUID, whatever MAPL_CUDA_DEVICE says: it names the default
+  // device only, so even a malformed one plays no part here.
+  const char* had = std::getenv("MAPL_CUDA_DEVICE");
+  const std::string saved = had != nullptr ? had : "";
+  ::setenv("MAPL_CUDA_DEVICE", "not-a-device", 1);
+  v1::AttachRequest by_uuid = CudaRequest(2, 1 << 20, 8);
+  by_uuid.set_cuda_device_uuid(std::string(16, '\x01'));
+  ExpectAttachRefused(by_uuid, absl::StatusCode::kFailedPrecondition, "CUDA");
+  if (had != nullptr) {
+    ::setenv("MAPL_CUDA_DEVICE", saved.c_str(), 1);
+  } else {
+    ::unsetenv("MAPL_CUDA_DEVICE");
+  }
 }
 
 }  // namespace
