@@ -7,7 +7,7 @@
 //   MAPL_ASSIGN_OR_RETURN(std::unique_ptr<CudaIpcBuffers> ipc, OpenCudaIpcBuffers(want));
 //   // hand ipc->memory_handles() and ipc->event_handles() to the trainer; later, for a Send:
 //   MAPL_ASSIGN_OR_RETURN(std::unique_ptr<CudaIpcBuffers::Staged> host,
-//                         ipc->CopyToHost(buffer, offset, bytes, /*wait_event=*/3));
+//                         ipc->CopyToHost(buffer, offset, bytes, /*wait_event=*/3, deadline));
 //   // host->data() holds the tensor until `host` is destroyed.
 //   // For a Recv: fill StageForDevice(bytes)->data(), then CopyToDevice(..., record_event).
 //
@@ -24,6 +24,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 
 namespace mapl {
 
@@ -61,10 +62,12 @@ class CudaIpcBuffers {
 
   // The `bytes` bytes at `offset` of buffer `buffer`, copied to host memory once the work the
   // trainer recorded on event `wait_event` has finished (-1: no event; the trainer has
-  // synchronized). Blocks the calling thread until the copy is done; the trainer's stream never
-  // waits. The caller has checked the region and the event index.
+  // synchronized). Blocks the calling thread until the copy is done, or until `deadline`:
+  // DEADLINE_EXCEEDED when the trainer's work has not finished by then (nothing was taken). The
+  // trainer's stream never waits. The caller has checked the region and the event index.
   virtual absl::StatusOr<std::unique_ptr<Staged>> CopyToHost(uint32_t buffer, uint64_t offset,
-                                                             uint64_t bytes, int wait_event) = 0;
+                                                             uint64_t bytes, int wait_event,
+                                                             absl::Time deadline) = 0;
   // Host memory for `bytes` bytes that CopyToDevice will copy to the device.
   virtual absl::StatusOr<std::unique_ptr<Staged>> StageForDevice(uint64_t bytes) = 0;
   // Copies the first `bytes` of `staged` to `offset` of buffer `buffer`. With `record_event` >= 0

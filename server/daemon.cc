@@ -498,22 +498,11 @@ absl::StatusOr<v1::SendReply> Daemon::Send(const v1::SendRequest& request) {
   MAPL_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, sessions_.Find(request.session()));
   const v1::TensorRef& ref = request.tensor();
   MAPL_RETURN_IF_ERROR(CheckBoundaryTensor(ref, w->config(), "tensor"));
-  // A tensor in device memory is copied to page-locked host memory first, once the trainer's
-  // event says it is written; the worker then takes it from there as from a shared buffer.
-  std::unique_ptr<CudaIpcBuffers::Staged> staged;
-  Tensor t;
-  if (ref.memory() == v1::MEMORY_CUDA) {
-    MAPL_ASSIGN_OR_RETURN(const CudaRegion region, ResolveCudaRef(*session, ref, "tensor"));
-    if (request.has_token_ids()) {  // checked before the copy, as the host path checks it
-      MAPL_RETURN_IF_ERROR(ResolveTensorRef(*session, request.token_ids(), "token_ids").status());
-    }
-    MAPL_ASSIGN_OR_RETURN(staged, session->cuda->CopyToHost(region.buffer, region.offset,
-                                                            region.bytes, region.event));
-    t = Tensor{staged->data(), ref.rows(), ref.cols(),
-               ref.dtype() == v1::DTYPE_F32 ? DType::kF32 : DType::kBF16};
-  } else {
-    MAPL_ASSIGN_OR_RETURN(t, BoundaryTensorView(*session, ref, w->config(), "tensor"));
-  }
+  // One deadline for the whole call: the trainer's event (device memory), then room in the
+  // boundary's queue.
+  const absl::Duration timeout = absl::Milliseconds(
+      request.timeout_ms() != 0 ? request.timeout_ms() : config_.send_timeout_ms());
+  const absl::Time deadline = absl::Now() + timeout;
   const int32_t* tokens = nullptr;
   if (request.has_token_ids()) {
     if (request.direction() != v1::DIRECTION_FORWARD) {
@@ -521,16 +510,27 @@ absl::StatusOr<v1::SendReply> Daemon::Send(const v1::SendRequest& request) {
           "token_ids: only forward activations carry token ids; leave it unset on a backward "
           "Send");
     }
-    MAPL_ASSIGN_OR_RETURN(tokens, TokenIdsView(*session, request.token_ids(), t.rows));
+    MAPL_ASSIGN_OR_RETURN(tokens, TokenIdsView(*session, request.token_ids(), ref.rows()));
+  }
+  // A tensor in device memory is copied to page-locked host memory first, once the trainer's
+  // event says it is written; the worker then takes it from there as from a shared buffer.
+  // `staged` (and `session`, for shared buffers) stay until the worker has copied the tensor.
+  std::unique_ptr<CudaIpcBuffers::Staged> staged;
+  Tensor t;
+  if (ref.memory() == v1::MEMORY_CUDA) {
+    MAPL_ASSIGN_OR_RETURN(const CudaRegion region, ResolveCudaRef(*session, ref, "tensor"));
+    MAPL_ASSIGN_OR_RETURN(staged, session->cuda->CopyToHost(region.buffer, region.offset,
+                                                            region.bytes, region.event, deadline));
+    t = Tensor{staged->data(), ref.rows(), ref.cols(),
+               ref.dtype() == v1::DTYPE_F32 ? DType::kF32 : DType::kBF16};
+  } else {
+    MAPL_ASSIGN_OR_RETURN(t, BoundaryTensorView(*session, ref, w->config(), "tensor"));
   }
   SendOptions options;
   options.shape.assign(request.shape().begin(), request.shape().end());
   options.evaluation = request.evaluation();
-  // `session` keeps the buffers mapped until the worker has copied the tensor.
-  const absl::Duration timeout = absl::Milliseconds(
-      request.timeout_ms() != 0 ? request.timeout_ms() : config_.send_timeout_ms());
   return w->Send(request.step(), request.microbatch(), ConstTensor{t.data, t.rows, t.cols, t.dtype},
-                 tokens, request.wait_encoded(), absl::Now() + timeout, options);
+                 tokens, request.wait_encoded(), deadline, options);
 }
 
 absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,
@@ -549,12 +549,18 @@ absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,
   }
   // Into device memory: the worker writes into page-locked host memory, copied to the device
   // buffer after it.
+  // No tensor has more than max_tokens rows, so the staging block needs no more, whatever the
+  // capacity of `into` (which only the device buffer's size bounds).
   std::unique_ptr<CudaIpcBuffers::Staged> staged;
   CudaRegion region;
   char* dst = nullptr;
+  uint32_t rows = into.rows();
   if (into.memory() == v1::MEMORY_CUDA) {
     MAPL_ASSIGN_OR_RETURN(region, ResolveCudaRef(*session, into, "into"));
-    MAPL_ASSIGN_OR_RETURN(staged, session->cuda->StageForDevice(region.bytes));
+    rows = std::min(rows, w->config().max_tokens());
+    MAPL_ASSIGN_OR_RETURN(staged,
+                          session->cuda->StageForDevice(uint64_t{rows} * into.cols() *
+                                                        (into.dtype() == v1::DTYPE_F32 ? 4 : 2)));
     dst = static_cast<char*>(staged->data());
   } else {
     MAPL_ASSIGN_OR_RETURN(dst, ResolveTensorRef(*session, into, "into"));
@@ -578,7 +584,7 @@ absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,
   }
   options.expect_shape.assign(request.expect_shape().begin(), request.expect_shape().end());
   const absl::Duration timeout = Timeout(request.timeout_ms());
-  const Tensor out{dst, into.rows(), into.cols(),
+  const Tensor out{dst, rows, into.cols(),
                    into.dtype() == v1::DTYPE_F32 ? DType::kF32 : DType::kBF16};
   absl::StatusOr<v1::RecvReply> reply = w->Recv(request.step(), request.microbatch(), out,
                                                 absl::Now() + timeout, timeout, cancelled, options);

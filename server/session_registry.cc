@@ -238,6 +238,12 @@ absl::StatusOr<char*> ResolveTensorRef(const Session& s, const v1::TensorRef& re
         absl::StrCat(what, ".memory: unknown value ", static_cast<int>(ref.memory()),
                      "; MEMORY_HOST, or MEMORY_CUDA for a tensor in the session's device buffers"));
   }
+  if (ref.event() != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ".event: ", ref.event(),
+                     ", but only tensors in device memory take an event; "
+                     "leave it 0"));
+  }
   MAPL_RETURN_IF_ERROR(CheckRegion(
       ref, what, s.buffers.size(), [&s](uint32_t b) { return s.buffers[b]->size(); }, ""));
   return static_cast<char*>(s.buffers[ref.buffer()]->data()) + ref.offset();

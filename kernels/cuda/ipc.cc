@@ -10,6 +10,7 @@
 // block is next leased.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -19,6 +20,9 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/log.h"
 #include "common/status_macros.h"
 #include "kernels/cuda/runtime.h"
 #include "kernels/cuda_ipc.h"
@@ -32,6 +36,7 @@ struct HostBlock {
   size_t bytes = 0;
   cudaEvent_t copied = nullptr;
   bool pending = false;  // `copied` was recorded and may not have completed
+  bool wedged = false;   // a copy into it waits on a trainer's event that never completed
 };
 
 class IpcBuffers;
@@ -58,13 +63,27 @@ class IpcBuffers : public CudaIpcBuffers {
 
   ~IpcBuffers() override {
     // The session is over: no call is in flight (each holds the session), so every stream and
-    // block is back in its pool. Errors cannot be reported from here; the process keeps going.
+    // block is back in its pool or wedged. Errors cannot be reported from here; the process
+    // keeps going.
     if (cudaSetDevice(device_) != cudaSuccess) return;
+    absl::MutexLock l(&mu_);
+    for (cudaStream_t s : wedged_streams_) {
+      if (cudaStreamQuery(s) == cudaErrorNotReady) {
+        // A copy still waits on a trainer's event. Freeing device memory synchronizes the
+        // device, which would then wait for ever: keep everything of this session instead.
+        Log(LogLevel::kError, "CUDA IPC buffers kept after their session",
+            {{"reason", "a copy still waits on a trainer's event that never completed"},
+             {"device_bytes", absl::StrCat(buffer_bytes_ * buffers_.size())},
+             {"action", "restart mapld to free them"}});
+        return;
+      }
+    }
     for (cudaStream_t s : streams_) {
       cudaStreamSynchronize(s);
       cudaStreamDestroy(s);
     }
     for (std::unique_ptr<HostBlock>& b : blocks_) DestroyBlock(*b);
+    for (std::unique_ptr<HostBlock>& b : wedged_blocks_) DestroyBlock(*b);
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
     for (void* p : buffers_) cudaFree(p);
   }
@@ -80,6 +99,17 @@ class IpcBuffers : public CudaIpcBuffers {
       cudaIpcMemHandle_t h;
       MAPL_CUDA_RETURN_IF_ERROR(cudaIpcGetMemHandle(&h, p));
       memory_handles_.emplace_back(reinterpret_cast<const char*>(&h), sizeof(h));
+    }
+    if (events > 0) {
+      int ipc_events = 0;
+      MAPL_CUDA_RETURN_IF_ERROR(
+          cudaDeviceGetAttribute(&ipc_events, cudaDevAttrIpcEventSupport, device_));
+      if (ipc_events == 0) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("CUDA device ", device_,
+                         " does not support interprocess events (a MIG instance?): attach with "
+                         "cuda_events = 0, and synchronize the stream before each Send"));
+      }
     }
     for (uint32_t i = 0; i < events; ++i) {
       cudaEvent_t e = nullptr;
@@ -99,7 +129,8 @@ class IpcBuffers : public CudaIpcBuffers {
   const std::vector<std::string>& event_handles() const override { return event_handles_; }
 
   absl::StatusOr<std::unique_ptr<Staged>> CopyToHost(uint32_t buffer, uint64_t offset,
-                                                     uint64_t bytes, int wait_event) override {
+                                                     uint64_t bytes, int wait_event,
+                                                     absl::Time deadline) override {
     MAPL_RETURN_IF_ERROR(CheckRegion(buffer, offset, bytes, wait_event));
     MAPL_ASSIGN_OR_RETURN(std::unique_ptr<StagedBlock> host, Lease(bytes));
     MAPL_ASSIGN_OR_RETURN(cudaStream_t stream, AcquireStream());
@@ -113,7 +144,26 @@ class IpcBuffers : public CudaIpcBuffers {
                                      bytes, cudaMemcpyDeviceToHost, stream),
                      "cudaMemcpyAsync (device buffer to host)");
     }
-    if (s.ok()) s = CudaStatus(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    if (s.ok()) {
+      s = CudaStatus(cudaEventRecord(host->block()->copied, stream), "cudaEventRecord (copy)");
+    }
+    if (s.ok()) {
+      host->block()->pending = true;
+      s = WaitUntil(host->block()->copied, deadline);
+      if (absl::IsDeadlineExceeded(s)) {
+        // The copy may still happen, whenever the trainer's work finishes (or never): neither
+        // the stream nor the block may be used again.
+        host->block()->wedged = true;
+        Wedge(stream);
+        return absl::DeadlineExceededError(absl::StrCat(
+            "the work the trainer recorded on event ", wait_event + 1,
+            " did not finish before the Send's deadline (its timeout_ms, or the daemon's "
+            "send_timeout_ms); the tensor was not taken. Record the event right after the "
+            "tensor is written, on the stream that writes it"));
+      }
+      if (s.ok()) host->block()->pending = false;
+    }
+    if (!s.ok()) cudaStreamSynchronize(stream);  // an error: nothing of ours is left queued
     ReleaseStream(stream);
     if (!s.ok()) return s;
     return std::unique_ptr<Staged>(std::move(host));
@@ -211,7 +261,7 @@ class IpcBuffers : public CudaIpcBuffers {
 
   void Return(std::unique_ptr<HostBlock> block) {
     absl::MutexLock l(&mu_);
-    blocks_.push_back(std::move(block));
+    (block->wedged ? wedged_blocks_ : blocks_).push_back(std::move(block));
   }
 
  private:
@@ -243,6 +293,31 @@ class IpcBuffers : public CudaIpcBuffers {
     return s;
   }
 
+  // Polls `done` until it completes (OK), fails, or `deadline` passes (DEADLINE_EXCEEDED). Not
+  // cudaEventSynchronize: a trainer's event may never complete (its process died mid-step), and
+  // a poll also leaves the core free while the trainer's work runs. The first 50 us spin, which
+  // is what a copy of a small tensor takes; then the pauses grow to 1 ms.
+  static absl::Status WaitUntil(cudaEvent_t done, absl::Time deadline) {
+    const absl::Time spin_until = absl::Now() + absl::Microseconds(50);
+    absl::Duration pause = absl::Microseconds(20);
+    for (;;) {
+      const cudaError_t err = cudaEventQuery(done);
+      if (err == cudaSuccess) return absl::OkStatus();
+      if (err != cudaErrorNotReady) return CudaStatus(err, "cudaEventQuery (copy)");
+      const absl::Time now = absl::Now();
+      if (now >= deadline) return absl::DeadlineExceededError("copy not done");
+      if (now >= spin_until) {
+        absl::SleepFor(pause);
+        pause = std::min(pause * 2, absl::Milliseconds(1));
+      }
+    }
+  }
+
+  void Wedge(cudaStream_t s) {
+    absl::MutexLock l(&mu_);
+    wedged_streams_.push_back(s);
+  }
+
   void ReleaseStream(cudaStream_t s) {
     absl::MutexLock l(&mu_);
     free_streams_.push_back(s);
@@ -268,6 +343,10 @@ class IpcBuffers : public CudaIpcBuffers {
   std::vector<cudaStream_t> streams_ ABSL_GUARDED_BY(mu_);  // all made, for the destructor
   std::vector<cudaStream_t> free_streams_ ABSL_GUARDED_BY(mu_);
   std::vector<std::unique_ptr<HostBlock>> blocks_ ABSL_GUARDED_BY(mu_);  // free blocks
+  // Streams and blocks of copies that waited on a trainer's event past their deadline: never
+  // reused, and freed with the session only if their copy has finished by then.
+  std::vector<cudaStream_t> wedged_streams_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<HostBlock>> wedged_blocks_ ABSL_GUARDED_BY(mu_);
 };
 
 StagedBlock::~StagedBlock() { owner_->Return(std::move(block_)); }

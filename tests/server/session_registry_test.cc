@@ -588,6 +588,10 @@ TEST_F(SessionRegistryTensorRefTest, HostOnlyRefsRefuseDeviceMemory) {
   ids.set_memory(v1::MEMORY_CUDA);
   ExpectRejected(TokenIdsView(*session_, ids, 5), "token_ids.memory");
   ExpectRejected(ResolveTensorRef(*session_, ids, "token_ids_into"), "always in host memory");
+  // An event belongs to device memory only.
+  v1::TensorRef h = Ref(0, 0, 1, kD, v1::DTYPE_F32);
+  h.set_event(2);
+  ExpectRejected(ResolveTensorRef(*session_, h, "tensor"), "tensor.event: 2");
 }
 
 TEST_F(SessionRegistryTensorRefTest, AnUnknownMemoryIsNamedAsSuch) {
