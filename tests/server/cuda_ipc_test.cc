@@ -67,14 +67,15 @@ TEST(CudaIpcTest, AnAttachWithDeviceBuffersGetsHandlesOfEachOnTheDevice) {
 }
 
 // The sending trainer's stream is held for 20 ms before it writes the tensor, so a daemon whose
-// copy did not wait for the event would send the previous step's values (zeros at first). The
-// receiving side (the daemon's copy, its event, then the trainer's read) is exercised but not
-// provoked: the daemon's 4 MiB copy is usually done before its reply arrives, so a missing event
-// record would rarely show here. Odd steps use events, even steps none.
+// copy did not wait for the event would send the previous step's values (zeros at first). On the
+// receiving side the daemon replies before its copy into the device buffer is done (about a
+// millisecond for these 32 MiB), and the trainer reads as soon as its stream has waited on the
+// event: a missing record would likely show as values of the previous step, though that side is
+// a race, not forced. Odd steps use events, even steps none.
 TEST(CudaIpcTest, TensorsCrossBothWaysInDeviceMemoryOrderedByTheEvents) {
   SKIP_WITHOUT_CUDA();
   TempDir dir;
-  constexpr uint32_t kD = 4096, kRows = 512;
+  constexpr uint32_t kD = 4096, kRows = 4096;  // 32 MiB: a copy of about a millisecond
   absl::StatusOr<DensePair> pair = StartDensePair(dir, kD, kRows, 1 << 20);
   ASSERT_TRUE(pair.ok()) << pair.status();
   const std::vector<std::string> common = {absl::StrCat("--rows=", kRows), absl::StrCat("--d=", kD),
