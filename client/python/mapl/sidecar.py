@@ -460,10 +460,11 @@ class Sidecar:
         allocates and shares by CUDA IPC: CUDA tensors on that device are then sent and received
         through those buffers, ordered with the trainer's current stream by events: the trainer
         neither copies them to the host nor synchronizes its stream (mapld copies them across
-        for encoding, on its own streams). Token ids still go through the host. ``cuda_buffers`` buffers of ``cuda_buffer_bytes`` bytes each
-        (defaults: 8 of 64 MiB, what DaemonConfig gives host buffers by default; each must hold
-        the largest tensor sent or received whole) and ``cuda_events`` events (default 64: at
-        most that many device calls in flight order by events, more synchronize).
+        for encoding, on its own streams). Token ids still go through the host.
+        ``cuda_buffers`` buffers of ``cuda_buffer_bytes`` bytes each (defaults: 8 of 64 MiB,
+        what DaemonConfig gives host buffers by default; each must hold the largest tensor sent
+        or received whole) and ``cuda_events`` events (default 64: at most that many device calls
+        in flight order by events, more synchronize).
 
         Raises :class:`mapl.Unavailable` (a ``ConnectionError``) naming the socket when no
         daemon answers; :class:`mapl.FailedPrecondition` saying why when CUDA was asked for but
