@@ -19,9 +19,10 @@ was sent (shape, dtype, token ids): copied out of a staging region, or written b
 place into an ``out=`` tensor in shared memory.
 
 A GPU trainer may ask for device buffers too (``Sidecar.connect(cuda=True)``): mapld then shares
-device memory and events with it by CUDA IPC (:mod:`mapl.cuda_ipc`), CUDA tensors cross without
-leaving the device, and the trainer's stream and the daemon order their work by events instead of
-synchronizing. Token ids always go through host memory.
+device memory and events with it by CUDA IPC (:mod:`mapl.cuda_ipc`), CUDA tensors are handed
+over in device memory (the trainer never copies them to the host; mapld does, to encode them),
+and the trainer's stream and the daemon order their work by events instead of synchronizing.
+Token ids always go through host memory.
 
 Errors are :class:`mapl.MaplError` subclasses carrying the daemon's message.
 """
