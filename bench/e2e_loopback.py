@@ -55,7 +55,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--d", type=int, default=2048)
     ap.add_argument("--k", type=int, default=64)
-    ap.add_argument("--codec", default="CODEC_RVQ", help="forward codec")
+    ap.add_argument("--codec", default="CODEC_RVQ", help="forward codec (METHOD_MAPL)")
+    ap.add_argument("--method", choices=("METHOD_MAPL", "METHOD_DENSE"), default="METHOD_MAPL",
+                    help="METHOD_DENSE: no projection, dense bf16 frames both ways")
     ap.add_argument("--microbatches", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=20, help="Send and memcpy timings")
     ap.add_argument("--recv-into", choices=("shared", "new"), default="shared",
@@ -65,8 +67,9 @@ def main() -> int:
     n, d = args.tokens, args.d
     tensor_bytes = n * d * 4
     directory = Path(tempfile.mkdtemp(prefix="mapl-e2e-", dir="/tmp"))
-    boundary = {"d": d, "k": args.k, "vocab": 32000, "max_tokens": n,
-                "forward_codec": args.codec, "method": "METHOD_MAPL"}
+    boundary = {"d": d, "k": args.k, "vocab": 32000, "max_tokens": n, "method": args.method}
+    if args.method == "METHOD_MAPL":
+        boundary["forward_codec"] = args.codec
     extra = {"client_buffers": 4, "client_buffer_bytes": tensor_bytes + n * 4 + (1 << 20),
              "recv_timeout_ms": 120000}
     up_proc, down_proc = launch.start_pair(directory, boundary, extra)
@@ -145,7 +148,9 @@ def main() -> int:
         shutil.rmtree(directory, ignore_errors=True)
 
     bound = 3 * copy_ms + 0.5
-    print(f"n={n} d={d} k={args.k} forward {args.codec}, backward int8; Recv into "
+    what = (f"k={args.k} forward {args.codec}, backward int8" if args.method == "METHOD_MAPL"
+            else "METHOD_DENSE (bf16 both ways)")
+    print(f"n={n} d={d} {what}; Recv into "
           + ("a shared tensor (out=)" if shared else "a new tensor") + "; "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', '(unset)')}, "
           f"{os.cpu_count()} cores")

@@ -42,11 +42,13 @@ double CpuSeconds() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // As mapld's main does (server/main.cc): keep freed large buffers in the heap for reuse. With
-  // glibc's defaults every frame-sized buffer is a fresh mmap whose pages fault in on first
-  // touch, and that, not the link, was most of this benchmark's CPU time at 64 MiB frames.
+  // As mapld's main does (server/main.cc): keep freed large buffers in the heap for reuse, and
+  // one arena for every thread. With glibc's defaults every frame-sized buffer is a fresh mmap
+  // whose pages fault in on first touch, and that, not the link, was most of this benchmark's
+  // CPU time at 64 MiB frames.
   mallopt(M_MMAP_THRESHOLD, 1 << 30);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_ARENA_MAX, 1);
   absl::ParseCommandLine(argc, argv);
   const std::string plane = absl::GetFlag(FLAGS_data_plane);
   if (plane != "grpc" && plane != "ucx") {
