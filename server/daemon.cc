@@ -555,12 +555,12 @@ absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,
   CudaRegion region;
   char* dst = nullptr;
   uint32_t rows = into.rows();
+  const uint64_t elem = into.dtype() == v1::DTYPE_F32 ? 4 : 2;
   if (into.memory() == v1::MEMORY_CUDA) {
     MAPL_ASSIGN_OR_RETURN(region, ResolveCudaRef(*session, into, "into"));
     rows = std::min(rows, w->config().max_tokens());
     MAPL_ASSIGN_OR_RETURN(staged,
-                          session->cuda->StageForDevice(uint64_t{rows} * into.cols() *
-                                                        (into.dtype() == v1::DTYPE_F32 ? 4 : 2)));
+                          session->cuda->StageForDevice(uint64_t{rows} * into.cols() * elem));
     dst = static_cast<char*>(staged->data());
   } else {
     MAPL_ASSIGN_OR_RETURN(dst, ResolveTensorRef(*session, into, "into"));
@@ -590,8 +590,7 @@ absl::StatusOr<v1::RecvReply> Daemon::Recv(const v1::RecvRequest& request,
                                                 absl::Now() + timeout, timeout, cancelled, options);
   if (!reply.ok() || staged == nullptr) return reply;
   // The tensor has left the inbox: a failure from here on loses it, and says so.
-  const uint64_t bytes =
-      uint64_t{reply->rows()} * reply->cols() * (into.dtype() == v1::DTYPE_F32 ? 4 : 2);
+  const uint64_t bytes = uint64_t{reply->rows()} * reply->cols() * elem;
   if (absl::Status s = session->cuda->CopyToDevice(std::move(staged), bytes, region.buffer,
                                                    region.offset, region.event);
       !s.ok()) {
